@@ -1,0 +1,214 @@
+//! The validated, typed configuration: what the rest of the gateway consumes.
+//!
+//! Invariants (established by `validate`, relied on everywhere else):
+//! - every `Route::upstream` indexes into `Config::upstreams`;
+//! - every upstream has at least one backend and every weight is at least 1;
+//! - every duration and size is within the documented bounds of its key;
+//! - listener addresses are unique.
+//!
+//! Nothing here knows about YAML: `raw.rs` is the only file that names the YAML crate.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The whole configuration file, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    pub upstreams: Vec<Upstream>,
+    /// Ordered: the first route whose match applies wins.
+    pub routes: Vec<Route>,
+    /// Gateway-wide defaults; routes may override them.
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub admin: Option<Admin>,
+}
+
+/// Where the gateway listens for clients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub tls: Option<ServerTls>,
+}
+
+/// TLS termination on a listener. The first certificate is the default one,
+/// served when the client sends no SNI or a name no certificate lists.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerTls {
+    pub certificates: Vec<CertificateFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateFiles {
+    /// PEM file holding the leaf certificate followed by its chain.
+    pub cert: PathBuf,
+    /// PEM file holding the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// SNI names this certificate is served for (`*.example.com` allowed).
+    /// Empty means "the names in the certificate are not consulted; default only".
+    pub server_names: Vec<String>,
+}
+
+/// A named pool of backends that routes point at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    pub backends: Vec<Backend>,
+    pub connect_timeout: Duration,
+    /// TLS settings for `wss://` backends.
+    pub tls: UpstreamTls,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    /// As written in the config: `ws://host:port[/base]` or `wss://...`. Also the
+    /// backend's identity for consistent hashing, so it must not be rewritten.
+    pub url: String,
+    pub secure: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix prepended to the client's path (empty or starting with `/`, no trailing `/`).
+    pub base_path: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UpstreamTls {
+    /// `None`: the bundled Mozilla roots (webpki-roots). `Some`: only this CA bundle.
+    pub ca_file: Option<PathBuf>,
+    /// SNI / certificate name to verify instead of the URL's host.
+    pub server_name: Option<String>,
+}
+
+/// One routing rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub name: String,
+    /// Exact host (`chat.example.com`), wildcard (`*.example.com`) or `None` for any host.
+    /// Compared case-insensitively, without the port.
+    pub host: Option<String>,
+    /// Matches when the request path starts with it; always starts with `/`.
+    pub path_prefix: String,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    pub sticky: Option<StickyKey>,
+    pub sticky_cookie: Option<StickyCookie>,
+    /// Empty means any origin (and requests without `Origin`) is allowed.
+    pub allowed_origins: Vec<String>,
+    pub compression: Compression,
+    /// Forward pings and pongs end to end instead of answering them per hop.
+    pub ping_passthrough: bool,
+    /// Route-level values, already merged over the gateway-wide defaults.
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+}
+
+/// Where a route's sticky key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StickyKey {
+    /// `path: "/rooms/{room}"`: the path segment at `index` (0-based, after the leading `/`),
+    /// the one named in braces in the pattern. `pattern` keeps the text for display.
+    PathSegment { pattern: String, index: usize },
+    /// `query: room`
+    Query(String),
+    /// `header: X-Room` (stored lowercase)
+    Header(String),
+    /// `cookie: session`
+    Cookie(String),
+    /// `client_ip: true`
+    ClientIp,
+}
+
+/// An affinity cookie set by the gateway for routes without a natural key, so a browser's
+/// later requests reach the same backend (HAProxy `cookie ... insert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyCookie {
+    pub name: String,
+    /// `None`: a session cookie.
+    pub max_age: Option<Duration>,
+}
+
+/// permessage-deflate handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Remove the client's offer towards the backend: frames are never compressed.
+    #[default]
+    Strip,
+    /// Let the negotiation through; compressed frames are relayed as opaque payload.
+    Passthrough,
+}
+
+/// Timeouts. A `None` disables the timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From accept to a complete request head (and TLS handshake).
+    pub handshake: Duration,
+    /// A connection with no data frame in either direction for this long is closed (1001).
+    pub idle: Option<Duration>,
+    /// A hop silent for this long is pinged.
+    pub ping_interval: Option<Duration>,
+    /// A ping not answered within this long fails the hop.
+    pub pong_timeout: Duration,
+    /// How long to wait for the peer's close reply before completing the handshake ourselves.
+    pub close: Duration,
+}
+
+/// Size and count limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted frame payload, bytes (RFC 6455 close code 1009 above it).
+    pub max_frame: u64,
+    /// Largest accepted message (sum of its fragments), bytes (1009 above it).
+    pub max_message: u64,
+    /// Concurrent client connections (per route when set on a route, in total at top level).
+    pub max_connections: u32,
+    /// Largest accepted HTTP request head, bytes (431 above it).
+    pub max_header_bytes: usize,
+}
+
+/// The admin listener (metrics, health, dashboard).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+impl Timeouts {
+    pub const DEFAULT: Timeouts = Timeouts {
+        // Long enough for a slow mobile TLS handshake, short enough that a trickling client
+        // (slowloris) cannot hold a socket for long. nginx's client_header_timeout is 60 s;
+        // WebSocket clients send one small request, so we are stricter.
+        handshake: Duration::from_secs(10),
+        // nginx's proxy_read_timeout default is 60 s, which kills quiet WebSockets; real-time
+        // apps are quiet for minutes, and keepalive pings detect dead peers instead.
+        idle: None,
+        // Below the 60 s idle cut of most load balancers and NATs.
+        ping_interval: Some(Duration::from_secs(30)),
+        pong_timeout: Duration::from_secs(10),
+        close: Duration::from_secs(5),
+    };
+}
+
+impl Limits {
+    pub const DEFAULT: Limits = Limits {
+        // tungstenite's defaults: large enough for any real-time payload, small enough that a
+        // malicious peer cannot make the gateway account for gigabytes.
+        max_frame: 16 << 20,
+        max_message: 64 << 20,
+        max_connections: 9_000,
+        max_header_bytes: 16 << 10,
+    };
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
