@@ -1,1 +1,21 @@
-pub fn x(){}
+//! RFC 6455, sans I/O: frames, masking, UTF-8, close codes and the opening handshakes.
+//!
+//! Nothing in this module touches a socket, a clock or the gateway's configuration: it turns
+//! bytes into values and values into bytes, so the relay, the fuzz targets and the benchmarks
+//! all drive the same code. Sections covered: §4 (handshakes), §5.1-5.5 (framing, masking,
+//! fragmentation, control frames), §7.4 (close codes), §8.1 (UTF-8), and the RSV1 rule of
+//! RFC 7692 when permessage-deflate is passed through.
+
+pub mod close;
+pub mod decoder;
+pub mod error;
+pub mod frame;
+pub mod mask;
+pub mod utf8;
+
+pub use close::{CloseCode, CloseFrame, ClosePayload, parse_close_payload};
+pub use decoder::{Decoded, DecoderConfig, FrameDecoder, Item, MIN_BUFFER_LEN, Payload, Role};
+pub use error::ProtocolError;
+pub use frame::{FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, MaskKey, OpCode};
+pub use mask::{apply_mask, remask};
+pub use utf8::Utf8Validator;
