@@ -177,7 +177,7 @@ pub fn validate_response<'b>(
             }
             Some(chosen)
         }
-        Err(()) => return Err(ClientHandshakeError::UnofferedProtocol),
+        Err(headers::RepeatedHeader) => return Err(ClientHandshakeError::UnofferedProtocol),
     };
     let mut extensions = None;
     for value in headers::values(response.headers, "sec-websocket-extensions") {

@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn single_rejects_repeats() {
         let headers = [h("Host", "a"), h("host", "b")];
-        assert_eq!(single(&headers, "Host"), Err(()));
+        assert_eq!(single(&headers, "Host"), Err(RepeatedHeader));
         assert_eq!(single(&headers[..1], "host"), Ok(Some(&b"a"[..])));
         assert_eq!(single(&headers, "Origin"), Ok(None));
     }
