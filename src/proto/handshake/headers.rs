@@ -14,12 +14,16 @@ pub fn values<'h, 'b>(
         .map(|h| h.value)
 }
 
-/// The only value of header `name`: `Ok(None)` if absent, `Err(())` if repeated.
-pub fn single<'b>(headers: &[Header<'b>], name: &str) -> Result<Option<&'b [u8]>, ()> {
+/// A header that must appear at most once appeared several times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepeatedHeader;
+
+/// The only value of header `name`: `Ok(None)` if absent, an error if repeated.
+pub fn single<'b>(headers: &[Header<'b>], name: &str) -> Result<Option<&'b [u8]>, RepeatedHeader> {
     let mut found = values(headers, name);
     let first = found.next();
     if found.next().is_some() {
-        Err(())
+        Err(RepeatedHeader)
     } else {
         Ok(first)
     }
