@@ -2,8 +2,9 @@
 //!
 //! # Why rendezvous and not Maglev or a hash ring
 //!
-//! An upstream has tens of backends, so scoring every backend per handshake (O(N), a few
-//! hundred nanoseconds) costs nothing next to a TCP or TLS handshake. In exchange rendezvous
+//! An upstream has tens of backends, so scoring every backend per handshake (O(N), hashing
+//! each URL and the key: a few microseconds at most) costs nothing next to a TCP or TLS
+//! handshake. In exchange rendezvous
 //! needs no lookup table: no memory per upstream, nothing to rebuild when a backend is added,
 //! removed or marked unhealthy, and no table size to tune. Removing a backend moves exactly the
 //! keys that were on it (every other key keeps its highest score), which Maglev only
@@ -24,7 +25,11 @@
 //!    h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53; h ^= h >> 33` (wrapping). FNV-1a alone mixes its
 //!    last bytes poorly into the high bits; the finalizer fixes that.
 //! 3. `u` = `((h >> 12) + 0.5) / 2^52`, a binary64 strictly inside (0, 1), computed exactly.
-//! 4. `score` = `-weight / ln(u)`, where `ln` is [`stable_ln`] below, not `f64::ln`.
+//! 4. `score` = `-weight / ln(u)`, with `ln` evaluated in binary64 exactly as follows (not
+//!    with `f64::ln`): write `u = m * 2^e` with `m` in [1, 2) (from the bits); if
+//!    `m > SQRT_2` then `m /= 2; e += 1`; `s = (m - 1) / (m + 1)`; `series = 0` then, for `k`
+//!    from 11 down to 0, `series = series * (s * s) + 1 / (2k + 1)`; finally
+//!    `ln = e * LN_2 + 2 * s * series` (`SQRT_2`, `LN_2`: the `std::f64::consts` values).
 //! 5. Backends rank by descending `score`; equal scores (practically never) by descending `h`,
 //!    then by ascending URL bytes. Position in the configuration plays no part.
 //!
@@ -38,7 +43,8 @@
 //! cookies issued before an upgrade. That is why the hash is spelled out here instead of using
 //! `std`'s `DefaultHasher` (explicitly unspecified and allowed to change between releases) or a
 //! crate, and why `ln` is computed from IEEE-754 basic operations (`+ - * /`, which are
-//! correctly rounded and therefore bit-identical on every platform; Rust never fuses them)
+//! correctly rounded and therefore bit-identical on every target with native binary64
+//! arithmetic, which includes every tier-1 target; Rust never fuses them)
 //! instead of the platform's libm, whose last bit may differ between targets. The pinned
 //! mapping tests must never be "fixed" by updating their expected values.
 
@@ -189,7 +195,7 @@ pub fn rank(backends: &[Backend], key: &str) -> Vec<usize> {
 mod tests {
     use super::*;
 
-    pub(crate) fn backend(url: &str, weight: u32) -> Backend {
+    fn backend(url: &str, weight: u32) -> Backend {
         Backend {
             url: url.to_owned(),
             secure: false,
@@ -206,7 +212,7 @@ mod tests {
             .collect()
     }
 
-    fn url_of<'a>(backends: &'a [Backend], index: Option<usize>) -> Option<&'a str> {
+    fn url_of(backends: &[Backend], index: Option<usize>) -> Option<&str> {
         index.map(|i| backends[i].url.as_str())
     }
 
@@ -234,7 +240,12 @@ mod tests {
                 "ln({x}): {ours} vs {libm}"
             );
         }
-        for x in [f64::MIN_POSITIVE, 2f64.powi(-53), 0.5, 1.0 - f64::EPSILON / 2.0] {
+        for x in [
+            f64::MIN_POSITIVE,
+            2f64.powi(-53),
+            0.5,
+            1.0 - f64::EPSILON / 2.0,
+        ] {
             assert!((stable_ln(x) - x.ln()).abs() <= 4.0 * f64::EPSILON * x.ln().abs());
         }
     }
@@ -244,7 +255,10 @@ mod tests {
         for hash in [0, 1, u64::MAX, u64::MAX >> 1, 1 << 63] {
             for weight in [1, 3, u32::MAX] {
                 let score = weighted_score(hash, weight);
-                assert!(score.is_finite() && score > 0.0, "{hash:x} {weight}: {score}");
+                assert!(
+                    score.is_finite() && score > 0.0,
+                    "{hash:x} {weight}: {score}"
+                );
             }
         }
         assert_eq!(weighted_score(u64::MAX, 0), 0.0);
@@ -361,7 +375,10 @@ mod tests {
         for (index, count) in counts.iter().enumerate() {
             let expected = (index as f64 + 1.0) / 10.0;
             let share = f64::from(*count) / f64::from(keys);
-            assert!((share - expected).abs() < 0.01, "{index}: {share} vs {expected}");
+            assert!(
+                (share - expected).abs() < 0.01,
+                "{index}: {share} vs {expected}"
+            );
         }
     }
 }

@@ -78,7 +78,9 @@ pub fn extract_key<'a, H: HeaderField<'a>>(
 fn path_segment(path: &str, index: usize) -> Option<&str> {
     let path = path.split_once('?').map_or(path, |(path, _)| path);
     let path = path.strip_prefix('/').unwrap_or(path);
-    path.split('/').nth(index).filter(|segment| !segment.is_empty())
+    path.split('/')
+        .nth(index)
+        .filter(|segment| !segment.is_empty())
 }
 
 /// The first value of the `name` parameter in an `application/x-www-form-urlencoded` query,
@@ -112,7 +114,10 @@ fn form_decode(raw: &[u8]) -> Cow<'_, [u8]> {
         rest = tail;
         match byte {
             b'+' => decoded.push(b' '),
-            b'%' => match (tail.first().and_then(hex_value), tail.get(1).and_then(hex_value)) {
+            b'%' => match (
+                tail.first().and_then(hex_value),
+                tail.get(1).and_then(hex_value),
+            ) {
                 (Some(high), Some(low)) => {
                     decoded.push(high << 4 | low);
                     rest = &tail[2..];
@@ -167,8 +172,14 @@ fn cookie<'a, H: HeaderField<'a>>(headers: &[H], name: &str) -> Option<&'a [u8]>
 /// Strips the optional whitespace (space and tab) HTTP allows around values.
 fn trim_http_whitespace(bytes: &[u8]) -> &[u8] {
     let is_space = |byte: &u8| *byte == b' ' || *byte == b'\t';
-    let start = bytes.iter().position(|b| !is_space(b)).unwrap_or(bytes.len());
-    let end = bytes.iter().rposition(|b| !is_space(b)).map_or(start, |i| i + 1);
+    let start = bytes
+        .iter()
+        .position(|b| !is_space(b))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !is_space(b))
+        .map_or(start, |i| i + 1);
     &bytes[start..end]
 }
 
@@ -231,7 +242,10 @@ mod tests {
     #[test]
     fn path_segment_borrows() {
         let req = request("/rooms/lobby", None, &[]);
-        assert!(matches!(extract_key(&segment(1), &req), Some(Cow::Borrowed("lobby"))));
+        assert!(matches!(
+            extract_key(&segment(1), &req),
+            Some(Cow::Borrowed("lobby"))
+        ));
     }
 
     #[test]
@@ -264,7 +278,10 @@ mod tests {
     fn query_borrows_unless_decoding() {
         let room = StickyKey::Query("room".to_owned());
         let req = request("/", Some("room=lobby"), &[]);
-        assert!(matches!(extract_key(&room, &req), Some(Cow::Borrowed("lobby"))));
+        assert!(matches!(
+            extract_key(&room, &req),
+            Some(Cow::Borrowed("lobby"))
+        ));
     }
 
     #[test]
@@ -275,10 +292,16 @@ mod tests {
             ("X-Room", b" \tlobby  "),
             ("x-room", b"second"),
         ];
-        assert_eq!(key(&sticky, &request("/", None, headers)).as_deref(), Some("lobby"));
+        assert_eq!(
+            key(&sticky, &request("/", None, headers)).as_deref(),
+            Some("lobby")
+        );
 
         let headers: &[(&str, &[u8])] = &[("X-ROOM", b"upper")];
-        assert_eq!(key(&sticky, &request("/", None, headers)).as_deref(), Some("upper"));
+        assert_eq!(
+            key(&sticky, &request("/", None, headers)).as_deref(),
+            Some("upper")
+        );
         let headers: &[(&str, &[u8])] = &[("x-room", b"  ")];
         assert_eq!(key(&sticky, &request("/", None, headers)), None);
         let headers: &[(&str, &[u8])] = &[("x-rooms", b"other")];
@@ -293,15 +316,25 @@ mod tests {
     #[test]
     fn cookies_are_parsed_across_every_cookie_header() {
         let sticky = StickyKey::Cookie("session".to_owned());
-        let cases: &[(&[(&str, &[u8])], Option<&str>)] = &[
+        type Headers<'a> = &'a [(&'a str, &'a [u8])];
+        let cases: &[(Headers<'_>, Option<&str>)] = &[
             (&[("Cookie", b"session=abc")], Some("abc")),
             (&[("cookie", b"a=1; session=abc; b=2")], Some("abc")),
-            (&[("Cookie", b"a=1"), ("COOKIE", b"session=abc")], Some("abc")),
+            (
+                &[("Cookie", b"a=1"), ("COOKIE", b"session=abc")],
+                Some("abc"),
+            ),
             (&[("Cookie", b"session=\"quoted\"")], Some("quoted")),
             (&[("Cookie", b"a=1;session=tight")], Some("tight")),
             (&[("Cookie", b"session=a=b")], Some("a=b")),
-            (&[("Cookie", b"session=first; session=second")], Some("first")),
-            (&[("Cookie", b"session=first"), ("Cookie", b"session=x")], Some("first")),
+            (
+                &[("Cookie", b"session=first; session=second")],
+                Some("first"),
+            ),
+            (
+                &[("Cookie", b"session=first"), ("Cookie", b"session=x")],
+                Some("first"),
+            ),
             (&[("Cookie", b"Session=wrong-case")], None),
             (&[("Cookie", b"sessionid=other; xsession=y")], None),
             (&[("Cookie", b"session")], None),

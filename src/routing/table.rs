@@ -47,14 +47,15 @@ impl HostPattern {
         }
     }
 
+    /// `host` is already normalised by [`hostname`].
     fn matches(&self, host: Option<&str>) -> bool {
         match (self, host) {
             (HostPattern::Any, _) => true,
             (_, None) => false,
-            (HostPattern::Exact(expected), Some(host)) => hostname(host).eq_ignore_ascii_case(expected),
+            (HostPattern::Exact(expected), Some(host)) => host.eq_ignore_ascii_case(expected),
             (HostPattern::Subdomains(suffix), Some(host)) => {
                 // Compare bytes: slicing the str could split a (malformed) multibyte character.
-                let host = hostname(host).as_bytes();
+                let host = host.as_bytes();
                 host.len() > suffix.len()
                     && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
             }
@@ -66,7 +67,9 @@ impl HostPattern {
 /// literal and without the trailing dot of a fully qualified name.
 fn hostname(authority: &str) -> &str {
     let host = if let Some(bracketed) = authority.strip_prefix('[') {
-        bracketed.split_once(']').map_or(bracketed, |(literal, _)| literal)
+        bracketed
+            .split_once(']')
+            .map_or(bracketed, |(literal, _)| literal)
     } else {
         match authority.split_once(':') {
             // Exactly one colon: `host:port`. More than one can only be a bare IPv6 literal.
@@ -93,6 +96,7 @@ impl RouteTable {
     /// `path` (a query, if still attached, is ignored).
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<usize> {
         let path = path.split_once('?').map_or(path, |(path, _)| path);
+        let host = host.map(hostname);
         self.rules
             .iter()
             .position(|rule| path.starts_with(&*rule.path_prefix) && rule.host.matches(host))
@@ -162,7 +166,12 @@ mod tests {
         ] {
             assert_eq!(table.route(Some(host), "/"), Some(0), "{host}");
         }
-        for host in ["example.com", "x.chat.example.com", "chat.example.co", "chat.example.com.evil"] {
+        for host in [
+            "example.com",
+            "x.chat.example.com",
+            "chat.example.co",
+            "chat.example.com.evil",
+        ] {
             assert_eq!(table.route(Some(host), "/"), None, "{host}");
         }
         assert_eq!(table.route(None, "/"), None);
@@ -171,7 +180,10 @@ mod tests {
 
     #[test]
     fn ip_literal_hosts() {
-        let table = RouteTable::new(&[route(Some("[2001:DB8::1]"), "/"), route(Some("192.0.2.1"), "/")]);
+        let table = RouteTable::new(&[
+            route(Some("[2001:DB8::1]"), "/"),
+            route(Some("192.0.2.1"), "/"),
+        ]);
         assert_eq!(table.route(Some("[2001:db8::1]:8443"), "/"), Some(0));
         assert_eq!(table.route(Some("[2001:db8::1]"), "/"), Some(0));
         assert_eq!(table.route(Some("2001:db8::1"), "/"), Some(0));
@@ -186,10 +198,21 @@ mod tests {
     #[test]
     fn wildcards_match_subdomains_only() {
         let table = RouteTable::new(&[route(Some("*.Example.com"), "/")]);
-        for host in ["a.example.com", "a.b.example.com", "A.EXAMPLE.COM:443", "a.example.com."] {
+        for host in [
+            "a.example.com",
+            "a.b.example.com",
+            "A.EXAMPLE.COM:443",
+            "a.example.com.",
+        ] {
             assert_eq!(table.route(Some(host), "/"), Some(0), "{host}");
         }
-        for host in ["example.com", "example.com:443", "aexample.com", "a.example.org", "é.com"] {
+        for host in [
+            "example.com",
+            "example.com:443",
+            "aexample.com",
+            "a.example.org",
+            "é.com",
+        ] {
             assert_eq!(table.route(Some(host), "/"), None, "{host}");
         }
         assert_eq!(table.route(None, "/"), None);
@@ -200,7 +223,11 @@ mod tests {
         let table = RouteTable::new(&[route(None, "/ws/chat"), route(None, "/ws")]);
         assert_eq!(table.route(None, "/ws/chat"), Some(0));
         assert_eq!(table.route(None, "/ws/chat/room"), Some(0));
-        assert_eq!(table.route(None, "/ws/chatter"), Some(0), "a plain prefix, as configured");
+        assert_eq!(
+            table.route(None, "/ws/chatter"),
+            Some(0),
+            "a plain prefix, as configured"
+        );
         assert_eq!(table.route(None, "/ws?x=/ws/chat"), Some(1));
         assert_eq!(table.route(None, "/ws/ch?at"), Some(1));
         assert_eq!(table.route(None, "/WS"), None, "paths are case-sensitive");

@@ -1,0 +1,352 @@
+//! Per-upstream backend choice: rendezvous for sticky keys, weighted least connections
+//! otherwise, plus the live connection counts and health flags both depend on.
+//!
+//! Invariants:
+//! - a backend's count is exactly the number of live [`ConnectionSlot`]s for it: slots are
+//!   the only way to change it, incrementing on creation and decrementing on drop;
+//! - every state change is a single atomic operation, so the balancer is shared through an
+//!   `Arc` by every connection task without locks; decisions read counts that may be a moment
+//!   stale, which only makes least connections approximate, never wrong;
+//! - unhealthy backends are never chosen; with a key, the choice is the highest-ranked healthy
+//!   backend, so a key goes back to its first choice as soon as that is healthy again;
+//! - backend indices are indices into the slice the balancer was built from.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+
+use super::hash;
+use crate::config::Backend;
+
+/// Live state for the backends of one upstream.
+#[derive(Debug)]
+pub struct UpstreamBalancer {
+    backends: Box<[Backend]>,
+    /// [`hash::backend_token`] of each backend, for sticky cookies.
+    cookie_tokens: Box<[u64]>,
+    /// Shared with the slots, which outlive any borrow of the balancer.
+    active: Arc<[AtomicU32]>,
+    healthy: Box<[AtomicBool]>,
+    /// Where the next least-connections scan starts, so ties spread instead of piling onto
+    /// the first backend (every backend ties at zero when traffic starts).
+    next_start: AtomicUsize,
+}
+
+/// One live connection to a backend; dropping it releases the connection from the count.
+#[derive(Debug)]
+#[must_use = "the connection is only counted while the slot is alive"]
+pub struct ConnectionSlot {
+    active: Arc<[AtomicU32]>,
+    backend: usize,
+}
+
+impl ConnectionSlot {
+    /// The backend index this slot counts against.
+    pub fn backend(&self) -> usize {
+        self.backend
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.active[self.backend].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The sticky-cookie value naming `backend`: 16 lowercase hex digits of its stable token (see
+/// [`hash`]), the same on every gateway instance and version, and not revealing the address.
+pub fn cookie_value(backend: &Backend) -> String {
+    format!("{:016x}", hash::backend_token(&backend.url))
+}
+
+impl UpstreamBalancer {
+    /// Every backend starts healthy with no connections.
+    pub fn new(backends: &[Backend]) -> Self {
+        UpstreamBalancer {
+            backends: backends.into(),
+            cookie_tokens: backends
+                .iter()
+                .map(|backend| hash::backend_token(&backend.url))
+                .collect(),
+            active: backends.iter().map(|_| AtomicU32::new(0)).collect(),
+            healthy: backends.iter().map(|_| AtomicBool::new(true)).collect(),
+            next_start: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The backend for a new connection: with a sticky key, the highest-ranked healthy
+    /// backend for it; without, the healthy backend with the fewest connections per unit of
+    /// weight. `None` when no backend is healthy.
+    pub fn choose(&self, key: Option<&str>) -> Option<usize> {
+        match key {
+            Some(key) => hash::pick(&self.backends, key, |index| self.is_healthy(index)),
+            None => self.least_connections(),
+        }
+    }
+
+    /// [`choose`](Self::choose) and [`acquire`](Self::acquire) together, so the count goes up
+    /// as soon as the choice is made.
+    pub fn choose_and_acquire(&self, key: Option<&str>) -> Option<ConnectionSlot> {
+        self.choose(key).map(|backend| self.acquire(backend))
+    }
+
+    /// Counts a connection to `backend` until the returned slot is dropped.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn acquire(&self, backend: usize) -> ConnectionSlot {
+        self.active[backend].fetch_add(1, Ordering::Relaxed);
+        ConnectionSlot {
+            active: Arc::clone(&self.active),
+            backend,
+        }
+    }
+
+    /// The number of live connections to `backend`.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn active(&self, backend: usize) -> u32 {
+        self.active[backend].load(Ordering::Relaxed)
+    }
+
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn set_healthy(&self, backend: usize, healthy: bool) {
+        self.healthy[backend].store(healthy, Ordering::Relaxed);
+    }
+
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn is_healthy(&self, backend: usize) -> bool {
+        self.healthy[backend].load(Ordering::Relaxed)
+    }
+
+    /// The backend a sticky cookie from [`cookie_value`] names, healthy or not (the caller
+    /// decides whether to honour it); `None` for a value naming no backend of this upstream.
+    pub fn backend_for_cookie(&self, value: &str) -> Option<usize> {
+        // Only the exact form we issue: `from_str_radix` alone would accept a leading `+`.
+        if value.len() != 16 || !value.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return None;
+        }
+        let token = u64::from_str_radix(value, 16).ok()?;
+        self.cookie_tokens.iter().position(|&known| known == token)
+    }
+
+    fn least_connections(&self) -> Option<usize> {
+        let count = self.backends.len();
+        if count == 0 {
+            return None;
+        }
+        let start = self.next_start.fetch_add(1, Ordering::Relaxed) % count;
+        let mut best: Option<(usize, u64, u64)> = None;
+        for index in (start..count).chain(0..start) {
+            if !self.is_healthy(index) {
+                continue;
+            }
+            let connections = u64::from(self.active(index));
+            let weight = u64::from(self.backends[index].weight);
+            // connections / weight < best_connections / best_weight, without division; in
+            // u64 the products cannot overflow. Strictly less: ties go to the earlier index in
+            // this rotation.
+            let better = match best {
+                None => true,
+                Some((_, best_connections, best_weight)) => {
+                    connections * best_weight < best_connections * weight
+                }
+            };
+            if better {
+                best = Some((index, connections, weight));
+            }
+        }
+        best.map(|(index, _, _)| index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(url: &str, weight: u32) -> Backend {
+        Backend {
+            url: url.to_owned(),
+            secure: false,
+            host: "unused".to_owned(),
+            port: 0,
+            base_path: String::new(),
+            weight,
+        }
+    }
+
+    fn equal_backends(count: u32) -> Vec<Backend> {
+        (0..count)
+            .map(|n| backend(&format!("ws://10.1.0.{n}:80"), 1))
+            .collect()
+    }
+
+    #[test]
+    fn slots_count_while_alive() {
+        let balancer = UpstreamBalancer::new(&equal_backends(2));
+        let first = balancer.acquire(1);
+        let second = balancer.acquire(1);
+        assert_eq!((balancer.active(0), balancer.active(1)), (0, 2));
+        assert_eq!(first.backend(), 1);
+        drop(first);
+        assert_eq!(balancer.active(1), 1);
+        drop(second);
+        assert_eq!(balancer.active(1), 0);
+    }
+
+    #[test]
+    fn slots_outlive_the_balancer_borrow_and_cross_threads() {
+        let balancer = Arc::new(UpstreamBalancer::new(&equal_backends(3)));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let balancer = Arc::clone(&balancer);
+                std::thread::spawn(move || {
+                    let slots: Vec<_> = (0..300)
+                        .map(|_| balancer.choose_and_acquire(None).unwrap())
+                        .collect();
+                    slots.len()
+                })
+            })
+            .collect();
+        let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(total, 1_200);
+        // Every thread dropped its slots on return.
+        assert!((0..3).all(|index| balancer.active(index) == 0));
+    }
+
+    #[test]
+    fn least_connections_spreads_evenly() {
+        let balancer = UpstreamBalancer::new(&equal_backends(4));
+        let slots: Vec<_> = (0..100)
+            .map(|_| balancer.choose_and_acquire(None).unwrap())
+            .collect();
+        assert!((0..4).all(|index| balancer.active(index) == 25));
+        drop(slots);
+    }
+
+    #[test]
+    fn least_connections_fills_the_emptiest_backend() {
+        let balancer = UpstreamBalancer::new(&equal_backends(3));
+        let _held: Vec<_> = [0, 0, 1, 2, 2]
+            .iter()
+            .map(|&i| balancer.acquire(i))
+            .collect();
+        for _ in 0..5 {
+            assert_eq!(balancer.choose(None), Some(1));
+        }
+    }
+
+    #[test]
+    fn ties_rotate_instead_of_piling_onto_the_first() {
+        let balancer = UpstreamBalancer::new(&equal_backends(3));
+        // Without holding slots every backend ties at zero on each call.
+        let mut seen = [0; 3];
+        for _ in 0..30 {
+            seen[balancer.choose(None).unwrap()] += 1;
+        }
+        assert_eq!(seen, [10, 10, 10]);
+    }
+
+    #[test]
+    fn least_connections_honours_weights() {
+        let balancer = UpstreamBalancer::new(&[
+            backend("ws://small:1", 1),
+            backend("ws://big:1", 3),
+            backend("ws://mid:1", 2),
+        ]);
+        let slots: Vec<_> = (0..600)
+            .map(|_| balancer.choose_and_acquire(None).unwrap())
+            .collect();
+        assert_eq!(
+            (balancer.active(0), balancer.active(1), balancer.active(2)),
+            (100, 300, 200)
+        );
+        drop(slots);
+    }
+
+    #[test]
+    fn unhealthy_backends_are_skipped() {
+        let balancer = UpstreamBalancer::new(&equal_backends(3));
+        balancer.set_healthy(0, false);
+        assert!(!balancer.is_healthy(0));
+        for _ in 0..10 {
+            assert_ne!(balancer.choose(None), Some(0));
+        }
+        for n in 0..100 {
+            assert_ne!(balancer.choose(Some(&n.to_string())), Some(0));
+        }
+        (0..3).for_each(|index| balancer.set_healthy(index, false));
+        assert_eq!(balancer.choose(None), None);
+        assert_eq!(balancer.choose(Some("k")), None);
+        assert!(balancer.choose_and_acquire(None).is_none());
+    }
+
+    #[test]
+    fn a_key_falls_back_and_returns_with_health() {
+        let backends = equal_backends(5);
+        let balancer = UpstreamBalancer::new(&backends);
+        let order = hash::rank(&backends, "room-42");
+        assert_eq!(balancer.choose(Some("room-42")), Some(order[0]));
+        balancer.set_healthy(order[0], false);
+        assert_eq!(balancer.choose(Some("room-42")), Some(order[1]));
+        balancer.set_healthy(order[1], false);
+        assert_eq!(balancer.choose(Some("room-42")), Some(order[2]));
+        balancer.set_healthy(order[0], true);
+        assert_eq!(balancer.choose(Some("room-42")), Some(order[0]));
+    }
+
+    #[test]
+    fn keyed_choice_ignores_load() {
+        let backends = equal_backends(3);
+        let balancer = UpstreamBalancer::new(&backends);
+        let first = balancer.choose(Some("room")).unwrap();
+        let _held: Vec<_> = (0..50).map(|_| balancer.acquire(first)).collect();
+        assert_eq!(balancer.choose(Some("room")), Some(first));
+    }
+
+    #[test]
+    fn cookies_round_trip_without_revealing_the_address() {
+        let backends = equal_backends(4);
+        let balancer = UpstreamBalancer::new(&backends);
+        for (index, backend) in backends.iter().enumerate() {
+            let value = cookie_value(backend);
+            assert_eq!(value.len(), 16);
+            assert!(
+                value
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
+            assert!(!value.contains("10.1.0"));
+            assert_eq!(balancer.backend_for_cookie(&value), Some(index));
+            assert_eq!(
+                balancer.backend_for_cookie(&value.to_ascii_uppercase()),
+                Some(index)
+            );
+        }
+        let stranger = cookie_value(&backend("ws://elsewhere:80", 1));
+        assert_eq!(balancer.backend_for_cookie(&stranger), None);
+        for junk in [
+            "",
+            "0",
+            "zzzzzzzzzzzzzzzz",
+            "+123456789abcdef",
+            "0123456789abcdef0",
+        ] {
+            assert_eq!(balancer.backend_for_cookie(junk), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn an_empty_upstream_chooses_nothing() {
+        let balancer = UpstreamBalancer::new(&[]);
+        assert_eq!(balancer.choose(None), None);
+        assert_eq!(balancer.choose(Some("k")), None);
+        assert_eq!(balancer.backend_for_cookie("0000000000000000"), None);
+    }
+}
