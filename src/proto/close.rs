@@ -1,8 +1,7 @@
 //! Close codes (RFC 6455 §7.4) and close frame payloads (§5.5.1).
 
 use super::error::ProtocolError;
-use super::frame::{FrameHeader, MAX_CONTROL_PAYLOAD, MaskKey, OpCode};
-use super::mask::apply_mask;
+use super::frame::{ControlFrame, MAX_CONTROL_PAYLOAD, MaskKey, OpCode};
 
 /// A status code carried by a close frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -78,64 +77,20 @@ pub fn truncate_utf8(reason: &str, max: usize) -> &str {
     &reason[..end]
 }
 
-/// A complete close frame (header and payload) in a fixed buffer: building one never allocates.
-#[derive(Clone, Copy)]
-pub struct CloseFrame {
-    bytes: [u8; Self::CAPACITY],
-    len: usize,
-}
-
-impl CloseFrame {
-    /// 2-byte header, 4-byte mask, 125-byte payload.
-    const CAPACITY: usize = 2 + 4 + MAX_CONTROL_PAYLOAD;
-
-    /// A close frame with `code` and `reason`, the reason cut at a character boundary to fit.
-    /// `mask` is required when the frame is sent by a client.
-    pub fn new(code: CloseCode, reason: &str, mask: Option<MaskKey>) -> Self {
-        let reason = truncate_utf8(reason, MAX_CLOSE_REASON);
-        let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
-        payload[..2].copy_from_slice(&code.0.to_be_bytes());
-        payload[2..2 + reason.len()].copy_from_slice(reason.as_bytes());
-        Self::from_payload(&payload[..2 + reason.len()], mask)
-    }
-
-    /// A close frame with no payload (no status code).
-    pub fn empty(mask: Option<MaskKey>) -> Self {
-        Self::from_payload(&[], mask)
-    }
-
-    /// Echoes a received close payload back (the usual reply). The payload must already be
-    /// validated and at most 125 bytes long.
-    pub fn from_payload(payload: &[u8], mask: Option<MaskKey>) -> Self {
-        debug_assert!(payload.len() <= MAX_CONTROL_PAYLOAD);
-        let payload = &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)];
-        let header = FrameHeader::new(true, OpCode::Close, mask, payload.len() as u64);
-        let mut bytes = [0u8; Self::CAPACITY];
-        let header_len = header.encode_into(&mut bytes);
-        let end = header_len + payload.len();
-        bytes[header_len..end].copy_from_slice(payload);
-        if let Some(key) = mask {
-            apply_mask(&mut bytes[header_len..end], key);
-        }
-        Self { bytes, len: end }
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-impl std::fmt::Debug for CloseFrame {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CloseFrame")
-            .field("bytes", &self.as_bytes())
-            .finish()
-    }
+/// A close frame with `code` and `reason`, the reason cut at a character boundary to fit in a
+/// control frame. `mask` is required when the frame is sent by a client.
+pub fn close_frame(code: CloseCode, reason: &str, mask: Option<MaskKey>) -> ControlFrame {
+    let reason = truncate_utf8(reason, MAX_CLOSE_REASON);
+    let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
+    payload[..2].copy_from_slice(&code.0.to_be_bytes());
+    payload[2..2 + reason.len()].copy_from_slice(reason.as_bytes());
+    ControlFrame::new(OpCode::Close, &payload[..2 + reason.len()], mask)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::mask::apply_mask;
 
     #[test]
     fn wire_validity_of_every_code() {
@@ -171,21 +126,21 @@ mod tests {
     #[test]
     fn reason_is_cut_at_a_character_boundary() {
         let reason = "é".repeat(100); // 200 bytes of 2-byte characters
-        let frame = CloseFrame::new(CloseCode::GOING_AWAY, &reason, None);
+        let frame = close_frame(CloseCode::GOING_AWAY, &reason, None);
         let payload = &frame.as_bytes()[2..];
         assert_eq!(frame.as_bytes()[1] as usize, payload.len());
         assert_eq!(payload.len(), 2 + 122, "123 would split a character");
         let parsed = parse_close_payload(payload).unwrap();
         assert_eq!(parsed.reason.len(), 122);
         let exact = "a".repeat(200);
-        let frame = CloseFrame::new(CloseCode::NORMAL, &exact, None);
+        let frame = close_frame(CloseCode::NORMAL, &exact, None);
         assert_eq!(frame.as_bytes().len(), 2 + 125);
     }
 
     #[test]
     fn masked_close_frame_unmasks_to_the_payload() {
         let key = MaskKey([1, 2, 3, 4]);
-        let frame = CloseFrame::new(CloseCode::NORMAL, "done", Some(key));
+        let frame = close_frame(CloseCode::NORMAL, "done", Some(key));
         let bytes = frame.as_bytes();
         assert_eq!(bytes[0], 0x88);
         assert_eq!(bytes[1], 0x80 | 6);

@@ -142,6 +142,12 @@ impl FrameDecoder {
         &self.config
     }
 
+    /// True between frames: a control frame may be sent on the stream this decoder reads,
+    /// because no data frame's payload is half-way through.
+    pub fn is_between_frames(&self) -> bool {
+        self.state == State::Header
+    }
+
     /// True between messages: no frame or fragmented message is in progress.
     pub fn is_between_messages(&self) -> bool {
         self.state == State::Header && self.message.is_none()

@@ -236,6 +236,57 @@ impl EncodedHeader {
     }
 }
 
+/// A complete control frame (header and at most 125 bytes of payload) held by value, so that
+/// building a ping, pong or close frame never allocates.
+#[derive(Clone, Copy)]
+pub struct ControlFrame {
+    bytes: [u8; Self::CAPACITY],
+    len: u8,
+}
+
+impl ControlFrame {
+    /// 2-byte header, 4-byte mask, 125-byte payload.
+    pub const CAPACITY: usize = 2 + 4 + MAX_CONTROL_PAYLOAD;
+
+    /// A control frame carrying `payload` (cut to 125 bytes: callers pass validated payloads),
+    /// masked with `mask` when sent by a client.
+    pub fn new(opcode: OpCode, payload: &[u8], mask: Option<MaskKey>) -> Self {
+        debug_assert!(opcode.is_control() && payload.len() <= MAX_CONTROL_PAYLOAD);
+        let payload = &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)];
+        let header = FrameHeader::new(true, opcode, mask, payload.len() as u64);
+        let mut bytes = [0u8; Self::CAPACITY];
+        let header_len = header.encode_into(&mut bytes);
+        let end = header_len + payload.len();
+        bytes[header_len..end].copy_from_slice(payload);
+        if let Some(key) = mask {
+            super::mask::apply_mask(&mut bytes[header_len..end], key);
+        }
+        Self {
+            bytes,
+            len: end as u8,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    pub fn opcode(&self) -> OpCode {
+        match OpCode::from_bits(self.bytes[0] & 0x0F) {
+            Ok(opcode) => opcode,
+            Err(_) => unreachable!("built from an OpCode"),
+        }
+    }
+}
+
+impl std::fmt::Debug for ControlFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ControlFrame")
+            .field(&self.as_bytes())
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,9 +14,9 @@ pub mod handshake;
 pub mod mask;
 pub mod utf8;
 
-pub use close::{CloseCode, CloseFrame, ClosePayload, parse_close_payload};
+pub use close::{CloseCode, ClosePayload, close_frame, parse_close_payload};
 pub use decoder::{Decoded, DecoderConfig, FrameDecoder, Item, MIN_BUFFER_LEN, Payload, Role};
 pub use error::ProtocolError;
-pub use frame::{FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, MaskKey, OpCode};
+pub use frame::{ControlFrame, FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, MaskKey, OpCode};
 pub use mask::{apply_mask, remask};
 pub use utf8::Utf8Validator;
