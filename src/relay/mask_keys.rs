@@ -1,0 +1,65 @@
+//! Masking keys for frames the gateway sends as a client (towards backends).
+//!
+//! RFC 6455 §5.3: "The masking key needs to be unpredictable; thus, the masking key MUST be
+//! derived from a strong source of entropy". Keys come from the operating system's CSPRNG
+//! (getrandom), fetched 1 KiB at a time per thread, so a key costs a copy, not a syscall. A
+//! client's own key is never reused: it is chosen by the client, who could pick one that turns
+//! its payload into an attack on intermediaries between the gateway and the backend.
+
+use crate::proto::MaskKey;
+use std::cell::RefCell;
+
+const BATCH: usize = 1024;
+
+struct KeyBytes {
+    bytes: [u8; BATCH],
+    used: usize,
+}
+
+thread_local! {
+    static KEYS: RefCell<KeyBytes> = const { RefCell::new(KeyBytes { bytes: [0; BATCH], used: BATCH }) };
+}
+
+/// A fresh masking key.
+pub fn next_mask_key() -> MaskKey {
+    KEYS.with(|keys| {
+        let mut keys = keys.borrow_mut();
+        if keys.used + 4 > BATCH {
+            refill(&mut keys.bytes);
+            keys.used = 0;
+        }
+        let at = keys.used;
+        keys.used += 4;
+        let mut key = [0u8; 4];
+        key.copy_from_slice(&keys.bytes[at..at + 4]);
+        MaskKey(key)
+    })
+}
+
+/// 16 random bytes for a `Sec-WebSocket-Key` or an identifier.
+pub fn random_16() -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    refill(&mut bytes);
+    bytes
+}
+
+fn refill(bytes: &mut [u8]) {
+    // The OS CSPRNG failing is not something a gateway can recover from meaningfully; keys
+    // must never fall back to something predictable.
+    if let Err(error) = getrandom::fill(bytes) {
+        panic!("the operating system's random number generator failed: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_differ_across_batches() {
+        let keys: Vec<MaskKey> = (0..2 * BATCH / 4 + 3).map(|_| next_mask_key()).collect();
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        // 515 random 32-bit keys: a collision has probability ~3e-5.
+        assert!(distinct.len() >= keys.len() - 1);
+    }
+}

@@ -1,0 +1,593 @@
+//! The frame relay: one task per proxied connection, moving frames both ways between the client
+//! and the backend while enforcing RFC 6455 on each hop.
+//!
+//! Bytes are read into a hop's pooled buffer, decoded in place, transformed in place (client
+//! frames get a fresh mask key written over theirs and their payload re-masked in one pass;
+//! backend frames pass unchanged) and written to the other hop from the same buffer. Frame
+//! headers keep their length through this, so no byte is ever moved to make room.
+//!
+//! Invariants:
+//! - a direction reads only after everything it processed has been written (one write batched
+//!   per read; a slow reader stops the gateway reading from the other side: backpressure), so a
+//!   connection holds at most one buffer per direction, and none while idle;
+//! - control frames the gateway originates (pongs, keepalive pings, closes) are written to a hop
+//!   only at a frame boundary of the data forwarded to it;
+//! - no frame follows a close frame on a hop; data from one hop is dropped once the other hop
+//!   has been sent a close;
+//! - a protocol violation is answered on the offending hop with its RFC close code and on the
+//!   other hop with 1001 and a reason naming the cause; if the other hop is half-way through a
+//!   frame, which a close frame cannot interrupt, that hop's TCP is shut down instead;
+//! - every exit path ends with both sockets shut down or failed: the client hop is shut down
+//!   first (RFC 6455 §7.1.1: the server closes TCP first), the backend is given the chance to
+//!   close first so TIME_WAIT stays off the gateway's outgoing ports.
+
+pub mod buffer;
+pub mod hop;
+pub mod mask_keys;
+pub mod outbox;
+
+use crate::proto::{
+    CloseCode, ControlFrame, Decoded, FrameDecoder, FrameHeader, Item, OpCode, ProtocolError, apply_mask,
+    parse_close_payload, remask,
+};
+use crate::stream::Stream;
+pub use hop::Side;
+use hop::{Hop, Reading, Writing};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// How one relayed connection behaves; derived from the route's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct RelaySettings {
+    pub ping_interval: Option<Duration>,
+    pub pong_timeout: Duration,
+    pub close_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub ping_passthrough: bool,
+}
+
+/// What happened on one hop, for the access log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HopReport {
+    pub bytes_in: u64,
+    pub messages_in: u64,
+    pub close_received: Option<u16>,
+    pub close_sent: Option<u16>,
+}
+
+/// How a relayed connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayReport {
+    pub client: HopReport,
+    pub backend: HopReport,
+    /// Who started the end: "client", "backend" or "gateway".
+    pub initiator: &'static str,
+    /// Why, in a few words (the close reason the gateway sent, or "close handshake").
+    pub cause: String,
+}
+
+/// A connection whose handshakes are done on both hops, ready to relay.
+#[derive(Debug)]
+pub struct Relay {
+    client: Hop,
+    backend: Hop,
+    settings: RelaySettings,
+    /// The last time a data message passed in either direction.
+    last_data: Instant,
+    initiator: Option<&'static str>,
+    cause: String,
+}
+
+/// Ping payloads carry nothing the peer needs; a fixed tag makes them recognisable in captures.
+const KEEPALIVE_PAYLOAD: &[u8] = b"wsgate";
+
+impl Relay {
+    /// `client_early` and `backend_early` are bytes each side sent right after its handshake
+    /// head, read together with it; they are the start of that side's frame stream.
+    pub fn new(
+        client: Stream,
+        client_decoder: FrameDecoder,
+        client_early: &[u8],
+        backend: Stream,
+        backend_decoder: FrameDecoder,
+        backend_early: &[u8],
+        settings: RelaySettings,
+    ) -> Self {
+        let now = Instant::now();
+        let mut client = Hop::new(Side::Client, client, client_decoder, now);
+        let mut backend = Hop::new(Side::Backend, backend, backend_decoder, now);
+        for (hop, early) in [(&mut client, client_early), (&mut backend, backend_early)] {
+            if !early.is_empty() {
+                hop.buf.read_space()[..early.len()].copy_from_slice(early);
+                hop.buf.filled = early.len();
+            }
+        }
+        Self { client, backend, settings, last_data: now, initiator: None, cause: String::new() }
+    }
+
+    /// Relays until both hops are closed.
+    pub async fn run(mut self) -> RelayReport {
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
+        poll_fn(|cx| self.poll_relay(cx, timer.as_mut())).await;
+        self.report()
+    }
+
+    fn report(&self) -> RelayReport {
+        let hop = |h: &Hop| HopReport {
+            bytes_in: h.bytes_in,
+            messages_in: h.messages_in,
+            close_received: h.close_received.map(|c| c.0),
+            close_sent: h.close_sent.map(|c| c.0),
+        };
+        RelayReport {
+            client: hop(&self.client),
+            backend: hop(&self.backend),
+            initiator: self.initiator.unwrap_or("gateway"),
+            cause: if self.cause.is_empty() { "close handshake".into() } else { self.cause.clone() },
+        }
+    }
+
+    fn poll_relay(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<()> {
+        loop {
+            let now = Instant::now();
+            let mut progress = true;
+            while progress {
+                let s = self.settings;
+                progress = pump(cx, &mut self.client, &mut self.backend, &s, now, &mut self.last_data, &mut self.initiator);
+                progress |= pump(cx, &mut self.backend, &mut self.client, &s, now, &mut self.last_data, &mut self.initiator);
+                progress |= settle(cx, &mut self.client, &mut self.backend, &s, now);
+                progress |= settle(cx, &mut self.backend, &mut self.client, &s, now);
+            }
+            if self.client.finished() && self.backend.finished() {
+                return Poll::Ready(());
+            }
+            let deadline = self.next_deadline();
+            if deadline <= now {
+                self.on_timers(now);
+                continue;
+            }
+            if timer.is_elapsed() || timer.deadline() > deadline {
+                timer.as_mut().reset(deadline);
+            }
+            ready!(timer.as_mut().poll(cx));
+            self.on_timers(Instant::now());
+        }
+    }
+
+    /// The earliest instant at which a timer needs attention. Deadlines that move later on
+    /// every read (keepalive, idle) are checked lazily: the timer fires at the old instant and
+    /// is set again, instead of being reset on every read.
+    fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut deadline = far;
+        for hop in [&self.client, &self.backend] {
+            for d in [hop.close_deadline, hop.drain_deadline, hop.pong_deadline].into_iter().flatten() {
+                deadline = deadline.min(d);
+            }
+            if let Some(interval) = self.settings.ping_interval
+                && self.keepalive_applies(hop)
+            {
+                deadline = deadline.min(hop.last_heard + interval);
+            }
+        }
+        if let Some(idle) = self.settings.idle_timeout
+            && self.initiator.is_none()
+        {
+            deadline = deadline.min(self.last_data + idle);
+        }
+        deadline
+    }
+
+    fn keepalive_applies(&self, hop: &Hop) -> bool {
+        hop.pong_deadline.is_none() && hop.reading == Reading::Frames && hop.close_sent.is_none() && hop.can_write()
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        let close_deadline = now + self.settings.close_timeout;
+        if let Some(idle) = self.settings.idle_timeout
+            && self.initiator.is_none()
+            && now >= self.last_data + idle
+        {
+            self.gateway_close("idle timeout", now);
+        }
+        for side in [Side::Client, Side::Backend] {
+            let (hop, other) = match side {
+                Side::Client => (&mut self.client, &mut self.backend),
+                Side::Backend => (&mut self.backend, &mut self.client),
+            };
+            if hop.pong_deadline.is_some_and(|d| now >= d) {
+                hop.pong_deadline = None;
+                let reason = match side {
+                    Side::Client => "client did not answer ping in time",
+                    Side::Backend => "backend did not answer ping in time",
+                };
+                note_cause(&mut self.initiator, &mut self.cause, "gateway", reason);
+                hop.send_close(CloseCode::GOING_AWAY, "ping timeout", close_deadline);
+                hop.given_up = true;
+                close_other(other, hop.mid_frame, CloseCode::GOING_AWAY, reason, close_deadline);
+            }
+            if let Some(interval) = self.settings.ping_interval
+                && hop.pong_deadline.is_none()
+                && hop.reading == Reading::Frames
+                && hop.close_sent.is_none()
+                && hop.can_write()
+                && now >= hop.last_heard + interval
+            {
+                let ping = ControlFrame::new(OpCode::Ping, KEEPALIVE_PAYLOAD, hop.outgoing_mask());
+                hop.send_control(ping);
+                hop.pong_deadline = Some(now + self.settings.pong_timeout);
+            }
+            if hop.close_deadline.is_some_and(|d| now >= d) && hop.close_received.is_none() {
+                // The hop did not answer our close: give up on it, and answer the other hop's
+                // close ourselves if it is waiting for the reply we were relaying.
+                hop.close_deadline = None;
+                hop.given_up = true;
+                hop.outbox.clear();
+                other.buf.discard_all();
+                if let Some(code) = other.close_received {
+                    other.send_close(reply_code(code), "", close_deadline);
+                }
+            }
+            if hop.drain_deadline.is_some_and(|d| now >= d) {
+                hop.drain_deadline = None;
+                hop.reading = Reading::Done;
+                hop.writing = match hop.writing {
+                    Writing::Open => Writing::Finished,
+                    other => other,
+                };
+            }
+        }
+    }
+
+    /// The gateway ends the connection on both hops (idle timeout, shutdown).
+    fn gateway_close(&mut self, reason: &str, now: Instant) {
+        note_cause(&mut self.initiator, &mut self.cause, "gateway", reason);
+        let deadline = now + self.settings.close_timeout;
+        if !self.backend.mid_frame {
+            self.client.send_close(CloseCode::GOING_AWAY, reason, deadline);
+        }
+        if !self.client.mid_frame {
+            self.backend.send_close(CloseCode::GOING_AWAY, reason, deadline);
+        }
+    }
+}
+
+/// The code of a close reply: the received one echoed (RFC 6455 §5.5.1), or 1000 for a close
+/// that carried none.
+fn reply_code(received: CloseCode) -> CloseCode {
+    if received == CloseCode::NO_STATUS { CloseCode::NORMAL } else { received }
+}
+
+fn note_cause(initiator: &mut Option<&'static str>, cause: &mut String, who: &'static str, why: &str) {
+    if initiator.is_none() {
+        *initiator = Some(who);
+        *cause = why.to_owned();
+    }
+}
+
+/// Tells `other` that the connection is ending because of its peer hop. A close frame cannot
+/// interrupt a frame in progress, so a hop receiving one half-way gets its TCP shut instead.
+fn close_other(other: &mut Hop, peer_mid_frame: bool, code: CloseCode, reason: &str, deadline: Instant) {
+    if other.close_sent.is_some() || !other.can_write() {
+        return;
+    }
+    if peer_mid_frame {
+        other.given_up = true;
+        other.close_sent = Some(CloseCode::ABNORMAL);
+        other.outbox.clear();
+    } else {
+        other.send_close(code, reason, deadline);
+    }
+}
+
+/// Moves bytes from `src` to `dst`: flush what is processed, write control frames due to `dst`,
+/// decode and transform what is buffered, read more. Returns whether anything happened.
+fn pump(
+    cx: &mut Context<'_>,
+    src: &mut Hop,
+    dst: &mut Hop,
+    settings: &RelaySettings,
+    now: Instant,
+    last_data: &mut Instant,
+    initiator: &mut Option<&'static str>,
+) -> bool {
+    let mut progress = false;
+    loop {
+        if src.buf.has_pending() {
+            if !dst.can_write() {
+                src.buf.discard_all();
+                progress = true;
+                continue;
+            }
+            match Pin::new(&mut dst.stream).poll_write(cx, src.buf.pending()) {
+                Poll::Ready(Ok(n)) if n > 0 => src.buf.advance_written(n),
+                Poll::Ready(_) => lose(dst, src, now, settings, initiator),
+                Poll::Pending => return progress,
+            }
+            progress = true;
+            continue;
+        }
+        if !src.mid_frame && dst.can_write() {
+            if let Some(bytes) = dst.outbox.next_bytes() {
+                match Pin::new(&mut dst.stream).poll_write(cx, bytes) {
+                    Poll::Ready(Ok(n)) if n > 0 => dst.outbox.advance(n),
+                    Poll::Ready(_) => lose(dst, src, now, settings, initiator),
+                    Poll::Pending => return progress,
+                }
+                progress = true;
+                continue;
+            }
+        }
+        if src.reading == Reading::Frames && decode(src, dst, settings, now, last_data, initiator) {
+            progress = true;
+            if src.buf.has_pending() || !dst.outbox.is_empty() {
+                continue;
+            }
+        }
+        if src.reading == Reading::Done {
+            return progress;
+        }
+        let space = src.buf.read_space();
+        let mut read_buf = ReadBuf::new(space);
+        match Pin::new(&mut src.stream).poll_read(cx, &mut read_buf) {
+            Poll::Ready(Ok(())) => {
+                let n = read_buf.filled().len();
+                if n == 0 {
+                    on_eof(src, dst, now, settings, initiator);
+                } else {
+                    src.buf.filled += n;
+                    src.last_heard = now;
+                    if src.reading == Reading::Discard {
+                        src.buf.discard_unparsed();
+                    }
+                }
+            }
+            Poll::Ready(Err(_)) => lose(src, dst, now, settings, initiator),
+            Poll::Pending => {
+                src.buf.release_if_empty();
+                return progress;
+            }
+        }
+        progress = true;
+    }
+}
+
+/// Decodes everything buffered from `src`, transforming forwarded frames in place. Returns
+/// whether anything was consumed.
+fn decode(
+    src: &mut Hop,
+    dst: &mut Hop,
+    settings: &RelaySettings,
+    now: Instant,
+    last_data: &mut Instant,
+    initiator: &mut Option<&'static str>,
+) -> bool {
+    let remask_towards_backend = src.side == Side::Client;
+    let mut consumed_any = false;
+    loop {
+        let (parsed, filled) = (src.buf.parsed, src.buf.filled);
+        if parsed == filled && src.decoder.is_between_frames() {
+            break;
+        }
+        let bytes = src.buf.bytes_mut();
+        let Decoded { item, consumed } = match src.decoder.decode(&mut bytes[parsed..filled]) {
+            Ok(Some(decoded)) => decoded,
+            Ok(None) => break,
+            Err(error) => {
+                on_protocol_error(src, dst, error, now, settings, initiator);
+                consumed_any = true;
+                break;
+            }
+        };
+        consumed_any = true;
+        match item {
+            Item::DataFrame(_) => {
+                if dst.close_sent.is_some() {
+                    src.swallowing_frame = true;
+                    src.buf.remove_at_parsed(consumed);
+                    continue;
+                }
+                if remask_towards_backend {
+                    let key = mask_keys::next_mask_key();
+                    bytes[parsed + consumed - 4..parsed + consumed].copy_from_slice(&key.0);
+                    src.out_mask = key;
+                    src.out_offset = 0;
+                }
+                src.mid_frame = true;
+                src.buf.parsed += consumed;
+            }
+            Item::Payload(piece) => {
+                src.bytes_in += piece.len as u64;
+                if piece.message_end {
+                    src.messages_in += 1;
+                    *last_data = now;
+                }
+                if src.swallowing_frame {
+                    src.swallowing_frame = !piece.frame_end;
+                    src.buf.remove_at_parsed(piece.len);
+                    continue;
+                }
+                if remask_towards_backend {
+                    let data = &mut bytes[parsed..parsed + piece.len];
+                    let key = src.out_mask.rotated(src.out_offset);
+                    match piece.mask {
+                        Some(received) => remask(data, received, key),
+                        None => apply_mask(data, key),
+                    }
+                    src.out_offset += piece.len as u64;
+                }
+                src.buf.parsed += piece.len;
+                if piece.frame_end {
+                    src.mid_frame = false;
+                }
+            }
+            Item::Control { header, payload } => {
+                let frame = parsed..parsed + consumed;
+                let payload = parsed + payload.start..parsed + payload.end;
+                on_control(src, dst, header, frame, payload, settings, now, initiator);
+                if src.reading != Reading::Frames {
+                    break;
+                }
+            }
+        }
+    }
+    src.buf.release_if_empty();
+    consumed_any
+}
+
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the list
+fn on_control(
+    src: &mut Hop,
+    dst: &mut Hop,
+    header: FrameHeader,
+    frame: std::ops::Range<usize>,
+    payload: std::ops::Range<usize>,
+    settings: &RelaySettings,
+    now: Instant,
+    initiator: &mut Option<&'static str>,
+) {
+    let frame_len = frame.len();
+    let forward = match header.opcode {
+        OpCode::Ping | OpCode::Pong if settings.ping_passthrough => dst.close_sent.is_none(),
+        OpCode::Ping => {
+            let mask = src.outgoing_mask();
+            let pong = ControlFrame::new(OpCode::Pong, &src.buf.bytes_mut()[payload.clone()], mask);
+            if src.close_sent.is_none() {
+                src.send_control(pong);
+            }
+            false
+        }
+        OpCode::Pong => false,
+        _ => {
+            let bytes = src.buf.bytes_mut();
+            let code = match parse_close_payload(&bytes[payload.clone()]) {
+                Ok(close) => close.code.unwrap_or(CloseCode::NO_STATUS),
+                Err(_) => CloseCode::NO_STATUS, // validated by the decoder already
+            };
+            src.close_received = Some(code);
+            src.reading = Reading::Discard;
+            src.buf.discard_unparsed();
+            if initiator.is_none() {
+                *initiator = Some(src.side.name());
+            }
+            if dst.close_sent.is_none() && dst.can_write() {
+                dst.close_sent = Some(code);
+                dst.close_deadline = Some(now + settings.close_timeout);
+                true
+            } else {
+                if src.close_sent.is_none() {
+                    // Nobody to relay the close to: the gateway answers it.
+                    let deadline = now + settings.close_timeout;
+                    if code == CloseCode::NO_STATUS {
+                        src.send_control(ControlFrame::new(OpCode::Close, &[], src.outgoing_mask()));
+                        src.close_sent = Some(CloseCode::NO_STATUS);
+                    } else {
+                        src.send_close(code, "", deadline);
+                    }
+                }
+                false
+            }
+        }
+    };
+    if header.opcode == OpCode::Pong {
+        src.pong_deadline = None;
+    }
+    if forward {
+        if src.side == Side::Client {
+            let key = mask_keys::next_mask_key();
+            let bytes = src.buf.bytes_mut();
+            bytes[payload.start - 4..payload.start].copy_from_slice(&key.0);
+            apply_mask(&mut bytes[payload], key);
+        }
+        src.buf.parsed += frame_len;
+    } else {
+        src.buf.remove_at_parsed(frame_len);
+    }
+}
+
+fn on_protocol_error(
+    src: &mut Hop,
+    dst: &mut Hop,
+    error: ProtocolError,
+    now: Instant,
+    settings: &RelaySettings,
+    initiator: &mut Option<&'static str>,
+) {
+    let deadline = now + settings.close_timeout;
+    src.reading = Reading::Discard;
+    src.buf.discard_unparsed();
+    src.send_close(error.close_code(), error.reason(), deadline);
+    src.given_up = true;
+    let reason = format!("{} protocol error: {}", src.side, error.reason());
+    if initiator.is_none() {
+        *initiator = Some("gateway");
+    }
+    close_other(dst, src.mid_frame, CloseCode::GOING_AWAY, &reason, deadline);
+    src.mid_frame = false;
+}
+
+/// `src` closed TCP.
+fn on_eof(src: &mut Hop, dst: &mut Hop, now: Instant, settings: &RelaySettings, initiator: &mut Option<&'static str>) {
+    src.reading = Reading::Done;
+    src.buf.discard_unparsed();
+    if src.close_received.is_none() && src.close_sent.is_none() {
+        abandoned(src, dst, now, settings, initiator);
+    }
+}
+
+/// `hop` failed (I/O error) or vanished: nothing more is exchanged with it.
+fn lose(hop: &mut Hop, other: &mut Hop, now: Instant, settings: &RelaySettings, initiator: &mut Option<&'static str>) {
+    let was_closing = hop.close_received.is_some() || hop.close_sent.is_some();
+    hop.lose();
+    if !was_closing {
+        abandoned(hop, other, now, settings, initiator);
+    } else if let Some(code) = hop.close_received
+        && other.close_sent.is_none()
+    {
+        // The hop's close was received but not yet passed on.
+        other.send_close(reply_code(code), "", now + settings.close_timeout);
+    }
+}
+
+/// `hop` went away without a closing handshake. RFC 6455 §7.4.1: 1014 tells the client that
+/// the gateway's upstream failed; a backend is told the client went away (1001).
+fn abandoned(hop: &mut Hop, other: &mut Hop, now: Instant, settings: &RelaySettings, initiator: &mut Option<&'static str>) {
+    hop.writing = Writing::Dead;
+    hop.outbox.clear();
+    let (code, reason) = match hop.side {
+        Side::Backend => (CloseCode::BAD_GATEWAY, "backend closed the connection without a close frame"),
+        Side::Client => (CloseCode::GOING_AWAY, "client closed the connection without a close frame"),
+    };
+    if initiator.is_none() {
+        *initiator = Some(hop.side.name());
+    }
+    close_other(other, hop.mid_frame, code, reason, now + settings.close_timeout);
+    hop.mid_frame = false;
+}
+
+/// Ends TCP on a hop whose closing handshake is settled and whose output is flushed.
+fn settle(cx: &mut Context<'_>, hop: &mut Hop, other: &mut Hop, settings: &RelaySettings, now: Instant) -> bool {
+    if hop.writing != Writing::Open || !hop.handshake_settled() {
+        return false;
+    }
+    let owed = !hop.outbox.is_empty() || other.buf.has_pending();
+    if owed {
+        return false;
+    }
+    // The server closes TCP first (RFC 6455 §7.1.1); as the backend's client the gateway lets
+    // it close first, unless it gave up on it.
+    if (hop.side == Side::Client || hop.given_up) && Pin::new(&mut hop.stream).poll_shutdown(cx).is_pending() {
+        return false;
+    }
+    hop.writing = Writing::Finished;
+    if hop.reading != Reading::Done {
+        hop.reading = Reading::Discard;
+        hop.drain_deadline = Some(now + settings.close_timeout);
+    }
+    true
+}

@@ -1,0 +1,118 @@
+//! Control frames the gateway itself sends to one hop: pongs, keepalive pings, close frames.
+//!
+//! They are written only at a frame boundary of the forwarded stream to that hop, never inside
+//! a data frame. The box is allocated while something is queued and dropped once written, so an
+//! idle hop carries one null pointer. Order on the wire: pong, ping, close; nothing is queued
+//! after a close (RFC 6455 §5.5.1: no frames after a close).
+
+use crate::proto::{ControlFrame, OpCode};
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// The frame being written and how many of its bytes are out already.
+    writing: Option<(ControlFrame, usize)>,
+    pong: Option<ControlFrame>,
+    ping: Option<ControlFrame>,
+    close: Option<ControlFrame>,
+}
+
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queue: Option<Box<Queue>>,
+    /// A close frame has been queued (it may be written already).
+    closed: bool,
+}
+
+impl Outbox {
+    /// Queues a frame. A newer pong replaces an unsent one (RFC 6455 §5.5.3 allows answering
+    /// only the most recent ping); anything after a close is dropped.
+    pub fn push(&mut self, frame: ControlFrame) {
+        if self.closed {
+            return;
+        }
+        let queue = self.queue.get_or_insert_with(Default::default);
+        match frame.opcode() {
+            OpCode::Pong => queue.pong = Some(frame),
+            OpCode::Ping => queue.ping = Some(frame),
+            _ => {
+                queue.close = Some(frame);
+                self.closed = true;
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_none()
+    }
+
+    pub fn close_queued(&self) -> bool {
+        self.closed
+    }
+
+    /// The bytes to write next, if any.
+    pub fn next_bytes(&mut self) -> Option<&[u8]> {
+        let queue = self.queue.as_mut()?;
+        if queue.writing.is_none() {
+            let next = queue.pong.take().or_else(|| queue.ping.take()).or_else(|| queue.close.take());
+            queue.writing = next.map(|frame| (frame, 0));
+        }
+        if queue.writing.is_none() {
+            self.queue = None;
+            return None;
+        }
+        let (frame, written) = self.queue.as_ref()?.writing.as_ref()?;
+        Some(&frame.as_bytes()[*written..])
+    }
+
+    /// Records that `n` bytes of `next_bytes()` were written.
+    pub fn advance(&mut self, n: usize) {
+        let Some(queue) = self.queue.as_mut() else { return };
+        if let Some((frame, written)) = &mut queue.writing {
+            *written += n;
+            if *written >= frame.as_bytes().len() {
+                queue.writing = None;
+                if queue.pong.is_none() && queue.ping.is_none() && queue.close.is_none() {
+                    self.queue = None;
+                }
+            }
+        }
+    }
+
+    /// Drops whatever is queued (the hop is gone).
+    pub fn clear(&mut self) {
+        self.queue = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{CloseCode, close_frame};
+
+    fn drain(outbox: &mut Outbox) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(bytes) = outbox.next_bytes() {
+            // Write in two halves to exercise partial writes.
+            let half = bytes.len().div_ceil(2);
+            out.extend_from_slice(&bytes[..half]);
+            outbox.advance(half);
+        }
+        out
+    }
+
+    #[test]
+    fn order_is_pong_ping_close_and_latest_pong_wins() {
+        let mut outbox = Outbox::default();
+        outbox.push(close_frame(CloseCode::NORMAL, "", None));
+        let mut outbox2 = Outbox::default();
+        outbox2.push(ControlFrame::new(OpCode::Pong, b"1", None));
+        outbox2.push(ControlFrame::new(OpCode::Ping, b"p", None));
+        outbox2.push(ControlFrame::new(OpCode::Pong, b"2", None));
+        outbox2.push(close_frame(CloseCode::NORMAL, "", None));
+        outbox2.push(ControlFrame::new(OpCode::Pong, b"3", None));
+        assert_eq!(drain(&mut outbox2), [&[0x8A, 1, b'2'][..], &[0x89, 1, b'p'], &[0x88, 2, 3, 0xE8]].concat());
+        assert!(outbox2.is_empty());
+        assert!(outbox2.close_queued());
+        assert_eq!(drain(&mut outbox), [0x88, 2, 3, 0xE8]);
+    }
+}
