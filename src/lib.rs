@@ -5,3 +5,4 @@
 pub mod config;
 pub mod proto;
 pub mod routing;
+pub mod tls;
