@@ -78,6 +78,8 @@ fn is_plain_key(key: &str) -> bool {
 #[derive(Debug, Default)]
 pub(crate) struct LineIndex {
     lines: HashMap<YamlPath, usize>,
+    /// Keys seen again in the same mapping, with the line of the repeat.
+    duplicates: Vec<(YamlPath, usize)>,
 }
 
 impl LineIndex {
@@ -88,6 +90,7 @@ impl LineIndex {
         }
         Self {
             lines: scanner.lines,
+            duplicates: scanner.duplicates,
         }
     }
 
@@ -104,15 +107,25 @@ impl LineIndex {
         None
     }
 
-    /// The path of the last entry that starts at or before `line`: context for a syntax
-    /// error, where the parser knows the line but not which setting it belongs to.
+    /// The path of the entry starting on `line`: context for a syntax error, where the
+    /// parser knows the line but not which setting it belongs to. Only an exact line
+    /// counts: near a syntax error the scanner may be as lost as the parser.
     pub(crate) fn path_at(&self, line: usize) -> Option<&YamlPath> {
         self.lines
             .iter()
-            .filter(|&(_, &l)| l <= line)
-            // Ties (an item and the key on its `- key:` line) go to the deeper path.
-            .max_by_key(|&(p, &l)| (l, p.0.len()))
+            .filter(|&(_, &l)| l == line)
+            // An item and the key on its `- key:` line: the key says more.
+            .max_by_key(|&(p, _)| p.0.len())
             .map(|(p, _)| p)
+    }
+
+    /// The first repeat of a mapping key named `key`, for the parser's duplicate-key
+    /// error, which only gives the position of the whole mapping.
+    pub(crate) fn duplicate_key(&self, key: &str) -> Option<(&YamlPath, usize)> {
+        self.duplicates
+            .iter()
+            .find(|(p, _)| matches!(p.0.last(), Some(Seg::Key(k)) if k == key))
+            .map(|(p, line)| (p, *line))
     }
 }
 
@@ -140,11 +153,17 @@ struct Frame {
 enum Skip {
     None,
     /// A `|` or `>` scalar: lines more indented than the owning entry (or blank).
-    BlockScalar { owner_col: usize },
+    BlockScalar {
+        owner_col: usize,
+    },
     /// A flow collection spanning lines: until the brackets balance.
-    Flow { depth: usize },
+    Flow {
+        depth: usize,
+    },
     /// A quoted scalar spanning lines: until the quote closes.
-    Quoted { quote: u8 },
+    Quoted {
+        quote: u8,
+    },
 }
 
 #[derive(Debug)]
@@ -152,6 +171,7 @@ struct Scanner {
     stack: Vec<Frame>,
     skip: Skip,
     lines: HashMap<YamlPath, usize>,
+    duplicates: Vec<(YamlPath, usize)>,
 }
 
 impl Default for Scanner {
@@ -160,6 +180,7 @@ impl Default for Scanner {
             stack: Vec::new(),
             skip: Skip::None,
             lines: HashMap::new(),
+            duplicates: Vec::new(),
         }
     }
 }
@@ -190,8 +211,12 @@ impl Scanner {
                 return;
             }
         }
-        if blank || (col == 0 && (text.starts_with("---") || text.starts_with("...")))
-        {
+        if blank || (col == 0 && (text.starts_with("---") || text.starts_with("..."))) {
+            return;
+        }
+        // YAML forbids tabs in indentation; the parser reports the line, and guessing its
+        // depth here could only attach later lines to the wrong parent.
+        if text.starts_with('\t') {
             return;
         }
         if text.starts_with('%') && col == 0 {
@@ -279,7 +304,11 @@ impl Scanner {
                     return;
                 };
                 let path = top.path.key(&key);
-                self.lines.entry(path.clone()).or_insert(number);
+                if self.lines.contains_key(&path) {
+                    self.duplicates.push((path.clone(), number));
+                } else {
+                    self.lines.insert(path.clone(), number);
+                }
                 top.last = Some(path);
                 top.open = opens_block(value);
                 self.after_value(value, col);
@@ -294,10 +323,8 @@ impl Scanner {
         match bytes.first() {
             Some(b'|' | b'>') => self.skip = Skip::BlockScalar { owner_col },
             Some(b'[' | b'{') => self.skip = continue_flow(value, 0),
-            Some(&q @ (b'"' | b'\'')) => {
-                if closing_quote(bytes, 1, q).is_none() {
-                    self.skip = Skip::Quoted { quote: q };
-                }
+            Some(&q @ (b'"' | b'\'')) if closing_quote(bytes, 1, q).is_none() => {
+                self.skip = Skip::Quoted { quote: q };
             }
             _ => {}
         }
@@ -455,9 +482,15 @@ mod tests {
 
     #[test]
     fn path_display() {
-        assert_eq!(p("routes[1].sticky.query").to_string(), "routes[1].sticky.query");
+        assert_eq!(
+            p("routes[1].sticky.query").to_string(),
+            "routes[1].sticky.query"
+        );
         assert_eq!(YamlPath::root().to_string(), "(top level)");
-        let odd = YamlPath::root().key("upstreams").key("chat.v2").key("backends");
+        let odd = YamlPath::root()
+            .key("upstreams")
+            .key("chat.v2")
+            .key("backends");
         assert_eq!(odd.to_string(), r#"upstreams["chat.v2"].backends"#);
         assert_eq!(YamlPath::root().index(0).index(2).to_string(), "[0][2]");
     }
@@ -634,11 +667,33 @@ f: 1
     }
 
     #[test]
-    fn path_at_finds_the_entry_for_a_line() {
+    fn path_at_finds_the_entry_on_a_line() {
         let src = "a:\n  b: 1\n\nc:\n  - d: 2\n";
         let index = LineIndex::build(src);
-        assert_eq!(index.path_at(3).map(ToString::to_string), Some("a.b".into()));
-        assert_eq!(index.path_at(5).map(ToString::to_string), Some("c[0].d".into()));
+        let at = |line| index.path_at(line).map(ToString::to_string);
+        assert_eq!(at(2), Some("a.b".into()));
+        assert_eq!(at(3), None);
+        assert_eq!(at(5), Some("c[0].d".into()));
         assert!(LineIndex::build("").path_at(1).is_none());
+    }
+
+    #[test]
+    fn duplicate_keys_are_remembered() {
+        let src = "a:\n  x: 1\n  y: 2\n  x: 3\nb:\n  - x: 1\n  - x: 2\n";
+        let index = LineIndex::build(src);
+        let (path, line) = index.duplicate_key("x").unwrap();
+        assert_eq!((path.to_string(), line), ("a.x".into(), 4));
+        assert_eq!(index.line_of(&p("a.x")), Some(2));
+        // Same key in different items is no repeat.
+        assert!(index.duplicate_key("y").is_none());
+    }
+
+    #[test]
+    fn tab_indented_lines_are_not_guessed() {
+        let src = "a:\n  b: 1\n\tc: 2\nd: 3\n";
+        let index = LineIndex::build(src);
+        assert_eq!(index.line_of(&p("d")), Some(4));
+        assert!(index.path_at(3).is_none());
+        assert_eq!(line("k:\tv\n", "k"), Some(1));
     }
 }

@@ -45,6 +45,9 @@ pub(crate) struct SyntaxError {
     /// 1-based, when the parser knows it.
     pub(crate) line: Option<usize>,
     pub(crate) message: String,
+    /// For a repeated mapping key, the key: the parser's position is that of the mapping,
+    /// so the caller looks for the repeat itself.
+    pub(crate) duplicate_key: Option<String>,
 }
 
 impl fmt::Display for SyntaxError {
@@ -54,9 +57,19 @@ impl fmt::Display for SyntaxError {
 }
 
 pub(crate) fn parse(source: &str) -> Result<Raw, SyntaxError> {
-    let syntax = |e: serde_yaml::Error| SyntaxError {
-        line: e.location().map(|l| l.line()),
-        message: format!("invalid YAML: {e}"),
+    let syntax = |e: serde_yaml::Error| {
+        let message = e.to_string();
+        // "duplicate entry with key \"k\"", prefixed by the mapping's path when nested.
+        let marker = "duplicate entry with key \"";
+        let duplicate_key = message
+            .find(marker)
+            .and_then(|at| message[at + marker.len()..].split_once('"'))
+            .map(|(key, _)| key.to_owned());
+        SyntaxError {
+            line: e.location().map(|l| l.line()),
+            message: format!("invalid YAML: {message}"),
+            duplicate_key,
+        }
     };
     let mut value: serde_yaml::Value = serde_yaml::from_str(source).map_err(syntax)?;
     value.apply_merge().map_err(syntax)?;
@@ -144,7 +157,10 @@ mod tests {
         assert!(err.line.is_some(), "{err:?}");
         let dup = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
         assert!(dup.message.contains("duplicate"), "{dup:?}");
+        assert_eq!(dup.duplicate_key.as_deref(), Some("a"));
         assert_eq!(parse("").unwrap(), Raw::Null);
-        assert!(matches!(parse("x: !tag 1\n").unwrap(), Raw::Map(m) if matches!(m[0].1, Raw::Tagged(_))));
+        assert!(
+            matches!(parse("x: !tag 1\n").unwrap(), Raw::Map(m) if matches!(m[0].1, Raw::Tagged(_)))
+        );
     }
 }

@@ -1,0 +1,168 @@
+//! The human-readable summary printed by `wsgate check`.
+//!
+//! It shows the configuration as the gateway will run it: defaults filled in, route
+//! overrides merged, paths resolved. Durations and sizes use the file notation, so a value
+//! can be copied back into the file.
+
+use std::fmt::Write;
+
+use super::model::*;
+use super::units::{format_duration, format_size, format_timer};
+
+pub fn describe(config: &Config) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_config(&mut out, config);
+    out
+}
+
+fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
+    writeln!(out, "listeners:")?;
+    for listener in &config.listeners {
+        write!(out, "  {}: {}", listener.name, listener.address)?;
+        match &listener.tls {
+            None => writeln!(out, ", no TLS")?,
+            Some(tls) => {
+                let n = tls.certificates.len();
+                let plural = if n == 1 { "" } else { "s" };
+                writeln!(out, ", TLS ({n} certificate{plural})")?;
+                for (i, cert) in tls.certificates.iter().enumerate() {
+                    let names = if cert.server_names.is_empty() {
+                        "no server names".to_owned()
+                    } else {
+                        cert.server_names.join(", ")
+                    };
+                    let default = if i == 0 { " [default]" } else { "" };
+                    writeln!(
+                        out,
+                        "    {}{default}: {} + key {}",
+                        names,
+                        cert.cert.display(),
+                        cert.key.display()
+                    )?;
+                }
+            }
+        }
+    }
+
+    writeln!(out, "upstreams:")?;
+    for upstream in &config.upstreams {
+        write!(
+            out,
+            "  {}: connect_timeout {}",
+            upstream.name,
+            format_duration(upstream.connect_timeout)
+        )?;
+        if upstream.backends.iter().any(|b| b.secure) {
+            let ca = upstream.tls.ca_file.as_ref().map_or_else(
+                || "bundled web roots".to_owned(),
+                |ca| format!("CA {}", ca.display()),
+            );
+            write!(out, ", TLS verified against {ca}")?;
+            if let Some(name) = &upstream.tls.server_name {
+                write!(out, " as {name}")?;
+            }
+        }
+        writeln!(out)?;
+        let total: u64 = upstream.backends.iter().map(|b| u64::from(b.weight)).sum();
+        for backend in &upstream.backends {
+            writeln!(
+                out,
+                "    {} weight {} ({}%)",
+                backend.url,
+                backend.weight,
+                u64::from(backend.weight) * 100 / total.max(1)
+            )?;
+        }
+    }
+
+    writeln!(out, "routes (first match wins):")?;
+    for (i, route) in config.routes.iter().enumerate() {
+        let upstream = config
+            .upstreams
+            .get(route.upstream)
+            .map_or("?", |u| u.name.as_str());
+        writeln!(
+            out,
+            "  [{i}] {}: host {} path {}* -> {upstream}",
+            route.name,
+            route.host.as_deref().unwrap_or("any"),
+            route.path_prefix
+        )?;
+        let sticky = match (&route.sticky, &route.sticky_cookie) {
+            (Some(key), _) => sticky_key(key),
+            (None, Some(cookie)) => format!(
+                "cookie {} set by the gateway ({})",
+                cookie.name,
+                cookie.max_age.map_or_else(
+                    || "session".to_owned(),
+                    |d| format!("max_age {}", format_duration(d))
+                )
+            ),
+            (None, None) => "none (weighted random backend)".to_owned(),
+        };
+        writeln!(out, "      sticky: {sticky}")?;
+        let origins = if route.allowed_origins.is_empty() {
+            "any".to_owned()
+        } else {
+            route.allowed_origins.join(", ")
+        };
+        writeln!(out, "      origins: {origins}")?;
+        writeln!(
+            out,
+            "      compression: {}, pings: {}",
+            match route.compression {
+                Compression::Strip => "strip",
+                Compression::Passthrough => "passthrough",
+            },
+            if route.ping_passthrough {
+                "passed through"
+            } else {
+                "answered per hop"
+            }
+        )?;
+        writeln!(out, "      timeouts: {}", timeouts(&route.timeouts))?;
+        writeln!(out, "      limits: {}", limits(&route.limits))?;
+    }
+
+    writeln!(out, "defaults:")?;
+    writeln!(out, "  timeouts: {}", timeouts(&config.timeouts))?;
+    writeln!(out, "  limits: {}", limits(&config.limits))?;
+    match &config.admin {
+        Some(admin) => writeln!(out, "admin: {}", admin.address),
+        None => writeln!(out, "admin: none"),
+    }
+}
+
+fn sticky_key(key: &StickyKey) -> String {
+    match key {
+        StickyKey::PathSegment { pattern, index } => {
+            format!("path segment {index} of {pattern}")
+        }
+        StickyKey::Query(name) => format!("query parameter {name}"),
+        StickyKey::Header(name) => format!("header {name}"),
+        StickyKey::Cookie(name) => format!("cookie {name}"),
+        StickyKey::ClientIp => "client IP".to_owned(),
+    }
+}
+
+fn timeouts(t: &Timeouts) -> String {
+    format!(
+        "handshake {}, idle {}, ping_interval {}, pong_timeout {}, close {}",
+        format_duration(t.handshake),
+        format_timer(t.idle),
+        format_timer(t.ping_interval),
+        format_duration(t.pong_timeout),
+        format_duration(t.close)
+    )
+}
+
+fn limits(l: &Limits) -> String {
+    format!(
+        "max_frame {}, max_message {}, max_connections {}, max_header_bytes {}",
+        format_size(l.max_frame),
+        format_size(l.max_message),
+        l.max_connections,
+        format_size(l.max_header_bytes as u64)
+    )
+}

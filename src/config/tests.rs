@@ -1,0 +1,1758 @@
+//! Loader tests: defaults, merging, and every error with its line and path.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+/// The smallest valid file; tests append sections to it. Lines 1-9.
+const MINIMAL: &str = "\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  rooms:
+    backends:
+      - ws://127.0.0.1:9001
+routes:
+  - upstream: rooms
+";
+
+fn ok(source: &str) -> Config {
+    from_yaml_str(source, "t.yaml").unwrap_or_else(|e| panic!("unexpected errors:\n{e}"))
+}
+
+fn errs(source: &str) -> Vec<ConfigError> {
+    match from_yaml_str(source, "t.yaml") {
+        Ok(config) => panic!("expected errors, got {config:#?}"),
+        Err(errors) => {
+            assert!(!errors.is_empty());
+            errors.errors
+        }
+    }
+}
+
+/// Asserts that an error at `line` and `path` mentions every one of `needles`.
+#[track_caller]
+fn expect(errors: &[ConfigError], line: usize, path: &str, needles: &[&str]) {
+    let found = errors.iter().any(|e| {
+        e.line == Some(line) && e.path == path && needles.iter().all(|n| e.problem.contains(n))
+    });
+    assert!(
+        found,
+        "no error at line {line}, path {path}, mentioning {needles:?}; got:\n{}",
+        ConfigErrors {
+            errors: errors.to_vec()
+        }
+    );
+}
+
+/// The only error of a file.
+#[track_caller]
+fn single(source: &str, line: usize, path: &str, needles: &[&str]) {
+    let errors = errs(source);
+    expect(&errors, line, path, needles);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+}
+
+// ----- valid files and defaults -----
+
+#[test]
+fn minimal_file_gets_every_default() {
+    let config = ok(MINIMAL);
+    assert_eq!(config.listeners.len(), 1);
+    let listener = &config.listeners[0];
+    assert_eq!(listener.name, "listener-0");
+    assert_eq!(listener.address, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(listener.tls, None);
+
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.name, "rooms");
+    assert_eq!(upstream.connect_timeout, Duration::from_secs(5));
+    assert_eq!(upstream.tls, UpstreamTls::default());
+    assert_eq!(
+        upstream.backends,
+        [Backend {
+            url: "ws://127.0.0.1:9001".into(),
+            secure: false,
+            host: "127.0.0.1".into(),
+            port: 9001,
+            base_path: String::new(),
+            weight: 1,
+        }]
+    );
+
+    let route = &config.routes[0];
+    assert_eq!(route.name, "route-0");
+    assert_eq!(route.host, None);
+    assert_eq!(route.path_prefix, "/");
+    assert_eq!(route.upstream, 0);
+    assert_eq!(route.sticky, None);
+    assert_eq!(route.sticky_cookie, None);
+    assert!(route.allowed_origins.is_empty());
+    assert_eq!(route.compression, Compression::Strip);
+    assert!(!route.ping_passthrough);
+    assert_eq!(route.timeouts, Timeouts::DEFAULT);
+    assert_eq!(route.limits, Limits::DEFAULT);
+
+    assert_eq!(config.timeouts, Timeouts::DEFAULT);
+    assert_eq!(config.limits, Limits::DEFAULT);
+    assert_eq!(config.admin, None);
+}
+
+#[test]
+fn every_key_is_converted() {
+    let config = ok("\
+listeners:
+  - name: secure
+    address: \"[::1]:8443\"
+    tls:
+      certificates:
+        - cert: a.crt
+          key: /abs/a.key
+          server_names: [LocalHost, \"*.example.com\"]
+upstreams:
+  chat.v2:
+    backends:
+      - url: wss://Backend.Internal/base/
+        weight: 1000
+      - wss://[::1]:9443
+    connect_timeout: 1500ms
+    tls:
+      ca_file: ca.pem
+      server_name: chat.internal
+routes:
+  - name: r
+    match:
+      host: Chat.Example.com
+      path_prefix: /a/
+    upstream: chat.v2
+    sticky:
+      header: X-Room
+    allowed_origins: [HTTPS://Chat.Example.com:8443, http://localhost]
+    compression: passthrough
+    ping_passthrough: true
+  - upstream: chat.v2
+    match: {path_prefix: /q}
+    sticky: {query: room}
+  - upstream: chat.v2
+    match: {path_prefix: /c}
+    sticky: {cookie: sid}
+  - upstream: chat.v2
+    match: {path_prefix: /ip}
+    sticky: {client_ip: true}
+  - upstream: chat.v2
+    sticky_cookie:
+      name: aff
+admin:
+  address: 127.0.0.1:9090
+");
+    let tls = config.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(
+        tls.certificates[0],
+        CertificateFiles {
+            cert: PathBuf::from("a.crt"),
+            key: PathBuf::from("/abs/a.key"),
+            server_names: vec!["localhost".into(), "*.example.com".into()],
+        }
+    );
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.name, "chat.v2");
+    assert_eq!(upstream.connect_timeout, Duration::from_millis(1500));
+    let b0 = &upstream.backends[0];
+    assert_eq!(
+        (
+            b0.url.as_str(),
+            b0.secure,
+            b0.host.as_str(),
+            b0.port,
+            b0.base_path.as_str(),
+            b0.weight
+        ),
+        (
+            "wss://Backend.Internal/base/",
+            true,
+            "backend.internal",
+            443,
+            "/base",
+            1000
+        )
+    );
+    let b1 = &upstream.backends[1];
+    assert_eq!((b1.host.as_str(), b1.port), ("::1", 9443));
+    assert_eq!(upstream.tls.ca_file, Some(PathBuf::from("ca.pem")));
+    assert_eq!(upstream.tls.server_name.as_deref(), Some("chat.internal"));
+
+    let r = &config.routes;
+    assert_eq!(r[0].host.as_deref(), Some("chat.example.com"));
+    assert_eq!(r[0].path_prefix, "/a/");
+    assert_eq!(r[0].sticky, Some(StickyKey::Header("x-room".into())));
+    assert_eq!(
+        r[0].allowed_origins,
+        ["https://chat.example.com:8443", "http://localhost"]
+    );
+    assert_eq!(r[0].compression, Compression::Passthrough);
+    assert!(r[0].ping_passthrough);
+    assert_eq!(r[1].sticky, Some(StickyKey::Query("room".into())));
+    assert_eq!(r[2].sticky, Some(StickyKey::Cookie("sid".into())));
+    assert_eq!(r[3].sticky, Some(StickyKey::ClientIp));
+    assert_eq!(
+        r[4].sticky_cookie,
+        Some(StickyCookie {
+            name: "aff".into(),
+            max_age: None
+        })
+    );
+    assert_eq!(
+        config.admin,
+        Some(Admin {
+            address: "127.0.0.1:9090".parse().unwrap()
+        })
+    );
+}
+
+#[test]
+fn sticky_path_pattern_gives_the_segment_index() {
+    let config = ok(&format!(
+        "{MINIMAL}    match: {{path_prefix: /rooms/}}\n    sticky:\n      path: \"/rooms/{{room}}/ws\"\n"
+    ));
+    assert_eq!(
+        config.routes[0].sticky,
+        Some(StickyKey::PathSegment {
+            pattern: "/rooms/{room}/ws".into(),
+            index: 1
+        })
+    );
+    // A prefix that stops inside the placeholder's segment still fits.
+    let config = ok(&format!(
+        "{MINIMAL}    match: {{path_prefix: /r}}\n    sticky: {{path: \"/{{room}}\"}}\n"
+    ));
+    assert!(matches!(
+        config.routes[0].sticky,
+        Some(StickyKey::PathSegment { index: 0, .. })
+    ));
+}
+
+#[test]
+fn timeouts_and_limits_merge_key_by_key() {
+    let config = ok("\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends: [ws://h]
+routes:
+  - name: a
+    match: {path_prefix: /a}
+    upstream: u
+    timeouts:
+      idle: 10m
+      ping_interval: off
+    limits:
+      max_message: 2MiB
+  - name: b
+    upstream: u
+timeouts:
+  handshake: 3s
+  close: 0
+limits:
+  max_frame: 1MiB
+  max_connections: 10
+  max_header_bytes: 8192
+");
+    let top_t = Timeouts {
+        handshake: Duration::from_secs(3),
+        close: Duration::ZERO,
+        ..Timeouts::DEFAULT
+    };
+    let top_l = Limits {
+        max_frame: 1 << 20,
+        max_connections: 10,
+        max_header_bytes: 8192,
+        ..Limits::DEFAULT
+    };
+    assert_eq!(config.timeouts, top_t);
+    assert_eq!(config.limits, top_l);
+    let a = &config.routes[0];
+    assert_eq!(
+        a.timeouts,
+        Timeouts {
+            idle: Some(Duration::from_secs(600)),
+            ping_interval: None,
+            ..top_t
+        }
+    );
+    assert_eq!(
+        a.limits,
+        Limits {
+            max_message: 2 << 20,
+            ..top_l
+        }
+    );
+    assert_eq!(config.routes[1].timeouts, top_t);
+    assert_eq!(config.routes[1].limits, top_l);
+}
+
+#[test]
+fn disabled_timers() {
+    let config = ok(&format!(
+        "{MINIMAL}timeouts:\n  idle: 0\n  ping_interval: \"0s\"\n"
+    ));
+    assert_eq!(config.timeouts.idle, None);
+    assert_eq!(config.timeouts.ping_interval, None);
+    let config = ok(&format!(
+        "{MINIMAL}timeouts:\n  idle: 24h\n  ping_interval: 1ms\n"
+    ));
+    assert_eq!(config.timeouts.idle, Some(Duration::from_secs(86_400)));
+    assert_eq!(
+        config.timeouts.ping_interval,
+        Some(Duration::from_millis(1))
+    );
+}
+
+#[test]
+fn load_resolves_relative_paths_against_the_file() {
+    let dir = temp_dir("resolve");
+    let file = dir.join("gw.yaml");
+    std::fs::write(
+        &file,
+        "\
+listeners:
+  - address: 127.0.0.1:8443
+    tls:
+      certificates:
+        - {cert: ../certs/a.crt, key: /etc/a.key}
+upstreams:
+  u:
+    backends: [wss://h]
+    tls: {ca_file: ca.crt}
+routes:
+  - upstream: u
+",
+    )
+    .unwrap();
+    let config = load(&file).unwrap_or_else(|e| panic!("{e}"));
+    let cert = &config.listeners[0].tls.as_ref().unwrap().certificates[0];
+    assert_eq!(cert.cert, dir.join("../certs/a.crt"));
+    assert_eq!(cert.key, Path::new("/etc/a.key"));
+    assert_eq!(config.upstreams[0].tls.ca_file, Some(dir.join("ca.crt")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn load_names_an_unreadable_file() {
+    let missing = temp_dir("missing").join("nope.yaml");
+    let errors = load(&missing).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    let text = errors.to_string();
+    assert!(text.starts_with(&missing.display().to_string()), "{text}");
+    assert!(text.contains("cannot read"), "{text}");
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "wsgate-config-{tag}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+// ----- display -----
+
+#[test]
+fn errors_display_as_file_line_path_problem() {
+    let error = ConfigError {
+        file: "config/wsgate.yaml".into(),
+        line: Some(14),
+        path: "routes[1].upstream".into(),
+        problem: "unknown upstream \"room\" (expected one of: rooms, echo)".into(),
+    };
+    assert_eq!(
+        error.to_string(),
+        "config/wsgate.yaml:14: routes[1].upstream: unknown upstream \"room\" (expected one of: rooms, echo)"
+    );
+    let no_line = ConfigError {
+        line: None,
+        path: String::new(),
+        ..error.clone()
+    };
+    assert_eq!(
+        no_line.to_string(),
+        "config/wsgate.yaml: unknown upstream \"room\" (expected one of: rooms, echo)"
+    );
+    let both = ConfigErrors {
+        errors: vec![error.clone(), error],
+    };
+    assert_eq!(both.to_string().lines().count(), 2);
+    assert!(!both.to_string().ends_with('\n'));
+}
+
+#[test]
+fn the_documented_example_error() {
+    let source = "\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  rooms:
+    backends: [ws://a]
+  echo:
+    backends: [ws://b]
+routes:
+  - name: a
+    match: {path_prefix: /a}
+    upstream: rooms
+  - name: b
+    match:
+      path_prefix: /b
+    upstream: room
+";
+    let errors = from_yaml_str(source, "config/wsgate.yaml").unwrap_err();
+    assert_eq!(
+        errors.to_string(),
+        "config/wsgate.yaml:15: routes[1].upstream: unknown upstream \"room\" (expected one of: rooms, echo)"
+    );
+}
+
+// ----- syntax and shape -----
+
+#[test]
+fn yaml_syntax_error_has_a_line() {
+    let errors = errs("listeners:\n  - address: 127.0.0.1:8080\n  bad: [1, 2\nroutes: []\n");
+    assert_eq!(errors.len(), 1);
+    let e = &errors[0];
+    assert_eq!(e.line, Some(3), "{e}");
+    assert!(e.problem.starts_with("invalid YAML"), "{e}");
+    // Tabs: the line is the parser's; the scanner does not guess a path for it.
+    let errors = errs("listeners:\n  - address: 127.0.0.1:8080\n\tname: x\n");
+    assert_eq!((errors[0].line, errors[0].path.as_str()), (Some(3), ""));
+    assert!(errors[0].problem.contains("tab"), "{errors:?}");
+}
+
+#[test]
+fn duplicate_keys_point_at_the_repeat() {
+    let errors = errs(
+        "\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends: [ws://a]
+    connect_timeout: 1s
+    backends: [ws://b]
+routes: [{upstream: u}]
+",
+    );
+    assert_eq!(errors.len(), 1);
+    assert_eq!(
+        errors[0].to_string(),
+        "t.yaml:7: upstreams.u.backends: duplicate key \"backends\" (first set on line 5)"
+    );
+}
+
+fn errors_of(source: &str) -> String {
+    ConfigErrors {
+        errors: errs(source),
+    }
+    .to_string()
+}
+
+#[test]
+fn top_level_shape_errors_have_no_line() {
+    for source in ["", "# only a comment\n", "- a\n- b\n", "just a string\n"] {
+        let errors = errs(source);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert_eq!(errors[0].path, "(top level)");
+        assert!(
+            errors[0].problem.starts_with("expected a mapping"),
+            "{errors:?}"
+        );
+    }
+}
+
+#[test]
+fn missing_required_sections_are_all_reported() {
+    let errors = errs("admin:\n  address: 127.0.0.1:9090\n");
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    for key in ["listeners", "upstreams", "routes"] {
+        assert!(
+            errors.iter().any(|e| e.path == key
+                && e.line.is_none()
+                && e.problem.contains("required key is missing")),
+            "{key}: {errors:#?}"
+        );
+    }
+}
+
+#[test]
+fn empty_lists_and_maps_where_one_is_required() {
+    let errors = errs("listeners: []\nupstreams: {}\nroutes: []\n");
+    expect(
+        &errors,
+        1,
+        "listeners",
+        &["empty", "at least one of listeners"],
+    );
+    expect(&errors, 2, "upstreams", &["empty", "at least one upstream"]);
+    expect(&errors, 3, "routes", &["empty", "at least one of routes"]);
+    assert_eq!(errors.len(), 3);
+    single(
+        "listeners: [{address: 127.0.0.1:1}]\nupstreams:\n  u:\n    backends: []\nroutes: [{upstream: u}]\n",
+        4,
+        "upstreams.u.backends",
+        &["empty", "backends"],
+    );
+}
+
+#[test]
+fn unknown_keys_at_every_level() {
+    let errors = errs(
+        "\
+listeners:
+  - address: 127.0.0.1:8080
+    adress: 1
+upstreams:
+  rooms:
+    backends:
+      - url: ws://a
+        wieght: 2
+routes:
+  - upstream: rooms
+    sticky:
+      query: room
+      qurey: x
+    timeouts:
+      idel: 1s
+lmits: {}
+",
+    );
+    expect(
+        &errors,
+        3,
+        "listeners[0].adress",
+        &["unknown key \"adress\"", "name, address, tls"],
+    );
+    expect(
+        &errors,
+        8,
+        "upstreams.rooms.backends[0].wieght",
+        &["unknown key", "url, weight"],
+    );
+    expect(
+        &errors,
+        13,
+        "routes[0].sticky.qurey",
+        &["unknown key", "path, query, header, cookie, client_ip"],
+    );
+    expect(
+        &errors,
+        15,
+        "routes[0].timeouts.idel",
+        &["unknown key", "handshake, idle"],
+    );
+    expect(
+        &errors,
+        16,
+        "lmits",
+        &[
+            "unknown key \"lmits\"",
+            "listeners, upstreams, routes, timeouts, limits, admin",
+        ],
+    );
+    assert_eq!(errors.len(), 5, "{errors:#?}");
+}
+
+#[test]
+fn missing_required_keys_point_at_their_parent() {
+    let errors = errs(
+        "\
+listeners:
+  - name: a
+upstreams:
+  u:
+    connect_timeout: 1s
+routes:
+  - name: r
+    sticky_cookie:
+      max_age: 1h
+",
+    );
+    expect(
+        &errors,
+        2,
+        "listeners[0].address",
+        &["required key is missing", "127.0.0.1:8080"],
+    );
+    expect(
+        &errors,
+        4,
+        "upstreams.u.backends",
+        &["required key is missing"],
+    );
+    expect(
+        &errors,
+        7,
+        "routes[0].upstream",
+        &["required key is missing"],
+    );
+    expect(
+        &errors,
+        8,
+        "routes[0].sticky_cookie.name",
+        &["required key is missing"],
+    );
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+}
+
+#[test]
+fn wrong_types_say_what_was_expected() {
+    let errors = errs(
+        "\
+listeners:
+  address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends:
+      - 42
+      - url: ws://a
+        weight: heavy
+routes:
+  - upstream: [u]
+    ping_passthrough: \"yes\"
+    compression: gzip
+    allowed_origins: https://a.com
+timeouts: 10s
+admin:
+  address: 9090
+",
+    );
+    expect(
+        &errors,
+        1,
+        "listeners",
+        &["expected a list of listeners", "found a mapping"],
+    );
+    expect(
+        &errors,
+        6,
+        "upstreams.u.backends[0]",
+        &["expected a backend URL", "found the number 42"],
+    );
+    expect(
+        &errors,
+        8,
+        "upstreams.u.backends[1].weight",
+        &["expected a whole number from 1 to 1000", "\"heavy\""],
+    );
+    expect(
+        &errors,
+        10,
+        "routes[0].upstream",
+        &["expected the name of an upstream", "found a list"],
+    );
+    expect(
+        &errors,
+        11,
+        "routes[0].ping_passthrough",
+        &["expected true or false", "\"yes\""],
+    );
+    expect(
+        &errors,
+        12,
+        "routes[0].compression",
+        &["expected strip or passthrough", "\"gzip\""],
+    );
+    expect(
+        &errors,
+        13,
+        "routes[0].allowed_origins",
+        &["expected a list of origins"],
+    );
+    expect(
+        &errors,
+        14,
+        "timeouts",
+        &["expected a mapping of timeouts", "\"10s\""],
+    );
+    expect(
+        &errors,
+        16,
+        "admin.address",
+        &["expected an address", "the number 9090"],
+    );
+    assert_eq!(errors.len(), 9, "{errors:#?}");
+}
+
+#[test]
+fn empty_values_are_not_defaults() {
+    let errors = errs(&format!("{MINIMAL}    sticky:\n    name:\n"));
+    expect(&errors, 9, "routes[0].sticky", &["empty value"]);
+    expect(
+        &errors,
+        10,
+        "routes[0].name",
+        &["expected a name", "empty value"],
+    );
+}
+
+#[test]
+fn errors_come_in_file_order() {
+    let errors = errs(
+        "\
+routes:
+  - upstream: nope
+listeners:
+  - address: bad
+upstreams:
+  u:
+    backends: [ftp://x]
+",
+    );
+    let lines: Vec<_> = errors.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [Some(2), Some(4), Some(7)], "{errors:#?}");
+}
+
+// ----- semantic checks -----
+
+#[test]
+fn duplicate_listener_addresses_and_names() {
+    let errors = errs(
+        "\
+listeners:
+  - name: a
+    address: 127.0.0.1:8080
+  - name: a
+    address: 127.0.0.1:8080
+upstreams: {u: {backends: [ws://h]}}
+routes: [{upstream: u}]
+admin:
+  address: 127.0.0.1:8080
+",
+    );
+    expect(
+        &errors,
+        5,
+        "listeners[1].address",
+        &["127.0.0.1:8080 is already used by listeners[0]"],
+    );
+    expect(
+        &errors,
+        4,
+        "listeners[1].name",
+        &["\"a\" is already used by listeners[0]"],
+    );
+    expect(
+        &errors,
+        9,
+        "admin.address",
+        &["already used by listeners[0]"],
+    );
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+}
+
+#[test]
+fn invalid_listener_address() {
+    single(
+        "listeners:\n  - address: localhost:8080\nupstreams: {u: {backends: [ws://h]}}\nroutes: [{upstream: u}]\n",
+        2,
+        "listeners[0].address",
+        &[
+            "invalid address \"localhost:8080\"",
+            "127.0.0.1:8080",
+            "not resolved",
+        ],
+    );
+}
+
+#[test]
+fn duplicate_route_names() {
+    let errors = errs(&format!(
+        "{MINIMAL}    name: x\n    match: {{path_prefix: /a}}\n  - name: x\n    upstream: rooms\n"
+    ));
+    expect(
+        &errors,
+        11,
+        "routes[1].name",
+        &["route name \"x\" is already used by routes[0]"],
+    );
+    assert_eq!(errors.len(), 1);
+}
+
+#[test]
+fn unknown_upstream_lists_the_known_ones() {
+    single(
+        "\
+listeners: [{address: 127.0.0.1:1}]
+upstreams:
+  rooms: {backends: [ws://a]}
+  echo: {backends: [ws://b]}
+routes:
+  - upstream: room
+",
+        6,
+        "routes[0].upstream",
+        &["unknown upstream \"room\" (expected one of: rooms, echo)"],
+    );
+}
+
+#[test]
+fn broken_upstream_is_still_a_known_name() {
+    let errors = errs(
+        "listeners: [{address: 127.0.0.1:1}]\nupstreams:\n  u:\n    backends: [nope]\nroutes: [{upstream: u}]\n",
+    );
+    expect(
+        &errors,
+        4,
+        "upstreams.u.backends[0]",
+        &["invalid backend URL"],
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+}
+
+#[test]
+fn sticky_needs_exactly_one_source() {
+    let errors = errs(&format!(
+        "{MINIMAL}    sticky: {{}}\n  - upstream: rooms\n    match: {{path_prefix: /x}}\n    sticky:\n      query: a\n      header: b\n"
+    ));
+    expect(
+        &errors,
+        9,
+        "routes[0].sticky",
+        &["exactly one of: path, query, header, cookie, client_ip (found none)"],
+    );
+    expect(
+        &errors,
+        12,
+        "routes[1].sticky",
+        &["(found query and header)"],
+    );
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+}
+
+#[test]
+fn sticky_values_are_checked() {
+    let source = [
+        MINIMAL,
+        "    sticky: {client_ip: false}\n",
+        "  - upstream: rooms\n    match: {path_prefix: /h}\n    sticky: {header: \"X Room\"}\n",
+        "  - upstream: rooms\n    match: {path_prefix: /c}\n    sticky: {cookie: \"a;b\"}\n",
+        "  - upstream: rooms\n    match: {path_prefix: /q}\n    sticky: {query: \"a=b\"}\n",
+    ]
+    .concat();
+    let errors = errs(&source);
+    expect(
+        &errors,
+        9,
+        "routes[0].sticky.client_ip",
+        &["selects no key"],
+    );
+    expect(
+        &errors,
+        12,
+        "routes[1].sticky.header",
+        &["invalid header name"],
+    );
+    expect(
+        &errors,
+        15,
+        "routes[2].sticky.cookie",
+        &["invalid cookie name"],
+    );
+    expect(
+        &errors,
+        18,
+        "routes[3].sticky.query",
+        &["invalid query parameter name"],
+    );
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+}
+
+#[test]
+fn sticky_path_placeholder_rules() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("/rooms/room", "/", &["no {placeholder}"]),
+        ("/{a}/{b}", "/", &["2 placeholders", "exactly one"]),
+        ("/rooms/x{room}", "/", &["\"x{room}\" is not a placeholder"]),
+        ("/rooms/{}", "/", &["is not a placeholder"]),
+        ("rooms/{room}", "/", &["must start with '/'"]),
+        (
+            "/rooms/{room}",
+            "/chat/",
+            &[
+                "does not fit match.path_prefix \"/chat/\"",
+                "\"rooms\" as segment 0",
+            ],
+        ),
+        (
+            "/{room}",
+            "/rooms/",
+            &["segment 0", "fixes to \"rooms\"", "same key"],
+        ),
+        ("/rooms/{room}", "/ro/", &["does not fit"]),
+    ];
+    for (pattern, prefix, needles) in cases {
+        let source = format!(
+            "{MINIMAL}    match:\n      path_prefix: {prefix}\n    sticky:\n      path: \"{pattern}\"\n"
+        );
+        let errors = errs(&source);
+        expect(&errors, 12, "routes[0].sticky.path", needles);
+        assert_eq!(errors.len(), 1, "{pattern}: {errors:#?}");
+    }
+    // Prefixes that agree with the pattern, fully or partly.
+    for prefix in ["/", "/ro", "/rooms", "/rooms/", "/rooms/a"] {
+        ok(&format!(
+            "{MINIMAL}    match:\n      path_prefix: {prefix}\n    sticky:\n      path: \"/rooms/{{room}}\"\n"
+        ));
+    }
+}
+
+#[test]
+fn sticky_and_sticky_cookie_exclude_each_other() {
+    single(
+        &format!("{MINIMAL}    sticky: {{query: r}}\n    sticky_cookie:\n      name: c\n"),
+        10,
+        "routes[0].sticky_cookie",
+        &["either sticky", "not both"],
+    );
+}
+
+#[test]
+fn sticky_cookie_checks() {
+    single(
+        &format!("{MINIMAL}    sticky_cookie:\n      name: \"bad name\"\n"),
+        10,
+        "routes[0].sticky_cookie.name",
+        &["invalid cookie name \"bad name\""],
+    );
+    let errors = errors_of(&format!(
+        "{MINIMAL}    sticky_cookie: {{name: c, max_age: 401d}}\n"
+    ));
+    assert!(
+        errors.contains("must be at most 400d (or \"off\"), found 401d"),
+        "{errors}"
+    );
+    let config = ok(&format!(
+        "{MINIMAL}    sticky_cookie: {{name: c, max_age: 400d}}\n"
+    ));
+    assert_eq!(
+        config.routes[0].sticky_cookie.as_ref().unwrap().max_age,
+        Some(Duration::from_secs(400 * 86_400))
+    );
+    // Like every timer, 0 means off: a session cookie, not an already expired one.
+    for off in ["off", "0"] {
+        let config = ok(&format!(
+            "{MINIMAL}    sticky_cookie: {{name: c, max_age: {off}}}\n"
+        ));
+        assert_eq!(
+            config.routes[0].sticky_cookie.as_ref().unwrap().max_age,
+            None
+        );
+    }
+}
+
+#[test]
+fn weight_bounds() {
+    let source = |w: &str| {
+        format!(
+            "listeners: [{{address: 127.0.0.1:1}}]\nupstreams:\n  u:\n    backends:\n      - url: ws://a\n        weight: {w}\nroutes: [{{upstream: u}}]\n"
+        )
+    };
+    for bad in ["0", "1001", "-1"] {
+        single(
+            &source(bad),
+            6,
+            "upstreams.u.backends[0].weight",
+            &["between 1 and 1000", bad],
+        );
+    }
+    single(
+        &source("1.5"),
+        6,
+        "upstreams.u.backends[0].weight",
+        &["whole number"],
+    );
+    assert_eq!(ok(&source("1")).upstreams[0].backends[0].weight, 1);
+    assert_eq!(ok(&source("1000")).upstreams[0].backends[0].weight, 1000);
+}
+
+#[test]
+fn backend_url_problems() {
+    let cases: &[(&str, &str)] = &[
+        ("http://a", "use ws:// for http://"),
+        ("https://a", "use wss:// for https://"),
+        ("tcp://a", "must be ws:// or wss://, found tcp://"),
+        ("127.0.0.1:9001", "expected ws://host[:port][/path]"),
+        ("ws://", "missing host"),
+        ("ws://:80", "invalid host"),
+        ("ws://a:0", "invalid port \"0\""),
+        ("ws://a:99999", "invalid port"),
+        ("ws://a:", "invalid port \"\""),
+        ("ws://a/x?y=1", "cannot have a query"),
+        ("ws://a/#f", "cannot have a fragment"),
+        ("ws://u:p@a", "credentials"),
+        ("ws://[::1", "unclosed '['"),
+        ("ws://[zz]:1", "invalid IPv6 address"),
+        ("ws://a b", "contains ' '"),
+        ("ws://a..b", "empty label"),
+    ];
+    for (url, needle) in cases {
+        let source = format!(
+            "listeners: [{{address: 127.0.0.1:1}}]\nupstreams:\n  u:\n    backends:\n      - \"{url}\"\nroutes: [{{upstream: u}}]\n"
+        );
+        single(
+            &source,
+            5,
+            "upstreams.u.backends[0]",
+            &["invalid backend URL", needle],
+        );
+    }
+}
+
+#[test]
+fn backend_url_parts() {
+    let config = ok("\
+listeners: [{address: 127.0.0.1:1}]
+upstreams:
+  u:
+    backends:
+      - ws://a.example
+      - WSS://b.example:8443/
+      - ws://c/x/y//
+      - ws://[2001:db8::1]:81/p
+routes: [{upstream: u}]
+");
+    let parts: Vec<_> = config.upstreams[0]
+        .backends
+        .iter()
+        .map(|b| (b.secure, b.host.as_str(), b.port, b.base_path.as_str()))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            (false, "a.example", 80, ""),
+            (true, "b.example", 8443, ""),
+            (false, "c", 80, "/x/y"),
+            (false, "2001:db8::1", 81, "/p"),
+        ]
+    );
+}
+
+#[test]
+fn duplicate_backends() {
+    single(
+        "listeners: [{address: 127.0.0.1:1}]\nupstreams:\n  u:\n    backends:\n      - ws://a:80\n      - ws://A/\nroutes: [{upstream: u}]\n",
+        6,
+        "upstreams.u.backends[1]",
+        &["already listed as backends[0]", "weight"],
+    );
+}
+
+#[test]
+fn upstream_tls_needs_a_wss_backend() {
+    single(
+        "listeners: [{address: 127.0.0.1:1}]\nupstreams:\n  u:\n    backends: [ws://a]\n    tls:\n      server_name: a\nroutes: [{upstream: u}]\n",
+        5,
+        "upstreams.u.tls",
+        &["only to wss:// backends"],
+    );
+}
+
+#[test]
+fn invalid_names() {
+    let errors = errs(
+        "listeners: [{name: \"a b\", address: 127.0.0.1:1}]\nupstreams:\n  \"u/1\": {backends: [ws://a]}\nroutes: [{upstream: \"u/1\", name: \"\"}]\n",
+    );
+    expect(&errors, 1, "listeners[0].name", &["invalid name \"a b\""]);
+    expect(&errors, 3, "upstreams[\"u/1\"]", &["invalid name \"u/1\""]);
+    expect(&errors, 4, "routes[0].name", &["must not be empty"]);
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+}
+
+#[test]
+fn tls_without_certificates() {
+    let base = "upstreams: {u: {backends: [ws://h]}}\nroutes: [{upstream: u}]\n";
+    single(
+        &format!("listeners:\n  - address: 127.0.0.1:1\n    tls:\n      certificates: []\n{base}"),
+        4,
+        "listeners[0].tls.certificates",
+        &["empty", "certificates"],
+    );
+    single(
+        &format!("listeners:\n  - address: 127.0.0.1:1\n    tls: {{}}\n{base}"),
+        3,
+        "listeners[0].tls.certificates",
+        &["required key is missing"],
+    );
+    single(
+        &format!("listeners:\n  - address: 127.0.0.1:1\n    tls:\n{base}"),
+        3,
+        "listeners[0].tls",
+        &["expected a mapping with certificates", "empty value"],
+    );
+}
+
+#[test]
+fn certificate_checks() {
+    let errors = errs(
+        "\
+listeners:
+  - address: 127.0.0.1:1
+    tls:
+      certificates:
+        - cert: a.crt
+          server_names:
+            - a.example
+            - \"bad host:443\"
+            - \"a.*.example\"
+        - cert: b.crt
+          key: b.key
+          server_names: [A.example]
+upstreams: {u: {backends: [ws://h]}}
+routes: [{upstream: u}]
+",
+    );
+    expect(
+        &errors,
+        5,
+        "listeners[0].tls.certificates[0].key",
+        &["required key is missing", "private key"],
+    );
+    expect(
+        &errors,
+        8,
+        "listeners[0].tls.certificates[0].server_names[1]",
+        &["without a port"],
+    );
+    expect(
+        &errors,
+        9,
+        "listeners[0].tls.certificates[0].server_names[2]",
+        &["wildcard must be a whole first label"],
+    );
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    // The same name on two certificates: the second could never be chosen by SNI.
+    single(
+        "listeners:\n  - address: 127.0.0.1:1\n    tls:\n      certificates:\n        - {cert: a, key: a, server_names: [x.example]}\n        - cert: b\n          key: b\n          server_names: [X.example]\nroutes: [{upstream: u}]\nupstreams: {u: {backends: [ws://h]}}\n",
+        8,
+        "listeners[0].tls.certificates[1].server_names[0]",
+        &["\"x.example\" is already listed by certificates[0]"],
+    );
+}
+
+#[test]
+fn route_match_checks() {
+    let errors = errs(&format!(
+        "{MINIMAL}    match:\n      host: chat.example.com:443\n      path_prefix: rooms\n  - upstream: rooms\n    match: {{path_prefix: \"/a?b\"}}\n"
+    ));
+    expect(&errors, 10, "routes[0].match.host", &["without a port"]);
+    expect(
+        &errors,
+        11,
+        "routes[0].match.path_prefix",
+        &["must start with '/'"],
+    );
+    expect(
+        &errors,
+        13,
+        "routes[1].match.path_prefix",
+        &["must not contain '?'"],
+    );
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+}
+
+#[test]
+fn shadowed_routes_are_errors() {
+    let errors = errs(
+        "\
+listeners: [{address: 127.0.0.1:1}]
+upstreams: {u: {backends: [ws://h]}}
+routes:
+  - name: all
+    upstream: u
+  - name: rooms
+    match:
+      path_prefix: /rooms/
+    upstream: u
+",
+    );
+    expect(
+        &errors,
+        7,
+        "routes[1].match",
+        &["can never match", "route \"all\"", "host any", "\"/\""],
+    );
+    assert_eq!(errors.len(), 1);
+    // Different hosts, or a more specific route first, are fine.
+    ok("\
+listeners: [{address: 127.0.0.1:1}]
+upstreams: {u: {backends: [ws://h]}}
+routes:
+  - {name: a, upstream: u, match: {host: a.example, path_prefix: /}}
+  - {name: b, upstream: u, match: {host: b.example}}
+  - {name: c, upstream: u, match: {path_prefix: /x/}}
+  - {name: d, upstream: u, match: {path_prefix: /x}}
+  - {name: e, upstream: u}
+");
+    single(
+        "\
+listeners: [{address: 127.0.0.1:1}]
+upstreams: {u: {backends: [ws://h]}}
+routes:
+  - {name: a, upstream: u, match: {host: a.example, path_prefix: /x}}
+  - {name: b, upstream: u, match: {host: a.example, path_prefix: /x/y}}
+",
+        5,
+        "routes[1].match",
+        &["route \"a\"", "host a.example"],
+    );
+}
+
+#[test]
+fn wildcard_hosts_shadow_their_subdomains_only() {
+    let table = |hosts: &[&str]| {
+        let routes: String = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| format!("  - {{name: r{i}, upstream: u, match: {{host: \"{h}\"}}}}\n"))
+            .collect();
+        format!(
+            "listeners: [{{address: 127.0.0.1:1}}]\nupstreams: {{u: {{backends: [ws://h]}}}}\nroutes:\n{routes}"
+        )
+    };
+    for later in [
+        "a.example.com",
+        "*.a.example.com",
+        "*.example.com",
+        "A.Example.com",
+    ] {
+        single(
+            &table(&["*.example.com", later]),
+            5,
+            "routes[1].match",
+            &["can never match", "route \"r0\"", "host *.example.com"],
+        );
+    }
+    // The wildcard does not cover the bare domain, nor a name that only ends alike.
+    ok(&table(&[
+        "*.example.com",
+        "example.com",
+        "badexample.com",
+        "*.other.com",
+    ]));
+    ok(&table(&["a.example.com", "*.example.com"]));
+}
+
+#[test]
+fn ipv6_route_hosts_are_stored_without_brackets() {
+    let config = ok(&format!(
+        "{MINIMAL}    match: {{host: \"[::1]\"}}\n  - upstream: rooms\n    match: {{host: \"FE80::1\"}}\n"
+    ));
+    assert_eq!(config.routes[0].host.as_deref(), Some("::1"));
+    assert_eq!(config.routes[1].host.as_deref(), Some("fe80::1"));
+}
+
+#[test]
+fn origins() {
+    let errors = errs(&format!(
+        "{MINIMAL}    allowed_origins:\n      - https://ok.example\n      - https://a.example/\n      - a.example\n      - \"*\"\n      - https://a.example:99999\n"
+    ));
+    expect(
+        &errors,
+        11,
+        "routes[0].allowed_origins[1]",
+        &["has no path"],
+    );
+    expect(
+        &errors,
+        12,
+        "routes[0].allowed_origins[2]",
+        &["scheme://host[:port]"],
+    );
+    expect(
+        &errors,
+        13,
+        "routes[0].allowed_origins[3]",
+        &["leave allowed_origins out"],
+    );
+    expect(
+        &errors,
+        14,
+        "routes[0].allowed_origins[4]",
+        &["invalid port"],
+    );
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    let config = ok(&format!(
+        "{MINIMAL}    allowed_origins: [\"http://[::1]:3000\", null://x]\n"
+    ));
+    assert_eq!(
+        config.routes[0].allowed_origins,
+        ["http://[::1]:3000", "null://x"]
+    );
+}
+
+// ----- durations and sizes: both sides of every bound -----
+
+#[test]
+fn timer_bounds() {
+    let source = |key: &str, value: &str| format!("{MINIMAL}timeouts:\n  {key}: {value}\n");
+    for key in ["handshake", "pong_timeout"] {
+        for zero in ["0", "\"0s\"", "off"] {
+            single(
+                &source(key, zero),
+                10,
+                &format!("timeouts.{key}"),
+                &["cannot be disabled"],
+            );
+        }
+        ok(&source(key, "1ms"));
+        ok(&source(key, "24h"));
+        single(
+            &source(key, "1441m"),
+            10,
+            &format!("timeouts.{key}"),
+            &["at most 1d, found 1441m"],
+        );
+    }
+    for key in ["idle", "ping_interval"] {
+        single(
+            &source(key, "25h"),
+            10,
+            &format!("timeouts.{key}"),
+            &["at most 1d", "or \"off\""],
+        );
+    }
+    ok(&source("close", "0"));
+    single(
+        &source("close", "off"),
+        10,
+        "timeouts.close",
+        &["cannot be disabled"],
+    );
+    single(
+        &source("handshake", "10"),
+        10,
+        "timeouts.handshake",
+        &["needs a unit", "\"10s\""],
+    );
+    single(
+        &source("handshake", "ten"),
+        10,
+        "timeouts.handshake",
+        &["invalid duration \"ten\"", "\"500ms\""],
+    );
+    single(
+        &source("handshake", "1.5s"),
+        10,
+        "timeouts.handshake",
+        &["unknown unit"],
+    );
+    single(
+        &source("handshake", "true"),
+        10,
+        "timeouts.handshake",
+        &["expected a duration", "boolean true"],
+    );
+}
+
+#[test]
+fn connect_timeout_cannot_be_disabled() {
+    let source = |v: &str| {
+        format!(
+            "listeners: [{{address: 127.0.0.1:1}}]\nupstreams:\n  u:\n    backends: [ws://h]\n    connect_timeout: {v}\nroutes: [{{upstream: u}}]\n"
+        )
+    };
+    single(
+        &source("0"),
+        5,
+        "upstreams.u.connect_timeout",
+        &["cannot be disabled"],
+    );
+    single(
+        &source("off"),
+        5,
+        "upstreams.u.connect_timeout",
+        &["cannot be disabled"],
+    );
+    assert_eq!(
+        ok(&source("1ms")).upstreams[0].connect_timeout,
+        Duration::from_millis(1)
+    );
+}
+
+#[test]
+fn size_bounds() {
+    let source = |key: &str, value: &str| format!("{MINIMAL}limits:\n  {key}: {value}\n");
+    single(
+        &source("max_header_bytes", "1023"),
+        10,
+        "limits.max_header_bytes",
+        &["between 1KiB and 1MiB, found 1023B"],
+    );
+    single(
+        &source("max_header_bytes", "1025KiB"),
+        10,
+        "limits.max_header_bytes",
+        &["found 1025KiB"],
+    );
+    assert_eq!(
+        ok(&source("max_header_bytes", "1KiB"))
+            .limits
+            .max_header_bytes,
+        1024
+    );
+    assert_eq!(
+        ok(&source("max_header_bytes", "1MiB"))
+            .limits
+            .max_header_bytes,
+        1 << 20
+    );
+
+    single(
+        &source("max_frame", "0"),
+        10,
+        "limits.max_frame",
+        &["between 1B and"],
+    );
+    assert_eq!(ok(&source("max_frame", "1")).limits.max_frame, 1);
+    let max = i64::MAX as u64;
+    let config = ok(&format!(
+        "{MINIMAL}limits:\n  max_frame: {max}\n  max_message: {max}\n"
+    ));
+    assert_eq!(config.limits.max_message, max);
+    single(
+        &source("max_message", "8388608TiB"),
+        10,
+        "limits.max_message",
+        &["between", "found 8388608TiB"],
+    );
+    single(
+        &source("max_frame", "-5"),
+        10,
+        "limits.max_frame",
+        &["cannot be negative"],
+    );
+    single(
+        &source("max_frame", "16MB"),
+        10,
+        "limits.max_frame",
+        &["unknown unit \"MB\""],
+    );
+    single(
+        &source("max_frame", "[1]"),
+        10,
+        "limits.max_frame",
+        &["expected a size in bytes", "found a list"],
+    );
+
+    single(
+        &source("max_connections", "0"),
+        10,
+        "limits.max_connections",
+        &["between 1 and 4294967295, found 0"],
+    );
+    single(
+        &source("max_connections", "4294967296"),
+        10,
+        "limits.max_connections",
+        &["between 1"],
+    );
+    assert_eq!(
+        ok(&source("max_connections", "4294967295"))
+            .limits
+            .max_connections,
+        u32::MAX
+    );
+}
+
+#[test]
+fn max_message_below_max_frame_names_both() {
+    single(
+        &format!("{MINIMAL}limits:\n  max_frame: 1MiB\n  max_message: 512KiB\n"),
+        11,
+        "limits.max_message",
+        &["max_message (512KiB)", "max_frame (1MiB)"],
+    );
+    // Only max_frame set, above the default max_message: max_frame is to blame.
+    single(
+        &format!("{MINIMAL}limits:\n  max_frame: 128MiB\n"),
+        10,
+        "limits.max_frame",
+        &["max_message (64MiB, the default)", "max_frame (128MiB)"],
+    );
+    // A route inheriting the other value says where it comes from.
+    let errors = errs(&format!(
+        "{MINIMAL}    limits:\n      max_message: 1KiB\nlimits:\n  max_frame: 4KiB\n"
+    ));
+    expect(
+        &errors,
+        10,
+        "routes[0].limits.max_message",
+        &[
+            "max_message (1KiB)",
+            "max_frame (4KiB, from the top-level limits)",
+        ],
+    );
+    assert_eq!(errors.len(), 1);
+    // A broken top level is reported once, not again for every route inheriting it.
+    let errors = errs(&format!(
+        "{MINIMAL}    limits:\n      max_connections: 5\nlimits:\n  max_message: 1KiB\n"
+    ));
+    expect(
+        &errors,
+        12,
+        "limits.max_message",
+        &["smaller than max_frame"],
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    // Routes merge over the top-level values as written, even when those are rejected.
+    let errors = errs(&format!(
+        "{MINIMAL}    limits:\n      max_frame: 512KiB\nlimits:\n  max_frame: 2MiB\n  max_message: 1MiB\n"
+    ));
+    expect(
+        &errors,
+        13,
+        "limits.max_message",
+        &["smaller than max_frame"],
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+}
+#[test]
+fn route_level_timer_errors() {
+    single(
+        &format!("{MINIMAL}    timeouts:\n      pong_timeout: 0\n"),
+        10,
+        "routes[0].timeouts.pong_timeout",
+        &["cannot be disabled"],
+    );
+}
+
+#[test]
+fn many_errors_are_reported_together() {
+    let source = "\
+listeners:
+  - address: 127.0.0.1:8080
+  - address: 127.0.0.1:8080
+upstreams:
+  rooms:
+    backends:
+      - url: ws://127.0.0.1:9001
+        weight: 0
+routes:
+  - name: a
+    upstream: room
+    sticky:
+      path: /rooms/
+timeouts:
+  handshake: 0
+limits:
+  max_frame: 2MiB
+  max_message: 1MiB
+  extra: 1
+";
+    let errors = errs(source);
+    expect(&errors, 3, "listeners[1].address", &["already used"]);
+    expect(
+        &errors,
+        8,
+        "upstreams.rooms.backends[0].weight",
+        &["between 1 and 1000"],
+    );
+    expect(
+        &errors,
+        11,
+        "routes[0].upstream",
+        &["unknown upstream \"room\" (expected one of: rooms)"],
+    );
+    expect(&errors, 13, "routes[0].sticky.path", &["no {placeholder}"]);
+    expect(&errors, 15, "timeouts.handshake", &["cannot be disabled"]);
+    expect(
+        &errors,
+        18,
+        "limits.max_message",
+        &["smaller than max_frame"],
+    );
+    expect(&errors, 19, "limits.extra", &["unknown key"]);
+    assert_eq!(errors.len(), 7, "{errors:#?}");
+    let text = ConfigErrors { errors }.to_string();
+    assert_eq!(text.lines().count(), 7);
+    assert!(text.lines().all(|l| l.starts_with("t.yaml:")), "{text}");
+}
+
+#[test]
+fn flow_style_falls_back_to_the_nearest_line() {
+    let errors = errs(
+        "listeners: [{address: 127.0.0.1:1}]\nupstreams: {u: {backends: [{url: ws://h, weight: 0}]}}\nroutes: [{upstream: u}]\n",
+    );
+    expect(
+        &errors,
+        2,
+        "upstreams.u.backends[0].weight",
+        &["between 1 and 1000"],
+    );
+}
+
+// ----- describe -----
+
+#[test]
+fn describe_shows_the_resolved_config() {
+    let config = ok("\
+listeners:
+  - name: public
+    address: 127.0.0.1:8080
+  - name: secure
+    address: 127.0.0.1:8443
+    tls:
+      certificates:
+        - {cert: a.crt, key: a.key, server_names: [localhost]}
+upstreams:
+  rooms:
+    backends:
+      - {url: ws://127.0.0.1:9101, weight: 3}
+      - ws://127.0.0.1:9102
+routes:
+  - name: rooms
+    match: {host: chat.example.com, path_prefix: /rooms/}
+    upstream: rooms
+    sticky: {path: \"/rooms/{room}\"}
+    allowed_origins: [https://chat.example.com]
+    limits: {max_message: 1MiB, max_frame: 1MiB}
+  - name: app
+    upstream: rooms
+    sticky_cookie: {name: aff, max_age: 1h}
+admin: {address: 127.0.0.1:9090}
+");
+    let text = describe(&config);
+    for needle in [
+        "public: 127.0.0.1:8080, no TLS",
+        "secure: 127.0.0.1:8443, TLS (1 certificate)",
+        "localhost [default]: a.crt + key a.key",
+        "rooms: connect_timeout 5s",
+        "ws://127.0.0.1:9101 weight 3 (75%)",
+        "ws://127.0.0.1:9102 weight 1 (25%)",
+        "[0] rooms: host chat.example.com path /rooms/* -> rooms",
+        "sticky: path segment 1 of /rooms/{room}",
+        "origins: https://chat.example.com",
+        "max_frame 1MiB, max_message 1MiB, max_connections 9000",
+        "[1] app: host any path /* -> rooms",
+        "sticky: cookie aff set by the gateway (max_age 1h)",
+        "origins: any",
+        "compression: strip, pings: answered per hop",
+        "handshake 10s, idle off, ping_interval 30s, pong_timeout 10s, close 5s",
+        "limits: max_frame 16MiB, max_message 64MiB, max_connections 9000, max_header_bytes 16KiB",
+        "admin: 127.0.0.1:9090",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+/// Breaks one value at a time in the fully commented example and checks that the error
+/// lands on that value's line: the line index against a realistic file.
+#[test]
+fn errors_in_the_full_example_land_on_the_right_line() {
+    let full = include_str!("../../config/examples/full.yaml");
+    let cases = [
+        ("name: public", "name: \"pub lic\"", "listeners[0].name"),
+        (
+            "address: \"[::]:8443\"",
+            "address: \"[::]:x\"",
+            "listeners[1].address",
+        ),
+        (
+            "cert: ../../certs/localhost.crt",
+            "cert: \"\"",
+            "listeners[1].tls.certificates[0].cert",
+        ),
+        (
+            "- \"*.example.test\"",
+            "- \"*.example.test:1\"",
+            "listeners[1].tls.certificates[1].server_names[1]",
+        ),
+        (
+            "weight: 2",
+            "weight: 2000",
+            "upstreams.rooms.backends[0].weight",
+        ),
+        (
+            "- ws://10.0.0.23:9101",
+            "- ws://10.0.0.23:9101?x",
+            "upstreams.rooms.backends[2]",
+        ),
+        (
+            "connect_timeout: 3s",
+            "connect_timeout: 3",
+            "upstreams.rooms.connect_timeout",
+        ),
+        (
+            "server_name: echo.internal",
+            "server_name: \"echo internal\"",
+            "upstreams.secure-echo.tls.server_name",
+        ),
+        (
+            "host: chat.example.test",
+            "host: chat.example.test:80",
+            "routes[0].match.host",
+        ),
+        (
+            "      path: \"/rooms/{room}\"",
+            "      path: \"/rooms/room\"",
+            "routes[0].sticky.path",
+        ),
+        (
+            "- http://localhost:3000",
+            "- http://localhost:3000/",
+            "routes[0].allowed_origins[1]",
+        ),
+        ("idle: 10m", "idle: 10x", "routes[0].timeouts.idle"),
+        (
+            "max_frame: 256KiB",
+            "max_frame: 0",
+            "routes[0].limits.max_frame",
+        ),
+        (
+            "header: X-Tenant",
+            "header: \"X Tenant\"",
+            "routes[1].sticky.header",
+        ),
+        (
+            "upstream: secure-echo",
+            "upstream: echo",
+            "routes[2].upstream",
+        ),
+        (
+            "ping_passthrough: true",
+            "ping_passthrough: 1",
+            "routes[2].ping_passthrough",
+        ),
+        (
+            "max_age: 12h",
+            "max_age: 12",
+            "routes[3].sticky_cookie.max_age",
+        ),
+        (
+            "pong_timeout: 10s",
+            "pong_timeout: off",
+            "timeouts.pong_timeout",
+        ),
+        (
+            "max_header_bytes: 16KiB",
+            "max_header_bytes: 2MiB",
+            "limits.max_header_bytes",
+        ),
+        (
+            "address: 127.0.0.1:9090",
+            "address: 0.0.0.0:8080",
+            "admin.address",
+        ),
+    ];
+    for (original, broken, path) in cases {
+        assert_eq!(
+            full.matches(original).count(),
+            1,
+            "{original:?} must be unique"
+        );
+        let line = full[..full.find(original).unwrap()].matches('\n').count() + 1;
+        let errors = errs(&full.replace(original, broken));
+        expect(&errors, line, path, &[]);
+        assert_eq!(errors.len(), 1, "{broken}: {errors:#?}");
+    }
+}
