@@ -1,1 +1,170 @@
-fn main() {}
+//! The `wsgate` command: parse arguments, load the configuration, start logging, run.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use wsgate::config::{self, Config};
+use wsgate::server::Server;
+
+#[derive(Parser, Debug)]
+#[command(name = "wsgate", version, about = "A protocol-level WebSocket gateway")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway with a configuration file.
+    Run {
+        #[arg(short, long, default_value = "config/wsgate.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print the resolved routes.
+    Check {
+        #[arg(short, long, default_value = "config/wsgate.yaml")]
+        config: PathBuf,
+    },
+    /// Proxy one address to one or more backends, with the defaults a config file would have.
+    Proxy {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Backend URL (ws:// or wss://); repeat for several backends.
+        #[arg(long = "to", required = true)]
+        to: Vec<String>,
+        /// Sticky key: path:/rooms/{room}, query:NAME, header:NAME, cookie:NAME or client_ip.
+        #[arg(long)]
+        sticky: Option<String>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(config) => {
+                print!("{}", config::describe(&config));
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => match config::load(&config) {
+            Ok(config) => run(config),
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Proxy { listen, to, sticky } => {
+            let yaml = match proxy_yaml(&listen, &to, sticky.as_deref()) {
+                Ok(yaml) => yaml,
+                Err(message) => {
+                    eprintln!("wsgate proxy: {message}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match config::from_yaml_str(&yaml, "<command line>") {
+                Ok(config) => run(config),
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// The configuration `wsgate proxy` stands for, as YAML, so it is validated exactly like a file.
+fn proxy_yaml(listen: &str, to: &[String], sticky: Option<&str>) -> Result<String, String> {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let mut yaml = format!("listeners:\n  - address: {}\nupstreams:\n  proxy:\n    backends:\n", quote(listen));
+    for url in to {
+        yaml.push_str(&format!("      - {}\n", quote(url)));
+    }
+    yaml.push_str("routes:\n  - name: proxy\n    upstream: proxy\n");
+    if let Some(sticky) = sticky {
+        let (kind, value) = match sticky.split_once(':') {
+            Some((kind, value)) => (kind, Some(value)),
+            None => (sticky, None),
+        };
+        let line = match (kind, value) {
+            ("client_ip", None) => "client_ip: true".to_owned(),
+            ("path" | "query" | "header" | "cookie", Some(value)) if !value.is_empty() => {
+                format!("{kind}: {}", quote(value))
+            }
+            _ => {
+                return Err(format!(
+                    "--sticky {sticky:?}: expected path:/rooms/{{room}}, query:NAME, header:NAME, cookie:NAME or client_ip"
+                ));
+            }
+        };
+        yaml.push_str(&format!("    sticky:\n      {line}\n"));
+    }
+    Ok(yaml)
+}
+
+fn run(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("wsgate: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let server = match Server::bind(config).await {
+            Ok(server) => server,
+            Err(error) => {
+                eprintln!("wsgate: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for addr in server.local_addrs() {
+            tracing::info!("listening on {addr}");
+        }
+        server.run(shutdown_signal()).await;
+        tracing::info!("stopped accepting; exiting");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -84,6 +84,9 @@ pub struct Hop {
     pub drain_deadline: Option<Instant>,
     /// We will not wait for this hop's close reply (it misbehaved or timed out).
     pub given_up: bool,
+    /// The close this hop gets once the other hop has finished: a client that broke the
+    /// protocol still receives what the backend sent before it learned of the failure.
+    pub deferred_close: Option<(CloseCode, &'static str)>,
 
     /// The last time any byte arrived from this hop.
     pub last_heard: Instant,
@@ -113,6 +116,7 @@ impl Hop {
             close_deadline: None,
             drain_deadline: None,
             given_up: false,
+            deferred_close: None,
             last_heard: now,
             pong_deadline: None,
             bytes_in: 0,
@@ -139,11 +143,13 @@ impl Hop {
         }
     }
 
-    /// Starts the closing handshake with this hop, unless it has started already.
+    /// Starts the closing handshake with this hop, unless it has started already. A deferred
+    /// close takes precedence over `code` and `reason`.
     pub fn send_close(&mut self, code: CloseCode, reason: &str, deadline: Instant) {
         if self.close_sent.is_some() || !self.can_write() {
             return;
         }
+        let (code, reason) = self.deferred_close.take().unwrap_or((code, reason));
         let frame = close_frame(code, reason, self.outgoing_mask());
         self.outbox.push(frame);
         self.close_sent = Some(code);

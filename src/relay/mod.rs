@@ -140,6 +140,7 @@ impl Relay {
                 let s = self.settings;
                 progress = pump(cx, &mut self.client, &mut self.backend, &s, now, &mut self.last_data, &mut self.initiator);
                 progress |= pump(cx, &mut self.backend, &mut self.client, &s, now, &mut self.last_data, &mut self.initiator);
+                progress |= self.deliver_deferred_close(now);
                 progress |= settle(cx, &mut self.client, &mut self.backend, &s, now);
                 progress |= settle(cx, &mut self.backend, &mut self.client, &s, now);
             }
@@ -157,6 +158,16 @@ impl Relay {
             ready!(timer.as_mut().poll(cx));
             self.on_timers(Instant::now());
         }
+    }
+
+    /// Sends a client its deferred error close once the backend is done sending.
+    fn deliver_deferred_close(&mut self, now: Instant) -> bool {
+        let backend_done = self.backend.close_received.is_some() || self.backend.given_up || self.backend.finished();
+        if self.client.deferred_close.is_none() || !backend_done || self.backend.buf.has_pending() || self.backend.mid_frame {
+            return false;
+        }
+        self.client.send_close(CloseCode::NORMAL, "", now + self.settings.close_timeout);
+        true
     }
 
     /// The earliest instant at which a timer needs attention. Deadlines that move later on
@@ -471,11 +482,10 @@ fn on_control(
             };
             src.close_received = Some(code);
             src.reading = Reading::Discard;
-            src.buf.discard_unparsed();
             if initiator.is_none() {
                 *initiator = Some(src.side.name());
             }
-            if dst.close_sent.is_none() && dst.can_write() {
+            if dst.close_sent.is_none() && dst.deferred_close.is_none() && dst.can_write() {
                 dst.close_sent = Some(code);
                 dst.close_deadline = Some(now + settings.close_timeout);
                 true
@@ -497,6 +507,7 @@ fn on_control(
     if header.opcode == OpCode::Pong {
         src.pong_deadline = None;
     }
+    let after_close = src.reading == Reading::Discard;
     if forward {
         if src.side == Side::Client {
             let key = mask_keys::next_mask_key();
@@ -507,6 +518,10 @@ fn on_control(
         src.buf.parsed += frame_len;
     } else {
         src.buf.remove_at_parsed(frame_len);
+    }
+    if after_close {
+        // Nothing may follow a close frame (RFC 6455 §5.5.1); whatever did is dropped.
+        src.buf.discard_unparsed();
     }
 }
 
@@ -521,11 +536,18 @@ fn on_protocol_error(
     let deadline = now + settings.close_timeout;
     src.reading = Reading::Discard;
     src.buf.discard_unparsed();
-    src.send_close(error.close_code(), error.reason(), deadline);
     src.given_up = true;
     let reason = format!("{} protocol error: {}", src.side, error.reason());
     if initiator.is_none() {
         *initiator = Some("gateway");
+    }
+    let backend_can_finish = src.side == Side::Client && !src.mid_frame && dst.close_sent.is_none() && dst.can_write();
+    if backend_can_finish {
+        // The client learns of its error after the backend has closed, so everything the
+        // backend sent in answer to the client's valid messages still reaches it first.
+        src.deferred_close = Some((error.close_code(), error.reason()));
+    } else {
+        src.send_close(error.close_code(), error.reason(), deadline);
     }
     close_other(dst, src.mid_frame, CloseCode::GOING_AWAY, &reason, deadline);
     src.mid_frame = false;

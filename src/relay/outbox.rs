@@ -2,16 +2,21 @@
 //!
 //! They are written only at a frame boundary of the forwarded stream to that hop, never inside
 //! a data frame. The box is allocated while something is queued and dropped once written, so an
-//! idle hop carries one null pointer. Order on the wire: pong, ping, close; nothing is queued
-//! after a close (RFC 6455 §5.5.1: no frames after a close).
+//! idle hop carries one null pointer. Order on the wire: pongs, ping, close; nothing is queued
+//! after a close (RFC 6455 §5.5.1: no frames after a close). Every ping is answered while at
+//! most `MAX_PONGS` answers wait; beyond that the oldest are dropped, which RFC 6455 §5.5.3
+//! allows ("only the most recent"), so a peer that pings without reading costs bounded memory.
 
 use crate::proto::{ControlFrame, OpCode};
+use std::collections::VecDeque;
+
+const MAX_PONGS: usize = 16;
 
 #[derive(Debug, Default)]
 struct Queue {
     /// The frame being written and how many of its bytes are out already.
     writing: Option<(ControlFrame, usize)>,
-    pong: Option<ControlFrame>,
+    pongs: VecDeque<ControlFrame>,
     ping: Option<ControlFrame>,
     close: Option<ControlFrame>,
 }
@@ -24,15 +29,19 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Queues a frame. A newer pong replaces an unsent one (RFC 6455 §5.5.3 allows answering
-    /// only the most recent ping); anything after a close is dropped.
+    /// Queues a frame; anything after a close is dropped.
     pub fn push(&mut self, frame: ControlFrame) {
         if self.closed {
             return;
         }
         let queue = self.queue.get_or_insert_with(Default::default);
         match frame.opcode() {
-            OpCode::Pong => queue.pong = Some(frame),
+            OpCode::Pong => {
+                if queue.pongs.len() == MAX_PONGS {
+                    queue.pongs.pop_front();
+                }
+                queue.pongs.push_back(frame);
+            }
             OpCode::Ping => queue.ping = Some(frame),
             _ => {
                 queue.close = Some(frame);
@@ -53,7 +62,7 @@ impl Outbox {
     pub fn next_bytes(&mut self) -> Option<&[u8]> {
         let queue = self.queue.as_mut()?;
         if queue.writing.is_none() {
-            let next = queue.pong.take().or_else(|| queue.ping.take()).or_else(|| queue.close.take());
+            let next = queue.pongs.pop_front().or_else(|| queue.ping.take()).or_else(|| queue.close.take());
             queue.writing = next.map(|frame| (frame, 0));
         }
         if queue.writing.is_none() {
@@ -71,7 +80,7 @@ impl Outbox {
             *written += n;
             if *written >= frame.as_bytes().len() {
                 queue.writing = None;
-                if queue.pong.is_none() && queue.ping.is_none() && queue.close.is_none() {
+                if queue.pongs.is_empty() && queue.ping.is_none() && queue.close.is_none() {
                     self.queue = None;
                 }
             }
@@ -101,7 +110,7 @@ mod tests {
     }
 
     #[test]
-    fn order_is_pong_ping_close_and_latest_pong_wins() {
+    fn order_is_pongs_ping_close_and_nothing_after_close() {
         let mut outbox = Outbox::default();
         outbox.push(close_frame(CloseCode::NORMAL, "", None));
         let mut outbox2 = Outbox::default();
@@ -110,9 +119,23 @@ mod tests {
         outbox2.push(ControlFrame::new(OpCode::Pong, b"2", None));
         outbox2.push(close_frame(CloseCode::NORMAL, "", None));
         outbox2.push(ControlFrame::new(OpCode::Pong, b"3", None));
-        assert_eq!(drain(&mut outbox2), [&[0x8A, 1, b'2'][..], &[0x89, 1, b'p'], &[0x88, 2, 3, 0xE8]].concat());
+        assert_eq!(
+            drain(&mut outbox2),
+            [&[0x8A, 1, b'1'][..], &[0x8A, 1, b'2'], &[0x89, 1, b'p'], &[0x88, 2, 3, 0xE8]].concat()
+        );
         assert!(outbox2.is_empty());
         assert!(outbox2.close_queued());
         assert_eq!(drain(&mut outbox), [0x88, 2, 3, 0xE8]);
+    }
+
+    #[test]
+    fn pending_pongs_are_bounded() {
+        let mut outbox = Outbox::default();
+        for i in 0..100u8 {
+            outbox.push(ControlFrame::new(OpCode::Pong, &[i], None));
+        }
+        let out = drain(&mut outbox);
+        assert_eq!(out.len(), 3 * MAX_PONGS);
+        assert_eq!(out[2], 100 - MAX_PONGS as u8, "the oldest answers were dropped");
     }
 }

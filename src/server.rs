@@ -1,0 +1,64 @@
+//! A whole gateway process in one value: bind from a configuration, then serve until told to
+//! stop. `main` and the integration tests start the gateway the same way.
+
+use crate::config::Config;
+use crate::gateway::{Gateway, GatewayError};
+use crate::listener::{BindError, BoundListener, ConnectionCounter, accept_loop};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+#[derive(Debug)]
+pub struct Server {
+    gateway: Arc<Gateway>,
+    listeners: Vec<BoundListener>,
+    counter: Arc<ConnectionCounter>,
+}
+
+impl Server {
+    /// Compiles the configuration and binds every listener; nothing is accepted yet.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for listener in &config.listeners {
+            listeners.push(BoundListener::bind(listener).await?);
+        }
+        let gateway = Arc::new(Gateway::new(config)?);
+        Ok(Self { gateway, listeners, counter: Arc::default() })
+    }
+
+    /// The bound addresses, in configuration order (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Accepts on every listener until `stop` completes. Connections already accepted go on.
+    pub async fn run(self, stop: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut loops = Vec::new();
+        for bound in self.listeners {
+            let mut stop_rx = stop_rx.clone();
+            let stopped = async move {
+                let _ = stop_rx.wait_for(|stopped| *stopped).await;
+            };
+            loops.push(tokio::spawn(accept_loop(bound, Arc::clone(&self.gateway), Arc::clone(&self.counter), stopped)));
+        }
+        stop.await;
+        let _ = stop_tx.send(true);
+        for accept in loops {
+            let _ = accept.await;
+        }
+    }
+}

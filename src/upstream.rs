@@ -1,0 +1,265 @@
+//! Opening the backend side of a connection: TCP (and TLS for `wss://`), the client handshake,
+//! and the backend's answer, all within the upstream's connect timeout.
+//!
+//! Every failure maps to what the client is told before any 101 is sent: the backend's own
+//! refusal is passed on with its status, an unreachable backend is 502, a slow one 504.
+
+use crate::config::Backend;
+use crate::proto::handshake::{self, ClientRequest};
+use crate::relay::mask_keys::random_16;
+use crate::stream::Stream;
+use httparse::EMPTY_HEADER;
+use rustls_pki_types::ServerName;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Largest backend response head accepted.
+const MAX_RESPONSE_HEAD: usize = 16 << 10;
+/// Largest refusal body passed on to the client; a longer one is replaced by our own line.
+const MAX_REFUSAL_BODY: usize = 64 << 10;
+const MAX_RESPONSE_HEADERS: usize = 64;
+
+/// TLS settings for the `wss://` backends of one upstream.
+#[derive(Clone)]
+pub struct BackendTls {
+    pub connector: TlsConnector,
+    /// Overrides the URL's host as SNI and verified name.
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for BackendTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendTls").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
+/// What the gateway asks of the backend, on behalf of the client.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamRequest<'a> {
+    /// `Host` as the client sent it: backends that check `Origin` against `Host` keep working.
+    pub host: &'a str,
+    /// The client's path and query (the backend's base path is prepended here).
+    pub target: &'a str,
+    pub protocols: Option<&'a str>,
+    pub extensions: Option<&'a str>,
+    pub extra: &'a [(&'a str, &'a [u8])],
+}
+
+/// A backend that accepted the upgrade.
+#[derive(Debug)]
+pub struct Upgraded {
+    pub stream: Stream,
+    pub protocol: Option<String>,
+    pub extensions: Option<String>,
+    /// Bytes the backend sent after its 101 head: the start of its frame stream.
+    pub early: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to backend {backend}: {source}")]
+    Connect { backend: String, source: io::Error },
+    #[error("backend {backend} did not complete the handshake within {timeout:?}")]
+    Timeout { backend: String, timeout: Duration },
+    #[error("TLS with backend {backend} failed: {source}")]
+    Tls { backend: String, source: io::Error },
+    #[error("backend {backend} refused the upgrade with status {status}")]
+    Refused {
+        backend: String,
+        status: u16,
+        /// The complete response to pass on to the client.
+        response: Vec<u8>,
+    },
+    #[error("backend {backend} answered the upgrade wrongly: {source}")]
+    Handshake { backend: String, source: handshake::ClientHandshakeError },
+    #[error("backend {backend} closed the connection during the handshake")]
+    Closed { backend: String },
+}
+
+impl UpstreamError {
+    /// The status the client receives.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Timeout { .. } => 504,
+            Self::Refused { status, .. } => *status,
+            _ => 502,
+        }
+    }
+
+    /// A short label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "connect",
+            Self::Timeout { .. } => "timeout",
+            Self::Tls { .. } => "tls",
+            Self::Refused { .. } => "refused",
+            Self::Handshake { .. } => "bad_handshake",
+            Self::Closed { .. } => "closed",
+        }
+    }
+
+    /// Whether the backend itself is unreachable (for passive health checks).
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(self, Self::Connect { .. } | Self::Timeout { .. } | Self::Tls { .. })
+    }
+}
+
+/// Connects to `backend` and performs the WebSocket handshake, all within `timeout`.
+pub async fn open(
+    backend: &Backend,
+    tls: Option<&BackendTls>,
+    timeout: Duration,
+    request: &UpstreamRequest<'_>,
+) -> Result<Upgraded, UpstreamError> {
+    match tokio::time::timeout(timeout, open_inner(backend, tls, request)).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::Timeout { backend: backend.url.clone(), timeout }),
+    }
+}
+
+async fn open_inner(
+    backend: &Backend,
+    tls: Option<&BackendTls>,
+    request: &UpstreamRequest<'_>,
+) -> Result<Upgraded, UpstreamError> {
+    let url = || backend.url.clone();
+    let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
+        .await
+        .map_err(|source| UpstreamError::Connect { backend: url(), source })?;
+    // Frames are written whole, one write per batch: Nagle would only add latency.
+    let _ = tcp.set_nodelay(true);
+    let mut stream = if backend.secure {
+        let Some(tls) = tls else {
+            let source = io::Error::other("no TLS settings for a wss:// backend");
+            return Err(UpstreamError::Tls { backend: url(), source });
+        };
+        let name = match &tls.server_name {
+            Some(name) => name.clone(),
+            None => ServerName::try_from(backend.host.clone())
+                .map_err(|e| UpstreamError::Tls { backend: url(), source: io::Error::other(e) })?,
+        };
+        let tls_stream =
+            tls.connector.connect(name, tcp).await.map_err(|source| UpstreamError::Tls { backend: url(), source })?;
+        Stream::ClientTls(Box::new(tls_stream))
+    } else {
+        Stream::Plain(tcp)
+    };
+
+    let key = handshake::key_from_random(random_16());
+    let target = if backend.base_path.is_empty() {
+        request.target.to_owned()
+    } else {
+        format!("{}{}", backend.base_path, request.target)
+    };
+    let mut head = Vec::with_capacity(512);
+    handshake::write_request(
+        &mut head,
+        &ClientRequest {
+            host: request.host,
+            target: &target,
+            key: &key,
+            protocols: request.protocols,
+            extensions: request.extensions,
+            extra: request.extra,
+        },
+    );
+    stream.write_all(&head).await.map_err(|source| UpstreamError::Connect { backend: url(), source })?;
+
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            let source = handshake::ClientHandshakeError::Malformed(httparse::Error::TooManyHeaders);
+            return Err(UpstreamError::Handshake { backend: url(), source });
+        }
+        let n = read_some(&mut stream, &mut buf, MAX_RESPONSE_HEAD).await;
+        let n = n.map_err(|source| UpstreamError::Connect { backend: url(), source })?;
+        if n == 0 {
+            return Err(UpstreamError::Closed { backend: url() });
+        }
+        let mut storage = [EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let parsed = handshake::parse_response(&buf, &mut storage)
+            .map_err(|source| UpstreamError::Handshake { backend: url(), source })?;
+        let Some((response, head_len)) = parsed else { continue };
+        return match handshake::validate_response(&response, &key, request.protocols, request.extensions) {
+            Ok(negotiated) => Ok(Upgraded {
+                protocol: negotiated.protocol.map(str::to_owned),
+                extensions: negotiated.extensions.map(str::to_owned),
+                early: buf[head_len..].to_vec(),
+                stream,
+            }),
+            Err(handshake::ClientHandshakeError::Rejected { status }) => {
+                let response = refusal_response(&response, &buf[head_len..], &mut stream).await;
+                Err(UpstreamError::Refused { backend: url(), status, response })
+            }
+            Err(source) => Err(UpstreamError::Handshake { backend: url(), source }),
+        };
+    }
+}
+
+async fn read_some(stream: &mut Stream, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
+    let start = buf.len();
+    let want = (limit - start).min(4096);
+    buf.resize(start + want, 0);
+    let result = stream.read(&mut buf[start..]).await;
+    buf.truncate(start + *result.as_ref().unwrap_or(&0));
+    result
+}
+
+/// Headers that describe one hop of the backend's connection, not the response.
+fn is_hop_by_hop(name: &str) -> bool {
+    ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection", "te", "trailer", "content-length"]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// The backend's refusal as the client will see it: the backend's status and end-to-end
+/// headers, and its body when it is length-delimited and small; `Connection: close`.
+async fn refusal_response(response: &handshake::ResponseHead<'_, '_>, already: &[u8], stream: &mut Stream) -> Vec<u8> {
+    let content_length = response
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok());
+    let mut body = Vec::new();
+    if let Some(len) = content_length.filter(|&len| len <= MAX_REFUSAL_BODY) {
+        body.extend_from_slice(&already[..already.len().min(len)]);
+        if body.len() < len {
+            let start = body.len();
+            body.resize(len, 0);
+            if stream.read_exact(&mut body[start..]).await.is_err() {
+                body.clear();
+            }
+        }
+    }
+    // Without the backend's body, its Content-Type would describe the wrong bytes.
+    let own_body = body.is_empty();
+    if own_body {
+        body = format!("backend refused the WebSocket upgrade with status {}\n", response.status).into_bytes();
+    }
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", response.status, response.reason).as_bytes());
+    for header in response.headers.iter() {
+        if is_hop_by_hop(header.name) || (own_body && header.name.eq_ignore_ascii_case("content-type")) {
+            continue;
+        }
+        out.extend_from_slice(header.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(header.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if own_body {
+        out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n");
+    }
+    out.extend_from_slice(format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Builds the TLS client side for an upstream's `wss://` backends.
+pub fn backend_tls(config: Arc<rustls::ClientConfig>, server_name: Option<ServerName<'static>>) -> BackendTls {
+    BackendTls { connector: TlsConnector::from(config), server_name }
+}
