@@ -1,8 +1,28 @@
 //! wsgate: a protocol-level WebSocket gateway.
 //!
-//! See `ARCHITECTURE.md` for the module map and the dependency rule.
+//! Layers, lowest first; a module uses only its own layer or lower ones (see
+//! `ARCHITECTURE.md` for the byte flow):
+//! - pure, no I/O: [`proto`] (RFC 6455 codec and handshakes), [`config`] (YAML → typed,
+//!   validated), [`routing`] (route table, sticky keys, consistent hashing, balancing);
+//! - runtime: [`stream`], [`tls`], [`upstream`] (backend connect + client handshake),
+//!   [`relay`] (the frame pump);
+//! - wiring: [`gateway`] (compiled config), [`front`] (one client connection up to the relay),
+//!   [`listener`] (accept), [`server`] (the whole process).
 
 pub mod config;
 pub mod proto;
 pub mod routing;
+
+pub mod relay;
+pub mod stream;
 pub mod tls;
+pub mod upstream;
+
+pub mod front;
+pub mod gateway;
+pub mod listener;
+pub mod server;
+
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
