@@ -323,16 +323,17 @@ fn pump(
             progress = true;
             continue;
         }
-        if !src.mid_frame && dst.can_write() {
-            if let Some(bytes) = dst.outbox.next_bytes() {
-                match Pin::new(&mut dst.stream).poll_write(cx, bytes) {
-                    Poll::Ready(Ok(n)) if n > 0 => dst.outbox.advance(n),
-                    Poll::Ready(_) => lose(dst, src, now, settings, initiator),
-                    Poll::Pending => return progress,
-                }
-                progress = true;
-                continue;
+        if !src.mid_frame
+            && dst.can_write()
+            && let Some(bytes) = dst.outbox.next_bytes()
+        {
+            match Pin::new(&mut dst.stream).poll_write(cx, bytes) {
+                Poll::Ready(Ok(n)) if n > 0 => dst.outbox.advance(n),
+                Poll::Ready(_) => lose(dst, src, now, settings, initiator),
+                Poll::Pending => return progress,
             }
+            progress = true;
+            continue;
         }
         if src.reading == Reading::Frames && decode(src, dst, settings, now, last_data, initiator) {
             progress = true;

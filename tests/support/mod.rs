@@ -94,6 +94,7 @@ async fn echo_connection(
     seen: Arc<Mutex<Vec<SeenRequest>>>,
 ) {
     let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+    #[allow(clippy::result_large_err)] // the signature is tungstenite's callback contract
     let callback = |request: &Request, mut response: Response| {
         let headers = request
             .headers()
