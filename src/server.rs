@@ -31,13 +31,26 @@ impl Server {
         for listener in &config.listeners {
             listeners.push(BoundListener::bind(listener).await?);
         }
+        if let Some(admin) = &config.admin {
+            tracing::warn!(
+                "admin listener {} is configured but not served yet: metrics, health and dashboard are still to come",
+                admin.address
+            );
+        }
         let gateway = Arc::new(Gateway::new(config)?);
-        Ok(Self { gateway, listeners, counter: Arc::default() })
+        Ok(Self {
+            gateway,
+            listeners,
+            counter: Arc::default(),
+        })
     }
 
     /// The bound addresses, in configuration order (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {
@@ -53,7 +66,12 @@ impl Server {
             let stopped = async move {
                 let _ = stop_rx.wait_for(|stopped| *stopped).await;
             };
-            loops.push(tokio::spawn(accept_loop(bound, Arc::clone(&self.gateway), Arc::clone(&self.counter), stopped)));
+            loops.push(tokio::spawn(accept_loop(
+                bound,
+                Arc::clone(&self.gateway),
+                Arc::clone(&self.counter),
+                stopped,
+            )));
         }
         stop.await;
         let _ = stop_tx.send(true);
