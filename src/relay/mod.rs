@@ -27,8 +27,8 @@ pub mod mask_keys;
 pub mod outbox;
 
 use crate::proto::{
-    CloseCode, ControlFrame, Decoded, FrameDecoder, FrameHeader, Item, OpCode, ProtocolError, apply_mask,
-    parse_close_payload, remask,
+    CloseCode, ControlFrame, Decoded, FrameDecoder, FrameHeader, Item, OpCode, ProtocolError,
+    apply_mask, parse_close_payload, remask,
 };
 use crate::stream::Stream;
 pub use hop::Side;
@@ -106,7 +106,14 @@ impl Relay {
                 hop.buf.filled = early.len();
             }
         }
-        Self { client, backend, settings, last_data: now, initiator: None, cause: String::new() }
+        Self {
+            client,
+            backend,
+            settings,
+            last_data: now,
+            initiator: None,
+            cause: String::new(),
+        }
     }
 
     /// Relays until both hops are closed.
@@ -128,7 +135,11 @@ impl Relay {
             client: hop(&self.client),
             backend: hop(&self.backend),
             initiator: self.initiator.unwrap_or("gateway"),
-            cause: if self.cause.is_empty() { "close handshake".into() } else { self.cause.clone() },
+            cause: if self.cause.is_empty() {
+                "close handshake".into()
+            } else {
+                self.cause.clone()
+            },
         }
     }
 
@@ -138,8 +149,24 @@ impl Relay {
             let mut progress = true;
             while progress {
                 let s = self.settings;
-                progress = pump(cx, &mut self.client, &mut self.backend, &s, now, &mut self.last_data, &mut self.initiator);
-                progress |= pump(cx, &mut self.backend, &mut self.client, &s, now, &mut self.last_data, &mut self.initiator);
+                progress = pump(
+                    cx,
+                    &mut self.client,
+                    &mut self.backend,
+                    &s,
+                    now,
+                    &mut self.last_data,
+                    &mut self.initiator,
+                );
+                progress |= pump(
+                    cx,
+                    &mut self.backend,
+                    &mut self.client,
+                    &s,
+                    now,
+                    &mut self.last_data,
+                    &mut self.initiator,
+                );
                 progress |= self.deliver_deferred_close(now);
                 progress |= settle(cx, &mut self.client, &mut self.backend, &s, now);
                 progress |= settle(cx, &mut self.backend, &mut self.client, &s, now);
@@ -162,11 +189,18 @@ impl Relay {
 
     /// Sends a client its deferred error close once the backend is done sending.
     fn deliver_deferred_close(&mut self, now: Instant) -> bool {
-        let backend_done = self.backend.close_received.is_some() || self.backend.given_up || self.backend.finished();
-        if self.client.deferred_close.is_none() || !backend_done || self.backend.buf.has_pending() || self.backend.mid_frame {
+        let backend_done = self.backend.close_received.is_some()
+            || self.backend.given_up
+            || self.backend.finished();
+        if self.client.deferred_close.is_none()
+            || !backend_done
+            || self.backend.buf.has_pending()
+            || self.backend.mid_frame
+        {
             return false;
         }
-        self.client.send_close(CloseCode::NORMAL, "", now + self.settings.close_timeout);
+        self.client
+            .send_close(CloseCode::NORMAL, "", now + self.settings.close_timeout);
         true
     }
 
@@ -177,7 +211,10 @@ impl Relay {
         let far = Instant::now() + Duration::from_secs(3600);
         let mut deadline = far;
         for hop in [&self.client, &self.backend] {
-            for d in [hop.close_deadline, hop.drain_deadline, hop.pong_deadline].into_iter().flatten() {
+            for d in [hop.close_deadline, hop.drain_deadline, hop.pong_deadline]
+                .into_iter()
+                .flatten()
+            {
                 deadline = deadline.min(d);
             }
             if let Some(interval) = self.settings.ping_interval
@@ -195,7 +232,10 @@ impl Relay {
     }
 
     fn keepalive_applies(&self, hop: &Hop) -> bool {
-        hop.pong_deadline.is_none() && hop.reading == Reading::Frames && hop.close_sent.is_none() && hop.can_write()
+        hop.pong_deadline.is_none()
+            && hop.reading == Reading::Frames
+            && hop.close_sent.is_none()
+            && hop.can_write()
     }
 
     fn on_timers(&mut self, now: Instant) {
@@ -220,7 +260,13 @@ impl Relay {
                 note_cause(&mut self.initiator, &mut self.cause, "gateway", reason);
                 hop.send_close(CloseCode::GOING_AWAY, "ping timeout", close_deadline);
                 hop.given_up = true;
-                close_other(other, hop.mid_frame, CloseCode::GOING_AWAY, reason, close_deadline);
+                close_other(
+                    other,
+                    hop.mid_frame,
+                    CloseCode::GOING_AWAY,
+                    reason,
+                    close_deadline,
+                );
             }
             if let Some(interval) = self.settings.ping_interval
                 && hop.pong_deadline.is_none()
@@ -233,15 +279,17 @@ impl Relay {
                 hop.send_control(ping);
                 hop.pong_deadline = Some(now + self.settings.pong_timeout);
             }
-            if hop.close_deadline.is_some_and(|d| now >= d) && hop.close_received.is_none() {
-                // The hop did not answer our close: give up on it, and answer the other hop's
-                // close ourselves if it is waiting for the reply we were relaying.
+            if hop.close_deadline.is_some_and(|d| now >= d) {
                 hop.close_deadline = None;
-                hop.given_up = true;
-                hop.outbox.clear();
-                other.buf.discard_all();
-                if let Some(code) = other.close_received {
-                    other.send_close(reply_code(code), "", close_deadline);
+                if hop.close_received.is_none() {
+                    // The hop did not answer our close: give up on it, and answer the other
+                    // hop's close ourselves if it is waiting for the reply we were relaying.
+                    hop.given_up = true;
+                    hop.outbox.clear();
+                    other.buf.discard_all();
+                    if let Some(code) = other.close_received {
+                        other.send_close(reply_code(code), "", close_deadline);
+                    }
                 }
             }
             if hop.drain_deadline.is_some_and(|d| now >= d) {
@@ -260,10 +308,12 @@ impl Relay {
         note_cause(&mut self.initiator, &mut self.cause, "gateway", reason);
         let deadline = now + self.settings.close_timeout;
         if !self.backend.mid_frame {
-            self.client.send_close(CloseCode::GOING_AWAY, reason, deadline);
+            self.client
+                .send_close(CloseCode::GOING_AWAY, reason, deadline);
         }
         if !self.client.mid_frame {
-            self.backend.send_close(CloseCode::GOING_AWAY, reason, deadline);
+            self.backend
+                .send_close(CloseCode::GOING_AWAY, reason, deadline);
         }
     }
 }
@@ -271,10 +321,19 @@ impl Relay {
 /// The code of a close reply: the received one echoed (RFC 6455 §5.5.1), or 1000 for a close
 /// that carried none.
 fn reply_code(received: CloseCode) -> CloseCode {
-    if received == CloseCode::NO_STATUS { CloseCode::NORMAL } else { received }
+    if received == CloseCode::NO_STATUS {
+        CloseCode::NORMAL
+    } else {
+        received
+    }
 }
 
-fn note_cause(initiator: &mut Option<&'static str>, cause: &mut String, who: &'static str, why: &str) {
+fn note_cause(
+    initiator: &mut Option<&'static str>,
+    cause: &mut String,
+    who: &'static str,
+    why: &str,
+) {
     if initiator.is_none() {
         *initiator = Some(who);
         *cause = why.to_owned();
@@ -283,7 +342,13 @@ fn note_cause(initiator: &mut Option<&'static str>, cause: &mut String, who: &'s
 
 /// Tells `other` that the connection is ending because of its peer hop. A close frame cannot
 /// interrupt a frame in progress, so a hop receiving one half-way gets its TCP shut instead.
-fn close_other(other: &mut Hop, peer_mid_frame: bool, code: CloseCode, reason: &str, deadline: Instant) {
+fn close_other(
+    other: &mut Hop,
+    peer_mid_frame: bool,
+    code: CloseCode,
+    reason: &str,
+    deadline: Instant,
+) {
     if other.close_sent.is_some() || !other.can_write() {
         return;
     }
@@ -415,9 +480,9 @@ fn decode(
             }
             Item::Payload(piece) => {
                 src.bytes_in += piece.len as u64;
+                *last_data = now;
                 if piece.message_end {
                     src.messages_in += 1;
-                    *last_data = now;
                 }
                 if src.swallowing_frame {
                     src.swallowing_frame = !piece.frame_end;
@@ -495,7 +560,11 @@ fn on_control(
                     // Nobody to relay the close to: the gateway answers it.
                     let deadline = now + settings.close_timeout;
                     if code == CloseCode::NO_STATUS {
-                        src.send_control(ControlFrame::new(OpCode::Close, &[], src.outgoing_mask()));
+                        src.send_control(ControlFrame::new(
+                            OpCode::Close,
+                            &[],
+                            src.outgoing_mask(),
+                        ));
                         src.close_sent = Some(CloseCode::NO_STATUS);
                     } else {
                         src.send_close(code, "", deadline);
@@ -542,7 +611,8 @@ fn on_protocol_error(
     if initiator.is_none() {
         *initiator = Some("gateway");
     }
-    let backend_can_finish = src.side == Side::Client && !src.mid_frame && dst.close_sent.is_none() && dst.can_write();
+    let backend_can_finish =
+        src.side == Side::Client && !src.mid_frame && dst.close_sent.is_none() && dst.can_write();
     if backend_can_finish {
         // The client learns of its error after the backend has closed, so everything the
         // backend sent in answer to the client's valid messages still reaches it first.
@@ -555,7 +625,13 @@ fn on_protocol_error(
 }
 
 /// `src` closed TCP.
-fn on_eof(src: &mut Hop, dst: &mut Hop, now: Instant, settings: &RelaySettings, initiator: &mut Option<&'static str>) {
+fn on_eof(
+    src: &mut Hop,
+    dst: &mut Hop,
+    now: Instant,
+    settings: &RelaySettings,
+    initiator: &mut Option<&'static str>,
+) {
     src.reading = Reading::Done;
     src.buf.discard_unparsed();
     if src.close_received.is_none() && src.close_sent.is_none() {
@@ -564,7 +640,13 @@ fn on_eof(src: &mut Hop, dst: &mut Hop, now: Instant, settings: &RelaySettings, 
 }
 
 /// `hop` failed (I/O error) or vanished: nothing more is exchanged with it.
-fn lose(hop: &mut Hop, other: &mut Hop, now: Instant, settings: &RelaySettings, initiator: &mut Option<&'static str>) {
+fn lose(
+    hop: &mut Hop,
+    other: &mut Hop,
+    now: Instant,
+    settings: &RelaySettings,
+    initiator: &mut Option<&'static str>,
+) {
     let was_closing = hop.close_received.is_some() || hop.close_sent.is_some();
     hop.lose();
     if !was_closing {
@@ -579,22 +661,46 @@ fn lose(hop: &mut Hop, other: &mut Hop, now: Instant, settings: &RelaySettings, 
 
 /// `hop` went away without a closing handshake. RFC 6455 §7.4.1: 1014 tells the client that
 /// the gateway's upstream failed; a backend is told the client went away (1001).
-fn abandoned(hop: &mut Hop, other: &mut Hop, now: Instant, settings: &RelaySettings, initiator: &mut Option<&'static str>) {
+fn abandoned(
+    hop: &mut Hop,
+    other: &mut Hop,
+    now: Instant,
+    settings: &RelaySettings,
+    initiator: &mut Option<&'static str>,
+) {
     hop.writing = Writing::Dead;
     hop.outbox.clear();
     let (code, reason) = match hop.side {
-        Side::Backend => (CloseCode::BAD_GATEWAY, "backend closed the connection without a close frame"),
-        Side::Client => (CloseCode::GOING_AWAY, "client closed the connection without a close frame"),
+        Side::Backend => (
+            CloseCode::BAD_GATEWAY,
+            "backend closed the connection without a close frame",
+        ),
+        Side::Client => (
+            CloseCode::GOING_AWAY,
+            "client closed the connection without a close frame",
+        ),
     };
     if initiator.is_none() {
         *initiator = Some(hop.side.name());
     }
-    close_other(other, hop.mid_frame, code, reason, now + settings.close_timeout);
+    close_other(
+        other,
+        hop.mid_frame,
+        code,
+        reason,
+        now + settings.close_timeout,
+    );
     hop.mid_frame = false;
 }
 
 /// Ends TCP on a hop whose closing handshake is settled and whose output is flushed.
-fn settle(cx: &mut Context<'_>, hop: &mut Hop, other: &mut Hop, settings: &RelaySettings, now: Instant) -> bool {
+fn settle(
+    cx: &mut Context<'_>,
+    hop: &mut Hop,
+    other: &mut Hop,
+    settings: &RelaySettings,
+    now: Instant,
+) -> bool {
     if hop.writing != Writing::Open || !hop.handshake_settled() {
         return false;
     }
@@ -604,7 +710,9 @@ fn settle(cx: &mut Context<'_>, hop: &mut Hop, other: &mut Hop, settings: &Relay
     }
     // The server closes TCP first (RFC 6455 §7.1.1); as the backend's client the gateway lets
     // it close first, unless it gave up on it.
-    if (hop.side == Side::Client || hop.given_up) && Pin::new(&mut hop.stream).poll_shutdown(cx).is_pending() {
+    if (hop.side == Side::Client || hop.given_up)
+        && Pin::new(&mut hop.stream).poll_shutdown(cx).is_pending()
+    {
         return false;
     }
     hop.writing = Writing::Finished;
