@@ -13,7 +13,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let address = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9001".to_owned());
+    let address = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:9001".to_owned());
     let listener = TcpListener::bind(&address).await?;
     eprintln!("echo backend listening on {}", listener.local_addr()?);
     loop {
@@ -24,7 +26,9 @@ async fn main() -> std::io::Result<()> {
 
 async fn echo(stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+    let config = WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None);
     let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
         return;
     };

@@ -39,12 +39,20 @@ pub async fn serve(gateway: Arc<Gateway>, mut stream: Stream, peer: SocketAddr) 
     // The handshake future is boxed so that its buffers and header table are freed before the
     // long relay phase: the task then holds only the relay's small state.
     let outcome = Box::pin(handshake_phase(&gateway, &mut stream, peer)).await;
-    let Some((prepared, accepted)) = outcome else { return };
+    let Some((prepared, accepted)) = outcome else {
+        return;
+    };
     let report = prepared.run_with(stream).await;
     log_access(&gateway, peer, &accepted, &report, started.elapsed());
 }
 
-fn log_access(gateway: &Gateway, peer: SocketAddr, accepted: &Accepted, report: &RelayReport, duration: Duration) {
+fn log_access(
+    gateway: &Gateway,
+    peer: SocketAddr,
+    accepted: &Accepted,
+    report: &RelayReport,
+    duration: Duration,
+) {
     let route = &gateway.route(accepted.route).name;
     let code = |c: Option<u16>| c.map_or_else(|| "-".to_owned(), |c| c.to_string());
     tracing::info!(
@@ -86,7 +94,9 @@ async fn handshake_phase(
                 return None;
             }
             HeadRead::TooLarge => {
-                let error = HandshakeError::HeadTooLarge { max: limits.max_header_bytes };
+                let error = HandshakeError::HeadTooLarge {
+                    max: limits.max_header_bytes,
+                };
                 refuse_handshake(stream, &error).await;
                 return None;
             }
@@ -130,14 +140,28 @@ async fn handshake_phase(
         return None;
     }
     let Some(route_slot) = gateway.enter_route(route_index) else {
-        refuse(stream, 503, "route is at its connection limit", &[("Retry-After", "1")]).await;
+        refuse(
+            stream,
+            503,
+            "route is at its connection limit",
+            &[("Retry-After", "1")],
+        )
+        .await;
         return None;
     };
 
     let upstream = &gateway.upstreams[route.upstream];
     let balancer = &upstream.balancer;
-    let parts = RequestParts { path: head.path(), query: head.query(), headers: head.headers, client_ip: peer.ip() };
-    let key = route.sticky.as_ref().and_then(|sticky| extract_key(sticky, &parts));
+    let parts = RequestParts {
+        path: head.path(),
+        query: head.query(),
+        headers: head.headers,
+        client_ip: peer.ip(),
+    };
+    let key = route
+        .sticky
+        .as_ref()
+        .and_then(|sticky| extract_key(sticky, &parts));
     let cookie_choice = match (&key, &route.sticky_cookie) {
         (None, Some(cookie)) => {
             let by_cookie = crate::config::StickyKey::Cookie(cookie.name.clone());
@@ -148,7 +172,13 @@ async fn handshake_phase(
         _ => None,
     };
     let Some(backend_index) = cookie_choice.or_else(|| balancer.choose(key.as_deref())) else {
-        refuse(stream, 503, "no healthy backend for this route", &[("Retry-After", "1")]).await;
+        refuse(
+            stream,
+            503,
+            "no healthy backend for this route",
+            &[("Retry-After", "1")],
+        )
+        .await;
         return None;
     };
     let backend_slot = balancer.acquire(backend_index);
@@ -156,7 +186,12 @@ async fn handshake_phase(
 
     let protocols = join(handshake::server::offered_protocols(head.headers));
     let extensions = match route.compression {
-        Compression::Passthrough => join(head.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions")).filter_map(|h| std::str::from_utf8(h.value).ok())),
+        Compression::Passthrough => join(
+            head.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+                .filter_map(|h| std::str::from_utf8(h.value).ok()),
+        ),
         Compression::Strip => None,
     };
     let forwarded = ForwardedHeaders::new(&head, peer, stream.is_tls());
@@ -169,33 +204,57 @@ async fn handshake_phase(
         extra: &extra,
     };
     let connect_timeout = gateway.config.upstreams[route.upstream].connect_timeout;
-    let upgraded = match upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request).await {
+    let upgraded = match upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request)
+        .await
+    {
         Ok(upgraded) => upgraded,
         Err(error) => {
             tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), "{error}");
             match error {
-                upstream::UpstreamError::Refused { response, .. } => finish_with(stream, &response).await,
+                upstream::UpstreamError::Refused { response, .. } => {
+                    finish_with(stream, &response).await
+                }
                 other => refuse(stream, other.status(), &other.to_string(), &[]).await,
             }
             return None;
         }
     };
 
-    let set_cookie = route.sticky_cookie.as_ref().filter(|_| key.is_none() && cookie_choice != Some(backend_index)).map(|cookie| {
-        let mut value = format!("{}={}; Path=/; HttpOnly; SameSite=Lax", cookie.name, cookie_value(backend));
-        if let Some(max_age) = cookie.max_age {
-            value.push_str(&format!("; Max-Age={}", max_age.as_secs()));
-        }
-        value
-    });
+    let set_cookie = route
+        .sticky_cookie
+        .as_ref()
+        .filter(|_| key.is_none() && cookie_choice != Some(backend_index))
+        .map(|cookie| {
+            let mut value = format!(
+                "{}={}; Path=/; HttpOnly; SameSite=Lax",
+                cookie.name,
+                cookie_value(backend)
+            );
+            if let Some(max_age) = cookie.max_age {
+                value.push_str(&format!("; Max-Age={}", max_age.as_secs()));
+            }
+            value
+        });
     let mut response = Vec::with_capacity(256);
-    let extra_response: Vec<(&str, &str)> = set_cookie.iter().map(|v| ("Set-Cookie", v.as_str())).collect();
-    handshake::write_accept_response(&mut response, upgrade.key, upgraded.protocol.as_deref(), upgraded.extensions.as_deref(), &extra_response);
+    let extra_response: Vec<(&str, &str)> = set_cookie
+        .iter()
+        .map(|v| ("Set-Cookie", v.as_str()))
+        .collect();
+    handshake::write_accept_response(
+        &mut response,
+        upgrade.key,
+        upgraded.protocol.as_deref(),
+        upgraded.extensions.as_deref(),
+        &extra_response,
+    );
     if stream.write_all(&response).await.is_err() {
         return None;
     }
 
-    let compression = upgraded.extensions.as_deref().is_some_and(|e| e.to_ascii_lowercase().contains("permessage-deflate"));
+    let compression = upgraded
+        .extensions
+        .as_deref()
+        .is_some_and(|e| e.to_ascii_lowercase().contains("permessage-deflate"));
     let decoder = |role| {
         FrameDecoder::new(DecoderConfig {
             role,
@@ -267,7 +326,12 @@ fn origin_allowed(route: &Route, origin: Option<&str>) -> bool {
     if route.allowed_origins.is_empty() {
         return true;
     }
-    origin.is_some_and(|origin| route.allowed_origins.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin.trim_end_matches('/'))))
+    origin.is_some_and(|origin| {
+        route
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(origin.trim_end_matches('/')))
+    })
 }
 
 /// Request headers that describe the client's hop, not the request: never forwarded.
@@ -288,8 +352,13 @@ fn is_hop_by_hop(name: &str, connection_tokens: &[&str]) -> bool {
         "sec-websocket-extensions",
         "forwarded",
     ];
-    FIXED.iter().chain(["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"].iter()).any(|h| name.eq_ignore_ascii_case(h))
-        || connection_tokens.iter().any(|t| name.eq_ignore_ascii_case(t))
+    FIXED
+        .iter()
+        .chain(["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"].iter())
+        .any(|h| name.eq_ignore_ascii_case(h))
+        || connection_tokens
+            .iter()
+            .any(|t| name.eq_ignore_ascii_case(t))
 }
 
 /// `X-Forwarded-For/-Proto/-Host` and `Forwarded` (RFC 7239) for the backend request; the
@@ -305,25 +374,45 @@ impl ForwardedHeaders {
     fn new(head: &RequestHead<'_, '_>, peer: SocketAddr, tls: bool) -> Self {
         let ip = peer.ip();
         let prior = |name| {
-            let values: Vec<&str> = handshake::headers::values(head.headers, name).filter_map(|v| std::str::from_utf8(v).ok()).collect();
+            let values: Vec<&str> = handshake::headers::values(head.headers, name)
+                .filter_map(|v| std::str::from_utf8(v).ok())
+                .collect();
             values.join(", ")
         };
-        let chain = |prior: String, item: String| if prior.is_empty() { item } else { format!("{prior}, {item}") };
-        let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
+        let chain = |prior: String, item: String| {
+            if prior.is_empty() {
+                item
+            } else {
+                format!("{prior}, {item}")
+            }
+        };
+        let node = if ip.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip.to_string()
+        };
         let proto = if tls { "https" } else { "http" };
         let host = head.header("host").unwrap_or("");
         Self {
             x_forwarded_for: chain(prior("x-forwarded-for"), ip.to_string()),
             x_forwarded_proto: proto,
             x_forwarded_host: host.to_owned(),
-            forwarded: chain(prior("forwarded"), format!("for={node};proto={proto};host=\"{host}\"")),
+            forwarded: chain(
+                prior("forwarded"),
+                format!("for={node};proto={proto};host=\"{host}\""),
+            ),
         }
     }
 
     fn fields<'a>(&'a self, head: &'a RequestHead<'_, 'a>) -> Vec<(&'a str, &'a [u8])> {
-        let connection_tokens: Vec<&str> = handshake::headers::list_elements(head.headers, "connection").collect();
-        let mut fields: Vec<(&str, &[u8])> =
-            head.headers.iter().filter(|h| !is_hop_by_hop(h.name, &connection_tokens)).map(|h| (h.name, h.value)).collect();
+        let connection_tokens: Vec<&str> =
+            handshake::headers::list_elements(head.headers, "connection").collect();
+        let mut fields: Vec<(&str, &[u8])> = head
+            .headers
+            .iter()
+            .filter(|h| !is_hop_by_hop(h.name, &connection_tokens))
+            .map(|h| (h.name, h.value))
+            .collect();
         fields.push(("X-Forwarded-For", self.x_forwarded_for.as_bytes()));
         fields.push(("X-Forwarded-Proto", self.x_forwarded_proto.as_bytes()));
         fields.push(("X-Forwarded-Host", self.x_forwarded_host.as_bytes()));
@@ -339,7 +428,12 @@ enum HeadRead {
     TooLarge,
 }
 
-async fn read_head_bytes(stream: &mut Stream, buf: &mut Vec<u8>, max: usize, deadline: Instant) -> HeadRead {
+async fn read_head_bytes(
+    stream: &mut Stream,
+    buf: &mut Vec<u8>,
+    max: usize,
+    deadline: Instant,
+) -> HeadRead {
     if buf.len() >= max {
         return HeadRead::TooLarge;
     }
@@ -355,7 +449,11 @@ async fn read_head_bytes(stream: &mut Stream, buf: &mut Vec<u8>, max: usize, dea
         Ok(Err(_)) => 0,
     };
     buf.truncate(start + n);
-    if n == 0 { HeadRead::Closed } else { HeadRead::More }
+    if n == 0 {
+        HeadRead::Closed
+    } else {
+        HeadRead::More
+    }
 }
 
 async fn refuse_handshake(stream: &mut Stream, error: &HandshakeError) {

@@ -39,7 +39,10 @@ impl Gateway {
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for upstream in &config.upstreams {
             let tls = if upstream.backends.iter().any(|b| b.secure) {
-                let wrap = |source| GatewayError::UpstreamTls { upstream: upstream.name.clone(), source };
+                let wrap = |source| GatewayError::UpstreamTls {
+                    upstream: upstream.name.clone(),
+                    source,
+                };
                 let client = tls::client_config(&upstream.tls).map_err(wrap)?;
                 let server_name = match &upstream.tls.server_name {
                     Some(name) => Some(tls::server_name_for(name, &upstream.tls).map_err(wrap)?),
@@ -76,8 +79,18 @@ impl Gateway {
             if current >= max {
                 return None;
             }
-            match counter.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Some(RouteSlot { gateway: Arc::clone(self), route }),
+            match counter.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Some(RouteSlot {
+                        gateway: Arc::clone(self),
+                        route,
+                    });
+                }
                 Err(now) => current = now,
             }
         }

@@ -19,7 +19,11 @@ use tokio_rustls::TlsAcceptor;
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     #[error("listener {name}: cannot listen on {address}: {source}")]
-    Bind { name: String, address: SocketAddr, source: io::Error },
+    Bind {
+        name: String,
+        address: SocketAddr,
+        source: io::Error,
+    },
     #[error("listener {name}: {source}")]
     Tls { name: String, source: TlsError },
 }
@@ -44,17 +48,27 @@ impl std::fmt::Debug for BoundListener {
 impl BoundListener {
     pub async fn bind(config: &Listener) -> Result<Self, BindError> {
         let tls = match &config.tls {
-            Some(tls) => Some(TlsAcceptor::from(
-                tls::server_config(tls).map_err(|source| BindError::Tls { name: config.name.clone(), source })?,
-            )),
+            Some(tls) => Some(TlsAcceptor::from(tls::server_config(tls).map_err(
+                |source| BindError::Tls {
+                    name: config.name.clone(),
+                    source,
+                },
+            )?)),
             None => None,
         };
-        let listener = TcpListener::bind(config.address).await.map_err(|source| BindError::Bind {
+        let listener =
+            TcpListener::bind(config.address)
+                .await
+                .map_err(|source| BindError::Bind {
+                    name: config.name.clone(),
+                    address: config.address,
+                    source,
+                })?;
+        Ok(Self {
             name: config.name.clone(),
-            address: config.address,
-            source,
-        })?;
-        Ok(Self { name: config.name.clone(), listener, tls })
+            listener,
+            tls,
+        })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -117,21 +131,31 @@ pub async fn accept_loop(
             let handshake_timeout = gateway.config.timeouts.handshake;
             let mut stream = match tls {
                 None => Stream::Plain(tcp),
-                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
-                    Ok(Err(error)) => {
-                        tracing::debug!(client = %peer, "TLS handshake failed: {error}");
-                        return;
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
+                        Ok(Err(error)) => {
+                            tracing::debug!(client = %peer, "TLS handshake failed: {error}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(client = %peer, "TLS handshake timed out");
+                            return;
+                        }
                     }
-                    Err(_) => {
-                        tracing::debug!(client = %peer, "TLS handshake timed out");
-                        return;
-                    }
-                },
+                }
             };
             match guard {
                 Some(_guard) => front::serve(gateway, stream, peer).await,
-                None => front::refuse(&mut stream, 503, "gateway is at its connection limit", &[("Retry-After", "1")]).await,
+                None => {
+                    front::refuse(
+                        &mut stream,
+                        503,
+                        "gateway is at its connection limit",
+                        &[("Retry-After", "1")],
+                    )
+                    .await
+                }
             }
         });
     }

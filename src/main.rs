@@ -91,7 +91,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -101,7 +103,10 @@ fn init_logging(format: LogFormat) {
 /// The configuration `wsgate proxy` stands for, as YAML, so it is validated exactly like a file.
 fn proxy_yaml(listen: &str, to: &[String], sticky: Option<&str>) -> Result<String, String> {
     let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    let mut yaml = format!("listeners:\n  - address: {}\nupstreams:\n  proxy:\n    backends:\n", quote(listen));
+    let mut yaml = format!(
+        "listeners:\n  - address: {}\nupstreams:\n  proxy:\n    backends:\n",
+        quote(listen)
+    );
     for url in to {
         yaml.push_str(&format!("      - {}\n", quote(url)));
     }
@@ -128,7 +133,10 @@ fn proxy_yaml(listen: &str, to: &[String], sticky: Option<&str>) -> Result<Strin
 }
 
 fn run(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("wsgate: cannot start the runtime: {error}");
@@ -156,10 +164,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

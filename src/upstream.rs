@@ -33,7 +33,9 @@ pub struct BackendTls {
 
 impl std::fmt::Debug for BackendTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackendTls").field("server_name", &self.server_name).finish_non_exhaustive()
+        f.debug_struct("BackendTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -75,7 +77,10 @@ pub enum UpstreamError {
         response: Vec<u8>,
     },
     #[error("backend {backend} answered the upgrade wrongly: {source}")]
-    Handshake { backend: String, source: handshake::ClientHandshakeError },
+    Handshake {
+        backend: String,
+        source: handshake::ClientHandshakeError,
+    },
     #[error("backend {backend} closed the connection during the handshake")]
     Closed { backend: String },
 }
@@ -104,7 +109,10 @@ impl UpstreamError {
 
     /// Whether the backend itself is unreachable (for passive health checks).
     pub fn is_connect_failure(&self) -> bool {
-        matches!(self, Self::Connect { .. } | Self::Timeout { .. } | Self::Tls { .. })
+        matches!(
+            self,
+            Self::Connect { .. } | Self::Timeout { .. } | Self::Tls { .. }
+        )
     }
 }
 
@@ -117,7 +125,10 @@ pub async fn open(
 ) -> Result<Upgraded, UpstreamError> {
     match tokio::time::timeout(timeout, open_inner(backend, tls, request)).await {
         Ok(result) => result,
-        Err(_) => Err(UpstreamError::Timeout { backend: backend.url.clone(), timeout }),
+        Err(_) => Err(UpstreamError::Timeout {
+            backend: backend.url.clone(),
+            timeout,
+        }),
     }
 }
 
@@ -129,21 +140,35 @@ async fn open_inner(
     let url = || backend.url.clone();
     let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
         .await
-        .map_err(|source| UpstreamError::Connect { backend: url(), source })?;
+        .map_err(|source| UpstreamError::Connect {
+            backend: url(),
+            source,
+        })?;
     // Frames are written whole, one write per batch: Nagle would only add latency.
     let _ = tcp.set_nodelay(true);
     let mut stream = if backend.secure {
         let Some(tls) = tls else {
             let source = io::Error::other("no TLS settings for a wss:// backend");
-            return Err(UpstreamError::Tls { backend: url(), source });
+            return Err(UpstreamError::Tls {
+                backend: url(),
+                source,
+            });
         };
         let name = match &tls.server_name {
             Some(name) => name.clone(),
-            None => ServerName::try_from(backend.host.clone())
-                .map_err(|e| UpstreamError::Tls { backend: url(), source: io::Error::other(e) })?,
+            None => ServerName::try_from(backend.host.clone()).map_err(|e| UpstreamError::Tls {
+                backend: url(),
+                source: io::Error::other(e),
+            })?,
         };
         let tls_stream =
-            tls.connector.connect(name, tcp).await.map_err(|source| UpstreamError::Tls { backend: url(), source })?;
+            tls.connector
+                .connect(name, tcp)
+                .await
+                .map_err(|source| UpstreamError::Tls {
+                    backend: url(),
+                    source,
+                })?;
         Stream::ClientTls(Box::new(tls_stream))
     } else {
         Stream::Plain(tcp)
@@ -167,24 +192,48 @@ async fn open_inner(
             extra: request.extra,
         },
     );
-    stream.write_all(&head).await.map_err(|source| UpstreamError::Connect { backend: url(), source })?;
+    stream
+        .write_all(&head)
+        .await
+        .map_err(|source| UpstreamError::Connect {
+            backend: url(),
+            source,
+        })?;
 
     let mut buf = Vec::with_capacity(1024);
     loop {
         if buf.len() >= MAX_RESPONSE_HEAD {
-            let source = handshake::ClientHandshakeError::Malformed(httparse::Error::TooManyHeaders);
-            return Err(UpstreamError::Handshake { backend: url(), source });
+            let source =
+                handshake::ClientHandshakeError::Malformed(httparse::Error::TooManyHeaders);
+            return Err(UpstreamError::Handshake {
+                backend: url(),
+                source,
+            });
         }
         let n = read_some(&mut stream, &mut buf, MAX_RESPONSE_HEAD).await;
-        let n = n.map_err(|source| UpstreamError::Connect { backend: url(), source })?;
+        let n = n.map_err(|source| UpstreamError::Connect {
+            backend: url(),
+            source,
+        })?;
         if n == 0 {
             return Err(UpstreamError::Closed { backend: url() });
         }
         let mut storage = [EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let parsed = handshake::parse_response(&buf, &mut storage)
-            .map_err(|source| UpstreamError::Handshake { backend: url(), source })?;
-        let Some((response, head_len)) = parsed else { continue };
-        return match handshake::validate_response(&response, &key, request.protocols, request.extensions) {
+        let parsed = handshake::parse_response(&buf, &mut storage).map_err(|source| {
+            UpstreamError::Handshake {
+                backend: url(),
+                source,
+            }
+        })?;
+        let Some((response, head_len)) = parsed else {
+            continue;
+        };
+        return match handshake::validate_response(
+            &response,
+            &key,
+            request.protocols,
+            request.extensions,
+        ) {
             Ok(negotiated) => Ok(Upgraded {
                 protocol: negotiated.protocol.map(str::to_owned),
                 extensions: negotiated.extensions.map(str::to_owned),
@@ -193,9 +242,16 @@ async fn open_inner(
             }),
             Err(handshake::ClientHandshakeError::Rejected { status }) => {
                 let response = refusal_response(&response, &buf[head_len..], &mut stream).await;
-                Err(UpstreamError::Refused { backend: url(), status, response })
+                Err(UpstreamError::Refused {
+                    backend: url(),
+                    status,
+                    response,
+                })
             }
-            Err(source) => Err(UpstreamError::Handshake { backend: url(), source }),
+            Err(source) => Err(UpstreamError::Handshake {
+                backend: url(),
+                source,
+            }),
         };
     }
 }
@@ -211,19 +267,38 @@ async fn read_some(stream: &mut Stream, buf: &mut Vec<u8>, limit: usize) -> io::
 
 /// Headers that describe one hop of the backend's connection, not the response.
 fn is_hop_by_hop(name: &str) -> bool {
-    ["connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection", "te", "trailer", "content-length"]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h))
+    [
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "content-length",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// The backend's refusal as the client will see it: the backend's status and end-to-end
 /// headers, and its body when it is length-delimited and small; `Connection: close`.
-async fn refusal_response(response: &handshake::ResponseHead<'_, '_>, already: &[u8], stream: &mut Stream) -> Vec<u8> {
+async fn refusal_response(
+    response: &handshake::ResponseHead<'_, '_>,
+    already: &[u8],
+    stream: &mut Stream,
+) -> Vec<u8> {
     let content_length = response
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok());
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
     let mut body = Vec::new();
     if let Some(len) = content_length.filter(|&len| len <= MAX_REFUSAL_BODY) {
         body.extend_from_slice(&already[..already.len().min(len)]);
@@ -238,12 +313,20 @@ async fn refusal_response(response: &handshake::ResponseHead<'_, '_>, already: &
     // Without the backend's body, its Content-Type would describe the wrong bytes.
     let own_body = body.is_empty();
     if own_body {
-        body = format!("backend refused the WebSocket upgrade with status {}\n", response.status).into_bytes();
+        body = format!(
+            "backend refused the WebSocket upgrade with status {}\n",
+            response.status
+        )
+        .into_bytes();
     }
     let mut out = Vec::with_capacity(256 + body.len());
-    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", response.status, response.reason).as_bytes());
+    out.extend_from_slice(
+        format!("HTTP/1.1 {} {}\r\n", response.status, response.reason).as_bytes(),
+    );
     for header in response.headers.iter() {
-        if is_hop_by_hop(header.name) || (own_body && header.name.eq_ignore_ascii_case("content-type")) {
+        if is_hop_by_hop(header.name)
+            || (own_body && header.name.eq_ignore_ascii_case("content-type"))
+        {
             continue;
         }
         out.extend_from_slice(header.name.as_bytes());
@@ -254,12 +337,24 @@ async fn refusal_response(response: &handshake::ResponseHead<'_, '_>, already: &
     if own_body {
         out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n");
     }
-    out.extend_from_slice(format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(
+        format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(&body);
     out
 }
 
 /// Builds the TLS client side for an upstream's `wss://` backends.
-pub fn backend_tls(config: Arc<rustls::ClientConfig>, server_name: Option<ServerName<'static>>) -> BackendTls {
-    BackendTls { connector: TlsConnector::from(config), server_name }
+pub fn backend_tls(
+    config: Arc<rustls::ClientConfig>,
+    server_name: Option<ServerName<'static>>,
+) -> BackendTls {
+    BackendTls {
+        connector: TlsConnector::from(config),
+        server_name,
+    }
 }

@@ -26,7 +26,8 @@ thread_local! {
 }
 
 fn take_buffer() -> Box<[u8]> {
-    POOL.with(|pool| pool.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUFFER_LEN].into_boxed_slice())
+    POOL.with(|pool| pool.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUFFER_LEN].into_boxed_slice())
 }
 
 fn give_back(buffer: Box<[u8]>) {

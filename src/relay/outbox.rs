@@ -62,7 +62,11 @@ impl Outbox {
     pub fn next_bytes(&mut self) -> Option<&[u8]> {
         let queue = self.queue.as_mut()?;
         if queue.writing.is_none() {
-            let next = queue.pongs.pop_front().or_else(|| queue.ping.take()).or_else(|| queue.close.take());
+            let next = queue
+                .pongs
+                .pop_front()
+                .or_else(|| queue.ping.take())
+                .or_else(|| queue.close.take());
             queue.writing = next.map(|frame| (frame, 0));
         }
         if queue.writing.is_none() {
@@ -75,7 +79,9 @@ impl Outbox {
 
     /// Records that `n` bytes of `next_bytes()` were written.
     pub fn advance(&mut self, n: usize) {
-        let Some(queue) = self.queue.as_mut() else { return };
+        let Some(queue) = self.queue.as_mut() else {
+            return;
+        };
         if let Some((frame, written)) = &mut queue.writing {
             *written += n;
             if *written >= frame.as_bytes().len() {
@@ -121,7 +127,13 @@ mod tests {
         outbox2.push(ControlFrame::new(OpCode::Pong, b"3", None));
         assert_eq!(
             drain(&mut outbox2),
-            [&[0x8A, 1, b'1'][..], &[0x8A, 1, b'2'], &[0x89, 1, b'p'], &[0x88, 2, 3, 0xE8]].concat()
+            [
+                &[0x8A, 1, b'1'][..],
+                &[0x8A, 1, b'2'],
+                &[0x89, 1, b'p'],
+                &[0x88, 2, 3, 0xE8]
+            ]
+            .concat()
         );
         assert!(outbox2.is_empty());
         assert!(outbox2.close_queued());
@@ -136,6 +148,10 @@ mod tests {
         }
         let out = drain(&mut outbox);
         assert_eq!(out.len(), 3 * MAX_PONGS);
-        assert_eq!(out[2], 100 - MAX_PONGS as u8, "the oldest answers were dropped");
+        assert_eq!(
+            out[2],
+            100 - MAX_PONGS as u8,
+            "the oldest answers were dropped"
+        );
     }
 }

@@ -35,7 +35,8 @@ pub async fn start_gateway(yaml: &str) -> Gateway {
 
 /// The YAML of a gateway with one route `/` to the given backends, plus extra route keys.
 pub fn simple_config(backends: &[SocketAddr], route_extra: &str) -> String {
-    let mut yaml = String::from("listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  app:\n    backends:\n");
+    let mut yaml =
+        String::from("listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  app:\n    backends:\n");
     for b in backends {
         yaml.push_str(&format!("      - ws://{b}\n"));
     }
@@ -55,7 +56,10 @@ pub struct SeenRequest {
 
 impl SeenRequest {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -76,12 +80,23 @@ pub async fn echo_backend_with(name: &str, protocol: Option<&'static str>) -> Ec
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let backend = EchoBackend { addr, name: name.to_owned(), seen: Arc::clone(&seen) };
+    let backend = EchoBackend {
+        addr,
+        name: name.to_owned(),
+        seen: Arc::clone(&seen),
+    };
     let name = name.to_owned();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(echo_connection(stream, name.clone(), protocol, Arc::clone(&seen)));
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(echo_connection(
+                stream,
+                name.clone(),
+                protocol,
+                Arc::clone(&seen),
+            ));
         }
     });
     backend
@@ -93,13 +108,20 @@ async fn echo_connection(
     protocol: Option<&'static str>,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
 ) {
-    let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+    let config = WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None);
     #[allow(clippy::result_large_err)] // the signature is tungstenite's callback contract
     let callback = |request: &Request, mut response: Response| {
         let headers = request
             .headers()
             .iter()
-            .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect();
         let path = request.uri().to_string();
         seen.lock().unwrap().push(SeenRequest { path, headers });
@@ -112,12 +134,16 @@ async fn echo_connection(
                 .flat_map(|v| v.split(','))
                 .any(|p| p.trim() == protocol);
             if offered {
-                response.headers_mut().insert("sec-websocket-protocol", protocol.parse().unwrap());
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-protocol", protocol.parse().unwrap());
             }
         }
         Ok(response)
     };
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await else {
+    let Ok(mut ws) =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await
+    else {
         return;
     };
     while let Some(Ok(message)) = ws.next().await {
@@ -137,7 +163,9 @@ pub type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTls
 /// A tokio-tungstenite client connected through the gateway.
 pub async fn connect(addr: SocketAddr, path: &str) -> Client {
     let url = format!("ws://{addr}{path}");
-    let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+    let config = WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None);
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
         .await
         .unwrap_or_else(|e| panic!("connect to {addr}{path}: {e}"));
@@ -148,7 +176,12 @@ pub async fn connect(addr: SocketAddr, path: &str) -> Client {
 pub async fn backend_name(addr: SocketAddr, path: &str) -> String {
     let mut ws = connect(addr, path).await;
     ws.send(Message::text("whoami")).await.unwrap();
-    let name = next_message(&mut ws).await.into_text().unwrap().as_str().to_owned();
+    let name = next_message(&mut ws)
+        .await
+        .into_text()
+        .unwrap()
+        .as_str()
+        .to_owned();
     let _ = ws.close(None).await;
     name
 }
@@ -170,7 +203,10 @@ pub async fn next_message(ws: &mut Client) -> Message {
 /// Reads until the connection closes; returns the close frame received, if any.
 pub async fn close_frame(ws: &mut Client) -> Option<tungstenite::protocol::CloseFrame> {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("closed within 10 s") {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("closed within 10 s")
+        {
             Some(Ok(Message::Close(frame))) => return frame,
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return None,
