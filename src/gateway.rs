@@ -4,8 +4,11 @@
 //! Built once per configuration; connections hold an `Arc` to the one they started with, so a
 //! later reload never changes a connection in flight.
 
+use crate::config::StickyKey;
 use crate::config::{Config, Route};
-use crate::routing::{RouteTable, UpstreamBalancer};
+use crate::routing::{
+    HeaderField, RequestParts, RouteTable, UpstreamBalancer, cookie_value, extract_key,
+};
 use crate::tls::{self, TlsError};
 use crate::upstream::{BackendTls, backend_tls};
 use std::sync::Arc;
@@ -70,6 +73,60 @@ impl Gateway {
         &self.config.routes[index]
     }
 
+    /// Chooses the backend for a request on `route`, the same way for a WebSocket and for a
+    /// plain HTTP request, so a client's page loads, long-polls and WebSocket meet on one
+    /// backend: the sticky key if the route has one and the request carries it; otherwise a
+    /// valid affinity cookie naming a healthy backend; otherwise least connections (and then a
+    /// cookie is set, on routes that use one).
+    pub fn pick_backend<'a, H: HeaderField<'a>>(
+        &self,
+        route: usize,
+        request: &RequestParts<'a, H>,
+    ) -> Option<BackendPick> {
+        let route = &self.config.routes[route];
+        let balancer = &self.upstreams[route.upstream].balancer;
+        let key = route
+            .sticky
+            .as_ref()
+            .and_then(|sticky| extract_key(sticky, request));
+        if key.is_some() {
+            let index = balancer.choose(key.as_deref())?;
+            return Some(BackendPick {
+                index,
+                set_cookie: None,
+            });
+        }
+        let Some(cookie) = &route.sticky_cookie else {
+            let index = balancer.choose(None)?;
+            return Some(BackendPick {
+                index,
+                set_cookie: None,
+            });
+        };
+        let pinned = extract_key(&StickyKey::Cookie(cookie.name.clone()), request)
+            .and_then(|value| balancer.backend_for_cookie(&value))
+            .filter(|&index| balancer.is_healthy(index));
+        if let Some(index) = pinned {
+            return Some(BackendPick {
+                index,
+                set_cookie: None,
+            });
+        }
+        let index = balancer.choose(None)?;
+        let mut value = format!(
+            "{}={}; Path=/; HttpOnly; SameSite=Lax",
+            cookie.name,
+            cookie_value(&balancer.backends()[index])
+        );
+        if let Some(max_age) = cookie.max_age {
+            value.push_str(&format!("; Max-Age={}", max_age.as_secs()));
+        }
+        Some(BackendPick {
+            index,
+            set_cookie: Some(value),
+        })
+    }
+
     /// Takes one of the route's connection slots, if it has one free.
     pub fn enter_route(self: &Arc<Self>, route: usize) -> Option<RouteSlot> {
         let max = self.config.routes[route].limits.max_connections;
@@ -95,6 +152,13 @@ impl Gateway {
             }
         }
     }
+}
+
+/// Which backend a request goes to, and the affinity cookie to set if one was chosen now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendPick {
+    pub index: usize,
+    pub set_cookie: Option<String>,
 }
 
 /// A connection counted against its route's limit until dropped.

@@ -129,10 +129,11 @@ pub async fn accept_loop(
         let tls = bound.tls.clone();
         tokio::spawn(async move {
             let handshake_timeout = gateway.config.timeouts.handshake;
+            let deadline = tokio::time::Instant::now() + handshake_timeout;
             let mut stream = match tls {
                 None => Stream::Plain(tcp),
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
                         Ok(Err(error)) => {
                             tracing::debug!(client = %peer, "TLS handshake failed: {error}");
@@ -146,7 +147,7 @@ pub async fn accept_loop(
                 }
             };
             match guard {
-                Some(_guard) => front::serve(gateway, stream, peer).await,
+                Some(_guard) => front::serve(gateway, stream, peer, deadline).await,
                 None => {
                     front::refuse(
                         &mut stream,

@@ -73,8 +73,8 @@ pub enum UpstreamError {
     Refused {
         backend: String,
         status: u16,
-        /// The complete response to pass on to the client.
-        response: Vec<u8>,
+        /// The backend's answer, to pass on to the client.
+        response: Box<Refusal>,
     },
     #[error("backend {backend} answered the upgrade wrongly: {source}")]
     Handshake {
@@ -132,11 +132,9 @@ pub async fn open(
     }
 }
 
-async fn open_inner(
-    backend: &Backend,
-    tls: Option<&BackendTls>,
-    request: &UpstreamRequest<'_>,
-) -> Result<Upgraded, UpstreamError> {
+/// Opens the transport to a backend: TCP, and TLS for `wss://`. No timeout of its own: callers
+/// bound it together with what follows.
+pub async fn connect(backend: &Backend, tls: Option<&BackendTls>) -> Result<Stream, UpstreamError> {
     let url = || backend.url.clone();
     let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
         .await
@@ -146,33 +144,41 @@ async fn open_inner(
         })?;
     // Frames are written whole, one write per batch: Nagle would only add latency.
     let _ = tcp.set_nodelay(true);
-    let mut stream = if backend.secure {
-        let Some(tls) = tls else {
-            let source = io::Error::other("no TLS settings for a wss:// backend");
-            return Err(UpstreamError::Tls {
+    if !backend.secure {
+        return Ok(Stream::Plain(tcp));
+    }
+    let Some(tls) = tls else {
+        let source = io::Error::other("no TLS settings for a wss:// backend");
+        return Err(UpstreamError::Tls {
+            backend: url(),
+            source,
+        });
+    };
+    let name = match &tls.server_name {
+        Some(name) => name.clone(),
+        None => ServerName::try_from(backend.host.clone()).map_err(|e| UpstreamError::Tls {
+            backend: url(),
+            source: io::Error::other(e),
+        })?,
+    };
+    let tls_stream =
+        tls.connector
+            .connect(name, tcp)
+            .await
+            .map_err(|source| UpstreamError::Tls {
                 backend: url(),
                 source,
-            });
-        };
-        let name = match &tls.server_name {
-            Some(name) => name.clone(),
-            None => ServerName::try_from(backend.host.clone()).map_err(|e| UpstreamError::Tls {
-                backend: url(),
-                source: io::Error::other(e),
-            })?,
-        };
-        let tls_stream =
-            tls.connector
-                .connect(name, tcp)
-                .await
-                .map_err(|source| UpstreamError::Tls {
-                    backend: url(),
-                    source,
-                })?;
-        Stream::ClientTls(Box::new(tls_stream))
-    } else {
-        Stream::Plain(tcp)
-    };
+            })?;
+    Ok(Stream::ClientTls(Box::new(tls_stream)))
+}
+
+async fn open_inner(
+    backend: &Backend,
+    tls: Option<&BackendTls>,
+    request: &UpstreamRequest<'_>,
+) -> Result<Upgraded, UpstreamError> {
+    let url = || backend.url.clone();
+    let mut stream = connect(backend, tls).await?;
 
     let key = handshake::key_from_random(random_16());
     let target = if backend.base_path.is_empty() {
@@ -242,6 +248,7 @@ async fn open_inner(
             }),
             Err(handshake::ClientHandshakeError::Rejected { status }) => {
                 let response = refusal_response(&response, &buf[head_len..], &mut stream).await;
+                let response = Box::new(response);
                 Err(UpstreamError::Refused {
                     backend: url(),
                     status,
@@ -287,7 +294,7 @@ async fn refusal_response(
     response: &handshake::ResponseHead<'_, '_>,
     already: &[u8],
     stream: &mut Stream,
-) -> Vec<u8> {
+) -> Refusal {
     let content_length = response
         .headers
         .iter()
@@ -312,40 +319,84 @@ async fn refusal_response(
     }
     // Without the backend's body, its Content-Type would describe the wrong bytes.
     let own_body = body.is_empty();
+    let mut headers: Vec<(String, Vec<u8>)> = response
+        .headers
+        .iter()
+        .filter(|h| {
+            let replaced_type = own_body && h.name.eq_ignore_ascii_case("content-type");
+            !is_hop_by_hop(h.name) && !replaced_type
+        })
+        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+        .collect();
     if own_body {
         body = format!(
             "backend refused the WebSocket upgrade with status {}\n",
             response.status
         )
         .into_bytes();
+        headers.push((
+            "Content-Type".to_owned(),
+            b"text/plain; charset=utf-8".to_vec(),
+        ));
     }
-    let mut out = Vec::with_capacity(256 + body.len());
-    out.extend_from_slice(
-        format!("HTTP/1.1 {} {}\r\n", response.status, response.reason).as_bytes(),
-    );
-    for header in response.headers.iter() {
-        if is_hop_by_hop(header.name)
-            || (own_body && header.name.eq_ignore_ascii_case("content-type"))
-        {
-            continue;
+    Refusal {
+        status: response.status,
+        reason: response.reason.to_owned(),
+        headers,
+        body,
+    }
+}
+
+/// A final HTTP answer to a client that will not get a WebSocket: the gateway's own (a status
+/// and a one-line reason) or a backend's refusal passed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: String,
+    /// End-to-end headers, without Content-Length and Connection (added when written).
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl Refusal {
+    /// The gateway's own refusal: `status`, a one-line plain-text body, and `extra` headers.
+    pub fn plain(status: u16, line: &str, extra: &[(&str, &str)]) -> Self {
+        let mut headers: Vec<(String, Vec<u8>)> = extra
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        headers.push((
+            "Content-Type".to_owned(),
+            b"text/plain; charset=utf-8".to_vec(),
+        ));
+        Self {
+            status,
+            reason: handshake::server::reason_phrase(status).to_owned(),
+            headers,
+            body: format!("{line}\n").into_bytes(),
         }
-        out.extend_from_slice(header.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(header.value);
-        out.extend_from_slice(b"\r\n");
     }
-    if own_body {
-        out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n");
+
+    /// The complete response, ending the connection.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + self.body.len());
+        out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.status, self.reason).as_bytes());
+        for (name, value) in &self.headers {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(
+            format!(
+                "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                self.body.len()
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(&self.body);
+        out
     }
-    out.extend_from_slice(
-        format!(
-            "Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    );
-    out.extend_from_slice(&body);
-    out
 }
 
 /// Builds the TLS client side for an upstream's `wss://` backends.

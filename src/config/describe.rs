@@ -99,7 +99,7 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
                     |d| format!("max_age {}", format_duration(d))
                 )
             ),
-            (None, None) => "none (weighted random backend)".to_owned(),
+            (None, None) => "none (least connections, by weight)".to_owned(),
         };
         writeln!(out, "      sticky: {sticky}")?;
         let origins = if route.allowed_origins.is_empty() {

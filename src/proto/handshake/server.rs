@@ -89,6 +89,18 @@ impl HandshakeError {
     }
 }
 
+impl HandshakeError {
+    /// Headers the refusal must carry: the version we speak with 426 (§4.4), the allowed
+    /// method with 405 (RFC 9110 §15.5.6).
+    pub fn extra_headers(&self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::UnsupportedVersion => &[("Sec-WebSocket-Version", WEBSOCKET_VERSION)],
+            Self::MethodNotGet => &[("Allow", "GET")],
+            _ => &[],
+        }
+    }
+}
+
 impl fmt::Display for HandshakeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -219,8 +231,8 @@ pub fn accept_key(key: &str) -> String {
     BASE64.encode(sha1.digest().bytes())
 }
 
-/// Appends a `101 Switching Protocols` response. `extra` headers are written as given
-/// (e.g. `Set-Cookie` for sticky routing).
+/// Appends a `101 Switching Protocols` response for the client's `key`. `extra` headers are
+/// written as given (e.g. `Set-Cookie` for sticky routing).
 pub fn write_accept_response(
     out: &mut Vec<u8>,
     key: &str,
@@ -228,8 +240,19 @@ pub fn write_accept_response(
     extensions: Option<&str>,
     extra: &[(&str, &str)],
 ) {
+    write_switching_protocols(out, &accept_key(key), protocol, extensions, extra);
+}
+
+/// Appends a `101 Switching Protocols` response carrying an already computed `accept` value.
+pub fn write_switching_protocols(
+    out: &mut Vec<u8>,
+    accept: &str,
+    protocol: Option<&str>,
+    extensions: Option<&str>,
+    extra: &[(&str, &str)],
+) {
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
-    out.extend_from_slice(accept_key(key).as_bytes());
+    out.extend_from_slice(accept.as_bytes());
     out.extend_from_slice(b"\r\n");
     if let Some(protocol) = protocol {
         write_header(out, "Sec-WebSocket-Protocol", protocol);
@@ -250,11 +273,7 @@ pub fn write_error_response(out: &mut Vec<u8>, error: &HandshakeError) {
         out,
         error.status(),
         &error.to_string(),
-        match error {
-            HandshakeError::UnsupportedVersion => &[("Sec-WebSocket-Version", WEBSOCKET_VERSION)],
-            HandshakeError::MethodNotGet => &[("Allow", "GET")],
-            _ => &[],
-        },
+        error.extra_headers(),
     );
 }
 

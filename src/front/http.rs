@@ -1,0 +1,297 @@
+//! Plain HTTP on the same listeners: a connection whose first request is not a WebSocket
+//! upgrade is served by hyper from then on. Each request is routed like a WebSocket (same
+//! route table, same sticky choice, so a client's page loads, long-polls and WebSocket reach
+//! one backend) and reverse-proxied with streaming bodies both ways; hop-by-hop headers are
+//! removed and forwarding headers added. A WebSocket upgrade later on the same keep-alive
+//! connection goes through [`super::websocket::decide`] and the relay like any other.
+
+use super::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
+use super::websocket::{self, Decision};
+use crate::gateway::Gateway;
+use crate::proto::handshake::{self, RequestHead};
+use crate::routing::RequestParts;
+use crate::stream::{Rewind, Stream};
+use crate::upstream::{self, Refusal};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Serves a plain-HTTP connection; `prefix` is what was read of it already.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    stream: Stream,
+    peer: SocketAddr,
+    tls: bool,
+    prefix: Vec<u8>,
+) {
+    let io = TokioIo::new(Rewind::new(prefix, stream));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(gateway.config.timeouts.handshake)
+        // hyper's minimum buffer is 8 KiB; the configured head limit applies above that.
+        .max_buf_size(gateway.config.limits.max_header_bytes.max(8192));
+    let service = hyper::service::service_fn(move |request| {
+        let gateway = Arc::clone(&gateway);
+        async move { Ok::<_, Infallible>(handle(gateway, peer, tls, request).await) }
+    });
+    if let Err(error) = builder.serve_connection(io, service).with_upgrades().await {
+        tracing::debug!(client = %peer, "HTTP connection ended: {error}");
+    }
+}
+
+async fn handle(
+    gateway: Arc<Gateway>,
+    peer: SocketAddr,
+    tls: bool,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let wants_websocket = request
+        .headers()
+        .get_all(hyper::header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(handshake::headers::split_list)
+        .any(|token| token.eq_ignore_ascii_case("websocket"));
+    if wants_websocket {
+        return upgrade(&gateway, peer, tls, request).await;
+    }
+    let host = request
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok());
+    match gateway.routes.route(host, request.uri().path()) {
+        Some(route) => proxy(&gateway, route, peer, tls, request).await,
+        None => plain(404, "no route for this host and path"),
+    }
+}
+
+/// The request's head in the form the handshake code reads.
+fn fields(request: &Request<Incoming>) -> Vec<httparse::Header<'_>> {
+    request
+        .headers()
+        .iter()
+        .map(|(name, value)| httparse::Header {
+            name: name.as_str(),
+            value: value.as_bytes(),
+        })
+        .collect()
+}
+
+fn target(request: &Request<Incoming>) -> &str {
+    request
+        .uri()
+        .path_and_query()
+        .map_or("/", |target| target.as_str())
+}
+
+fn minor_version(request: &Request<Incoming>) -> u8 {
+    u8::from(request.version() != Version::HTTP_10)
+}
+
+async fn upgrade(
+    gateway: &Arc<Gateway>,
+    peer: SocketAddr,
+    tls: bool,
+    mut request: Request<Incoming>,
+) -> Response<Body> {
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let headers = fields(&request);
+    let head = RequestHead {
+        method: request.method().as_str(),
+        target: target(&request),
+        version: minor_version(&request),
+        headers: &headers,
+    };
+    let acceptance = match websocket::decide(gateway, &head, peer, tls).await {
+        Decision::Refuse(refusal) => return refusal_response(refusal),
+        Decision::Accept(acceptance) => acceptance,
+    };
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(hyper::header::UPGRADE, "websocket")
+        .header(hyper::header::CONNECTION, "Upgrade")
+        .header("sec-websocket-accept", acceptance.accept.as_str());
+    if let Some(protocol) = &acceptance.protocol {
+        response = response.header("sec-websocket-protocol", protocol.as_str());
+    }
+    if let Some(extensions) = &acceptance.extensions {
+        response = response.header("sec-websocket-extensions", extensions.as_str());
+    }
+    if let Some(cookie) = &acceptance.set_cookie {
+        response = response.header(hyper::header::SET_COOKIE, cookie.as_str());
+    }
+    tokio::spawn(async move {
+        let started = Instant::now();
+        if let Ok(upgraded) = on_upgrade.await {
+            let client = Stream::Upgraded(Box::new(TokioIo::new(upgraded)));
+            acceptance.relay(client, &[], started).await;
+        }
+    });
+    response
+        .body(empty())
+        .unwrap_or_else(|_| plain(500, "cannot build the 101 response"))
+}
+
+async fn proxy(
+    gateway: &Arc<Gateway>,
+    route_index: usize,
+    peer: SocketAddr,
+    tls: bool,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let route = gateway.route(route_index);
+    let upstream = &gateway.upstreams[route.upstream];
+    let headers = fields(&request);
+    let head = RequestHead {
+        method: request.method().as_str(),
+        target: target(&request),
+        version: minor_version(&request),
+        headers: &headers,
+    };
+    let parts = RequestParts {
+        path: head.path(),
+        query: head.query(),
+        headers: head.headers,
+        client_ip: peer.ip(),
+    };
+    let Some(pick) = gateway.pick_backend(route_index, &parts) else {
+        return plain(503, "no healthy backend for this route");
+    };
+    let _backend_slot = upstream.balancer.acquire(pick.index);
+    let backend = &upstream.balancer.backends()[pick.index];
+
+    // Everything the outgoing request needs is copied out, so the body can be moved.
+    let forwarded = ForwardedHeaders::new(&head, peer, tls);
+    let mut outgoing = Request::builder()
+        .method(request.method().clone())
+        .uri(format!("{}{}", backend.base_path, head.target))
+        .version(Version::HTTP_11);
+    if let Some(host) = head.header("host") {
+        outgoing = outgoing.header(hyper::header::HOST, host);
+    }
+    for (name, value) in forwarded.fields(&head, false) {
+        outgoing = outgoing.header(name, value);
+    }
+    let outgoing = match outgoing.body(request.into_body()) {
+        Ok(outgoing) => outgoing,
+        Err(error) => return plain(400, &format!("cannot forward this request: {error}")),
+    };
+
+    let connect_timeout = gateway.config.upstreams[route.upstream].connect_timeout;
+    let connected = tokio::time::timeout(connect_timeout, async {
+        let stream = upstream::connect(backend, upstream.tls.as_ref()).await?;
+        hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| upstream::UpstreamError::Connect {
+                backend: backend.url.clone(),
+                source: std::io::Error::other(error),
+            })
+    })
+    .await;
+    let mut sender = match connected {
+        Ok(Ok((sender, connection))) => {
+            tokio::spawn(connection);
+            sender
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, "{error}");
+            return plain(502, &error.to_string());
+        }
+        Err(_) => {
+            return plain(
+                504,
+                &format!(
+                    "backend {} did not accept the connection in time",
+                    backend.url
+                ),
+            );
+        }
+    };
+    // A long-poll may legitimately be held by the backend; only the route's idle timeout, when
+    // set, bounds the wait for the response head.
+    let sent = sender.send_request(outgoing);
+    let response = match route.timeouts.idle {
+        Some(idle) => match tokio::time::timeout(idle, sent).await {
+            Ok(result) => result,
+            Err(_) => {
+                return plain(
+                    504,
+                    &format!("backend {} did not answer in time", backend.url),
+                );
+            }
+        },
+        None => sent.await,
+    };
+    let response = match response {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, "backend request failed: {error}");
+            return plain(502, &format!("backend {} failed: {error}", backend.url));
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    let listed: Vec<String> = parts
+        .headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(handshake::headers::split_list)
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let dropped: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|name| {
+            is_hop_by_hop_response(name.as_str()) || listed.iter().any(|l| l == name.as_str())
+        })
+        .cloned()
+        .collect();
+    for name in dropped {
+        parts.headers.remove(name);
+    }
+    if let Some(cookie) = pick.set_cookie
+        && let Ok(value) = HeaderValue::from_str(&cookie)
+    {
+        parts.headers.append(hyper::header::SET_COOKIE, value);
+    }
+    Response::from_parts(parts, body.boxed())
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+fn plain(status: u16, line: &str) -> Response<Body> {
+    refusal_response(Refusal::plain(status, line, &[]))
+}
+
+fn refusal_response(refusal: Refusal) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(refusal.body))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *response.status_mut() =
+        StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    for (name, value) in refusal.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(&value),
+        ) {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
+}

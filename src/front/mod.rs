@@ -1,0 +1,117 @@
+//! One client connection. The first request head is read here, bounded in time and size. If
+//! it is a WebSocket upgrade, the gateway takes the connection itself: [`websocket::decide`],
+//! then the relay on the raw socket. Anything else is plain HTTP, handed to hyper
+//! ([`http`]), which proxies it, and any later request on the connection, with the same
+//! routing and sticky choice.
+//!
+//! Every refusal is an HTTP status with a one-line reason; a client never sees a 101 followed
+//! by a close for something known before the 101.
+
+pub mod forwarded;
+mod http;
+mod respond;
+mod websocket;
+
+use crate::gateway::Gateway;
+use crate::proto::handshake::{self, HandshakeError};
+use crate::stream::Stream;
+use httparse::EMPTY_HEADER;
+pub use respond::refuse;
+use respond::{HeadRead, finish_with, read_head_bytes};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+use websocket::{Acceptance, Decision};
+
+/// Header fields a request head may carry. More is refused with 431.
+pub const MAX_HEADERS: usize = 96;
+
+/// What follows the first request.
+enum Next {
+    /// The connection was answered and closed.
+    Done,
+    /// A WebSocket: relay, starting with the bytes the client sent after its head.
+    Relay(Box<Acceptance>, Vec<u8>),
+    /// Plain HTTP: hyper takes over, re-reading the bytes read so far.
+    Http(Vec<u8>),
+}
+
+/// Serves one client connection to the end. `deadline` bounds the arrival of the first request
+/// head; it was set at accept, so a TLS handshake counts against it too.
+pub async fn serve(gateway: Arc<Gateway>, mut stream: Stream, peer: SocketAddr, deadline: Instant) {
+    let started = Instant::now();
+    let tls = stream.is_tls();
+    // Boxed so that the head buffer and header table are freed before the long relay phase:
+    // an idle WebSocket's task then holds only the relay's small state.
+    let next = Box::pin(first_request(&gateway, &mut stream, peer, tls, deadline)).await;
+    match next {
+        Next::Done => {}
+        Next::Relay(acceptance, early) => acceptance.relay(stream, &early, started).await,
+        Next::Http(prefix) => http::serve(gateway, stream, peer, tls, prefix).await,
+    }
+}
+
+async fn first_request(
+    gateway: &Arc<Gateway>,
+    stream: &mut Stream,
+    peer: SocketAddr,
+    tls: bool,
+    deadline: Instant,
+) -> Next {
+    let limits = gateway.config.limits;
+    let mut buf = Vec::with_capacity(2048);
+    loop {
+        match read_head_bytes(stream, &mut buf, limits.max_header_bytes, deadline).await {
+            HeadRead::More => {}
+            HeadRead::Closed => return Next::Done,
+            HeadRead::TimedOut => {
+                refuse(stream, 408, "request head not received in time", &[]).await;
+                return Next::Done;
+            }
+            HeadRead::TooLarge => {
+                let error = HandshakeError::HeadTooLarge {
+                    max: limits.max_header_bytes,
+                };
+                refuse_handshake(stream, &error).await;
+                return Next::Done;
+            }
+        }
+        // Parsing restarts from the beginning each time: heads are small and usually arrive in
+        // one read, and httparse needs the whole head in one slice anyway.
+        let mut probe = [EMPTY_HEADER; MAX_HEADERS];
+        match handshake::parse_request(&buf, &mut probe) {
+            Ok(Some(_)) => break,
+            Ok(None) => {}
+            Err(error) => {
+                refuse_handshake(stream, &error).await;
+                return Next::Done;
+            }
+        }
+    }
+    let mut storage = [EMPTY_HEADER; MAX_HEADERS];
+    let Ok(Some((head, head_len))) = handshake::parse_request(&buf, &mut storage) else {
+        unreachable!("the same bytes parsed completely a moment ago");
+    };
+    if !head.wants_websocket() {
+        return Next::Http(buf);
+    }
+    match websocket::decide(gateway, &head, peer, tls).await {
+        Decision::Refuse(refusal) => {
+            finish_with(stream, &refusal.to_bytes()).await;
+            Next::Done
+        }
+        Decision::Accept(acceptance) => {
+            if stream.write_all(&acceptance.response_head()).await.is_err() {
+                return Next::Done;
+            }
+            Next::Relay(acceptance, buf[head_len..].to_vec())
+        }
+    }
+}
+
+async fn refuse_handshake(stream: &mut Stream, error: &HandshakeError) {
+    let mut out = Vec::new();
+    handshake::write_error_response(&mut out, error);
+    finish_with(stream, &out).await;
+}

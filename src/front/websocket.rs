@@ -1,0 +1,252 @@
+//! Deciding a WebSocket upgrade: validate the request, check the origin and the route's
+//! connection limit, choose the backend, and open the backend's WebSocket. Only when the
+//! backend has accepted is the client told 101; every earlier failure becomes a [`Refusal`].
+//!
+//! The decision does no I/O on the client connection, so the raw path (a connection whose
+//! first request is the upgrade) and the hyper path (an upgrade later on a keep-alive HTTP
+//! connection) share it.
+
+use super::forwarded::ForwardedHeaders;
+use crate::config::{Compression, Route};
+use crate::gateway::{Gateway, RouteSlot};
+use crate::proto::handshake::{self, RequestHead};
+use crate::proto::{DecoderConfig, FrameDecoder, Role};
+use crate::relay::{Relay, RelayReport, RelaySettings};
+use crate::routing::{ConnectionSlot, RequestParts};
+use crate::stream::Stream;
+use crate::upstream::{self, Refusal, UpstreamError, UpstreamRequest};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+pub enum Decision {
+    Refuse(Refusal),
+    Accept(Box<Acceptance>),
+}
+
+/// A backend that accepted; what to answer the client and how to relay afterwards.
+#[derive(Debug)]
+pub struct Acceptance {
+    /// `Sec-WebSocket-Accept` for the client's key.
+    pub accept: String,
+    pub protocol: Option<String>,
+    pub extensions: Option<String>,
+    pub set_cookie: Option<String>,
+    backend: Stream,
+    backend_early: Vec<u8>,
+    decoders: (FrameDecoder, FrameDecoder),
+    settings: RelaySettings,
+    log: AccessContext,
+}
+
+/// What the access log reports about a connection, and the slots it holds until it ends.
+#[derive(Debug)]
+struct AccessContext {
+    gateway: Arc<Gateway>,
+    route: usize,
+    backend: String,
+    target: String,
+    peer: SocketAddr,
+    _route_slot: RouteSlot,
+    _backend_slot: ConnectionSlot,
+}
+
+/// Decides an upgrade request. The request is validated before it is routed, so a request
+/// without `Host` is a 400 (RFC 9112 §3.2), not a 404 from routes that name hosts.
+pub async fn decide(
+    gateway: &Arc<Gateway>,
+    head: &RequestHead<'_, '_>,
+    peer: SocketAddr,
+    tls: bool,
+) -> Decision {
+    let refuse = |status, line: &str, extra: &[(&str, &str)]| {
+        Decision::Refuse(Refusal::plain(status, line, extra))
+    };
+    let upgrade = match handshake::validate_upgrade(head) {
+        Ok(upgrade) => upgrade,
+        Err(error) => return refuse(error.status(), &error.to_string(), error.extra_headers()),
+    };
+    let Some(route_index) = gateway.routes.route(Some(upgrade.host), head.path()) else {
+        return refuse(404, "no route for this host and path", &[]);
+    };
+    let route = gateway.route(route_index);
+    if !origin_allowed(route, upgrade.origin) {
+        return refuse(403, "origin not allowed", &[]);
+    }
+    let Some(route_slot) = gateway.enter_route(route_index) else {
+        return refuse(
+            503,
+            "route is at its connection limit",
+            &[("Retry-After", "1")],
+        );
+    };
+    let parts = RequestParts {
+        path: head.path(),
+        query: head.query(),
+        headers: head.headers,
+        client_ip: peer.ip(),
+    };
+    let Some(pick) = gateway.pick_backend(route_index, &parts) else {
+        return refuse(
+            503,
+            "no healthy backend for this route",
+            &[("Retry-After", "1")],
+        );
+    };
+    let upstream = &gateway.upstreams[route.upstream];
+    let backend_slot = upstream.balancer.acquire(pick.index);
+    let backend = &upstream.balancer.backends()[pick.index];
+
+    let protocols = join(handshake::server::offered_protocols(head.headers));
+    let extensions = match route.compression {
+        Compression::Passthrough => join(
+            handshake::headers::values(head.headers, "sec-websocket-extensions")
+                .filter_map(|v| std::str::from_utf8(v).ok()),
+        ),
+        Compression::Strip => None,
+    };
+    let forwarded = ForwardedHeaders::new(head, peer, tls);
+    let extra = forwarded.fields(head, true);
+    let request = UpstreamRequest {
+        host: upgrade.host,
+        target: head.target,
+        protocols: protocols.as_deref(),
+        extensions: extensions.as_deref(),
+        extra: &extra,
+    };
+    let connect_timeout = gateway.config.upstreams[route.upstream].connect_timeout;
+    let upgraded = match upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request)
+        .await
+    {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), "{error}");
+            return Decision::Refuse(match error {
+                UpstreamError::Refused { response, .. } => *response,
+                other => Refusal::plain(other.status(), &other.to_string(), &[]),
+            });
+        }
+    };
+
+    let compression = upgraded
+        .extensions
+        .as_deref()
+        .is_some_and(|e| e.to_ascii_lowercase().contains("permessage-deflate"));
+    let decoder = |role| {
+        FrameDecoder::new(DecoderConfig {
+            role,
+            max_frame: route.limits.max_frame,
+            max_message: route.limits.max_message,
+            compression,
+            keep_opaque_masked: true,
+        })
+    };
+    Decision::Accept(Box::new(Acceptance {
+        accept: handshake::accept_key(upgrade.key),
+        protocol: upgraded.protocol,
+        extensions: upgraded.extensions,
+        set_cookie: pick.set_cookie,
+        backend: upgraded.stream,
+        backend_early: upgraded.early,
+        decoders: (decoder(Role::Server), decoder(Role::Client)),
+        settings: RelaySettings {
+            ping_interval: route.timeouts.ping_interval,
+            pong_timeout: route.timeouts.pong_timeout,
+            close_timeout: route.timeouts.close,
+            idle_timeout: route.timeouts.idle,
+            ping_passthrough: route.ping_passthrough,
+        },
+        log: AccessContext {
+            gateway: Arc::clone(gateway),
+            route: route_index,
+            backend: backend.url.clone(),
+            target: head.path().to_owned(),
+            peer,
+            _route_slot: route_slot,
+            _backend_slot: backend_slot,
+        },
+    }))
+}
+
+impl Acceptance {
+    /// The 101 response head for the client.
+    pub fn response_head(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        let extra: Vec<(&str, &str)> = self
+            .set_cookie
+            .iter()
+            .map(|v| ("Set-Cookie", v.as_str()))
+            .collect();
+        handshake::server::write_switching_protocols(
+            &mut out,
+            &self.accept,
+            self.protocol.as_deref(),
+            self.extensions.as_deref(),
+            &extra,
+        );
+        out
+    }
+
+    /// Relays until both sides have closed, then writes the access log line.
+    /// `client_early` are bytes the client sent after its request head.
+    pub async fn relay(self, client: Stream, client_early: &[u8], started: Instant) {
+        let (client_decoder, backend_decoder) = self.decoders;
+        let relay = Relay::new(
+            client,
+            client_decoder,
+            client_early,
+            self.backend,
+            backend_decoder,
+            &self.backend_early,
+            self.settings,
+        );
+        drop(self.backend_early);
+        let report = relay.run().await;
+        self.log.write(&report, started.elapsed());
+    }
+}
+
+impl AccessContext {
+    fn write(&self, report: &RelayReport, duration: Duration) {
+        let route = &self.gateway.route(self.route).name;
+        let code = |c: Option<u16>| c.map_or_else(|| "-".to_owned(), |c| c.to_string());
+        tracing::info!(
+            target: "wsgate::access",
+            client = %self.peer,
+            route = %route,
+            backend = %self.backend,
+            target = %self.target,
+            duration_ms = duration.as_millis() as u64,
+            client_bytes = report.client.bytes_in,
+            client_messages = report.client.messages_in,
+            backend_bytes = report.backend.bytes_in,
+            backend_messages = report.backend.messages_in,
+            client_close_received = %code(report.client.close_received),
+            client_close_sent = %code(report.client.close_sent),
+            backend_close_received = %code(report.backend.close_received),
+            backend_close_sent = %code(report.backend.close_sent),
+            initiator = report.initiator,
+            cause = %report.cause,
+            "connection closed"
+        );
+    }
+}
+
+fn join<'a>(items: impl Iterator<Item = &'a str>) -> Option<String> {
+    let joined = items.collect::<Vec<_>>().join(", ");
+    (!joined.is_empty()).then_some(joined)
+}
+
+/// An empty allowlist admits every origin; otherwise the `Origin` header must be listed.
+fn origin_allowed(route: &Route, origin: Option<&str>) -> bool {
+    if route.allowed_origins.is_empty() {
+        return true;
+    }
+    origin.is_some_and(|origin| {
+        route
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(origin.trim_end_matches('/')))
+    })
+}
