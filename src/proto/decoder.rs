@@ -193,6 +193,12 @@ impl FrameDecoder {
             }));
         }
         self.start_data_frame(&header)?;
+        if header.fin && header.payload_len == 0 && self.message == Some(Message::Text) {
+            // An empty final frame completes the message with its header alone: an incomplete
+            // character left by earlier frames must fail now, before a relay forwards the
+            // header that would make the invalid message whole on the other side.
+            self.utf8.finish()?;
+        }
         self.state = State::Payload {
             header,
             received: 0,

@@ -307,6 +307,17 @@ fn invalid_utf8_text_closes_with_1007_at_the_first_bad_chunk() {
     let mut stream = frame(false, OpCode::Text, Some(KEY), b"a");
     stream.extend(frame(true, OpCode::Continuation, Some(KEY), b"\xce"));
     expect_close_code(server(), &stream, CloseCode::INVALID_PAYLOAD);
+    // An empty final frame completing an incomplete character fails at its header, before a
+    // relay could forward the header that makes the message whole.
+    let mut decoder = FrameDecoder::new(server());
+    let mut first = frame(false, OpCode::Text, Some(KEY), b"caf\xc3");
+    let header = decoder.decode(&mut first).unwrap().unwrap();
+    decoder
+        .decode(&mut first[header.consumed..])
+        .unwrap()
+        .unwrap();
+    let mut last = frame(true, OpCode::Continuation, Some(KEY), b"");
+    assert_eq!(decoder.decode(&mut last), Err(ProtocolError::InvalidUtf8));
     // Fail fast: the first fragment is invalid, the error comes before the second frame's header.
     let mut decoder = FrameDecoder::new(server());
     let mut first = frame(false, OpCode::Text, Some(KEY), b"\xed\xa0\x80 surrogate");
