@@ -22,6 +22,7 @@ pub mod front;
 pub mod gateway;
 pub mod listener;
 pub mod server;
+pub mod demo;
 
 #[cfg(fuzzing)]
 #[doc(hidden)]
