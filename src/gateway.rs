@@ -13,6 +13,7 @@ use crate::tls::{self, TlsError};
 use crate::upstream::{BackendTls, backend_tls};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use tokio::sync::watch;
 
 #[derive(Debug)]
 pub struct UpstreamRuntime {
@@ -29,6 +30,8 @@ pub struct Gateway {
     pub upstreams: Vec<UpstreamRuntime>,
     /// Client connections open per route.
     pub route_active: Vec<AtomicU32>,
+    /// Turns true when the gateway shuts down: every connection then closes with 1001.
+    pub drain: watch::Sender<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,7 @@ impl Gateway {
             route_active: config.routes.iter().map(|_| AtomicU32::new(0)).collect(),
             upstreams,
             config,
+            drain: watch::Sender::new(false),
         })
     }
 

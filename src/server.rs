@@ -7,7 +7,12 @@ use crate::listener::{BindError, BoundListener, ConnectionCounter, accept_loop};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
+
+/// How long a shutdown waits for connections to finish their closing handshakes: the close
+/// timeout (5 s by default) plus room for a backend that answers slowly.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -57,11 +62,12 @@ impl Server {
         &self.gateway
     }
 
-    /// Accepts on every listener until `stop` completes. Connections already accepted go on.
-    pub async fn run(self, stop: impl Future<Output = ()>) {
+    /// Accepts on every listener until `stop` completes, then drains: every open connection is
+    /// closed gracefully (WebSockets with 1001), waiting at most [`DRAIN_DEADLINE`].
+    pub async fn run(mut self, stop: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut loops = Vec::new();
-        for bound in self.listeners {
+        for bound in std::mem::take(&mut self.listeners) {
             let mut stop_rx = stop_rx.clone();
             let stopped = async move {
                 let _ = stop_rx.wait_for(|stopped| *stopped).await;
@@ -77,6 +83,21 @@ impl Server {
         let _ = stop_tx.send(true);
         for accept in loops {
             let _ = accept.await;
+        }
+        self.drain().await;
+    }
+
+    /// Asks every connection to close (1001 to WebSocket clients and backends, `Connection:
+    /// close` to HTTP clients) and waits for them, at most [`DRAIN_DEADLINE`].
+    async fn drain(&self) {
+        let _ = self.gateway.drain.send(true);
+        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+        while self.counter.current() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.counter.current();
+        if left > 0 {
+            tracing::warn!("{left} connections still open after the drain deadline; closing them");
         }
     }
 }

@@ -6,7 +6,7 @@
 //! connection goes through [`super::websocket::decide`] and the relay like any other.
 
 use super::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
-use super::websocket::{self, Decision};
+use super::websocket::{self, Acceptance, Decision};
 use crate::gateway::Gateway;
 use crate::proto::handshake::{self, RequestHead};
 use crate::routing::RequestParts;
@@ -20,12 +20,17 @@ use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Serves a plain-HTTP connection; `prefix` is what was read of it already.
+/// A WebSocket accepted on this connection, to relay once hyper hands the socket over.
+type PendingUpgrade = Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Box<Acceptance>)>>>;
+
+/// Serves a plain-HTTP connection; `prefix` is what was read of it already. Returns when the
+/// connection is over, including a WebSocket it was upgraded to, so the caller's connection
+/// count covers the whole life of the socket.
 pub async fn serve(
     gateway: Arc<Gateway>,
     stream: Stream,
@@ -40,12 +45,37 @@ pub async fn serve(
         .header_read_timeout(gateway.config.timeouts.handshake)
         // hyper's minimum buffer is 8 KiB; the configured head limit applies above that.
         .max_buf_size(gateway.config.limits.max_header_bytes.max(8192));
-    let service = hyper::service::service_fn(move |request| {
+    let pending: PendingUpgrade = Arc::default();
+    let service = hyper::service::service_fn({
         let gateway = Arc::clone(&gateway);
-        async move { Ok::<_, Infallible>(handle(gateway, peer, tls, request).await) }
+        let pending = Arc::clone(&pending);
+        move |request| {
+            let gateway = Arc::clone(&gateway);
+            let pending = Arc::clone(&pending);
+            async move { Ok::<_, Infallible>(handle(gateway, peer, tls, request, pending).await) }
+        }
     });
-    if let Err(error) = builder.serve_connection(io, service).with_upgrades().await {
+    let connection = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(connection);
+    let mut drain = gateway.drain.subscribe();
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        true = async { drain.wait_for(|draining| *draining).await.is_ok() } => {
+            // Finish the request in flight, then close instead of keeping the connection alive.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
         tracing::debug!(client = %peer, "HTTP connection ended: {error}");
+    }
+    let upgrade = pending.lock().ok().and_then(|mut slot| slot.take());
+    if let Some((on_upgrade, acceptance)) = upgrade {
+        let started = Instant::now();
+        if let Ok(upgraded) = on_upgrade.await {
+            let client = Stream::Upgraded(Box::new(TokioIo::new(upgraded)));
+            acceptance.relay(client, &[], started).await;
+        }
     }
 }
 
@@ -54,6 +84,7 @@ async fn handle(
     peer: SocketAddr,
     tls: bool,
     request: Request<Incoming>,
+    pending: PendingUpgrade,
 ) -> Response<Body> {
     let wants_websocket = request
         .headers()
@@ -63,7 +94,7 @@ async fn handle(
         .flat_map(handshake::headers::split_list)
         .any(|token| token.eq_ignore_ascii_case("websocket"));
     if wants_websocket {
-        return upgrade(&gateway, peer, tls, request).await;
+        return upgrade(&gateway, peer, tls, request, pending).await;
     }
     let host = request
         .headers()
@@ -103,6 +134,7 @@ async fn upgrade(
     peer: SocketAddr,
     tls: bool,
     mut request: Request<Incoming>,
+    pending: PendingUpgrade,
 ) -> Response<Body> {
     let on_upgrade = hyper::upgrade::on(&mut request);
     let headers = fields(&request);
@@ -130,13 +162,9 @@ async fn upgrade(
     if let Some(cookie) = &acceptance.set_cookie {
         response = response.header(hyper::header::SET_COOKIE, cookie.as_str());
     }
-    tokio::spawn(async move {
-        let started = Instant::now();
-        if let Ok(upgraded) = on_upgrade.await {
-            let client = Stream::Upgraded(Box::new(TokioIo::new(upgraded)));
-            acceptance.relay(client, &[], started).await;
-        }
-    });
+    if let Ok(mut slot) = pending.lock() {
+        *slot = Some((on_upgrade, acceptance));
+    }
     response
         .body(empty())
         .unwrap_or_else(|_| plain(500, "cannot build the 101 response"))

@@ -202,7 +202,7 @@ impl Acceptance {
             self.settings,
         );
         drop(self.backend_early);
-        let report = relay.run().await;
+        let report = relay.run(self.log.gateway.drain.subscribe()).await;
         self.log.write(&report, started.elapsed());
     }
 }

@@ -38,6 +38,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 /// How one relayed connection behaves; derived from the route's configuration.
@@ -117,10 +118,25 @@ impl Relay {
     }
 
     /// Relays until both hops are closed.
-    pub async fn run(mut self) -> RelayReport {
+    /// Relays until both hops are closed. When `drain` turns true (the gateway is shutting
+    /// down), both hops are sent 1001 and the relay finishes the closing handshakes.
+    pub async fn run(mut self, mut drain: watch::Receiver<bool>) -> RelayReport {
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
-        poll_fn(|cx| self.poll_relay(cx, timer.as_mut())).await;
+        let draining = async {
+            // A dropped sender means nobody will ever ask for a drain.
+            if drain.wait_for(|draining| *draining).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let finished = tokio::select! {
+            () = poll_fn(|cx| self.poll_relay(cx, timer.as_mut())) => true,
+            () = draining => false,
+        };
+        if !finished {
+            self.gateway_close("gateway shutting down", Instant::now());
+            poll_fn(|cx| self.poll_relay(cx, timer.as_mut())).await;
+        }
         self.report()
     }
 
