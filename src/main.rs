@@ -23,6 +23,12 @@ enum Command {
         #[arg(short, long, default_value = "config/wsgate.yaml")]
         config: PathBuf,
     },
+    /// Run the demo: two chat-room services and the gateway in front of them (open
+    /// http://127.0.0.1:8080/ in two tabs).
+    Demo {
+        #[arg(short, long, default_value = "config/wsgate.yaml")]
+        config: PathBuf,
+    },
     /// Validate a configuration file and print the resolved routes.
     Check {
         #[arg(short, long, default_value = "config/wsgate.yaml")]
@@ -57,6 +63,13 @@ fn main() -> ExitCode {
                 print!("{}", config::describe(&config));
                 ExitCode::SUCCESS
             }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo { config } => match config::load(&config) {
+            Ok(config) => demo(config),
             Err(errors) => {
                 eprintln!("{errors}");
                 ExitCode::FAILURE
@@ -132,16 +145,79 @@ fn proxy_yaml(listen: &str, to: &[String], sticky: Option<&str>) -> Result<Strin
     Ok(yaml)
 }
 
-fn run(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(runtime) => Some(runtime),
         Err(error) => {
             eprintln!("wsgate: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+/// The demo: one room service per backend of the config's `rooms` upstream, in this process,
+/// then the gateway. Everything stops on Ctrl-C.
+fn demo(config: Config) -> ExitCode {
+    let Some(rooms) = config.upstreams.iter().find(|u| u.name == "rooms") else {
+        eprintln!(
+            "wsgate demo: the configuration has no upstream named \"rooms\" to run room services for"
+        );
+        return ExitCode::FAILURE;
+    };
+    let backends: Vec<(String, u16)> = rooms
+        .backends
+        .iter()
+        .map(|b| (b.host.clone(), b.port))
+        .collect();
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async {
+        let (stop, _) = tokio::sync::watch::channel(false);
+        for (index, (host, port)) in backends.iter().enumerate() {
+            let listener = match tokio::net::TcpListener::bind((host.as_str(), *port)).await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    eprintln!(
+                        "wsgate demo: cannot listen on {host}:{port} for room service {}: {error}",
+                        index + 1
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            let name = format!("room-service-{}", index + 1);
+            let mut stopped = stop.subscribe();
+            tracing::info!("{name} listening on {host}:{port}");
+            tokio::spawn(wsgate::demo::room_service::serve(
+                listener,
+                name,
+                async move {
+                    let _ = stopped.wait_for(|stopped| *stopped).await;
+                },
+            ));
+        }
+        let server = match Server::bind(config).await {
+            Ok(server) => server,
+            Err(error) => {
+                eprintln!("wsgate: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for addr in server.local_addrs() {
+            tracing::info!("demo chat: open http://{addr}/ in two browser tabs");
+        }
+        server.run(shutdown_signal()).await;
+        let _ = stop.send(true);
+        ExitCode::SUCCESS
+    })
+}
+
+fn run(config: Config) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async {
         let server = match Server::bind(config).await {
