@@ -68,10 +68,9 @@ fn check_demo_config_exits_0_and_prints_routes() {
     assert!(stdout.contains("routes (first match wins):"), "{stdout}");
     for line in [
         "[0] rooms: host any path /rooms/* -> rooms",
-        "[1] echo: host any path /echo* -> echo",
-        "[2] app: host any path /* -> rooms",
+        "[1] app: host any path /* -> rooms",
         "ws://127.0.0.1:9101",
-        "ws://127.0.0.1:9001",
+        "ws://127.0.0.1:9102",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }

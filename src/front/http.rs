@@ -5,6 +5,7 @@
 //! removed and forwarding headers added. A WebSocket upgrade later on the same keep-alive
 //! connection goes through [`super::websocket::decide`] and the relay like any other.
 
+use super::body::Tracked;
 use super::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
 use super::websocket::{self, Acceptance, Decision};
 use crate::gateway::Gateway;
@@ -21,6 +22,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -96,10 +98,12 @@ async fn handle(
     if wants_websocket {
         return upgrade(&gateway, peer, tls, request, pending).await;
     }
-    let host = request
-        .headers()
-        .get(hyper::header::HOST)
-        .and_then(|v| v.to_str().ok());
+    let hosts = request.headers().get_all(hyper::header::HOST);
+    if request.version() == Version::HTTP_11 && hosts.iter().count() != 1 {
+        // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without exactly one Host.
+        return plain(400, "exactly one Host header is required");
+    }
+    let host = hosts.iter().next().and_then(|v| v.to_str().ok());
     match gateway.routes.route(host, request.uri().path()) {
         Some(route) => proxy(&gateway, route, peer, tls, request).await,
         None => plain(404, "no route for this host and path"),
@@ -195,7 +199,9 @@ async fn proxy(
     let Some(pick) = gateway.pick_backend(route_index, &parts) else {
         return plain(503, "no healthy backend for this route");
     };
-    let _backend_slot = upstream.balancer.acquire(pick.index);
+    // Held until the client has read the whole response, so least-connections counts long
+    // downloads and held long-polls as the busy connections they are.
+    let backend_slot = upstream.balancer.acquire(pick.index);
     let backend = &upstream.balancer.backends()[pick.index];
 
     // Everything the outgoing request needs is copied out, so the body can be moved.
@@ -210,7 +216,8 @@ async fn proxy(
     for (name, value) in forwarded.fields(&head, false) {
         outgoing = outgoing.header(name, value);
     }
-    let outgoing = match outgoing.body(request.into_body()) {
+    let (body_sent, body_done) = oneshot::channel();
+    let outgoing = match outgoing.body(Tracked::new(request.into_body(), Some(body_sent), ())) {
         Ok(outgoing) => outgoing,
         Err(error) => return plain(400, &format!("cannot forward this request: {error}")),
     };
@@ -246,18 +253,25 @@ async fn proxy(
         }
     };
     // A long-poll may legitimately be held by the backend; only the route's idle timeout, when
-    // set, bounds the wait for the response head.
+    // set, bounds the wait for the response head, counted from the end of the request body so
+    // a slow upload is not mistaken for a silent backend.
     let sent = sender.send_request(outgoing);
     let response = match route.timeouts.idle {
-        Some(idle) => match tokio::time::timeout(idle, sent).await {
-            Ok(result) => result,
-            Err(_) => {
-                return plain(
-                    504,
-                    &format!("backend {} did not answer in time", backend.url),
-                );
+        Some(idle) => {
+            let silence = async {
+                let _ = body_done.await;
+                tokio::time::sleep(idle).await;
+            };
+            tokio::select! {
+                result = sent => result,
+                () = silence => {
+                    return plain(
+                        504,
+                        &format!("backend {} did not answer in time", backend.url),
+                    );
+                }
             }
-        },
+        }
         None => sent.await,
     };
     let response = match response {
@@ -292,7 +306,7 @@ async fn proxy(
     {
         parts.headers.append(hyper::header::SET_COOKIE, value);
     }
-    Response::from_parts(parts, body.boxed())
+    Response::from_parts(parts, Tracked::new(body, None, backend_slot).boxed())
 }
 
 fn empty() -> Body {

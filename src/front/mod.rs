@@ -7,6 +7,7 @@
 //! Every refusal is an HTTP status with a one-line reason; a client never sees a 101 followed
 //! by a close for something known before the 101.
 
+mod body;
 pub mod forwarded;
 mod http;
 mod respond;
