@@ -7,7 +7,8 @@
 //! - runtime: [`stream`], [`tls`], [`upstream`] (backend connect + client handshake),
 //!   [`relay`] (the frame pump);
 //! - wiring: [`gateway`] (compiled config), [`front`] (one client connection up to the relay),
-//!   [`listener`] (accept), [`server`] (the whole process).
+//!   [`health`] (active and passive backend checks), [`listener`] (accept), [`server`] (the
+//!   whole process).
 
 pub mod config;
 pub mod proto;
@@ -20,6 +21,7 @@ pub mod upstream;
 
 pub mod front;
 pub mod gateway;
+pub mod health;
 pub mod listener;
 pub mod server;
 pub mod demo;

@@ -79,6 +79,8 @@ impl Server {
                 stopped,
             )));
         }
+        // Active health checks run while the server does; they also end when it drains.
+        let _health = crate::health::start(&self.gateway);
         stop.await;
         let _ = stop_tx.send(true);
         for accept in loops {

@@ -74,6 +74,20 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
                 u64::from(backend.weight) * 100 / total.max(1)
             )?;
         }
+        writeln!(
+            out,
+            "    health check: {}",
+            health_check(&upstream.health_check)
+        )?;
+        writeln!(
+            out,
+            "    passive health: {}",
+            if upstream.backends.len() < 2 {
+                "off (a single backend has nothing to hand its connections to)".to_owned()
+            } else {
+                passive_health(&upstream.passive_health)
+            }
+        )?;
     }
 
     writeln!(out, "routes (first match wins):")?;
@@ -143,6 +157,41 @@ fn sticky_key(key: &StickyKey) -> String {
         StickyKey::Header(name) => format!("header {name}"),
         StickyKey::Cookie(name) => format!("cookie {name}"),
         StickyKey::ClientIp => "client IP".to_owned(),
+    }
+}
+
+fn health_check(check: &Option<HealthCheck>) -> String {
+    let Some(check) = check else {
+        return "none".to_owned();
+    };
+    let kind = match &check.kind {
+        HealthCheckKind::Tcp => "tcp connect".to_owned(),
+        HealthCheckKind::WebSocket { path } => format!("websocket handshake on {path}"),
+    };
+    let plural = |n: u32| if n == 1 { "" } else { "s" };
+    format!(
+        "{kind} every {} (timeout {}), out after {} failure{}, back after {} success{}",
+        format_duration(check.interval),
+        format_duration(check.timeout),
+        check.unhealthy_threshold,
+        plural(check.unhealthy_threshold),
+        check.healthy_threshold,
+        if check.healthy_threshold == 1 {
+            ""
+        } else {
+            "es"
+        },
+    )
+}
+
+fn passive_health(passive: &Option<PassiveHealth>) -> String {
+    match passive {
+        None => "off".to_owned(),
+        Some(passive) => format!(
+            "out for {} after a failed connect, doubling up to {}",
+            format_duration(passive.backoff),
+            format_duration(passive.max_backoff)
+        ),
     }
 }
 

@@ -4,6 +4,7 @@
 //! - every `Route::upstream` indexes into `Config::upstreams`;
 //! - every upstream has at least one backend and every weight is at least 1;
 //! - every duration and size is within the documented bounds of its key;
+//! - health thresholds are at least 1 and `PassiveHealth::max_backoff >= backoff`;
 //! - listener addresses are unique.
 //!
 //! Nothing here knows about YAML: `raw.rs` is the only file that names the YAML crate.
@@ -59,6 +60,44 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// TLS settings for `wss://` backends.
     pub tls: UpstreamTls,
+    /// Active checks; `None`: backends are judged by real connections only.
+    pub health_check: Option<HealthCheck>,
+    /// Passive checks; `None`: a failed connect never takes a backend out of rotation.
+    pub passive_health: Option<PassiveHealth>,
+}
+
+/// Active health checks of an upstream's backends: each backend is probed every `interval`;
+/// `unhealthy_threshold` consecutive failures take it out of rotation and
+/// `healthy_threshold` consecutive successes bring it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthCheckKind,
+    pub interval: Duration,
+    /// A probe not done within this long fails.
+    pub timeout: Duration,
+    /// At least 1.
+    pub healthy_threshold: u32,
+    /// At least 1.
+    pub unhealthy_threshold: u32,
+}
+
+/// What one probe does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    /// Connect (and complete TLS for `wss://`), then close.
+    Tcp,
+    /// Connect and complete a WebSocket handshake on `path` (appended to the backend's base
+    /// path, like a client's path; starts with `/`), then close with 1000.
+    WebSocket { path: String },
+}
+
+/// Passive health: a connect that fails (refused, timed out, TLS failed) takes the backend out
+/// for `backoff`, doubled after each further failure up to `max_backoff` (never less than
+/// `backoff`); a connect that works resets it. Ignored for an upstream with one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveHealth {
+    pub backoff: Duration,
+    pub max_backoff: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -199,6 +238,38 @@ impl Limits {
         max_connections: 9_000,
         max_header_bytes: 16 << 10,
     };
+}
+
+impl HealthCheck {
+    pub const DEFAULT: HealthCheck = HealthCheck {
+        kind: HealthCheckKind::Tcp,
+        // Frequent enough to notice a dead backend within seconds, rare enough that a
+        // hundred backends cost nothing.
+        interval: Duration::from_secs(5),
+        timeout: Duration::from_secs(2),
+        healthy_threshold: 1,
+        // One lost probe (a dropped SYN, a GC pause) must not take a backend out.
+        unhealthy_threshold: 2,
+    };
+}
+
+impl PassiveHealth {
+    /// Short enough that a restarted backend is back within seconds of being ready; the
+    /// doubling keeps a dead one from costing a failed client connection every 10 s.
+    pub const DEFAULT: PassiveHealth = PassiveHealth {
+        backoff: Duration::from_secs(10),
+        max_backoff: Duration::from_secs(120),
+    };
+
+    /// The back-off after the `failures`-th consecutive failure (1 for the first):
+    /// `backoff * 2^(failures - 1)`, at most `max_backoff`.
+    pub fn backoff_after(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(31);
+        self.backoff
+            .saturating_mul(1 << doublings)
+            .min(self.max_backoff)
+            .max(self.backoff)
+    }
 }
 
 impl Default for Timeouts {

@@ -69,6 +69,8 @@ fn minimal_file_gets_every_default() {
     assert_eq!(upstream.name, "rooms");
     assert_eq!(upstream.connect_timeout, Duration::from_secs(5));
     assert_eq!(upstream.tls, UpstreamTls::default());
+    assert_eq!(upstream.health_check, None);
+    assert_eq!(upstream.passive_health, Some(PassiveHealth::DEFAULT));
     assert_eq!(
         upstream.backends,
         [Backend {
@@ -1047,6 +1049,236 @@ fn duplicate_backends() {
     );
 }
 
+// ----- health checks -----
+
+/// MINIMAL with `upstream` (YAML at upstream-key indentation) added to upstream `rooms`,
+/// starting at line 7.
+fn with_upstream_keys(upstream: &str) -> String {
+    let mut yaml = String::from(
+        "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  rooms:\n    backends:\n      - ws://127.0.0.1:9001\n",
+    );
+    for line in upstream.lines() {
+        yaml.push_str(&format!("    {line}\n"));
+    }
+    yaml.push_str("routes:\n  - upstream: rooms\n");
+    yaml
+}
+
+#[test]
+fn health_check_keys_and_defaults() {
+    let config = ok(&with_upstream_keys("health_check: {}"));
+    assert_eq!(config.upstreams[0].health_check, Some(HealthCheck::DEFAULT));
+    assert_eq!(
+        HealthCheck::DEFAULT,
+        HealthCheck {
+            kind: HealthCheckKind::Tcp,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            healthy_threshold: 1,
+            unhealthy_threshold: 2,
+        }
+    );
+    let config = ok(&with_upstream_keys(
+        "\
+health_check:
+  kind: websocket
+  path: /health?probe=1
+  interval: 250ms
+  timeout: 1s
+  healthy_threshold: 3
+  unhealthy_threshold: 100
+passive_health:
+  backoff: 1s
+  max_backoff: 30s",
+    ));
+    let upstream = &config.upstreams[0];
+    assert_eq!(
+        upstream.health_check,
+        Some(HealthCheck {
+            kind: HealthCheckKind::WebSocket {
+                path: "/health?probe=1".into()
+            },
+            interval: Duration::from_millis(250),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 3,
+            unhealthy_threshold: 100,
+        })
+    );
+    assert_eq!(
+        upstream.passive_health,
+        Some(PassiveHealth {
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+        })
+    );
+    let websocket = ok(&with_upstream_keys("health_check: {kind: websocket}"));
+    assert_eq!(
+        websocket.upstreams[0].health_check.as_ref().unwrap().kind,
+        HealthCheckKind::WebSocket { path: "/".into() }
+    );
+}
+
+#[test]
+fn passive_health_can_be_turned_off_or_tuned_alone() {
+    let off = ok(&with_upstream_keys("passive_health: off"));
+    assert_eq!(off.upstreams[0].passive_health, None);
+    // A long first back-off raises the default maximum instead of contradicting it.
+    let long = ok(&with_upstream_keys("passive_health: {backoff: 5m}"));
+    assert_eq!(
+        long.upstreams[0].passive_health,
+        Some(PassiveHealth {
+            backoff: Duration::from_secs(300),
+            max_backoff: Duration::from_secs(300),
+        })
+    );
+    let short_max = ok(&with_upstream_keys("passive_health: {max_backoff: 30s}"));
+    assert_eq!(
+        short_max.upstreams[0].passive_health.unwrap().max_backoff,
+        Duration::from_secs(30)
+    );
+}
+
+#[test]
+fn health_check_errors_point_at_their_key() {
+    let errors = errs(&with_upstream_keys(
+        "\
+health_check:
+  kind: http
+  intervall: 5s
+  interval: 5
+  timeout: off
+  healthy_threshold: 0
+  unhealthy_threshold: 101",
+    ));
+    expect(
+        &errors,
+        8,
+        "upstreams.rooms.health_check.kind",
+        &["tcp or websocket", "\"http\""],
+    );
+    expect(
+        &errors,
+        9,
+        "upstreams.rooms.health_check.intervall",
+        &["unknown key", "kind, path, interval, timeout"],
+    );
+    expect(
+        &errors,
+        10,
+        "upstreams.rooms.health_check.interval",
+        &["\"5s\""],
+    );
+    expect(
+        &errors,
+        11,
+        "upstreams.rooms.health_check.timeout",
+        &["cannot be disabled"],
+    );
+    expect(
+        &errors,
+        12,
+        "upstreams.rooms.health_check.healthy_threshold",
+        &["between 1 and 100, found 0"],
+    );
+    expect(
+        &errors,
+        13,
+        "upstreams.rooms.health_check.unhealthy_threshold",
+        &["between 1 and 100, found 101"],
+    );
+    assert_eq!(errors.len(), 6, "{errors:#?}");
+
+    single(
+        &with_upstream_keys("health_check:\n  path: /health"),
+        8,
+        "upstreams.rooms.health_check.path",
+        &["only to kind: websocket"],
+    );
+    single(
+        &with_upstream_keys("health_check:\n  kind: tcp\n  path: /health"),
+        9,
+        "upstreams.rooms.health_check.path",
+        &["only to kind: websocket"],
+    );
+    for bad in ["health", "\"/a b\"", "\"/a#b\""] {
+        single(
+            &with_upstream_keys(&format!("health_check:\n  kind: websocket\n  path: {bad}")),
+            9,
+            "upstreams.rooms.health_check.path",
+            &["health check path"],
+        );
+    }
+    single(
+        &with_upstream_keys("health_check: yes"),
+        7,
+        "upstreams.rooms.health_check",
+        &["expected a mapping with kind"],
+    );
+}
+
+#[test]
+fn passive_health_errors_point_at_their_key() {
+    single(
+        &with_upstream_keys("passive_health:\n  backoff: 1m\n  max_backoff: 30s"),
+        9,
+        "upstreams.rooms.passive_health.max_backoff",
+        &["max_backoff (30s) is shorter than backoff (1m)"],
+    );
+    single(
+        &with_upstream_keys("passive_health:\n  max_backoff: 5s"),
+        8,
+        "upstreams.rooms.passive_health.max_backoff",
+        &["shorter than backoff (10s, the default)"],
+    );
+    single(
+        &with_upstream_keys("passive_health:\n  backoff: 0"),
+        8,
+        "upstreams.rooms.passive_health.backoff",
+        &["cannot be disabled"],
+    );
+    single(
+        &with_upstream_keys("passive_health:\n  backof: 1s"),
+        8,
+        "upstreams.rooms.passive_health.backof",
+        &["unknown key", "backoff, max_backoff"],
+    );
+    single(
+        &with_upstream_keys("passive_health: false"),
+        7,
+        "upstreams.rooms.passive_health",
+        &["\"off\" or a mapping", "the boolean false"],
+    );
+}
+
+#[test]
+fn describe_shows_health_checks() {
+    let text = describe(&ok(&with_upstream_keys(
+        "health_check: {kind: websocket, path: /h, interval: 1s}\npassive_health: off",
+    )));
+    assert!(
+        text.contains(
+            "health check: websocket handshake on /h every 1s (timeout 2s), out after 2 failures, back after 1 success"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("passive health: off"), "{text}");
+    let text = describe(&ok(MINIMAL));
+    assert!(text.contains("health check: none"), "{text}");
+    assert!(
+        text.contains("passive health: off (a single backend"),
+        "{text}"
+    );
+    let two = MINIMAL.replace(
+        "      - ws://127.0.0.1:9001\n",
+        "      - ws://127.0.0.1:9001\n      - ws://127.0.0.1:9002\n",
+    );
+    let text = describe(&ok(&two));
+    assert!(
+        text.contains("passive health: out for 10s after a failed connect, doubling up to 2m"),
+        "{text}"
+    );
+}
+
 #[test]
 fn upstream_tls_needs_a_wss_backend() {
     single(
@@ -1681,6 +1913,46 @@ fn errors_in_the_full_example_land_on_the_right_line() {
             "connect_timeout: 3s",
             "connect_timeout: 3",
             "upstreams.rooms.connect_timeout",
+        ),
+        (
+            "kind: websocket",
+            "kind: ws",
+            "upstreams.rooms.health_check.kind",
+        ),
+        (
+            "path: /health",
+            "path: health",
+            "upstreams.rooms.health_check.path",
+        ),
+        (
+            "interval: 5s",
+            "interval: 5",
+            "upstreams.rooms.health_check.interval",
+        ),
+        (
+            "      timeout: 2s",
+            "      timeout: 2",
+            "upstreams.rooms.health_check.timeout",
+        ),
+        (
+            "unhealthy_threshold: 2",
+            "unhealthy_threshold: 0",
+            "upstreams.rooms.health_check.unhealthy_threshold",
+        ),
+        (
+            "healthy_threshold: 1",
+            "healthy_threshold: x",
+            "upstreams.rooms.health_check.healthy_threshold",
+        ),
+        (
+            "backoff: 10s",
+            "backoff: 10",
+            "upstreams.rooms.passive_health.backoff",
+        ),
+        (
+            "max_backoff: 2m",
+            "max_backoff: 1s",
+            "upstreams.rooms.passive_health.max_backoff",
         ),
         (
             "server_name: echo.internal",

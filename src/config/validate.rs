@@ -46,7 +46,24 @@ const TOP_KEYS: &[&str] = &[
 const LISTENER_KEYS: &[&str] = &["name", "address", "tls"];
 const SERVER_TLS_KEYS: &[&str] = &["certificates"];
 const CERTIFICATE_KEYS: &[&str] = &["cert", "key", "server_names"];
-const UPSTREAM_KEYS: &[&str] = &["backends", "connect_timeout", "tls"];
+const UPSTREAM_KEYS: &[&str] = &[
+    "backends",
+    "connect_timeout",
+    "tls",
+    "health_check",
+    "passive_health",
+];
+const HEALTH_CHECK_KEYS: &[&str] = &[
+    "kind",
+    "path",
+    "interval",
+    "timeout",
+    "healthy_threshold",
+    "unhealthy_threshold",
+];
+const PASSIVE_HEALTH_KEYS: &[&str] = &["backoff", "max_backoff"];
+/// Enough for any flapping filter; more would leave a dead backend in rotation for ages.
+const MAX_THRESHOLD: i128 = 100;
 const BACKEND_KEYS: &[&str] = &["url", "weight"];
 const UPSTREAM_TLS_KEYS: &[&str] = &["ca_file", "server_name"];
 const ROUTE_KEYS: &[&str] = &[
@@ -709,11 +726,21 @@ impl Cx<'_> {
                 tls
             }
         };
+        let health_check = match f.get("health_check") {
+            None => Some(None),
+            Some((raw, path)) => self.health_check(raw, &path).map(Some),
+        };
+        let passive_health = match f.get("passive_health") {
+            None => Some(Some(PassiveHealth::DEFAULT)),
+            Some((raw, path)) => self.passive_health(raw, &path),
+        };
         Some(Upstream {
             name,
             backends: backends?,
             connect_timeout: connect_timeout?,
             tls: tls?,
+            health_check: health_check?,
+            passive_health: passive_health?,
         })
     }
 
@@ -813,6 +840,116 @@ impl Cx<'_> {
             ca_file: ca_file?,
             server_name: server_name?,
         })
+    }
+
+    fn health_check(&mut self, raw: &Raw, path: &YamlPath) -> Option<HealthCheck> {
+        let f = self.fields(
+            raw,
+            path,
+            "a mapping with kind, path, interval, timeout, healthy_threshold and/or unhealthy_threshold",
+            HEALTH_CHECK_KEYS,
+        )?;
+        let defaults = HealthCheck::DEFAULT;
+        let websocket = match f.get("kind") {
+            None => Some(false),
+            Some((Raw::Str(s), _)) if s == "tcp" => Some(false),
+            Some((Raw::Str(s), _)) if s == "websocket" => Some(true),
+            Some((raw, path)) => {
+                self.expected(&path, "tcp or websocket", raw);
+                None
+            }
+        };
+        let probe_path = match f.get("path") {
+            None => Some("/".to_owned()),
+            Some((_, path)) if websocket == Some(false) => {
+                self.err(
+                    &path,
+                    "path applies only to kind: websocket (a tcp check only connects)",
+                );
+                None
+            }
+            Some((raw, path)) => self
+                .string(raw, &path, "a request path such as /health")
+                .and_then(|text| {
+                    let checked = check_probe_path(text);
+                    self.checked(&path, checked)
+                }),
+        };
+        let timer = |cx: &mut Self, key: &str, default: Duration| match f.get(key) {
+            None => Some(default),
+            Some((raw, path)) => cx.timer(raw, &path, TIMER).flatten(),
+        };
+        let interval = timer(self, "interval", defaults.interval);
+        let timeout = timer(self, "timeout", defaults.timeout);
+        let threshold = |cx: &mut Self, key: &str, default: u32| match f.get(key) {
+            None => Some(default),
+            Some((raw, path)) => cx
+                .integer(raw, &path, 1, MAX_THRESHOLD)
+                .and_then(|n| u32::try_from(n).ok()),
+        };
+        let healthy_threshold = threshold(self, "healthy_threshold", defaults.healthy_threshold);
+        let unhealthy_threshold =
+            threshold(self, "unhealthy_threshold", defaults.unhealthy_threshold);
+        let kind = if websocket? {
+            HealthCheckKind::WebSocket { path: probe_path? }
+        } else {
+            HealthCheckKind::Tcp
+        };
+        Some(HealthCheck {
+            kind,
+            interval: interval?,
+            timeout: timeout?,
+            healthy_threshold: healthy_threshold?,
+            unhealthy_threshold: unhealthy_threshold?,
+        })
+    }
+
+    /// `off`, or a mapping; `Some(None)` is "passive checks disabled".
+    fn passive_health(&mut self, raw: &Raw, path: &YamlPath) -> Option<Option<PassiveHealth>> {
+        if matches!(raw, Raw::Str(s) if s == "off") {
+            return Some(None);
+        }
+        let f = self.fields(
+            raw,
+            path,
+            "\"off\" or a mapping with backoff and/or max_backoff",
+            PASSIVE_HEALTH_KEYS,
+        )?;
+        let defaults = PassiveHealth::DEFAULT;
+        let backoff = match f.get("backoff") {
+            None => Some(defaults.backoff),
+            Some((raw, path)) => self.timer(raw, &path, TIMER).flatten(),
+        };
+        let max_backoff = match f.get("max_backoff") {
+            // Not below an explicit backoff: "backoff: 5m" alone must not be an error.
+            None => backoff.map(|b| b.max(defaults.max_backoff)),
+            Some((raw, max_path)) => {
+                let max = self.timer(raw, &max_path, TIMER).flatten();
+                if let (Some(backoff), Some(max)) = (backoff, max)
+                    && max < backoff
+                {
+                    self.err(
+                        &max_path,
+                        format!(
+                            "max_backoff ({}) is shorter than backoff ({}{})",
+                            format_duration(max),
+                            format_duration(backoff),
+                            if f.has("backoff") {
+                                ""
+                            } else {
+                                ", the default"
+                            }
+                        ),
+                    );
+                    return None;
+                }
+                max
+            }
+        };
+        Some(Some(PassiveHealth {
+            backoff: backoff?,
+            max_backoff: max_backoff?,
+        }))
     }
 
     fn partial_timeouts(&mut self, raw: &Raw, path: &YamlPath) -> Option<PartialTimeouts> {
@@ -1402,6 +1539,22 @@ fn check_pattern_fits_prefix(
         }
     }
     Ok(())
+}
+
+/// The path of a WebSocket health probe: origin-form, as a request line carries it.
+fn check_probe_path(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err(format!("health check path {path:?} must start with '/'"));
+    }
+    if let Some(c) = path
+        .chars()
+        .find(|c| *c == '#' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "health check path {path:?} must not contain {c:?} (it is sent as the request target)"
+        ));
+    }
+    Ok(path.to_owned())
 }
 
 fn check_query_name(name: &str) -> Result<String, String> {

@@ -235,14 +235,22 @@ async fn proxy(
     .await;
     let mut sender = match connected {
         Ok(Ok((sender, connection))) => {
+            crate::health::observe_connect(gateway, route.upstream, pick.index, None);
             tokio::spawn(connection);
             sender
         }
         Ok(Err(error)) => {
+            crate::health::observe_connect(gateway, route.upstream, pick.index, Some(&error));
             tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, "{error}");
             return plain(502, &error.to_string());
         }
         Err(_) => {
+            crate::health::observe_connect_timeout(
+                gateway,
+                route.upstream,
+                pick.index,
+                connect_timeout,
+            );
             return plain(
                 504,
                 &format!(

@@ -116,9 +116,9 @@ pub async fn decide(
         extra: &extra,
     };
     let connect_timeout = gateway.config.upstreams[route.upstream].connect_timeout;
-    let upgraded = match upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request)
-        .await
-    {
+    let opened = upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request).await;
+    crate::health::observe_connect(gateway, route.upstream, pick.index, opened.as_ref().err());
+    let upgraded = match opened {
         Ok(upgraded) => upgraded,
         Err(error) => {
             tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), "{error}");

@@ -7,15 +7,27 @@
 //! - every state change is a single atomic operation, so the balancer is shared through an
 //!   `Arc` by every connection task without locks; decisions read counts that may be a moment
 //!   stale, which only makes least connections approximate, never wrong;
+//! - a backend is healthy (chosen for new connections) exactly when neither the active checks
+//!   hold it down nor a passive back-off is in effect: two independent bits of one atomic, so
+//!   the connection path reads health with one load and never locks;
 //! - unhealthy backends are never chosen; with a key, the choice is the highest-ranked healthy
 //!   backend, so a key goes back to its first choice as soon as that is healthy again;
 //! - backend indices are indices into the slice the balancer was built from.
+//!
+//! The balancer only keeps health state; when to change it (probes, timers, logs) is decided by
+//! `crate::health`, which is why nothing here reads a clock: times are handed in.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use super::hash;
 use crate::config::Backend;
+
+/// Health bit: the active checks hold the backend down.
+const CHECKS_DOWN: u8 = 1;
+/// Health bit: a passive back-off is in effect after a failed connect.
+const BACKOFF: u8 = 2;
 
 /// Live state for the backends of one upstream.
 #[derive(Debug)]
@@ -25,10 +37,22 @@ pub struct UpstreamBalancer {
     cookie_tokens: Box<[u64]>,
     /// Shared with the slots, which outlive any borrow of the balancer.
     active: Arc<[AtomicU32]>,
-    healthy: Box<[AtomicBool]>,
+    health: Box<[BackendHealth]>,
     /// Where the next least-connections scan starts, so ties spread instead of piling onto
     /// the first backend (every backend ties at zero when traffic starts).
     next_start: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct BackendHealth {
+    /// [`CHECKS_DOWN`] | [`BACKOFF`]; zero is healthy.
+    down: AtomicU8,
+    /// Consecutive failed connects that started a back-off, since the last connect that
+    /// worked: how many times the back-off has doubled, plus one.
+    connect_failures: AtomicU32,
+    /// When and why the health last changed. Written only on transitions, read only by
+    /// reporting: never touched by the choice.
+    last_change: Mutex<Option<(SystemTime, String)>>,
 }
 
 /// One live connection to a backend; dropping it releases the connection from the count.
@@ -68,7 +92,7 @@ impl UpstreamBalancer {
                 .map(|backend| hash::backend_token(&backend.url))
                 .collect(),
             active: backends.iter().map(|_| AtomicU32::new(0)).collect(),
-            healthy: backends.iter().map(|_| AtomicBool::new(true)).collect(),
+            health: backends.iter().map(|_| BackendHealth::default()).collect(),
             next_start: AtomicUsize::new(0),
         }
     }
@@ -113,16 +137,128 @@ impl UpstreamBalancer {
         self.active[backend].load(Ordering::Relaxed)
     }
 
-    /// # Panics
-    /// If `backend` is not an index into this balancer's backends.
-    pub fn set_healthy(&self, backend: usize, healthy: bool) {
-        self.healthy[backend].store(healthy, Ordering::Relaxed);
-    }
-
+    /// Whether new connections may go to `backend`: neither the active checks hold it down
+    /// nor a passive back-off is in effect. One atomic load.
+    ///
     /// # Panics
     /// If `backend` is not an index into this balancer's backends.
     pub fn is_healthy(&self, backend: usize) -> bool {
-        self.healthy[backend].load(Ordering::Relaxed)
+        self.health[backend].down.load(Ordering::Relaxed) == 0
+    }
+
+    /// Records the active checks' verdict on `backend`. A backend the checks call healthy is
+    /// still skipped while a passive back-off is in effect. Returns whether the verdict
+    /// changed.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn set_healthy(&self, backend: usize, healthy: bool) -> bool {
+        let down = &self.health[backend].down;
+        let before = if healthy {
+            down.fetch_and(!CHECKS_DOWN, Ordering::Relaxed)
+        } else {
+            down.fetch_or(CHECKS_DOWN, Ordering::Relaxed)
+        };
+        (before & CHECKS_DOWN == 0) != healthy
+    }
+
+    /// Whether the active checks hold `backend` down (whatever the passive state).
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn checks_down(&self, backend: usize) -> bool {
+        self.health[backend].down.load(Ordering::Relaxed) & CHECKS_DOWN != 0
+    }
+
+    /// Whether a passive back-off keeps `backend` out (whatever the active checks say).
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn in_backoff(&self, backend: usize) -> bool {
+        self.health[backend].down.load(Ordering::Relaxed) & BACKOFF != 0
+    }
+
+    /// Passive check: a connect to `backend` failed. Starts a back-off unless one is already
+    /// in effect (connections that were already under way when the first one failed do not
+    /// lengthen it) and returns the number of consecutive back-offs including this one, which
+    /// the caller turns into the back-off's length and ends with
+    /// [`end_backoff`](Self::end_backoff). `None`: a back-off was already in effect.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn start_backoff(&self, backend: usize) -> Option<u32> {
+        let health = &self.health[backend];
+        let before = health.down.fetch_or(BACKOFF, Ordering::Relaxed);
+        if before & BACKOFF != 0 {
+            return None;
+        }
+        Some(
+            health
+                .connect_failures
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1),
+        )
+    }
+
+    /// Ends a passive back-off: new connections may try `backend` again (half-open: the
+    /// failure count is kept, so the next failure backs off for longer). Returns whether a
+    /// back-off was in effect.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn end_backoff(&self, backend: usize) -> bool {
+        let before = self.health[backend]
+            .down
+            .fetch_and(!BACKOFF, Ordering::Relaxed);
+        before & BACKOFF != 0
+    }
+
+    /// Passive check: a connect to `backend` worked. Resets the back-off doubling and returns
+    /// the number of consecutive back-offs this success ended (0 for none). Costs one load
+    /// when there were none, which is the connection path's common case.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn connect_succeeded(&self, backend: usize) -> u32 {
+        let failures = &self.health[backend].connect_failures;
+        if failures.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        failures.swap(0, Ordering::Relaxed)
+    }
+
+    /// Consecutive back-offs since the last connect to `backend` that worked.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn connect_failures(&self, backend: usize) -> u32 {
+        self.health[backend]
+            .connect_failures
+            .load(Ordering::Relaxed)
+    }
+
+    /// Notes when and why `backend`'s health last changed, for reporting. Takes a lock: call
+    /// it on transitions only.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn record_change(&self, backend: usize, at: SystemTime, why: String) {
+        *self.health[backend]
+            .last_change
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((at, why));
+    }
+
+    /// When and why `backend`'s health last changed; `None` while it never has.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn last_change(&self, backend: usize) -> Option<(SystemTime, String)> {
+        self.health[backend]
+            .last_change
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The backend a sticky cookie from [`cookie_value`] names, healthy or not (the caller
@@ -281,7 +417,9 @@ mod tests {
         for n in 0..100 {
             assert_ne!(balancer.choose(Some(&n.to_string())), Some(0));
         }
-        (0..3).for_each(|index| balancer.set_healthy(index, false));
+        for index in 0..3 {
+            balancer.set_healthy(index, false);
+        }
         assert_eq!(balancer.choose(None), None);
         assert_eq!(balancer.choose(Some("k")), None);
         assert!(balancer.choose_and_acquire(None).is_none());
@@ -299,6 +437,70 @@ mod tests {
         assert_eq!(balancer.choose(Some("room-42")), Some(order[2]));
         balancer.set_healthy(order[0], true);
         assert_eq!(balancer.choose(Some("room-42")), Some(order[0]));
+    }
+
+    #[test]
+    fn checks_and_backoff_are_independent() {
+        let backends = equal_backends(3);
+        let balancer = UpstreamBalancer::new(&backends);
+        assert!(balancer.set_healthy(1, false));
+        assert!(!balancer.set_healthy(1, false), "no change the second time");
+        assert_eq!(balancer.start_backoff(1), Some(1));
+        assert!(balancer.checks_down(1) && balancer.in_backoff(1));
+        // The checks say up again, but the back-off still holds it out.
+        assert!(balancer.set_healthy(1, true));
+        assert!(!balancer.is_healthy(1));
+        assert!(balancer.end_backoff(1));
+        assert!(!balancer.end_backoff(1));
+        assert!(balancer.is_healthy(1));
+        // And the other way round.
+        assert_eq!(balancer.start_backoff(1), Some(2));
+        balancer.set_healthy(1, false);
+        balancer.end_backoff(1);
+        assert!(!balancer.is_healthy(1));
+        balancer.set_healthy(1, true);
+        assert!(balancer.is_healthy(1));
+    }
+
+    #[test]
+    fn backoffs_count_until_a_connect_works() {
+        let balancer = UpstreamBalancer::new(&equal_backends(2));
+        assert_eq!(balancer.connect_succeeded(0), 0);
+        assert_eq!(balancer.start_backoff(0), Some(1));
+        // Connections already under way that fail too do not count again.
+        assert_eq!(balancer.start_backoff(0), None);
+        assert_eq!(balancer.choose(None), Some(1));
+        assert_eq!(balancer.choose(None), Some(1));
+        balancer.end_backoff(0);
+        assert_eq!(balancer.start_backoff(0), Some(2));
+        balancer.end_backoff(0);
+        assert_eq!(balancer.connect_failures(0), 2);
+        assert_eq!(balancer.connect_succeeded(0), 2);
+        assert_eq!(balancer.connect_failures(0), 0);
+        assert_eq!(balancer.start_backoff(0), Some(1));
+    }
+
+    #[test]
+    fn a_key_moves_during_a_backoff_and_comes_back() {
+        let backends = equal_backends(4);
+        let balancer = UpstreamBalancer::new(&backends);
+        let order = hash::rank(&backends, "room-7");
+        balancer.start_backoff(order[0]);
+        assert_eq!(balancer.choose(Some("room-7")), Some(order[1]));
+        balancer.end_backoff(order[0]);
+        assert_eq!(balancer.choose(Some("room-7")), Some(order[0]));
+    }
+
+    #[test]
+    fn the_last_change_is_kept_for_reporting() {
+        let balancer = UpstreamBalancer::new(&equal_backends(1));
+        assert_eq!(balancer.last_change(0), None);
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(5);
+        balancer.record_change(0, at, "down: refused".to_owned());
+        assert_eq!(
+            balancer.last_change(0),
+            Some((at, "down: refused".to_owned()))
+        );
     }
 
     #[test]
