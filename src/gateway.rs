@@ -6,6 +6,7 @@
 
 use crate::config::StickyKey;
 use crate::config::{Config, Route};
+use crate::metrics::Metrics;
 use crate::routing::{
     HeaderField, RequestParts, RouteTable, UpstreamBalancer, cookie_value, extract_key,
 };
@@ -32,6 +33,8 @@ pub struct Gateway {
     pub route_active: Vec<AtomicU32>,
     /// Turns true when the gateway shuts down: every connection then closes with 1001.
     pub drain: watch::Sender<bool>,
+    /// Shared by every configuration the process runs, so counters survive reloads.
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,11 @@ pub enum GatewayError {
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Self, GatewayError> {
+        Self::with_metrics(config, Arc::default())
+    }
+
+    /// Builds the gateway for `config`, counting into `metrics`.
+    pub fn with_metrics(config: Config, metrics: Arc<Metrics>) -> Result<Self, GatewayError> {
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for upstream in &config.upstreams {
             let tls = if upstream.backends.iter().any(|b| b.secure) {
@@ -70,6 +78,7 @@ impl Gateway {
             upstreams,
             config,
             drain: watch::Sender::new(false),
+            metrics,
         })
     }
 

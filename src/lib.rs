@@ -19,6 +19,7 @@ pub mod stream;
 pub mod tls;
 pub mod upstream;
 
+pub mod admin;
 pub mod front;
 pub mod gateway;
 pub mod health;
@@ -29,3 +30,4 @@ pub mod demo;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// How long a shutdown waits for connections to finish their closing handshakes: the close
@@ -26,6 +27,7 @@ pub enum StartError {
 pub struct Server {
     gateway: Arc<Gateway>,
     listeners: Vec<BoundListener>,
+    admin: Option<TcpListener>,
     counter: Arc<ConnectionCounter>,
 }
 
@@ -36,18 +38,29 @@ impl Server {
         for listener in &config.listeners {
             listeners.push(BoundListener::bind(listener).await?);
         }
-        if let Some(admin) = &config.admin {
-            tracing::warn!(
-                "admin listener {} is configured but not served yet: metrics, health and dashboard are still to come",
-                admin.address
-            );
-        }
+        let admin =
+            match &config.admin {
+                Some(admin) => Some(TcpListener::bind(admin.address).await.map_err(|source| {
+                    BindError::Bind {
+                        name: "admin".to_owned(),
+                        address: admin.address,
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         let gateway = Arc::new(Gateway::new(config)?);
         Ok(Self {
             gateway,
             listeners,
+            admin,
             counter: Arc::default(),
         })
+    }
+
+    /// The admin listener's bound address, if one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound addresses, in configuration order (useful with port 0).
@@ -79,6 +92,12 @@ impl Server {
                 stopped,
             )));
         }
+        // The admin listener outlives the public ones until the drain is over, so /readyz can
+        // say "draining" to the load balancer while connections close.
+        let admin = self.admin.take().map(|admin| {
+            let gateway = Arc::clone(&self.gateway);
+            tokio::spawn(crate::admin::serve(admin, gateway, std::future::pending()))
+        });
         // Active health checks run while the server does; they also end when it drains.
         let _health = crate::health::start(&self.gateway);
         stop.await;
@@ -87,6 +106,9 @@ impl Server {
             let _ = accept.await;
         }
         self.drain().await;
+        if let Some(admin) = admin {
+            admin.abort();
+        }
     }
 
     /// Asks every connection to close (1001 to WebSocket clients and backends, `Connection:

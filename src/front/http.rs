@@ -9,6 +9,7 @@ use super::body::Tracked;
 use super::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
 use super::websocket::{self, Acceptance, Decision};
 use crate::gateway::Gateway;
+use crate::metrics::HttpRequest;
 use crate::proto::handshake::{self, RequestHead};
 use crate::routing::RequestParts;
 use crate::stream::{Rewind, Stream};
@@ -105,7 +106,15 @@ async fn handle(
     }
     let host = hosts.iter().next().and_then(|v| v.to_str().ok());
     match gateway.routes.route(host, request.uri().path()) {
-        Some(route) => proxy(&gateway, route, peer, tls, request).await,
+        Some(route) => {
+            let response = proxy(&gateway, route, peer, tls, request).await;
+            let labels = HttpRequest {
+                route: gateway.route(route).name.clone(),
+                status: response.status().as_u16().to_string(),
+            };
+            gateway.metrics.http_requests.get_or_create(&labels).inc();
+            response
+        }
         None => plain(404, "no route for this host and path"),
     }
 }

@@ -9,12 +9,14 @@
 use super::forwarded::ForwardedHeaders;
 use crate::config::{Compression, Route};
 use crate::gateway::{Gateway, RouteSlot};
+use crate::metrics::{Closed, RouteBackend};
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{DecoderConfig, FrameDecoder, Role};
-use crate::relay::{Relay, RelayReport, RelaySettings};
+use crate::relay::{HopStart, Relay, RelayReport, RelaySettings};
 use crate::routing::{ConnectionSlot, RequestParts};
 use crate::stream::Stream;
 use crate::upstream::{self, Refusal, UpstreamError, UpstreamRequest};
+use prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +50,8 @@ struct AccessContext {
     backend: String,
     target: String,
     peer: SocketAddr,
+    /// This connection's share of the active-connections gauge, given back when it ends.
+    active: Gauge,
     _route_slot: RouteSlot,
     _backend_slot: ConnectionSlot,
 }
@@ -60,22 +64,28 @@ pub async fn decide(
     peer: SocketAddr,
     tls: bool,
 ) -> Decision {
-    let refuse = |status, line: &str, extra: &[(&str, &str)]| {
+    // `reason` labels the handshake-failure metric; it is one of a fixed set of words.
+    let refuse = |reason: &str, status, line: &str, extra: &[(&str, &str)]| {
+        gateway.metrics.handshake_failed(reason);
         Decision::Refuse(Refusal::plain(status, line, extra))
     };
     let upgrade = match handshake::validate_upgrade(head) {
         Ok(upgrade) => upgrade,
-        Err(error) => return refuse(error.status(), &error.to_string(), error.extra_headers()),
+        Err(error) => {
+            let (status, line) = (error.status(), error.to_string());
+            return refuse(error.label(), status, &line, error.extra_headers());
+        }
     };
     let Some(route_index) = gateway.routes.route(Some(upgrade.host), head.path()) else {
-        return refuse(404, "no route for this host and path", &[]);
+        return refuse("no_route", 404, "no route for this host and path", &[]);
     };
     let route = gateway.route(route_index);
     if !origin_allowed(route, upgrade.origin) {
-        return refuse(403, "origin not allowed", &[]);
+        return refuse("origin", 403, "origin not allowed", &[]);
     }
     let Some(route_slot) = gateway.enter_route(route_index) else {
         return refuse(
+            "route_limit",
             503,
             "route is at its connection limit",
             &[("Retry-After", "1")],
@@ -89,6 +99,7 @@ pub async fn decide(
     };
     let Some(pick) = gateway.pick_backend(route_index, &parts) else {
         return refuse(
+            "no_healthy_backend",
             503,
             "no healthy backend for this route",
             &[("Retry-After", "1")],
@@ -122,6 +133,7 @@ pub async fn decide(
         Ok(upgraded) => upgraded,
         Err(error) => {
             tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), "{error}");
+            gateway.metrics.handshake_failed(error.kind());
             return Decision::Refuse(match error {
                 UpstreamError::Refused { response, .. } => *response,
                 other => Refusal::plain(other.status(), &other.to_string(), &[]),
@@ -129,6 +141,21 @@ pub async fn decide(
         }
     };
 
+    let labels = RouteBackend {
+        route: route.name.clone(),
+        backend: backend.url.clone(),
+    };
+    gateway
+        .metrics
+        .connections_opened
+        .get_or_create(&labels)
+        .inc();
+    let active = gateway
+        .metrics
+        .connections_active
+        .get_or_create(&labels)
+        .clone();
+    active.inc();
     let compression = upgraded
         .extensions
         .as_deref()
@@ -163,6 +190,7 @@ pub async fn decide(
             backend: backend.url.clone(),
             target: head.path().to_owned(),
             peer,
+            active,
             _route_slot: route_slot,
             _backend_slot: backend_slot,
         },
@@ -192,14 +220,24 @@ impl Acceptance {
     /// `client_early` are bytes the client sent after its request head.
     pub async fn relay(self, client: Stream, client_early: &[u8], started: Instant) {
         let (client_decoder, backend_decoder) = self.decoders;
+        let counters = self
+            .log
+            .gateway
+            .metrics
+            .relay_counters(&self.log.gateway.route(self.log.route).name);
         let relay = Relay::new(
-            client,
-            client_decoder,
-            client_early,
-            self.backend,
-            backend_decoder,
-            &self.backend_early,
+            HopStart {
+                stream: client,
+                decoder: client_decoder,
+                early: client_early,
+            },
+            HopStart {
+                stream: self.backend,
+                decoder: backend_decoder,
+                early: &self.backend_early,
+            },
             self.settings,
+            counters,
         );
         drop(self.backend_early);
         let report = relay.run(self.log.gateway.drain.subscribe()).await;
@@ -210,6 +248,23 @@ impl Acceptance {
 impl AccessContext {
     fn write(&self, report: &RelayReport, duration: Duration) {
         let route = &self.gateway.route(self.route).name;
+        self.active.dec();
+        for (side, hop) in [("client", &report.client), ("backend", &report.backend)] {
+            let closed = Closed {
+                route: route.clone(),
+                backend: self.backend.clone(),
+                side: side.to_owned(),
+                code: hop
+                    .close_sent
+                    .map_or_else(|| "none".to_owned(), |c| c.to_string()),
+                initiator: report.initiator.to_owned(),
+            };
+            self.gateway
+                .metrics
+                .connections_closed
+                .get_or_create(&closed)
+                .inc();
+        }
         let code = |c: Option<u16>| c.map_or_else(|| "-".to_owned(), |c| c.to_string());
         tracing::info!(
             target: "wsgate::access",

@@ -6,6 +6,7 @@ use super::mask_keys::next_mask_key;
 use super::outbox::Outbox;
 use crate::proto::{CloseCode, ControlFrame, FrameDecoder, MaskKey, close_frame};
 use crate::stream::Stream;
+use prometheus_client::metrics::counter::Counter;
 use std::fmt;
 use tokio::time::Instant;
 
@@ -95,10 +96,19 @@ pub struct Hop {
 
     pub bytes_in: u64,
     pub messages_in: u64,
+    /// The route's live counters for what this hop sends (shared, relaxed atomics).
+    pub messages_counter: Counter,
+    pub bytes_counter: Counter,
 }
 
 impl Hop {
-    pub fn new(side: Side, stream: Stream, decoder: FrameDecoder, now: Instant) -> Self {
+    pub fn new(
+        side: Side,
+        stream: Stream,
+        decoder: FrameDecoder,
+        now: Instant,
+        (messages_counter, bytes_counter): (Counter, Counter),
+    ) -> Self {
         Self {
             side,
             stream,
@@ -121,6 +131,8 @@ impl Hop {
             pong_deadline: None,
             bytes_in: 0,
             messages_in: 0,
+            messages_counter,
+            bytes_counter,
         }
     }
 

@@ -26,6 +26,7 @@ pub mod hop;
 pub mod mask_keys;
 pub mod outbox;
 
+use crate::metrics::RelayCounters;
 use crate::proto::{
     CloseCode, ControlFrame, Decoded, FrameDecoder, FrameHeader, Item, OpCode, ProtocolError,
     apply_mask, parse_close_payload, remask,
@@ -71,6 +72,15 @@ pub struct RelayReport {
     pub cause: String,
 }
 
+/// One hop as the handshake left it: its socket, the decoder for what it sends, and bytes it
+/// sent right after its handshake head (read together with it: the start of its frames).
+#[derive(Debug)]
+pub struct HopStart<'a> {
+    pub stream: Stream,
+    pub decoder: FrameDecoder,
+    pub early: &'a [u8],
+}
+
 /// A connection whose handshakes are done on both hops, ready to relay.
 #[derive(Debug)]
 pub struct Relay {
@@ -87,20 +97,34 @@ pub struct Relay {
 const KEEPALIVE_PAYLOAD: &[u8] = b"wsgate";
 
 impl Relay {
-    /// `client_early` and `backend_early` are bytes each side sent right after its handshake
-    /// head, read together with it; they are the start of that side's frame stream.
     pub fn new(
-        client: Stream,
-        client_decoder: FrameDecoder,
-        client_early: &[u8],
-        backend: Stream,
-        backend_decoder: FrameDecoder,
-        backend_early: &[u8],
+        client: HopStart<'_>,
+        backend: HopStart<'_>,
         settings: RelaySettings,
+        counters: RelayCounters,
     ) -> Self {
         let now = Instant::now();
-        let mut client = Hop::new(Side::Client, client, client_decoder, now);
-        let mut backend = Hop::new(Side::Backend, backend, backend_decoder, now);
+        let RelayCounters {
+            client_messages,
+            client_bytes,
+            backend_messages,
+            backend_bytes,
+        } = counters;
+        let (client_early, backend_early) = (client.early, backend.early);
+        let mut client = Hop::new(
+            Side::Client,
+            client.stream,
+            client.decoder,
+            now,
+            (client_messages, client_bytes),
+        );
+        let mut backend = Hop::new(
+            Side::Backend,
+            backend.stream,
+            backend.decoder,
+            now,
+            (backend_messages, backend_bytes),
+        );
         for (hop, early) in [(&mut client, client_early), (&mut backend, backend_early)] {
             if !early.is_empty() {
                 hop.buf.read_space()[..early.len()].copy_from_slice(early);
@@ -496,9 +520,11 @@ fn decode(
             }
             Item::Payload(piece) => {
                 src.bytes_in += piece.len as u64;
+                src.bytes_counter.inc_by(piece.len as u64);
                 *last_data = now;
                 if piece.message_end {
                     src.messages_in += 1;
+                    src.messages_counter.inc();
                 }
                 if src.swallowing_frame {
                     src.swallowing_frame = !piece.frame_end;

@@ -90,6 +90,23 @@ impl HandshakeError {
 }
 
 impl HandshakeError {
+    /// A one-word name for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::TooManyHeaders => "too_many_headers",
+            Self::HeadTooLarge { .. } => "head_too_large",
+            Self::MethodNotGet => "method",
+            Self::NotHttp11 => "http_version",
+            Self::BadHost => "host",
+            Self::ConnectionNotUpgrade => "connection_header",
+            Self::UpgradeNotWebSocket => "upgrade_header",
+            Self::UnsupportedVersion => "websocket_version",
+            Self::BadKey => "key",
+            Self::BadSubprotocol => "subprotocol",
+        }
+    }
+
     /// Headers the refusal must carry: the version we speak with 426 (§4.4), the allowed
     /// method with 405 (RFC 9110 §15.5.6).
     pub fn extra_headers(&self) -> &'static [(&'static str, &'static str)] {

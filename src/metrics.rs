@@ -1,0 +1,221 @@
+//! Counters and gauges for the admin listener's `/metrics` (Prometheus text format, via the
+//! prometheus-client crate).
+//!
+//! One `Metrics` lives as long as the process and outlives configuration reloads, so counters
+//! never reset while the gateway runs. Label values come from the configuration (route,
+//! upstream and backend names) or from small fixed sets (side, direction, reason, close code),
+//! never from client input, so the number of series stays bounded.
+//!
+//! Per-message counters are taken once per connection (`RelayCounters`) and bumped with a
+//! relaxed atomic add: no label lookup and no lock on the frame path.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteBackend {
+    pub route: String,
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Closed {
+    pub route: String,
+    pub backend: String,
+    /// "client" or "backend": the hop the close code was sent to.
+    pub side: String,
+    /// The close code sent on that hop, or "none" when the hop was cut without one.
+    pub code: String,
+    /// "client", "backend" or "gateway": who started the end.
+    pub initiator: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Flow {
+    pub route: String,
+    /// "client_to_backend" or "backend_to_client".
+    pub direction: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamBackend {
+    pub upstream: String,
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRequest {
+    pub route: String,
+    pub status: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections_active: Family<RouteBackend, Gauge>,
+    pub connections_opened: Family<RouteBackend, Counter>,
+    pub connections_closed: Family<Closed, Counter>,
+    pub handshake_failures: Family<Reason, Counter>,
+    pub messages: Family<Flow, Counter>,
+    pub bytes: Family<Flow, Counter>,
+    pub backend_healthy: Family<UpstreamBackend, Gauge>,
+    pub http_requests: Family<HttpRequest, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wsgate");
+        let metrics = Self {
+            connections_active: Family::default(),
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            handshake_failures: Family::default(),
+            messages: Family::default(),
+            bytes: Family::default(),
+            backend_healthy: Family::default(),
+            http_requests: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_active",
+            "WebSocket connections open, per route and backend",
+            metrics.connections_active.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "WebSocket connections accepted, per route and backend",
+            metrics.connections_opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "WebSocket hops closed, by the close code sent to the hop and who started the end",
+            metrics.connections_closed.clone(),
+        );
+        registry.register(
+            "handshake_failures",
+            "Upgrades refused before a 101, by reason",
+            metrics.handshake_failures.clone(),
+        );
+        registry.register(
+            "messages",
+            "WebSocket messages relayed, per route and direction",
+            metrics.messages.clone(),
+        );
+        registry.register(
+            "payload_bytes",
+            "WebSocket payload bytes relayed, per route and direction",
+            metrics.bytes.clone(),
+        );
+        registry.register(
+            "backend_healthy",
+            "1 while a backend is considered healthy, 0 while it is skipped",
+            metrics.backend_healthy.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "Plain HTTP requests proxied, per route and response status",
+            metrics.http_requests.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The exposition text for `/metrics`.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The per-message counters of one connection.
+    pub fn relay_counters(&self, route: &str) -> RelayCounters {
+        let flow = |direction: &str| Flow {
+            route: route.to_owned(),
+            direction: direction.to_owned(),
+        };
+        // One statement per family: `get_or_create` returns a read guard, and a second call on
+        // the same family in the same expression would wait for a write lock behind it.
+        let client_messages = self
+            .messages
+            .get_or_create(&flow(CLIENT_TO_BACKEND))
+            .clone();
+        let backend_messages = self
+            .messages
+            .get_or_create(&flow(BACKEND_TO_CLIENT))
+            .clone();
+        let client_bytes = self.bytes.get_or_create(&flow(CLIENT_TO_BACKEND)).clone();
+        let backend_bytes = self.bytes.get_or_create(&flow(BACKEND_TO_CLIENT)).clone();
+        RelayCounters {
+            client_messages,
+            client_bytes,
+            backend_messages,
+            backend_bytes,
+        }
+    }
+
+    pub fn handshake_failed(&self, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
+pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
+
+/// Handles on one route's message and byte counters, held by a relay for its lifetime.
+#[derive(Debug, Clone, Default)]
+pub struct RelayCounters {
+    pub client_messages: Counter,
+    pub client_bytes: Counter,
+    pub backend_messages: Counter,
+    pub backend_bytes: Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_carry_the_prefix_and_labels() {
+        let metrics = Metrics::new();
+        let counters = metrics.relay_counters("rooms");
+        counters.client_messages.inc();
+        counters.client_bytes.inc_by(5);
+        metrics.handshake_failed("bad_key");
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"wsgate_messages_total{route="rooms",direction="client_to_backend"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"wsgate_payload_bytes_total{route="rooms",direction="client_to_backend"} 5"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"wsgate_handshake_failures_total{reason="bad_key"} 1"#));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

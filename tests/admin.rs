@@ -1,0 +1,116 @@
+//! The admin listener: Prometheus metrics after real traffic, health and readiness.
+
+mod support;
+
+use futures_util::SinkExt;
+use std::net::SocketAddr;
+use std::time::Duration;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use wsgate::server::Server;
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("admin answers in time")
+    .unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Polls `/metrics` until `line` appears (connection ends are counted when the relay finishes).
+async fn wait_for_metric(admin: SocketAddr, line: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_get(admin, "/metrics").await;
+        assert_eq!(status, 200);
+        if body.contains(line) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "missing {line:?} in:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_connections_messages_closes_and_handshake_failures() {
+    let backend = echo_backend("b1").await;
+    // The admin listener on another loopback address, so both can use port 0.
+    let yaml = format!(
+        "{}admin:\n  address: 127.0.0.2:0\n",
+        simple_config(&[backend.addr], "")
+    );
+    let config = wsgate::config::from_yaml_str(&yaml, "test.yaml").unwrap();
+    let server = Server::bind(config).await.unwrap();
+    let gateway = server.local_addrs()[0];
+    let admin = server.admin_addr().expect("admin bound");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+
+    assert_eq!(http_get(admin, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(
+        http_get(admin, "/readyz").await,
+        (200, "ready\n".to_owned())
+    );
+
+    let mut ws = connect(gateway, "/chat").await;
+    for text in ["one", "two", "three"] {
+        ws.send(Message::text(text)).await.unwrap();
+        assert_eq!(next_message(&mut ws).await, Message::text(text));
+    }
+    let url = format!("ws://{}", backend.addr);
+    wait_for_metric(
+        admin,
+        &format!(r#"wsgate_connections_active{{route="app",backend="{url}"}} 1"#),
+    )
+    .await;
+    ws.close(None).await.unwrap();
+    let _ = close_frame(&mut ws).await;
+
+    let body = wait_for_metric(
+        admin,
+        &format!(r#"wsgate_connections_active{{route="app",backend="{url}"}} 0"#),
+    )
+    .await;
+    for line in [
+        format!(r#"wsgate_connections_opened_total{{route="app",backend="{url}"}} 1"#),
+        r#"wsgate_messages_total{route="app",direction="client_to_backend"} 3"#.to_owned(),
+        r#"wsgate_messages_total{route="app",direction="backend_to_client"} 3"#.to_owned(),
+        r#"wsgate_payload_bytes_total{route="app",direction="client_to_backend"} 11"#.to_owned(),
+        format!(r#"wsgate_backend_healthy{{upstream="app",backend="{url}"}} 1"#),
+    ] {
+        assert!(body.contains(&line), "missing {line:?} in:\n{body}");
+    }
+    // The client closed with an empty close frame; the backend's echo went back to it.
+    assert!(
+        body.contains(&format!(
+            r#"wsgate_connections_closed_total{{route="app",backend="{url}",side="backend",code="1005",initiator="client"}} 1"#
+        )),
+        "{body}"
+    );
+
+    let bad_key = upgrade_request("/chat", "").replace("dGhlIHNhbXBsZSBub25jZQ==", "short");
+    let response = raw_exchange(gateway, bad_key.as_bytes()).await;
+    assert!(response.starts_with(b"HTTP/1.1 400"));
+    wait_for_metric(admin, r#"wsgate_handshake_failures_total{reason="key"} 1"#).await;
+
+    assert_eq!(http_get(admin, "/nope").await.0, 404);
+    drop(stop);
+}
