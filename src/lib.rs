@@ -5,15 +5,18 @@
 //! - pure, no I/O: [`proto`] (RFC 6455 codec and handshakes), [`config`] (YAML → typed,
 //!   validated), [`routing`] (route table, sticky keys, consistent hashing, balancing);
 //! - runtime: [`stream`], [`tls`], [`upstream`] (backend connect + client handshake),
-//!   [`relay`] (the frame pump);
-//! - wiring: [`gateway`] (compiled config), [`front`] (one client connection up to the relay),
-//!   [`health`] (active and passive backend checks), [`listener`] (accept), [`server`] (the
-//!   whole process).
+//!   [`relay`] (the frame pump), [`metrics`] (counters for the admin listener);
+//! - wiring: [`gateway`] (compiled config), [`front`] (one client connection up to the relay,
+//!   or plain HTTP), [`health`] (active and passive backend checks), [`admin`] (metrics and
+//!   health endpoints), [`listener`] (accept), [`server`] (the whole process);
+//! - beside the gateway: [`demo`], the chat-room backend the demo runs behind it, built on
+//!   fastwebsockets rather than on [`proto`].
 
 pub mod config;
 pub mod proto;
 pub mod routing;
 
+pub mod metrics;
 pub mod relay;
 pub mod stream;
 pub mod tls;
@@ -25,9 +28,9 @@ pub mod gateway;
 pub mod health;
 pub mod listener;
 pub mod server;
+
 pub mod demo;
 
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod metrics;
