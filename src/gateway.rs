@@ -6,14 +6,16 @@
 
 use crate::config::StickyKey;
 use crate::config::{Config, Route};
+use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::routing::{
     HeaderField, RequestParts, RouteTable, UpstreamBalancer, cookie_value, extract_key,
 };
 use crate::tls::{self, TlsError};
 use crate::upstream::{BackendTls, backend_tls};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::sync::watch;
 
 #[derive(Debug)]
@@ -35,6 +37,8 @@ pub struct Gateway {
     pub drain: watch::Sender<bool>,
     /// Shared by every configuration the process runs, so counters survive reloads.
     pub metrics: Arc<Metrics>,
+    /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
+    handshake_bucket: Option<Mutex<TokenBucket>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,10 @@ impl Gateway {
 
     /// Builds the gateway for `config`, counting into `metrics`.
     pub fn with_metrics(config: Config, metrics: Arc<Metrics>) -> Result<Self, GatewayError> {
+        let handshake_bucket = config
+            .limits
+            .handshake_rate
+            .map(|rate| Mutex::new(TokenBucket::new(rate, 1.0, Instant::now())));
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for upstream in &config.upstreams {
             let tls = if upstream.backends.iter().any(|b| b.secure) {
@@ -79,6 +87,7 @@ impl Gateway {
             config,
             drain: watch::Sender::new(false),
             metrics,
+            handshake_bucket,
         })
     }
 
@@ -138,6 +147,19 @@ impl Gateway {
             index,
             set_cookie: Some(value),
         })
+    }
+
+    /// Whether one more WebSocket handshake fits in `limits.handshake_rate` now.
+    pub fn admit_handshake(&self) -> bool {
+        let Some(bucket) = &self.handshake_bucket else {
+            return true;
+        };
+        // A poisoned lock only means another thread panicked mid-update; the bucket is plain
+        // numbers and still usable.
+        let mut bucket = bucket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        bucket.try_take(Instant::now())
     }
 
     /// Takes one of the route's connection slots, if it has one free.

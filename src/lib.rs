@@ -3,7 +3,8 @@
 //! Layers, lowest first; a module uses only its own layer or lower ones (see
 //! `ARCHITECTURE.md` for the byte flow):
 //! - pure, no I/O: [`proto`] (RFC 6455 codec and handshakes), [`config`] (YAML → typed,
-//!   validated), [`routing`] (route table, sticky keys, consistent hashing, balancing);
+//!   validated), [`routing`] (route table, sticky keys, consistent hashing, balancing),
+//!   [`limits`] (token buckets);
 //! - runtime: [`stream`], [`tls`], [`upstream`] (backend connect + client handshake),
 //!   [`relay`] (the frame pump), [`metrics`] (counters for the admin listener);
 //! - wiring: [`gateway`] (compiled config), [`front`] (one client connection up to the relay,
@@ -13,6 +14,7 @@
 //!   fastwebsockets rather than on [`proto`].
 
 pub mod config;
+pub mod limits;
 pub mod proto;
 pub mod routing;
 

@@ -7,9 +7,10 @@ use crate::front;
 use crate::gateway::Gateway;
 use crate::stream::Stream;
 use crate::tls::{self, TlsError};
+use dashmap::DashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -76,28 +77,73 @@ impl BoundListener {
     }
 }
 
-/// Client connections open across all listeners, against `limits.max_connections`.
+/// Client connections open across all listeners, against `limits.max_connections`, and per
+/// client IP address when `limits.max_connections_per_ip` is set.
+///
+/// Invariant: every counted connection holds exactly one `ConnectionGuard`, and an address
+/// is in `per_ip` only while it has at least one counted connection.
 #[derive(Debug, Default)]
-pub struct ConnectionCounter(AtomicU32);
+pub struct ConnectionCounter {
+    total: AtomicU32,
+    per_ip: DashMap<IpAddr, u32>,
+}
+
+/// Why an accepted connection is turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OverLimit {
+    Total,
+    PerIp,
+}
 
 impl ConnectionCounter {
-    fn try_enter(self: &Arc<Self>, max: u32) -> Option<ConnectionGuard> {
-        let previous = self.0.fetch_add(1, Ordering::AcqRel);
-        let guard = ConnectionGuard(Arc::clone(self));
-        (previous < max).then_some(guard)
+    fn try_enter(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        max: u32,
+        max_per_ip: Option<u32>,
+    ) -> Result<ConnectionGuard, OverLimit> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= max {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(OverLimit::Total);
+        }
+        let mut guard = ConnectionGuard {
+            counter: Arc::clone(self),
+            ip: None,
+        };
+        if let Some(max_per_ip) = max_per_ip {
+            // The map's shard lock makes the check and the increment one step.
+            let mut count = self.per_ip.entry(ip).or_insert(0);
+            if *count >= max_per_ip {
+                drop(count);
+                self.per_ip.remove_if(&ip, |_, count| *count == 0);
+                return Err(OverLimit::PerIp);
+            }
+            *count += 1;
+            guard.ip = Some(ip);
+        }
+        Ok(guard)
     }
 
     pub fn current(&self) -> u32 {
-        self.0.load(Ordering::Acquire)
+        self.total.load(Ordering::Acquire)
     }
 }
 
 #[derive(Debug)]
-struct ConnectionGuard(Arc<ConnectionCounter>);
+struct ConnectionGuard {
+    counter: Arc<ConnectionCounter>,
+    ip: Option<IpAddr>,
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.0.fetch_sub(1, Ordering::AcqRel);
+        self.counter.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.ip {
+            if let Some(mut count) = self.counter.per_ip.get_mut(&ip) {
+                *count = count.saturating_sub(1);
+            }
+            self.counter.per_ip.remove_if(&ip, |_, count| *count == 0);
+        }
     }
 }
 
@@ -125,7 +171,12 @@ pub async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let gateway = Arc::clone(&gateway);
-        let guard = counter.try_enter(gateway.config.limits.max_connections);
+        let limits = gateway.config.limits;
+        let guard = counter.try_enter(
+            peer.ip(),
+            limits.max_connections,
+            limits.max_connections_per_ip,
+        );
         let tls = bound.tls.clone();
         tokio::spawn(async move {
             let handshake_timeout = gateway.config.timeouts.handshake;
@@ -146,18 +197,16 @@ pub async fn accept_loop(
                     }
                 }
             };
-            match guard {
-                Some(_guard) => front::serve(gateway, stream, peer, deadline).await,
-                None => {
-                    front::refuse(
-                        &mut stream,
-                        503,
-                        "gateway is at its connection limit",
-                        &[("Retry-After", "1")],
-                    )
-                    .await
-                }
-            }
+            let over = match guard {
+                Ok(_guard) => return front::serve(gateway, stream, peer, deadline).await,
+                Err(over) => over,
+            };
+            let (label, reason) = match over {
+                OverLimit::Total => ("connection_limit", "gateway is at its connection limit"),
+                OverLimit::PerIp => ("per_ip_limit", "too many connections from this address"),
+            };
+            gateway.metrics.handshake_failed(label);
+            front::refuse(&mut stream, 503, reason, &[("Retry-After", "1")]).await;
         });
     }
 }

@@ -207,11 +207,22 @@ fn timeouts(t: &Timeouts) -> String {
 }
 
 fn limits(l: &Limits) -> String {
-    format!(
+    let mut text = format!(
         "max_frame {}, max_message {}, max_connections {}, max_header_bytes {}",
         format_size(l.max_frame),
         format_size(l.max_message),
         l.max_connections,
         format_size(l.max_header_bytes as u64)
-    )
+    );
+    let optional = [
+        ("max_connections_per_ip", l.max_connections_per_ip, ""),
+        ("handshake_rate", l.handshake_rate, "/s"),
+        ("message_rate", l.message_rate, "/s"),
+    ];
+    for (key, value, unit) in optional {
+        if let Some(value) = value {
+            text.push_str(&format!(", {key} {value}{unit}"));
+        }
+    }
+    text
 }

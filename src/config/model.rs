@@ -205,6 +205,14 @@ pub struct Limits {
     pub max_connections: u32,
     /// Largest accepted HTTP request head, bytes (431 above it).
     pub max_header_bytes: usize,
+    /// Concurrent connections from one client IP address (top level only; `None`: no limit).
+    pub max_connections_per_ip: Option<u32>,
+    /// New WebSocket handshakes per second, gateway-wide, with a burst of one second's worth
+    /// (top level only; `None`: no limit). Against reconnect storms after a deploy or outage.
+    pub handshake_rate: Option<u32>,
+    /// Messages per second a client may send on one connection, with a burst of two seconds'
+    /// worth; excess closes the connection with 1008 (`None`: no limit).
+    pub message_rate: Option<u32>,
 }
 
 /// The admin listener (metrics, health, dashboard).
@@ -237,6 +245,9 @@ impl Limits {
         max_message: 64 << 20,
         max_connections: 9_000,
         max_header_bytes: 16 << 10,
+        max_connections_per_ip: None,
+        handshake_rate: None,
+        message_rate: None,
     };
 }
 

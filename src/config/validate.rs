@@ -93,7 +93,12 @@ const LIMIT_KEYS: &[&str] = &[
     "max_message",
     "max_connections",
     "max_header_bytes",
+    "max_connections_per_ip",
+    "handshake_rate",
+    "message_rate",
 ];
+/// Limits that only make sense for the whole gateway.
+const TOP_LEVEL_ONLY_LIMITS: &[&str] = &["max_connections_per_ip", "handshake_rate"];
 const ADMIN_KEYS: &[&str] = &["address"];
 
 const ADDRESS_FORM: &str = "an address such as 127.0.0.1:8080 or [::1]:8080";
@@ -186,6 +191,9 @@ struct PartialLimits {
     max_message: Option<u64>,
     max_connections: Option<u32>,
     max_header_bytes: Option<usize>,
+    max_connections_per_ip: Option<Option<u32>>,
+    handshake_rate: Option<Option<u32>>,
+    message_rate: Option<Option<u32>>,
 }
 
 impl PartialLimits {
@@ -195,6 +203,11 @@ impl PartialLimits {
             max_message: self.max_message.unwrap_or(base.max_message),
             max_connections: self.max_connections.unwrap_or(base.max_connections),
             max_header_bytes: self.max_header_bytes.unwrap_or(base.max_header_bytes),
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .unwrap_or(base.max_connections_per_ip),
+            handshake_rate: self.handshake_rate.unwrap_or(base.handshake_rate),
+            message_rate: self.message_rate.unwrap_or(base.message_rate),
         }
     }
 }
@@ -338,6 +351,32 @@ impl Cx<'_> {
         }
     }
 
+    /// A count that can be switched off: `off` (or 0) is `Some(None)`.
+    fn optional_count(
+        &mut self,
+        raw: &Raw,
+        path: &YamlPath,
+        min: i128,
+        max: i128,
+    ) -> Option<Option<u32>> {
+        match raw {
+            Raw::Int(0) => Some(None),
+            Raw::Str(text) if text.trim().eq_ignore_ascii_case("off") => Some(None),
+            Raw::Int(_) => self
+                .integer(raw, path, min, max)
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some),
+            other => {
+                self.expected(
+                    path,
+                    &format!("a whole number from {min} to {max}, or \"off\""),
+                    other,
+                );
+                None
+            }
+        }
+    }
+
     fn socket_addr(&mut self, raw: &Raw, path: &YamlPath) -> Option<SocketAddr> {
         let text = self.string(raw, path, ADDRESS_FORM)?;
         let parsed = text.trim().parse::<SocketAddr>().map_err(|_| {
@@ -473,7 +512,7 @@ impl Cx<'_> {
         // the max_message check, so that route-level messages quote what the file says.
         let (limits, inherited) = match top.get("limits") {
             None => (Some(Limits::DEFAULT), Limits::DEFAULT),
-            Some((raw, path)) => match self.partial_limits(raw, &path) {
+            Some((raw, path)) => match self.partial_limits(raw, &path, false) {
                 None => (None, Limits::DEFAULT),
                 Some(partial) => {
                     let limits = partial.over(Limits::DEFAULT);
@@ -977,9 +1016,38 @@ impl Cx<'_> {
         ok.then_some(partial)
     }
 
-    fn partial_limits(&mut self, raw: &Raw, path: &YamlPath) -> Option<PartialLimits> {
+    fn partial_limits(
+        &mut self,
+        raw: &Raw,
+        path: &YamlPath,
+        route_level: bool,
+    ) -> Option<PartialLimits> {
         let f = self.fields(raw, path, "a mapping of limits", LIMIT_KEYS)?;
         let mut ok = true;
+        if route_level {
+            for key in TOP_LEVEL_ONLY_LIMITS {
+                if let Some((_, key_path)) = f.get(key) {
+                    self.err(
+                        &key_path,
+                        format!(
+                            "{key} applies to the whole gateway: set it in the top-level limits"
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        let mut rate = |cx: &mut Self, key: &str| match f.get(key) {
+            None => None,
+            Some((raw, path)) => {
+                let value = cx.optional_count(raw, &path, 1, 1_000_000);
+                ok &= value.is_some();
+                value
+            }
+        };
+        let max_connections_per_ip = rate(self, "max_connections_per_ip");
+        let handshake_rate = rate(self, "handshake_rate");
+        let message_rate = rate(self, "message_rate");
         let mut size = |cx: &mut Self, key: &str, min: u64, max: u64| match f.get(key) {
             None => None,
             Some((raw, path)) => {
@@ -1007,6 +1075,9 @@ impl Cx<'_> {
             max_message,
             max_connections,
             max_header_bytes,
+            max_connections_per_ip,
+            handshake_rate,
+            message_rate,
         })
     }
 
@@ -1161,7 +1232,7 @@ impl Cx<'_> {
         };
         let limits = match f.get("limits") {
             None => Some(base_limits),
-            Some((raw, path)) => self.partial_limits(raw, &path).and_then(|partial| {
+            Some((raw, path)) => self.partial_limits(raw, &path, true).and_then(|partial| {
                 let limits = partial.over(base_limits);
                 let checked =
                     self.check_message_size(&path, &partial, limits, Some("the top-level limits"));

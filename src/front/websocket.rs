@@ -83,6 +83,14 @@ pub async fn decide(
     if !origin_allowed(route, upgrade.origin) {
         return refuse("origin", 403, "origin not allowed", &[]);
     }
+    if !gateway.admit_handshake() {
+        return refuse(
+            "handshake_rate",
+            503,
+            "too many new connections right now; retry shortly",
+            &[("Retry-After", "1")],
+        );
+    }
     let Some(route_slot) = gateway.enter_route(route_index) else {
         return refuse(
             "route_limit",
@@ -156,10 +164,15 @@ pub async fn decide(
         .get_or_create(&labels)
         .clone();
     active.inc();
-    let compression = upgraded
-        .extensions
-        .as_deref()
-        .is_some_and(|e| e.to_ascii_lowercase().contains("permessage-deflate"));
+    // RSV1 means "compressed" only under permessage-deflate (RFC 7692), whatever else the
+    // backend may have agreed to.
+    let compression = upgraded.extensions.as_deref().is_some_and(|value| {
+        handshake::headers::split_list(value).any(|element| {
+            handshake::headers::parse_extension(element)
+                .name
+                .eq_ignore_ascii_case("permessage-deflate")
+        })
+    });
     let decoder = |role| {
         FrameDecoder::new(DecoderConfig {
             role,
@@ -183,6 +196,7 @@ pub async fn decide(
             close_timeout: route.timeouts.close,
             idle_timeout: route.timeouts.idle,
             ping_passthrough: route.ping_passthrough,
+            message_rate: route.limits.message_rate,
         },
         log: AccessContext {
             gateway: Arc::clone(gateway),

@@ -4,6 +4,7 @@
 use super::buffer::HopBuffer;
 use super::mask_keys::next_mask_key;
 use super::outbox::Outbox;
+use crate::limits::TokenBucket;
 use crate::proto::{CloseCode, ControlFrame, FrameDecoder, MaskKey, close_frame};
 use crate::stream::Stream;
 use prometheus_client::metrics::counter::Counter;
@@ -99,6 +100,8 @@ pub struct Hop {
     /// The route's live counters for what this hop sends (shared, relaxed atomics).
     pub messages_counter: Counter,
     pub bytes_counter: Counter,
+    /// Messages this hop may still send now (clients only, when the route limits them).
+    pub message_rate: Option<TokenBucket>,
 }
 
 impl Hop {
@@ -133,6 +136,7 @@ impl Hop {
             messages_in: 0,
             messages_counter,
             bytes_counter,
+            message_rate: None,
         }
     }
 

@@ -26,6 +26,7 @@ pub mod hop;
 pub mod mask_keys;
 pub mod outbox;
 
+use crate::limits::TokenBucket;
 use crate::metrics::RelayCounters;
 use crate::proto::{
     CloseCode, ControlFrame, Decoded, FrameDecoder, FrameHeader, Item, OpCode, ProtocolError,
@@ -50,6 +51,8 @@ pub struct RelaySettings {
     pub close_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub ping_passthrough: bool,
+    /// Messages per second the client may send (a burst of two seconds' worth); more is 1008.
+    pub message_rate: Option<u32>,
 }
 
 /// What happened on one hop, for the access log and metrics.
@@ -125,6 +128,9 @@ impl Relay {
             now,
             (backend_messages, backend_bytes),
         );
+        client.message_rate = settings
+            .message_rate
+            .map(|rate| TokenBucket::new(rate, 2.0, now.into_std()));
         for (hop, early) in [(&mut client, client_early), (&mut backend, backend_early)] {
             if !early.is_empty() {
                 hop.buf.read_space()[..early.len()].copy_from_slice(early);
@@ -141,7 +147,6 @@ impl Relay {
         }
     }
 
-    /// Relays until both hops are closed.
     /// Relays until both hops are closed. When `drain` turns true (the gateway is shutting
     /// down), both hops are sent 1001 and the relay finishes the closing handshakes.
     pub async fn run(mut self, mut drain: watch::Receiver<bool>) -> RelayReport {
@@ -503,7 +508,24 @@ fn decode(
         };
         consumed_any = true;
         match item {
-            Item::DataFrame(_) => {
+            Item::DataFrame(header) => {
+                if header.opcode != OpCode::Continuation
+                    && let Some(bucket) = src.message_rate.as_mut()
+                    && !bucket.try_take(now.into_std())
+                {
+                    // Refused at its first header: no byte of the message is forwarded.
+                    let violation = (CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
+                    on_violation(
+                        src,
+                        dst,
+                        violation,
+                        "policy violation",
+                        now,
+                        settings,
+                        initiator,
+                    );
+                    break;
+                }
                 if dst.close_sent.is_some() {
                     src.swallowing_frame = true;
                     src.buf.remove_at_parsed(consumed);
@@ -645,11 +667,34 @@ fn on_protocol_error(
     settings: &RelaySettings,
     initiator: &mut Option<&'static str>,
 ) {
+    let violation = (error.close_code(), error.reason());
+    on_violation(
+        src,
+        dst,
+        violation,
+        "protocol error",
+        now,
+        settings,
+        initiator,
+    );
+}
+
+/// `src` broke the protocol or a policy: it gets `code` and `reason`; the other hop gets 1001
+/// naming the side and the cause.
+fn on_violation(
+    src: &mut Hop,
+    dst: &mut Hop,
+    (code, reason): (CloseCode, &'static str),
+    kind: &str,
+    now: Instant,
+    settings: &RelaySettings,
+    initiator: &mut Option<&'static str>,
+) {
     let deadline = now + settings.close_timeout;
     src.reading = Reading::Discard;
     src.buf.discard_unparsed();
     src.given_up = true;
-    let reason = format!("{} protocol error: {}", src.side, error.reason());
+    let other_reason = format!("{} {kind}: {reason}", src.side);
     if initiator.is_none() {
         *initiator = Some("gateway");
     }
@@ -658,11 +703,17 @@ fn on_protocol_error(
     if backend_can_finish {
         // The client learns of its error after the backend has closed, so everything the
         // backend sent in answer to the client's valid messages still reaches it first.
-        src.deferred_close = Some((error.close_code(), error.reason()));
+        src.deferred_close = Some((code, reason));
     } else {
-        src.send_close(error.close_code(), error.reason(), deadline);
+        src.send_close(code, reason, deadline);
     }
-    close_other(dst, src.mid_frame, CloseCode::GOING_AWAY, &reason, deadline);
+    close_other(
+        dst,
+        src.mid_frame,
+        CloseCode::GOING_AWAY,
+        &other_reason,
+        deadline,
+    );
     src.mid_frame = false;
 }
 
