@@ -199,19 +199,12 @@ fn demo(config: Config) -> ExitCode {
                 },
             ));
         }
-        let server = match Server::bind(config).await {
-            Ok(server) => server,
-            Err(error) => {
-                eprintln!("wsgate: {error}");
-                return ExitCode::FAILURE;
-            }
-        };
-        for addr in server.local_addrs() {
+        let status = serve(config, |addr| {
             tracing::info!("demo chat: open http://{addr}/ in two browser tabs");
-        }
-        server.run(shutdown_signal()).await;
+        })
+        .await;
         let _ = stop.send(true);
-        ExitCode::SUCCESS
+        status
     })
 }
 
@@ -219,21 +212,22 @@ fn run(config: Config) -> ExitCode {
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
-    runtime.block_on(async {
-        let server = match Server::bind(config).await {
-            Ok(server) => server,
-            Err(error) => {
-                eprintln!("wsgate: {error}");
-                return ExitCode::FAILURE;
-            }
-        };
-        for addr in server.local_addrs() {
-            tracing::info!("listening on {addr}");
+    runtime.block_on(serve(config, |addr| tracing::info!("listening on {addr}")))
+}
+
+/// Binds, announces each listening address, and serves until SIGTERM or SIGINT, then drains.
+async fn serve(config: Config, announce: impl Fn(std::net::SocketAddr)) -> ExitCode {
+    let server = match Server::bind(config).await {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("wsgate: {error}");
+            return ExitCode::FAILURE;
         }
-        server.run(shutdown_signal()).await;
-        tracing::info!("stopped accepting; exiting");
-        ExitCode::SUCCESS
-    })
+    };
+    server.local_addrs().into_iter().for_each(announce);
+    server.run(shutdown_signal()).await;
+    tracing::info!("stopped; exiting");
+    ExitCode::SUCCESS
 }
 
 async fn shutdown_signal() {
