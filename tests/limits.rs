@@ -135,10 +135,13 @@ fn whole_gateway_limits_are_refused_on_a_route_with_the_line() {
     );
 }
 
+/// Data messages received, and the close frame (code, reason) once it arrives.
+type Recorded = std::sync::Arc<std::sync::Mutex<(usize, Option<(u16, String)>)>>;
+
 /// A tokio-tungstenite backend that counts data messages and records the close it receives.
 struct RecordingBackend {
     addr: std::net::SocketAddr,
-    state: std::sync::Arc<std::sync::Mutex<(usize, Option<(u16, String)>)>>,
+    state: Recorded,
 }
 
 impl RecordingBackend {
@@ -164,7 +167,7 @@ impl RecordingBackend {
 async fn recording_backend() -> RecordingBackend {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let state = std::sync::Arc::new(std::sync::Mutex::new((0, None)));
+    let state: Recorded = std::sync::Arc::new(std::sync::Mutex::new((0, None)));
     let shared = std::sync::Arc::clone(&state);
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
