@@ -2,7 +2,7 @@
 //! `/readyz` (accepting, and every upstream has a healthy backend). It is a separate socket so
 //! that it can stay on a private address while the public listeners face the internet.
 
-use crate::gateway::Gateway;
+use crate::gateway::{CurrentGateway, Gateway};
 use crate::metrics::UpstreamBackend;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -15,7 +15,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Serves the admin endpoints on `listener` until `stop` completes.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, stop: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    current: Arc<CurrentGateway>,
+    stop: impl Future<Output = ()>,
+) {
     tokio::pin!(stop);
     loop {
         let (tcp, _) = tokio::select! {
@@ -29,10 +33,10 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, stop: impl Futu
             },
             () = &mut stop => return,
         };
-        let gateway = Arc::clone(&gateway);
+        let current = Arc::clone(&current);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let gateway = Arc::clone(&gateway);
+                let gateway = current.get();
                 async move { Ok::<_, Infallible>(respond(&gateway, &request)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

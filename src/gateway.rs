@@ -33,8 +33,9 @@ pub struct Gateway {
     pub upstreams: Vec<UpstreamRuntime>,
     /// Client connections open per route.
     pub route_active: Vec<AtomicU32>,
-    /// Turns true when the gateway shuts down: every connection then closes with 1001.
-    pub drain: watch::Sender<bool>,
+    /// Turns true when the gateway shuts down: every connection then closes with 1001. Shared
+    /// by every configuration generation, so connections opened before a reload drain too.
+    pub drain: Arc<watch::Sender<bool>>,
     /// Shared by every configuration the process runs, so counters survive reloads.
     pub metrics: Arc<Metrics>,
     /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
@@ -49,11 +50,16 @@ pub enum GatewayError {
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Self, GatewayError> {
-        Self::with_metrics(config, Arc::default())
+        Self::with_shared(config, Arc::default(), Arc::new(watch::Sender::new(false)))
     }
 
-    /// Builds the gateway for `config`, counting into `metrics`.
-    pub fn with_metrics(config: Config, metrics: Arc<Metrics>) -> Result<Self, GatewayError> {
+    /// Builds the gateway for `config`, counting into `metrics` and draining with `drain`: the
+    /// parts that live as long as the process, across reloads.
+    pub fn with_shared(
+        config: Config,
+        metrics: Arc<Metrics>,
+        drain: Arc<watch::Sender<bool>>,
+    ) -> Result<Self, GatewayError> {
         let handshake_bucket = config
             .limits
             .handshake_rate
@@ -85,7 +91,7 @@ impl Gateway {
             route_active: config.routes.iter().map(|_| AtomicU32::new(0)).collect(),
             upstreams,
             config,
-            drain: watch::Sender::new(false),
+            drain,
             metrics,
             handshake_bucket,
         })
@@ -206,5 +212,34 @@ pub struct RouteSlot {
 impl Drop for RouteSlot {
     fn drop(&mut self) {
         self.gateway.route_active[self.route].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The configuration generation new connections use. A reload swaps it; connections keep the
+/// `Arc<Gateway>` they started with, so they finish under the rules they began with.
+#[derive(Debug)]
+pub struct CurrentGateway(std::sync::RwLock<Arc<Gateway>>);
+
+impl CurrentGateway {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self(std::sync::RwLock::new(gateway))
+    }
+
+    pub fn get(&self) -> Arc<Gateway> {
+        // A poisoned lock only means a panic elsewhere while swapping an `Arc`; the value is
+        // still a complete gateway.
+        let current = self
+            .0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(&current)
+    }
+
+    pub fn replace(&self, gateway: Arc<Gateway>) -> Arc<Gateway> {
+        let mut current = self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        std::mem::replace(&mut current, gateway)
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::config::Listener;
 use crate::front;
-use crate::gateway::Gateway;
+use crate::gateway::CurrentGateway;
 use crate::stream::Stream;
 use crate::tls::{self, TlsError};
 use dashmap::DashMap;
@@ -150,7 +150,7 @@ impl Drop for ConnectionGuard {
 /// Accepts on `bound` until `stop` completes.
 pub async fn accept_loop(
     bound: BoundListener,
-    gateway: Arc<Gateway>,
+    current: Arc<CurrentGateway>,
     counter: Arc<ConnectionCounter>,
     stop: impl Future<Output = ()>,
 ) {
@@ -170,7 +170,7 @@ pub async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let gateway = Arc::clone(&gateway);
+        let gateway = current.get();
         let limits = gateway.config.limits;
         let guard = counter.try_enter(
             peer.ip(),

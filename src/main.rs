@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wsgate::config::{self, Config};
-use wsgate::server::Server;
+use wsgate::server::{Reloader, Server};
 
 #[derive(Parser, Debug)]
 #[command(name = "wsgate", version, about = "A protocol-level WebSocket gateway")]
@@ -75,8 +75,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => match config::load(&config) {
-            Ok(config) => run(config),
+        Command::Run { config: path } => match config::load(&path) {
+            Ok(config) => run(config, Some(path)),
             Err(errors) => {
                 eprintln!("{errors}");
                 ExitCode::FAILURE
@@ -91,7 +91,7 @@ fn main() -> ExitCode {
                 }
             };
             match config::from_yaml_str(&yaml, "<command line>") {
-                Ok(config) => run(config),
+                Ok(config) => run(config, None),
                 Err(errors) => {
                     eprintln!("{errors}");
                     ExitCode::FAILURE
@@ -199,7 +199,7 @@ fn demo(config: Config) -> ExitCode {
                 },
             ));
         }
-        let status = serve(config, |addr| {
+        let status = serve(config, None, |addr| {
             tracing::info!("demo chat: open http://{addr}/ in two browser tabs");
         })
         .await;
@@ -208,15 +208,22 @@ fn demo(config: Config) -> ExitCode {
     })
 }
 
-fn run(config: Config) -> ExitCode {
+/// Runs `config`; with `reload_from`, SIGHUP or a change of that file reloads it.
+fn run(config: Config, reload_from: Option<PathBuf>) -> ExitCode {
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
-    runtime.block_on(serve(config, |addr| tracing::info!("listening on {addr}")))
+    runtime.block_on(serve(config, reload_from, |addr| {
+        tracing::info!("listening on {addr}")
+    }))
 }
 
 /// Binds, announces each listening address, and serves until SIGTERM or SIGINT, then drains.
-async fn serve(config: Config, announce: impl Fn(std::net::SocketAddr)) -> ExitCode {
+async fn serve(
+    config: Config,
+    reload_from: Option<PathBuf>,
+    announce: impl Fn(std::net::SocketAddr),
+) -> ExitCode {
     let server = match Server::bind(config).await {
         Ok(server) => server,
         Err(error) => {
@@ -225,9 +232,59 @@ async fn serve(config: Config, announce: impl Fn(std::net::SocketAddr)) -> ExitC
         }
     };
     server.local_addrs().into_iter().for_each(announce);
+    if let Some(path) = reload_from {
+        tokio::spawn(watch_for_reloads(server.reloader(), path));
+    }
     server.run(shutdown_signal()).await;
     tracing::info!("stopped; exiting");
     ExitCode::SUCCESS
+}
+
+/// How often the configuration file's modification time is compared.
+const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads `path` on SIGHUP and whenever its modification time changes. A file that does not
+/// load is refused with its `file:line` errors and the running configuration stays.
+async fn watch_for_reloads(reloader: Reloader, path: PathBuf) {
+    let modified = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut last = modified(&path);
+    let mut poll = tokio::time::interval(CONFIG_POLL);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        let why = tokio::select! {
+            _ = hup => "SIGHUP",
+            _ = poll.tick() => {
+                let now = modified(&path);
+                if now == last {
+                    continue;
+                }
+                "the file changed"
+            }
+        };
+        last = modified(&path);
+        match config::load(&path) {
+            Ok(config) => match reloader.reload(config) {
+                Ok(()) => tracing::info!("configuration reloaded ({why})"),
+                Err(error) => tracing::error!("reload refused ({why}): {error}"),
+            },
+            Err(errors) => {
+                reloader.refused();
+                tracing::error!(
+                    "reload refused ({why}); the running configuration stays:\n{errors}"
+                );
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

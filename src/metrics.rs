@@ -52,6 +52,11 @@ pub struct UpstreamBackend {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpRequest {
     pub route: String,
     pub status: String,
@@ -67,6 +72,7 @@ pub struct Metrics {
     pub messages: Family<Flow, Counter>,
     pub bytes: Family<Flow, Counter>,
     pub backend_healthy: Family<UpstreamBackend, Gauge>,
+    pub config_reloads: Family<Outcome, Counter>,
     pub http_requests: Family<HttpRequest, Counter>,
 }
 
@@ -87,6 +93,7 @@ impl Metrics {
             messages: Family::default(),
             bytes: Family::default(),
             backend_healthy: Family::default(),
+            config_reloads: Family::default(),
             http_requests: Family::default(),
             registry: Registry::default(),
         };
@@ -124,6 +131,11 @@ impl Metrics {
             "backend_healthy",
             "1 while a backend is considered healthy, 0 while it is skipped",
             metrics.backend_healthy.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result (applied or refused)",
+            metrics.config_reloads.clone(),
         );
         registry.register(
             "http_requests",

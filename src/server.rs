@@ -2,11 +2,13 @@
 //! stop. `main` and the integration tests start the gateway the same way.
 
 use crate::config::Config;
-use crate::gateway::{Gateway, GatewayError};
+use crate::gateway::{CurrentGateway, Gateway, GatewayError};
+use crate::health::HealthChecks;
 use crate::listener::{BindError, BoundListener, ConnectionCounter, accept_loop};
+use crate::metrics::Outcome;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -25,10 +27,70 @@ pub enum StartError {
 
 #[derive(Debug)]
 pub struct Server {
-    gateway: Arc<Gateway>,
+    current: Arc<CurrentGateway>,
     listeners: Vec<BoundListener>,
     admin: Option<TcpListener>,
     counter: Arc<ConnectionCounter>,
+    /// The active health checks of the current configuration.
+    health: Arc<Mutex<Option<HealthChecks>>>,
+}
+
+/// Applies new configurations to a running server (SIGHUP, a changed file, tests).
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    current: Arc<CurrentGateway>,
+    health: Arc<Mutex<Option<HealthChecks>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(
+        "listeners and the admin listener cannot change while running (sockets stay bound): restart wsgate to apply them"
+    )]
+    ListenersChanged,
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+}
+
+impl Reloader {
+    /// Switches new connections to `config`. Connections already open keep the configuration
+    /// they started with; the running one stays if this fails.
+    pub fn reload(&self, config: Config) -> Result<(), ReloadError> {
+        let old = self.current.get();
+        let result = self.apply(&old, config);
+        self.count(if result.is_ok() { "applied" } else { "refused" });
+        result
+    }
+
+    /// Counts a reload refused before it got here (a file that does not load).
+    pub fn refused(&self) {
+        self.count("refused");
+    }
+
+    fn count(&self, outcome: &str) {
+        self.current
+            .get()
+            .metrics
+            .config_reloads
+            .get_or_create(&Outcome {
+                result: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    fn apply(&self, old: &Arc<Gateway>, config: Config) -> Result<(), ReloadError> {
+        if config.listeners != old.config.listeners || config.admin != old.config.admin {
+            return Err(ReloadError::ListenersChanged);
+        }
+        let metrics = Arc::clone(&old.metrics);
+        let drain = Arc::clone(&old.drain);
+        let gateway = Arc::new(Gateway::with_shared(config, metrics, drain)?);
+        let health = crate::health::start(&gateway);
+        self.current.replace(gateway);
+        // Dropping the old checks stops them; the new ones watch the new backends.
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
+        Ok(())
+    }
 }
 
 impl Server {
@@ -51,10 +113,11 @@ impl Server {
             };
         let gateway = Arc::new(Gateway::new(config)?);
         Ok(Self {
-            gateway,
+            current: Arc::new(CurrentGateway::new(gateway)),
             listeners,
             admin,
             counter: Arc::default(),
+            health: Arc::default(),
         })
     }
 
@@ -71,8 +134,17 @@ impl Server {
             .collect()
     }
 
-    pub fn gateway(&self) -> &Arc<Gateway> {
-        &self.gateway
+    /// The configuration new connections currently get.
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.current.get()
+    }
+
+    /// A handle that applies new configurations while the server runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            current: Arc::clone(&self.current),
+            health: Arc::clone(&self.health),
+        }
     }
 
     /// Accepts on every listener until `stop` completes, then drains: every open connection is
@@ -87,7 +159,7 @@ impl Server {
             };
             loops.push(tokio::spawn(accept_loop(
                 bound,
-                Arc::clone(&self.gateway),
+                Arc::clone(&self.current),
                 Arc::clone(&self.counter),
                 stopped,
             )));
@@ -95,17 +167,19 @@ impl Server {
         // The admin listener outlives the public ones until the drain is over, so /readyz can
         // say "draining" to the load balancer while connections close.
         let admin = self.admin.take().map(|admin| {
-            let gateway = Arc::clone(&self.gateway);
-            tokio::spawn(crate::admin::serve(admin, gateway, std::future::pending()))
+            let current = Arc::clone(&self.current);
+            tokio::spawn(crate::admin::serve(admin, current, std::future::pending()))
         });
         // Active health checks run while the server does; they also end when it drains.
-        let _health = crate::health::start(&self.gateway);
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(crate::health::start(&self.current.get()));
         stop.await;
         let _ = stop_tx.send(true);
         for accept in loops {
             let _ = accept.await;
         }
         self.drain().await;
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(admin) = admin {
             admin.abort();
         }
@@ -114,7 +188,8 @@ impl Server {
     /// Asks every connection to close (1001 to WebSocket clients and backends, `Connection:
     /// close` to HTTP clients) and waits for them, at most [`DRAIN_DEADLINE`].
     async fn drain(&self) {
-        let _ = self.gateway.drain.send(true);
+        // One signal reaches every configuration generation still holding connections.
+        let _ = self.current.get().drain.send(true);
         let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
         while self.counter.current() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -207,7 +207,7 @@ async fn start(backends: &[SocketAddr], upstream: &str) -> Running {
         wsgate::config::from_yaml_str(&yaml, "health.yaml").unwrap_or_else(|e| panic!("{e}"));
     let server = Server::bind(config).await.expect("gateway binds");
     let addr = server.local_addrs()[0];
-    let gateway = Arc::clone(server.gateway());
+    let gateway = server.gateway();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.run(async move {
         let _ = stopped.await;
