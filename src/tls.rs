@@ -120,14 +120,26 @@ pub fn server_config(tls: &ServerTls) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// Builds the TLS configuration for connections to `wss://` backends: the bundled Mozilla
-/// roots, or only the certificates of `ca_file` when it is set (a private CA should not
-/// widen trust to the public ones, nor the other way round).
+/// The operating system's trust store (what curl and the platform's other clients trust). A
+/// system without one (a minimal container image) gets the Mozilla roots bundled with wsgate
+/// instead, rather than a gateway that can reach no `wss://` backend at all.
+pub fn system_roots() -> RootCertStore {
+    let native = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _unparsable) = roots.add_parsable_certificates(native.certs);
+    if added == 0 {
+        tracing::warn!("no usable system root certificates; using the bundled Mozilla roots");
+        roots.roots = webpki_roots::TLS_SERVER_ROOTS.to_vec();
+    }
+    roots
+}
+
+/// Builds the TLS configuration for connections to `wss://` backends: the system roots, or
+/// only the certificates of `ca_file` when it is set (a private CA should not widen trust to
+/// the public ones, nor the other way round).
 pub fn client_config(tls: &UpstreamTls) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = match &tls.ca_file {
-        None => RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        },
+        None => system_roots(),
         Some(path) => {
             let mut roots = RootCertStore::empty();
             for (i, cert) in load_certificates(path)?.into_iter().enumerate() {
@@ -339,6 +351,12 @@ mod tests {
         fn algorithm(&self) -> rustls::SignatureAlgorithm {
             rustls::SignatureAlgorithm::ECDSA
         }
+    }
+
+    #[test]
+    fn system_roots_are_found() {
+        // Debian and every CI image here ship ca-certificates; the fallback covers the rest.
+        assert!(system_roots().len() > 10);
     }
 
     #[test]

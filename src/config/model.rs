@@ -115,7 +115,8 @@ pub struct Backend {
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct UpstreamTls {
-    /// `None`: the bundled Mozilla roots (webpki-roots). `Some`: only this CA bundle.
+    /// `None`: the operating system's roots (the bundled Mozilla roots where there are none).
+    /// `Some`: only this CA bundle.
     pub ca_file: Option<PathBuf>,
     /// SNI / certificate name to verify instead of the URL's host.
     pub server_name: Option<String>,
