@@ -89,20 +89,5 @@ status=0
 "$autobahn/run.sh" --timeout 1500 --agent "$agent" "$url" '12.*,13.*' "$reports" || status=$?
 if $direct; then exit $status; fi
 
-python3 - "$reports/summary.json" tests/autobahn/expected-compression.json <<'PY' || status=1
-import json, sys
-rank = {"OK": 0, "INFORMATIONAL": 0, "UNIMPLEMENTED": 1, "NON-STRICT": 2, "FAILED": 3}
-got = json.load(open(sys.argv[1]))["cases"]
-expected = json.load(open(sys.argv[2]))["cases"]
-worse = [(case, expected.get(case), verdict) for case, verdict in got.items()
-         if rank.get(verdict, 3) > rank.get(expected.get(case, "OK"), 0)]
-missing = sorted(set(expected) - set(got))
-for case, before, after in sorted(worse):
-    print(f"autobahn-compression: regression in {case}: {before} -> {after}")
-for case in missing:
-    print(f"autobahn-compression: case {case} did not run")
-if worse or missing:
-    sys.exit(1)
-print(f"autobahn-compression: no regression against the baseline ({len(got)} cases)")
-PY
+python3 .ci/autobahn-compare.py autobahn-compression "$reports/summary.json" tests/autobahn/expected-compression.json || status=1
 exit $status

@@ -40,20 +40,5 @@ done
 status=0
 "$autobahn/run.sh" --no-compression --timeout 900 --agent wsgate "ws://127.0.0.1:$gateway_port" '*' "$reports" || status=$?
 
-python3 - "$reports/summary.json" tests/autobahn/expected.json <<'PY' || status=1
-import json, sys
-rank = {"OK": 0, "INFORMATIONAL": 0, "UNIMPLEMENTED": 1, "NON-STRICT": 2, "FAILED": 3}
-got = json.load(open(sys.argv[1]))["cases"]
-expected = json.load(open(sys.argv[2]))["cases"]
-worse = [(case, expected.get(case), verdict) for case, verdict in got.items()
-         if rank.get(verdict, 3) > rank.get(expected.get(case, "OK"), 0)]
-missing = sorted(set(expected) - set(got))
-for case, before, after in sorted(worse):
-    print(f"autobahn: regression in {case}: {before} -> {after}")
-for case in missing:
-    print(f"autobahn: case {case} did not run")
-if worse or missing:
-    sys.exit(1)
-print(f"autobahn: no regression against the baseline ({len(got)} cases)")
-PY
+python3 .ci/autobahn-compare.py autobahn "$reports/summary.json" tests/autobahn/expected.json || status=1
 exit $status
