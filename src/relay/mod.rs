@@ -219,7 +219,7 @@ impl Relay {
             if self.client.finished() && self.backend.finished() {
                 return Poll::Ready(());
             }
-            let deadline = self.next_deadline();
+            let deadline = self.next_deadline(now);
             if deadline <= now {
                 self.on_timers(now);
                 continue;
@@ -252,8 +252,8 @@ impl Relay {
     /// The earliest instant at which a timer needs attention. Deadlines that move later on
     /// every read (keepalive, idle) are checked lazily: the timer fires at the old instant and
     /// is set again, instead of being reset on every read.
-    fn next_deadline(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(3600);
+    fn next_deadline(&self, now: Instant) -> Instant {
+        let far = now + Duration::from_secs(3600);
         let mut deadline = far;
         for hop in [&self.client, &self.backend] {
             for d in [hop.close_deadline, hop.drain_deadline, hop.pong_deadline]
