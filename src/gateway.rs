@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::routing::{
     HeaderField, RequestParts, RouteTable, UpstreamBalancer, cookie_value, extract_key,
 };
+use crate::session;
 use crate::tls::{self, TlsError};
 use crate::upstream::{BackendTls, backend_tls};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,6 +39,8 @@ pub struct Gateway {
     pub drain: Arc<watch::Sender<bool>>,
     /// Shared by every configuration the process runs, so counters survive reloads.
     pub metrics: Arc<Metrics>,
+    /// Open sessions; shared by every configuration generation, so a reload keeps them.
+    pub sessions: Arc<session::Registry>,
     /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
     handshake_bucket: Option<Mutex<TokenBucket>>,
 }
@@ -50,15 +53,22 @@ pub enum GatewayError {
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Self, GatewayError> {
-        Self::with_shared(config, Arc::default(), Arc::new(watch::Sender::new(false)))
+        Self::with_shared(
+            config,
+            Arc::default(),
+            Arc::new(watch::Sender::new(false)),
+            Arc::default(),
+        )
     }
 
-    /// Builds the gateway for `config`, counting into `metrics` and draining with `drain`: the
-    /// parts that live as long as the process, across reloads.
+    /// Builds the gateway for `config`, counting into `metrics`, draining with `drain` and
+    /// keeping sessions in `sessions`: the parts that live as long as the process, across
+    /// reloads.
     pub fn with_shared(
         config: Config,
         metrics: Arc<Metrics>,
         drain: Arc<watch::Sender<bool>>,
+        sessions: Arc<session::Registry>,
     ) -> Result<Self, GatewayError> {
         let handshake_bucket = config
             .limits
@@ -93,6 +103,7 @@ impl Gateway {
             config,
             drain,
             metrics,
+            sessions,
             handshake_bucket,
         })
     }

@@ -25,11 +25,13 @@ pub mod tls;
 pub mod upstream;
 
 pub mod admin;
+pub mod admit;
 pub mod front;
 pub mod gateway;
 pub mod health;
 pub mod listener;
 pub mod server;
+pub mod session;
 
 pub mod demo;
 

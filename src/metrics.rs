@@ -62,6 +62,26 @@ pub struct HttpRequest {
     pub status: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionEnd {
+    pub route: String,
+    /// One of a fixed set: client_closed, backend_closed, backend_lost, expired, overflow,
+    /// shutdown.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionRequest {
+    /// The session operation (open, poll, send, close, events, socket).
+    pub op: String,
+    pub status: String,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -74,6 +94,9 @@ pub struct Metrics {
     pub backend_healthy: Family<UpstreamBackend, Gauge>,
     pub config_reloads: Family<Outcome, Counter>,
     pub http_requests: Family<HttpRequest, Counter>,
+    pub sessions_active: Family<RouteLabel, Gauge>,
+    pub sessions_ended: Family<SessionEnd, Counter>,
+    pub session_requests: Family<SessionRequest, Counter>,
 }
 
 impl Default for Metrics {
@@ -95,6 +118,9 @@ impl Metrics {
             backend_healthy: Family::default(),
             config_reloads: Family::default(),
             http_requests: Family::default(),
+            sessions_active: Family::default(),
+            sessions_ended: Family::default(),
+            session_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -141,6 +167,21 @@ impl Metrics {
             "http_requests",
             "Plain HTTP requests proxied, per route and response status",
             metrics.http_requests.clone(),
+        );
+        registry.register(
+            "sessions_active",
+            "Sessions open (long-polling, event-stream or resumable WebSocket clients), per route",
+            metrics.sessions_active.clone(),
+        );
+        registry.register(
+            "sessions_ended",
+            "Sessions ended, per route and reason",
+            metrics.sessions_ended.clone(),
+        );
+        registry.register(
+            "session_requests",
+            "Session protocol requests, by operation and response status",
+            metrics.session_requests.clone(),
         );
         Self {
             registry,

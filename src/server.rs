@@ -84,7 +84,8 @@ impl Reloader {
         }
         let metrics = Arc::clone(&old.metrics);
         let drain = Arc::clone(&old.drain);
-        let gateway = Arc::new(Gateway::with_shared(config, metrics, drain)?);
+        let sessions = Arc::clone(&old.sessions);
+        let gateway = Arc::new(Gateway::with_shared(config, metrics, drain, sessions)?);
         let health = crate::health::start(&gateway);
         self.current.replace(gateway);
         // Dropping the old checks stops them; the new ones watch the new backends.

@@ -24,6 +24,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub admin: Option<Admin>,
+    pub sessions: Sessions,
 }
 
 /// Where the gateway listens for clients.
@@ -220,6 +221,59 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     pub address: SocketAddr,
+}
+
+/// The session layer: long-polling fallback and resumable sessions (docs/sessions.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sessions {
+    /// Serve the session protocol on every route; when off, its requests are proxied like any
+    /// other request.
+    pub enabled: bool,
+    /// Names this gateway in session ids' `instance` field, so a front load balancer can send a
+    /// session's requests to the gateway that holds it.
+    pub instance: String,
+    /// How long a long-poll is held when there is nothing to send.
+    pub poll_timeout: Duration,
+    /// How long a session survives with no client attached: the expiry of an abandoned
+    /// long-polling session and the grace period for a resume.
+    pub timeout: Duration,
+    /// Backend-to-client payload bytes buffered per session, unacknowledged ones included.
+    pub buffer: u64,
+    /// Most sessions open at once, gateway-wide (503 above it).
+    pub max_sessions: u32,
+    /// Largest POST body and (roughly) poll answer, bytes.
+    pub max_batch: u64,
+}
+
+impl Sessions {
+    pub fn with_defaults() -> Self {
+        Self {
+            enabled: true,
+            instance: default_instance(),
+            // Socket.IO's pingInterval and most proxies' 30-60 s idle cuts: a held poll must
+            // come back before an intermediary gives up on it.
+            poll_timeout: Duration::from_secs(25),
+            // Long enough for a phone to switch networks or a laptop to wake up.
+            timeout: Duration::from_secs(30),
+            buffer: 1 << 20,
+            max_sessions: 10_000,
+            max_batch: 1 << 20,
+        }
+    }
+}
+
+/// The host name, so instances differ without configuration in the common one-per-host case.
+fn default_instance() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        })
+        .unwrap_or_else(|| "wsgate".to_owned())
 }
 
 impl Timeouts {

@@ -42,6 +42,7 @@ const TOP_KEYS: &[&str] = &[
     "timeouts",
     "limits",
     "admin",
+    "sessions",
 ];
 const LISTENER_KEYS: &[&str] = &["name", "address", "tls"];
 const SERVER_TLS_KEYS: &[&str] = &["certificates"];
@@ -100,6 +101,15 @@ const LIMIT_KEYS: &[&str] = &[
 /// Limits that only make sense for the whole gateway.
 const TOP_LEVEL_ONLY_LIMITS: &[&str] = &["max_connections_per_ip", "handshake_rate"];
 const ADMIN_KEYS: &[&str] = &["address"];
+const SESSION_KEYS: &[&str] = &[
+    "enabled",
+    "instance",
+    "poll_timeout",
+    "timeout",
+    "buffer",
+    "max_sessions",
+    "max_batch",
+];
 
 const ADDRESS_FORM: &str = "an address such as 127.0.0.1:8080 or [::1]:8080";
 
@@ -551,7 +561,13 @@ impl Cx<'_> {
             }
         }
 
+        let sessions = match top.get("sessions") {
+            None => Some(Sessions::with_defaults()),
+            Some((raw, path)) => self.sessions(raw, &path),
+        };
+
         Some(Config {
+            sessions: sessions?,
             listeners: listeners?,
             upstreams: upstreams?,
             routes: routes?,
@@ -1425,11 +1441,77 @@ impl Cx<'_> {
         ok.then_some(origins)
     }
 
+    fn sessions(&mut self, raw: &Raw, path: &YamlPath) -> Option<Sessions> {
+        let f = self.fields(raw, path, "a mapping of session settings", SESSION_KEYS)?;
+        let mut sessions = Sessions::with_defaults();
+        let mut ok = true;
+        if let Some((raw, path)) = f.get("enabled") {
+            match self.boolean(raw, &path) {
+                Some(enabled) => sessions.enabled = enabled,
+                None => ok = false,
+            }
+        }
+        if let Some((raw, path)) = f.get("instance") {
+            let checked = self
+                .string(raw, &path, "an instance name such as gw-1")
+                .map(|name| check_instance(name.trim()));
+            match checked.and_then(|c| self.checked(&path, c)) {
+                Some(name) => sessions.instance = name,
+                None => ok = false,
+            }
+        }
+        let mut timer = |cx: &mut Self, key: &str, slot: &mut Duration| {
+            if let Some((raw, path)) = f.get(key) {
+                match cx.timer(raw, &path, TIMER).flatten() {
+                    Some(d) => *slot = d,
+                    None => ok = false,
+                }
+            }
+        };
+        timer(self, "poll_timeout", &mut sessions.poll_timeout);
+        timer(self, "timeout", &mut sessions.timeout);
+        if let Some((raw, path)) = f.get("buffer") {
+            match self.size(raw, &path, 4 << 10, 1 << 30) {
+                Some(bytes) => sessions.buffer = bytes,
+                None => ok = false,
+            }
+        }
+        if let Some((raw, path)) = f.get("max_batch") {
+            match self.size(raw, &path, 4 << 10, 64 << 20) {
+                Some(bytes) => sessions.max_batch = bytes,
+                None => ok = false,
+            }
+        }
+        if let Some((raw, path)) = f.get("max_sessions") {
+            match self.integer(raw, &path, 1, 10_000_000) {
+                Some(n) => sessions.max_sessions = n as u32,
+                None => ok = false,
+            }
+        }
+        ok.then_some(sessions)
+    }
+
     fn admin(&mut self, raw: &Raw, path: &YamlPath) -> Option<Admin> {
         let f = self.fields(raw, path, "a mapping with an address", ADMIN_KEYS)?;
         let (raw, path) = f.required(self, "address", ADDRESS_FORM)?;
         let address = self.socket_addr(raw, &path)?;
         Some(Admin { address })
+    }
+}
+
+/// Instance names travel in session ids and URLs: keep them to a URL- and log-safe alphabet.
+fn check_instance(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "expected an instance name of 1 to 64 letters, digits, '-' or '.', found {name:?}"
+        ))
     }
 }
 

@@ -12,6 +12,7 @@ use crate::gateway::Gateway;
 use crate::metrics::HttpRequest;
 use crate::proto::handshake::{self, RequestHead};
 use crate::routing::RequestParts;
+use crate::session::{self, websocket::SessionSocket};
 use crate::stream::{Rewind, Stream};
 use crate::upstream::{self, Refusal};
 use http_body_util::combinators::BoxBody;
@@ -28,8 +29,14 @@ use tokio::time::Instant;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// A WebSocket accepted on this connection, to relay once hyper hands the socket over.
-type PendingUpgrade = Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Box<Acceptance>)>>>;
+/// A WebSocket accepted on this connection, to serve once hyper hands the socket over.
+type PendingUpgrade = Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Accepted)>>>;
+
+#[derive(Debug)]
+enum Accepted {
+    Relay(Box<Acceptance>),
+    Session(Box<SessionSocket>),
+}
 
 /// Serves a plain-HTTP connection; `prefix` is what was read of it already. Returns when the
 /// connection is over, including a WebSocket it was upgraded to, so the caller's connection
@@ -73,11 +80,14 @@ pub async fn serve(
         tracing::debug!(client = %peer, "HTTP connection ended: {error}");
     }
     let upgrade = pending.lock().ok().and_then(|mut slot| slot.take());
-    if let Some((on_upgrade, acceptance)) = upgrade {
+    if let Some((on_upgrade, accepted)) = upgrade {
         let started = Instant::now();
         if let Ok(upgraded) = on_upgrade.await {
             let client = Stream::Upgraded(Box::new(TokioIo::new(upgraded)));
-            acceptance.relay(client, &[], started).await;
+            match accepted {
+                Accepted::Relay(acceptance) => acceptance.relay(client, &[], started).await,
+                Accepted::Session(socket) => socket.serve(client, &[]).await,
+            }
         }
     }
 }
@@ -106,17 +116,52 @@ async fn handle(
     }
     let host = hosts.iter().next().and_then(|v| v.to_str().ok());
     match gateway.routes.route(host, request.uri().path()) {
-        Some(route) => {
-            let response = proxy(&gateway, route, peer, tls, request).await;
-            let labels = HttpRequest {
-                route: gateway.route(route).name.clone(),
-                status: response.status().as_u16().to_string(),
-            };
-            gateway.metrics.http_requests.get_or_create(&labels).inc();
-            response
+        Some(route) if gateway.config.sessions.enabled => {
+            let query = request.uri().query().map(str::to_owned);
+            match session::protocol::parse_query(query.as_deref()) {
+                Ok(None) => routed(&gateway, route, peer, tls, request).await,
+                Ok(Some(query)) => {
+                    let owned = owned_fields(&request);
+                    let headers: Vec<httparse::Header<'_>> = owned
+                        .iter()
+                        .map(|(name, value)| httparse::Header { name, value })
+                        .collect();
+                    session::http::handle(&gateway, route, query, request, &headers, peer, tls)
+                        .await
+                }
+                Err(line) => plain(400, &line),
+            }
         }
+        Some(route) => routed(&gateway, route, peer, tls, request).await,
         None => plain(404, "no route for this host and path"),
     }
+}
+
+/// Proxies a routed plain-HTTP request and counts it.
+async fn routed(
+    gateway: &Arc<Gateway>,
+    route: usize,
+    peer: SocketAddr,
+    tls: bool,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let response = proxy(gateway, route, peer, tls, request).await;
+    let labels = HttpRequest {
+        route: gateway.route(route).name.clone(),
+        status: response.status().as_u16().to_string(),
+    };
+    gateway.metrics.http_requests.get_or_create(&labels).inc();
+    response
+}
+
+/// The request's header fields, copied, for a request whose body is consumed while its head
+/// is still needed (the session layer).
+fn owned_fields(request: &Request<Incoming>) -> Vec<(String, Vec<u8>)> {
+    request
+        .headers()
+        .iter()
+        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+        .collect()
 }
 
 /// The request's head in the form the handshake code reads.
@@ -157,6 +202,11 @@ async fn upgrade(
         version: minor_version(&request),
         headers: &headers,
     };
+    if let Some(response) =
+        session_upgrade(gateway, &head, peer, tls, on_upgrade.clone(), &pending).await
+    {
+        return response;
+    }
     let acceptance = match websocket::decide(gateway, &head, peer, tls).await {
         Decision::Refuse(refusal) => return refusal_response(refusal),
         Decision::Accept(acceptance) => acceptance,
@@ -176,11 +226,63 @@ async fn upgrade(
         response = response.header(hyper::header::SET_COOKIE, cookie.as_str());
     }
     if let Ok(mut slot) = pending.lock() {
-        *slot = Some((on_upgrade, acceptance));
+        *slot = Some((on_upgrade, Accepted::Relay(acceptance)));
     }
     response
         .body(empty())
         .unwrap_or_else(|_| plain(500, "cannot build the 101 response"))
+}
+
+/// A `wsgate=socket` upgrade: the session layer's WebSocket. `None` for any other upgrade.
+async fn session_upgrade(
+    gateway: &Arc<Gateway>,
+    head: &RequestHead<'_, '_>,
+    peer: SocketAddr,
+    tls: bool,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    pending: &PendingUpgrade,
+) -> Option<Response<Body>> {
+    if !gateway.config.sessions.enabled {
+        return None;
+    }
+    let query = match session::protocol::parse_query(head.query()) {
+        Ok(Some(query)) => query,
+        Ok(None) => return None,
+        Err(line) => return Some(plain(400, &line)),
+    };
+    if query.op != session::protocol::Op::Socket {
+        return Some(plain(
+            400,
+            &format!(
+                "the {} session operation is a plain HTTP request, not a WebSocket upgrade",
+                query.op.name()
+            ),
+        ));
+    }
+    let route = gateway.routes.route(head.header("host"), head.path())?;
+    let socket = match session::websocket::decide(gateway, route, head, &query, peer, tls).await {
+        Ok(socket) => socket,
+        Err(refusal) => return Some(refusal_response(refusal)),
+    };
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(hyper::header::UPGRADE, "websocket")
+        .header(hyper::header::CONNECTION, "Upgrade")
+        .header("sec-websocket-accept", socket.accept.as_str());
+    if let Some(protocol) = &socket.protocol {
+        response = response.header("sec-websocket-protocol", protocol.as_str());
+    }
+    if let Some(cookie) = &socket.set_cookie {
+        response = response.header(hyper::header::SET_COOKIE, cookie.as_str());
+    }
+    if let Ok(mut slot) = pending.lock() {
+        *slot = Some((on_upgrade, Accepted::Session(Box::new(socket))));
+    }
+    Some(
+        response
+            .body(empty())
+            .unwrap_or_else(|_| plain(500, "cannot build the 101 response")),
+    )
 }
 
 async fn proxy(

@@ -14,8 +14,10 @@ mod respond;
 mod websocket;
 
 use crate::gateway::Gateway;
-use crate::proto::handshake::{self, HandshakeError};
+use crate::proto::handshake::{self, HandshakeError, RequestHead};
+use crate::session::{self, protocol::SessionQuery, websocket::SessionSocket};
 use crate::stream::Stream;
+use crate::upstream::Refusal;
 use httparse::EMPTY_HEADER;
 pub use respond::refuse;
 use respond::{HeadRead, finish_with, read_head_bytes};
@@ -34,6 +36,8 @@ enum Next {
     Done,
     /// A WebSocket: relay, starting with the bytes the client sent after its head.
     Relay(Box<Acceptance>, Vec<u8>),
+    /// A session WebSocket (the client library's `wsgate=socket`), served by the session layer.
+    Session(Box<SessionSocket>, Vec<u8>),
     /// Plain HTTP: hyper takes over, re-reading the bytes read so far.
     Http(Vec<u8>),
 }
@@ -49,6 +53,7 @@ pub async fn serve(gateway: Arc<Gateway>, mut stream: Stream, peer: SocketAddr, 
     match next {
         Next::Done => {}
         Next::Relay(acceptance, early) => acceptance.relay(stream, &early, started).await,
+        Next::Session(socket, early) => socket.serve(stream, &early).await,
         Next::Http(prefix) => http::serve(gateway, stream, peer, tls, prefix).await,
     }
 }
@@ -97,6 +102,28 @@ async fn first_request(
     if !head.wants_websocket() {
         return Next::Http(buf);
     }
+    match session_query(gateway, &head) {
+        SessionRoute::None => {}
+        SessionRoute::Invalid(line) => {
+            finish_with(stream, &Refusal::plain(400, &line, &[]).to_bytes()).await;
+            return Next::Done;
+        }
+        SessionRoute::Socket(route, query) => {
+            return match session::websocket::decide(gateway, route, &head, &query, peer, tls).await
+            {
+                Err(refusal) => {
+                    finish_with(stream, &refusal.to_bytes()).await;
+                    Next::Done
+                }
+                Ok(socket) => {
+                    if stream.write_all(&socket.response_head()).await.is_err() {
+                        return Next::Done;
+                    }
+                    Next::Session(Box::new(socket), buf[head_len..].to_vec())
+                }
+            };
+        }
+    }
     match websocket::decide(gateway, &head, peer, tls).await {
         Decision::Refuse(refusal) => {
             finish_with(stream, &refusal.to_bytes()).await;
@@ -108,6 +135,38 @@ async fn first_request(
             }
             Next::Relay(acceptance, buf[head_len..].to_vec())
         }
+    }
+}
+
+/// What a WebSocket upgrade's query says about sessions.
+enum SessionRoute<'q> {
+    /// An ordinary WebSocket.
+    None,
+    /// Session parameters that cannot be served on an upgrade.
+    Invalid(String),
+    /// The client library's session WebSocket, on this route.
+    Socket(usize, SessionQuery<'q>),
+}
+
+fn session_query<'q>(gateway: &Gateway, head: &RequestHead<'_, 'q>) -> SessionRoute<'q> {
+    if !gateway.config.sessions.enabled {
+        return SessionRoute::None;
+    }
+    let query = match session::protocol::parse_query(head.query()) {
+        Ok(Some(query)) => query,
+        Ok(None) => return SessionRoute::None,
+        Err(line) => return SessionRoute::Invalid(line),
+    };
+    if query.op != session::protocol::Op::Socket {
+        return SessionRoute::Invalid(format!(
+            "the {} session operation is a plain HTTP request, not a WebSocket upgrade",
+            query.op.name()
+        ));
+    }
+    // An unroutable request is refused by the ordinary WebSocket path, with its 404.
+    match gateway.routes.route(head.header("host"), head.path()) {
+        Some(route) => SessionRoute::Socket(route, query),
+        None => SessionRoute::None,
     }
 }
 

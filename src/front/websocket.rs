@@ -6,16 +6,16 @@
 //! first request is the upgrade) and the hyper path (an upgrade later on a keep-alive HTTP
 //! connection) share it.
 
-use super::forwarded::ForwardedHeaders;
-use crate::config::{Compression, Route};
+use crate::admit::{BackendOffer, OpenedBackend, open_backend};
+use crate::config::Compression;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{Closed, RouteBackend};
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{DecoderConfig, FrameDecoder, Role};
 use crate::relay::{HopStart, Relay, RelayReport, RelaySettings};
-use crate::routing::{ConnectionSlot, RequestParts};
+use crate::routing::ConnectionSlot;
 use crate::stream::Stream;
-use crate::upstream::{self, Refusal, UpstreamError, UpstreamRequest};
+use crate::upstream::Refusal;
 use prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,43 +80,6 @@ pub async fn decide(
         return refuse("no_route", 404, "no route for this host and path", &[]);
     };
     let route = gateway.route(route_index);
-    if !origin_allowed(route, upgrade.origin) {
-        return refuse("origin", 403, "origin not allowed", &[]);
-    }
-    if !gateway.admit_handshake() {
-        return refuse(
-            "handshake_rate",
-            503,
-            "too many new connections right now; retry shortly",
-            &[("Retry-After", "1")],
-        );
-    }
-    let Some(route_slot) = gateway.enter_route(route_index) else {
-        return refuse(
-            "route_limit",
-            503,
-            "route is at its connection limit",
-            &[("Retry-After", "1")],
-        );
-    };
-    let parts = RequestParts {
-        path: head.path(),
-        query: head.query(),
-        headers: head.headers,
-        client_ip: peer.ip(),
-    };
-    let Some(pick) = gateway.pick_backend(route_index, &parts) else {
-        return refuse(
-            "no_healthy_backend",
-            503,
-            "no healthy backend for this route",
-            &[("Retry-After", "1")],
-        );
-    };
-    let upstream = &gateway.upstreams[route.upstream];
-    let backend_slot = upstream.balancer.acquire(pick.index);
-    let backend = &upstream.balancer.backends()[pick.index];
-
     let protocols = join(handshake::server::offered_protocols(head.headers));
     let extensions = match route.compression {
         Compression::Passthrough => join(
@@ -125,33 +88,28 @@ pub async fn decide(
         ),
         Compression::Strip => None,
     };
-    let forwarded = ForwardedHeaders::new(head, peer, tls);
-    let extra = forwarded.fields(head, true);
-    let request = UpstreamRequest {
+    let offer = BackendOffer {
+        route: route_index,
         host: upgrade.host,
-        target: head.target,
+        origin: upgrade.origin,
         protocols: protocols.as_deref(),
         extensions: extensions.as_deref(),
-        extra: &extra,
     };
-    let connect_timeout = gateway.config.upstreams[route.upstream].connect_timeout;
-    let opened = upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request).await;
-    crate::health::observe_connect(gateway, route.upstream, pick.index, opened.as_ref().err());
-    let upgraded = match opened {
-        Ok(upgraded) => upgraded,
-        Err(error) => {
-            tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), "{error}");
-            gateway.metrics.handshake_failed(error.kind());
-            return Decision::Refuse(match error {
-                UpstreamError::Refused { response, .. } => *response,
-                other => Refusal::plain(other.status(), &other.to_string(), &[]),
-            });
-        }
+    let opened = match open_backend(gateway, head, &offer, peer, tls).await {
+        Ok(opened) => opened,
+        Err(refusal) => return Decision::Refuse(refusal),
     };
+    let OpenedBackend {
+        upgraded,
+        set_cookie,
+        backend_url,
+        route_slot,
+        backend_slot,
+    } = opened;
 
     let labels = RouteBackend {
         route: route.name.clone(),
-        backend: backend.url.clone(),
+        backend: backend_url.clone(),
     };
     gateway
         .metrics
@@ -186,7 +144,7 @@ pub async fn decide(
         accept: handshake::accept_key(upgrade.key),
         protocol: upgraded.protocol,
         extensions: upgraded.extensions,
-        set_cookie: pick.set_cookie,
+        set_cookie,
         backend: upgraded.stream,
         backend_early: upgraded.early,
         decoders: (decoder(Role::Server), decoder(Role::Client)),
@@ -201,7 +159,7 @@ pub async fn decide(
         log: AccessContext {
             gateway: Arc::clone(gateway),
             route: route_index,
-            backend: backend.url.clone(),
+            backend: backend_url,
             target: head.path().to_owned(),
             peer,
             active,
@@ -305,17 +263,4 @@ impl AccessContext {
 fn join<'a>(items: impl Iterator<Item = &'a str>) -> Option<String> {
     let joined = items.collect::<Vec<_>>().join(", ");
     (!joined.is_empty()).then_some(joined)
-}
-
-/// An empty allowlist admits every origin; otherwise the `Origin` header must be listed.
-fn origin_allowed(route: &Route, origin: Option<&str>) -> bool {
-    if route.allowed_origins.is_empty() {
-        return true;
-    }
-    origin.is_some_and(|origin| {
-        route
-            .allowed_origins
-            .iter()
-            .any(|allowed| allowed.eq_ignore_ascii_case(origin.trim_end_matches('/')))
-    })
 }

@@ -1,0 +1,133 @@
+//! Admitting a client to a backend: everything between a routed request and an open backend
+//! WebSocket. WebSocket clients and sessions (long-polling, resumable) both come through
+//! here, so they are admitted, limited and routed by the same rules: origin allowlist,
+//! handshake rate, the route's connection limit, the sticky pick, the backend's handshake and
+//! the health bookkeeping of its outcome.
+
+use crate::config::Route;
+use crate::front::forwarded::ForwardedHeaders;
+use crate::gateway::{Gateway, RouteSlot};
+use crate::proto::handshake::RequestHead;
+use crate::routing::{ConnectionSlot, RequestParts};
+use crate::upstream::{self, Refusal, UpstreamError, UpstreamRequest};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// What the backend WebSocket is asked for on a client's behalf.
+#[derive(Debug)]
+pub struct BackendOffer<'a> {
+    pub route: usize,
+    /// The `Host` the client asked for, passed on to the backend.
+    pub host: &'a str,
+    pub origin: Option<&'a str>,
+    pub protocols: Option<&'a str>,
+    pub extensions: Option<&'a str>,
+}
+
+/// A backend WebSocket opened for a client, with the route and backend slots it holds until
+/// it is dropped.
+#[derive(Debug)]
+pub struct OpenedBackend {
+    pub upgraded: upstream::Upgraded,
+    pub set_cookie: Option<String>,
+    pub backend_url: String,
+    pub route_slot: RouteSlot,
+    pub backend_slot: ConnectionSlot,
+}
+
+/// Everything between a routed request and an open backend WebSocket: origin allowlist,
+/// handshake rate, the route's connection limit, the sticky pick and the backend's handshake.
+/// `head` supplies the target, the sticky key and the headers forwarded to the backend. Shared
+/// by WebSocket clients and sessions, so both are admitted and routed by the same rules.
+pub async fn open_backend(
+    gateway: &Arc<Gateway>,
+    head: &RequestHead<'_, '_>,
+    offer: &BackendOffer<'_>,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<OpenedBackend, Refusal> {
+    let refuse = |reason: &str, status, line: &str, extra: &[(&str, &str)]| {
+        gateway.metrics.handshake_failed(reason);
+        Refusal::plain(status, line, extra)
+    };
+    let route = gateway.route(offer.route);
+    if !origin_allowed(route, offer.origin) {
+        return Err(refuse("origin", 403, "origin not allowed", &[]));
+    }
+    if !gateway.admit_handshake() {
+        return Err(refuse(
+            "handshake_rate",
+            503,
+            "too many new connections right now; retry shortly",
+            &[("Retry-After", "1")],
+        ));
+    }
+    let Some(route_slot) = gateway.enter_route(offer.route) else {
+        return Err(refuse(
+            "route_limit",
+            503,
+            "route is at its connection limit",
+            &[("Retry-After", "1")],
+        ));
+    };
+    let parts = RequestParts {
+        path: head.path(),
+        query: head.query(),
+        headers: head.headers,
+        client_ip: peer.ip(),
+    };
+    let Some(pick) = gateway.pick_backend(offer.route, &parts) else {
+        return Err(refuse(
+            "no_healthy_backend",
+            503,
+            "no healthy backend for this route",
+            &[("Retry-After", "1")],
+        ));
+    };
+    let upstream = &gateway.upstreams[route.upstream];
+    let backend_slot = upstream.balancer.acquire(pick.index);
+    let backend = &upstream.balancer.backends()[pick.index];
+
+    let forwarded = ForwardedHeaders::new(head, peer, tls);
+    let extra = forwarded.fields(head, true);
+    let request = UpstreamRequest {
+        host: offer.host,
+        target: head.target,
+        protocols: offer.protocols,
+        extensions: offer.extensions,
+        extra: &extra,
+    };
+    let connect_timeout = gateway.config.upstreams[route.upstream].connect_timeout;
+    let opened = upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request).await;
+    crate::health::observe_connect(gateway, route.upstream, pick.index, opened.as_ref().err());
+    match opened {
+        Ok(upgraded) => Ok(OpenedBackend {
+            upgraded,
+            set_cookie: pick.set_cookie,
+            backend_url: backend.url.clone(),
+            route_slot,
+            backend_slot,
+        }),
+        Err(error) => {
+            tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), "{error}");
+            gateway.metrics.handshake_failed(error.kind());
+            Err(match error {
+                UpstreamError::Refused { response, .. } => *response,
+                other => Refusal::plain(other.status(), &other.to_string(), &[]),
+            })
+        }
+    }
+}
+
+/// An empty allowlist admits every origin; otherwise the `Origin` header must be listed.
+pub fn origin_allowed(route: &Route, origin: Option<&str>) -> bool {
+    if route.allowed_origins.is_empty() {
+        return true;
+    }
+    origin.is_some_and(|origin| {
+        route
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(origin.trim_end_matches('/')))
+    })
+}

@@ -1,0 +1,287 @@
+//! A session's backend connection: one task per session, for the session's whole life. It
+//! reads backend messages into the session's buffer (and stops reading while the buffer is
+//! full, so a flooding backend meets TCP backpressure, not unbounded memory), writes what the
+//! client sends, keeps the hop alive with pings, and ends the session when the client is gone
+//! for good, the client closes, the backend closes, or the gateway shuts down.
+//!
+//! After the backend connection ends, the task stays until the client has collected the close
+//! (acknowledged it) or the session timeout passes, so a lost answer carrying the close is
+//! sent again like any other.
+
+use super::protocol::{Close, Event};
+use super::registry::{Registry, Reservation};
+use super::socket::{MessageReader, MessageWriter, ReadError, Received};
+use super::state::{Outgoing, Presence, Session};
+use crate::gateway::RouteSlot;
+use crate::metrics::{Metrics, RouteBackend, RouteLabel, SessionEnd};
+use crate::proto::CloseCode;
+use crate::routing::ConnectionSlot;
+use prometheus_client::metrics::gauge::Gauge;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+
+/// How often presence, expiry and keepalive are checked.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The backend side of a session, and what it holds until the session ends.
+#[derive(Debug)]
+pub struct BackendTask {
+    pub session: Arc<Session>,
+    pub reader: MessageReader,
+    pub writer: MessageWriter,
+    pub outgoing: mpsc::Receiver<Outgoing>,
+    pub registry: Arc<Registry>,
+    pub drain: watch::Receiver<bool>,
+    pub metrics: Arc<Metrics>,
+    pub backend_url: String,
+    pub ping_interval: Option<Duration>,
+    pub pong_timeout: Duration,
+    pub close_timeout: Duration,
+    /// Route and backend connection slots, held for the session's life.
+    pub _route_slot: RouteSlot,
+    pub _backend_slot: ConnectionSlot,
+    /// This session's place under `sessions.max_sessions`.
+    pub _reservation: Reservation,
+}
+
+/// How the backend connection ended, for metrics and the log.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    ClientClosed,
+    BackendClosed,
+    BackendLost,
+    Expired,
+    Overflow,
+    Shutdown,
+}
+
+impl Ending {
+    fn label(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::BackendClosed => "backend_closed",
+            Self::BackendLost => "backend_lost",
+            Self::Expired => "expired",
+            Self::Overflow => "overflow",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl BackendTask {
+    pub async fn run(mut self) {
+        let started = Instant::now();
+        let labels = RouteBackend {
+            route: self.session.route.clone(),
+            backend: self.backend_url.clone(),
+        };
+        self.metrics.connections_opened.get_or_create(&labels).inc();
+        let active = self
+            .metrics
+            .connections_active
+            .get_or_create(&labels)
+            .clone();
+        active.inc();
+        let sessions: Gauge = self
+            .metrics
+            .sessions_active
+            .get_or_create(&RouteLabel {
+                route: self.session.route.clone(),
+            })
+            .clone();
+        sessions.inc();
+
+        let ending = self.connected().await;
+        active.dec();
+        self.session.backend_gone();
+        tracing::info!(
+            target: "wsgate::access",
+            session = %self.session.id,
+            route = %self.session.route,
+            backend = %self.backend_url,
+            duration_ms = started.elapsed().as_millis() as u64,
+            ending = ending.label(),
+            "session backend closed"
+        );
+        if matches!(
+            ending,
+            Ending::BackendClosed | Ending::BackendLost | Ending::Shutdown
+        ) {
+            self.await_collection().await;
+        }
+        self.registry.remove(self.session.id.as_str());
+        sessions.dec();
+        self.metrics
+            .sessions_ended
+            .get_or_create(&SessionEnd {
+                route: self.session.route.clone(),
+                reason: ending.label().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Pumps until the backend connection ends.
+    async fn connected(&mut self) -> Ending {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let mut ping_sent: Option<Instant> = None;
+        let mut draining = *self.drain.borrow();
+        loop {
+            if draining {
+                self.end_both(CloseCode::GOING_AWAY, "gateway shutting down")
+                    .await;
+                return Ending::Shutdown;
+            }
+            let full = self.session.is_full();
+            tokio::select! {
+                changed = self.drain.changed() => {
+                    draining = changed.is_err() || *self.drain.borrow();
+                }
+                received = self.reader.next(), if !full => {
+                    last_heard = Instant::now();
+                    ping_sent = None;
+                    match received {
+                        Ok(Received::Message(message)) => {
+                            self.session.push(Event::Message(message));
+                        }
+                        Ok(Received::Ping(payload)) => {
+                            if self.writer.pong(&payload).await.is_err() {
+                                return self.lost("backend connection lost");
+                            }
+                        }
+                        Ok(Received::Pong) => {}
+                        Ok(Received::Close(close)) => {
+                            let close = close.unwrap_or(Close {
+                                code: CloseCode::NO_STATUS.0,
+                                reason: String::new(),
+                            });
+                            let echo = if close.code == CloseCode::NO_STATUS.0 {
+                                CloseCode::NORMAL
+                            } else {
+                                CloseCode(close.code)
+                            };
+                            let _ = self.writer.close(echo, "").await;
+                            self.session.push(Event::Close(close));
+                            return Ending::BackendClosed;
+                        }
+                        Err(ReadError::Protocol(error)) => {
+                            let _ = self.writer.close(error.close_code(), error.reason()).await;
+                            self.session.push(Event::Close(Close {
+                                code: CloseCode::GOING_AWAY.0,
+                                reason: format!("backend violated the protocol: {}", error.reason()),
+                            }));
+                            return Ending::BackendLost;
+                        }
+                        Err(_) => return self.lost("backend went away"),
+                    }
+                }
+                () = self.session.space.notified(), if full => {}
+                outgoing = self.outgoing.recv() => match outgoing {
+                    Some(Outgoing::Message(message)) => {
+                        if self.writer.send(&message, None).await.is_err() {
+                            return self.lost("backend connection lost");
+                        }
+                    }
+                    Some(Outgoing::Close(close)) => {
+                        self.close_backend(CloseCode(close.code), &close.reason).await;
+                        return Ending::ClientClosed;
+                    }
+                    None => return Ending::ClientClosed,
+                },
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    match self.session.presence(now) {
+                        Presence::Expired => {
+                            self.close_backend(CloseCode::GOING_AWAY, "session expired").await;
+                            return Ending::Expired;
+                        }
+                        Presence::Away if full => {
+                            self.close_backend(
+                                CloseCode::GOING_AWAY,
+                                "session buffer full while the client was away",
+                            )
+                            .await;
+                            return Ending::Overflow;
+                        }
+                        _ => {}
+                    }
+                    if let Some(sent) = ping_sent {
+                        if now.duration_since(sent) >= self.pong_timeout {
+                            let _ = self.writer.close(CloseCode::GOING_AWAY, "keepalive timeout").await;
+                            self.session.push(Event::Close(Close {
+                                code: CloseCode::GOING_AWAY.0,
+                                reason: "backend did not answer keepalive pings".to_owned(),
+                            }));
+                            return Ending::BackendLost;
+                        }
+                    } else if let Some(interval) = self.ping_interval
+                        && now.duration_since(last_heard) >= interval
+                    {
+                        if self.writer.ping().await.is_err() {
+                            return self.lost("backend connection lost");
+                        }
+                        ping_sent = Some(now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn lost(&self, reason: &str) -> Ending {
+        self.session.push(Event::Close(Close {
+            code: CloseCode::BAD_GATEWAY.0,
+            reason: reason.to_owned(),
+        }));
+        Ending::BackendLost
+    }
+
+    /// Closes the backend with `code` and waits (at most the close timeout) for its reply.
+    /// Whatever the backend still sends has no reader: the client is gone or has closed.
+    async fn close_backend(&mut self, code: CloseCode, reason: &str) {
+        if self.writer.close(code, reason).await.is_err() {
+            return;
+        }
+        let reply = async {
+            loop {
+                match self.reader.next().await {
+                    Ok(Received::Close(_)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.close_timeout, reply).await;
+        self.writer.shutdown().await;
+    }
+
+    /// Shutdown: the backend gets a close, and the client learns of it like any close.
+    async fn end_both(&mut self, code: CloseCode, reason: &str) {
+        self.session.push(Event::Close(Close {
+            code: code.0,
+            reason: reason.to_owned(),
+        }));
+        self.close_backend(code, reason).await;
+    }
+
+    /// After the backend is gone: waits until the client has acknowledged the close, or is
+    /// gone too. On shutdown, only briefly: the process is about to exit.
+    async fn await_collection(&mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let give_up = if *self.drain.borrow() {
+            Instant::now() + Duration::from_secs(2)
+        } else {
+            Instant::now() + self.session.timing.timeout + self.session.timing.poll_timeout
+        };
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            match self.session.presence(now) {
+                Presence::Finished | Presence::Expired => return,
+                _ if now >= give_up => return,
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Sessions: the long-polling fallback and resumable connections (docs/sessions.md).
+//!
+//! A session is one backend WebSocket that outlives the client's connections. The gateway
+//! opens it exactly as for a WebSocket client (same route, sticky pick, origin check and
+//! limits), numbers every backend message, and keeps each until the client acknowledges it, so
+//! the client may come and go, by long-polling, Server-Sent Events or a session WebSocket, and
+//! resume on any of them without losing or repeating a message. The backend never knows: it
+//! sees one ordinary WebSocket per session.
+//!
+//! Invariants: memory per session is bounded by `sessions.buffer` (a full buffer stops reading
+//! from the backend: TCP backpressure, never dropped messages); a client message reaches the
+//! backend at most once, in order; a session id appears in logs only redacted.
+
+mod backend;
+mod buffer;
+pub mod http;
+mod id;
+mod open;
+pub mod protocol;
+mod registry;
+mod socket;
+mod state;
+pub mod websocket;
+
+pub use id::SessionId;
+pub use registry::Registry;

@@ -1,0 +1,152 @@
+//! Opening a session: the backend WebSocket is opened exactly as for a WebSocket client (same
+//! route, sticky key, subprotocol offer, origin check, limits), then the session is registered
+//! and its backend task started.
+
+use super::backend::BackendTask;
+use super::id::SessionId;
+use super::socket;
+use super::state::{Session, Timing};
+use crate::admit::{BackendOffer, OpenedBackend, open_backend};
+use crate::gateway::Gateway;
+use crate::proto::handshake::RequestHead;
+use crate::proto::{DecoderConfig, Role};
+use crate::upstream::Refusal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Client messages waiting for the backend connection's writer, per session: a short queue,
+/// so a slow backend holds a sender back instead of filling memory.
+const OUTGOING_QUEUE: usize = 64;
+
+/// What a new session asks of the backend.
+#[derive(Debug)]
+pub struct OpenSpec<'a> {
+    pub route: usize,
+    /// The request as the backend should see it (session parameters removed).
+    pub head: &'a RequestHead<'a, 'a>,
+    pub host: &'a str,
+    pub origin: Option<&'a str>,
+    pub protocols: Option<&'a str>,
+}
+
+#[derive(Debug)]
+pub struct OpenedSession {
+    pub session: Arc<Session>,
+    /// An affinity cookie chosen now, on routes that use one.
+    pub set_cookie: Option<String>,
+}
+
+pub async fn open(
+    gateway: &Arc<Gateway>,
+    spec: &OpenSpec<'_>,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<OpenedSession, Refusal> {
+    let settings = &gateway.config.sessions;
+    let Some(reservation) = gateway.sessions.reserve(settings.max_sessions) else {
+        gateway.metrics.handshake_failed("session_limit");
+        return Err(Refusal::plain(
+            503,
+            "too many sessions open; retry shortly",
+            &[("Retry-After", "1")],
+        ));
+    };
+    let offer = BackendOffer {
+        route: spec.route,
+        host: spec.host,
+        origin: spec.origin,
+        protocols: spec.protocols,
+        // The gateway assembles session messages itself and does not inflate.
+        extensions: None,
+    };
+    let OpenedBackend {
+        upgraded,
+        set_cookie,
+        backend_url,
+        route_slot,
+        backend_slot,
+    } = open_backend(gateway, spec.head, &offer, peer, tls).await?;
+    let route = gateway.route(spec.route);
+    let (to_backend, outgoing) = mpsc::channel(OUTGOING_QUEUE);
+    let session = Arc::new(Session::new(
+        SessionId::generate(&settings.instance),
+        route.name.clone(),
+        spec.origin.map(str::to_owned),
+        upgraded.protocol.clone(),
+        Timing {
+            poll_timeout: settings.poll_timeout,
+            timeout: settings.timeout,
+            max_batch: settings.max_batch,
+        },
+        settings.buffer,
+        to_backend,
+    ));
+    let (reader, writer) = socket::split(
+        upgraded.stream,
+        &upgraded.early,
+        DecoderConfig {
+            role: Role::Client,
+            max_frame: route.limits.max_frame,
+            max_message: route.limits.max_message,
+            compression: false,
+            keep_opaque_masked: false,
+        },
+    );
+    gateway.sessions.insert(Arc::clone(&session));
+    tracing::debug!(session = %session.id, route = %route.name, backend = %backend_url, client = %peer, "session opened");
+    let task = BackendTask {
+        session: Arc::clone(&session),
+        reader,
+        writer,
+        outgoing,
+        registry: Arc::clone(&gateway.sessions),
+        drain: gateway.drain.subscribe(),
+        metrics: Arc::clone(&gateway.metrics),
+        backend_url,
+        ping_interval: route.timeouts.ping_interval,
+        pong_timeout: route.timeouts.pong_timeout,
+        close_timeout: route.timeouts.close,
+        _route_slot: route_slot,
+        _backend_slot: backend_slot,
+        _reservation: reservation,
+    };
+    tokio::spawn(task.run());
+    Ok(OpenedSession {
+        session,
+        set_cookie,
+    })
+}
+
+/// Finds the session a request names and checks that it may use it here: same route, and
+/// the same origin where the route checks origins.
+pub fn find(
+    gateway: &Gateway,
+    route: usize,
+    sid: &str,
+    origin: Option<&str>,
+) -> Result<Arc<Session>, Lookup> {
+    let Some(session) = gateway.sessions.get(sid) else {
+        return Err(Lookup::Gone);
+    };
+    let route = gateway.route(route);
+    if session.route != route.name {
+        return Err(Lookup::Forbidden("this session belongs to another route"));
+    }
+    if !route.allowed_origins.is_empty()
+        && let Some(origin) = origin
+        && session.origin.as_deref() != Some(origin)
+    {
+        return Err(Lookup::Forbidden(
+            "this session was opened from another origin",
+        ));
+    }
+    Ok(session)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Expired, closed, or never existed (indistinguishable on purpose).
+    Gone,
+    Forbidden(&'static str),
+}

@@ -1,0 +1,269 @@
+//! One session: the buffered backend-to-client stream, delivery bookkeeping for the other
+//! direction, and which client transport is attached.
+//!
+//! Invariants:
+//! - only the backend task pushes events, and only [`Session::deliver`] hands client messages
+//!   to it, one batch at a time (`upstream` is locked across the hand-over, so a retried batch
+//!   racing its original cannot deliver a message twice);
+//! - `epoch` grows each time a transport attaches; a transport whose epoch is no longer the
+//!   current one has been replaced and must stop;
+//! - `last_seen` is the last moment a transport was attached or a request was made: the
+//!   session timeout counts from it while nothing is attached.
+
+use super::buffer::{AckBeyondSent, Delivery, Downstream, Upstream};
+use super::id::SessionId;
+use super::protocol::{Close, Event, Message};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+
+/// A client that has not been attached for this long is away: if the buffer fills meanwhile,
+/// the session ends instead of holding the backend back for a client that may never return.
+pub const AWAY_AFTER: Duration = Duration::from_secs(5);
+
+/// What the backend task is asked to send.
+#[derive(Debug)]
+pub enum Outgoing {
+    Message(Message),
+    /// The client closed the session.
+    Close(Close),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub poll_timeout: Duration,
+    pub timeout: Duration,
+    pub max_batch: u64,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub id: SessionId,
+    /// The route's name: requests naming this session on another route are refused.
+    pub route: String,
+    /// The `Origin` the session was opened from, checked again on every request.
+    pub origin: Option<String>,
+    pub protocol: Option<String>,
+    pub timing: Timing,
+    state: Mutex<State>,
+    upstream: tokio::sync::Mutex<Upstream>,
+    to_backend: mpsc::Sender<Outgoing>,
+    /// Woken when an event is pushed, a transport is replaced, or the session ends.
+    pub changed: Notify,
+    /// Woken when acknowledgements free buffer space.
+    pub space: Notify,
+}
+
+#[derive(Debug)]
+struct State {
+    down: Downstream,
+    attached: u32,
+    epoch: u64,
+    last_seen: Instant,
+    /// The backend connection is gone: nothing more will be delivered to it.
+    backend_gone: bool,
+}
+
+/// Why a batch of client messages was not (wholly) delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliverError {
+    /// A message before the batch is missing; the client must resend from `expected`.
+    Gap { expected: u64 },
+    /// The backend connection ended; the session is over.
+    Gone,
+}
+
+/// A transport's hold on the session; detaches when dropped.
+#[derive(Debug)]
+pub struct Attachment {
+    session: Arc<Session>,
+    pub epoch: u64,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let mut state = self.session.lock();
+        state.attached -= 1;
+        state.last_seen = Instant::now();
+    }
+}
+
+impl Session {
+    pub fn new(
+        id: SessionId,
+        route: String,
+        origin: Option<String>,
+        protocol: Option<String>,
+        timing: Timing,
+        buffer: u64,
+        to_backend: mpsc::Sender<Outgoing>,
+    ) -> Self {
+        Self {
+            id,
+            route,
+            origin,
+            protocol,
+            timing,
+            state: Mutex::new(State {
+                down: Downstream::new(buffer),
+                attached: 0,
+                epoch: 0,
+                last_seen: Instant::now(),
+                backend_gone: false,
+            }),
+            upstream: tokio::sync::Mutex::new(Upstream::default()),
+            to_backend,
+            changed: Notify::new(),
+            space: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is plain numbers and a queue, consistent after every statement that
+        // could panic; a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches a transport, replacing (waking) any other.
+    pub fn attach(self: &Arc<Self>) -> Attachment {
+        let epoch = {
+            let mut state = self.lock();
+            state.attached += 1;
+            state.epoch += 1;
+            state.last_seen = Instant::now();
+            state.epoch
+        };
+        self.changed.notify_waiters();
+        Attachment {
+            session: Arc::clone(self),
+            epoch,
+        }
+    }
+
+    pub fn is_current(&self, attachment: &Attachment) -> bool {
+        self.lock().epoch == attachment.epoch
+    }
+
+    /// Counts a request as a sign of life.
+    pub fn touch(&self) {
+        self.lock().last_seen = Instant::now();
+    }
+
+    /// Drops the events the client has received.
+    pub fn ack(&self, ack: u64) -> Result<(), AckBeyondSent> {
+        let freed = {
+            let mut state = self.lock();
+            let before = state.down.buffered_bytes();
+            state.down.ack(ack)?;
+            state.down.buffered_bytes() < before
+        };
+        if freed {
+            self.space.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The events after `after`, cut at about `max_bytes`.
+    pub fn events_since(&self, after: u64, max_bytes: u64) -> Vec<(u64, Event)> {
+        let state = self.lock();
+        state
+            .down
+            .since(after, max_bytes)
+            .map(|(seq, event)| (seq, event.clone()))
+            .collect()
+    }
+
+    /// The number of the newest event.
+    pub fn last_event(&self) -> u64 {
+        self.lock().down.last()
+    }
+
+    /// Called by the backend task: appends a backend event and wakes the attached transport.
+    pub fn push(&self, event: Event) {
+        self.lock().down.push(event);
+        self.changed.notify_waiters();
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.lock().down.is_full()
+    }
+
+    pub fn buffered_bytes(&self) -> u64 {
+        self.lock().down.buffered_bytes()
+    }
+
+    /// The backend is gone; pending and future deliveries fail.
+    pub fn backend_gone(&self) {
+        self.lock().backend_gone = true;
+        self.changed.notify_waiters();
+    }
+
+    /// What the backend task should do about the client's absence, now.
+    pub fn presence(&self, now: Instant) -> Presence {
+        let state = self.lock();
+        if state.down.is_finished() {
+            return Presence::Finished;
+        }
+        if state.attached > 0 {
+            return Presence::Attached;
+        }
+        let idle = now.saturating_duration_since(state.last_seen);
+        if idle >= self.timing.timeout {
+            Presence::Expired
+        } else if idle >= AWAY_AFTER {
+            Presence::Away
+        } else {
+            Presence::Between
+        }
+    }
+
+    /// The highest client message number delivered to the backend.
+    pub async fn received(&self) -> u64 {
+        self.upstream.lock().await.received()
+    }
+
+    /// Delivers messages numbered `first`, `first + 1`, ... to the backend, skipping those
+    /// delivered before; waits while the backend is slow to take them. Returns the highest
+    /// number delivered.
+    pub async fn deliver(&self, first: u64, messages: Vec<Message>) -> Result<u64, DeliverError> {
+        let mut upstream = self.upstream.lock().await;
+        for (offset, message) in messages.into_iter().enumerate() {
+            match upstream.check(first + offset as u64) {
+                Delivery::Duplicate => continue,
+                Delivery::Gap { expected } => return Err(DeliverError::Gap { expected }),
+                Delivery::Deliver => {}
+            }
+            if self.lock().backend_gone
+                || self
+                    .to_backend
+                    .send(Outgoing::Message(message))
+                    .await
+                    .is_err()
+            {
+                return Err(DeliverError::Gone);
+            }
+            upstream.delivered();
+        }
+        Ok(upstream.received())
+    }
+
+    /// Asks the backend task to close the backend connection with the client's code.
+    pub async fn close(&self, close: Close) {
+        let _ = self.to_backend.send(Outgoing::Close(close)).await;
+    }
+}
+
+/// Where the client stands, for expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Attached,
+    /// Not attached, but recently (a long-poll between two requests).
+    Between,
+    /// Not attached for [`AWAY_AFTER`].
+    Away,
+    /// Not attached for the session timeout: the session ends.
+    Expired,
+    /// The backend closed and the client acknowledged the close: the session is over.
+    Finished,
+}

@@ -1,0 +1,386 @@
+//! A session carried by one WebSocket between the client library and the gateway (the
+//! `socket` operation). The gateway terminates this WebSocket: every message starts with a tag
+//! byte, `d` for application data (the rest is the message, text or binary as sent) and `c` for
+//! a control message (JSON). Sequence numbers are implicit: the n-th data message after the
+//! gateway's `open` control message is number `ack + n` downstream (`ack` from the URL) and
+//! `received + n` upstream (`received` from the `open` message). Both sides acknowledge with
+//! `{"type":"ack","received":N}` at least once a second while data flows.
+//!
+//! A dropped connection only detaches the session: the client may resume it (with this or the
+//! long-polling transport) within the session timeout and receive what it missed. A close
+//! frame from the client ends the session (its code and reason go to the backend); a close
+//! frame from the gateway carries the backend's close after every message before it.
+//!
+//! Plain WebSocket clients never come here: only requests with `wsgate=socket` do.
+
+use super::open::{Lookup, OpenSpec, find, open};
+use super::protocol::{
+    CLOSE_FORBIDDEN, CLOSE_SESSION_GONE, CLOSE_SUPERSEDED, Close, Control, Event, Message, Opened,
+    SessionQuery, TAG_CONTROL, TAG_DATA, backend_target,
+};
+use super::socket::{self, MessageWriter, ReadError, Received};
+use super::state::{DeliverError, Session};
+use crate::gateway::Gateway;
+use crate::proto::handshake::{self, RequestHead};
+use crate::proto::{CloseCode, DecoderConfig, Role};
+use crate::stream::Stream;
+use crate::upstream::Refusal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio::time::MissedTickBehavior;
+
+/// How often acknowledgements go out while data flows, and the transport is checked.
+const ACK_EVERY: Duration = Duration::from_millis(500);
+/// Events written per wake-up before the writer looks at its other duties again.
+const WRITE_BATCH: u64 = 256 << 10;
+
+/// An accepted session WebSocket, to serve once the 101 is out.
+#[derive(Debug)]
+pub struct SessionSocket {
+    pub accept: String,
+    pub protocol: Option<String>,
+    pub set_cookie: Option<String>,
+    start: Start,
+    ack: u64,
+    instance: String,
+    limits: (u64, u64),
+}
+
+#[derive(Debug)]
+enum Start {
+    Attach(Arc<Session>),
+    /// The session cannot be used: the WebSocket is accepted only to say so with a close code
+    /// (a browser cannot read the status of a refused handshake).
+    Refuse(u16, &'static str),
+}
+
+/// Decides a `wsgate=socket` upgrade on `route`: a new session (no `wsgate_sid`) or a resumed
+/// one.
+pub async fn decide(
+    gateway: &Arc<Gateway>,
+    route: usize,
+    head: &RequestHead<'_, '_>,
+    query: &SessionQuery<'_>,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<SessionSocket, Refusal> {
+    let upgrade = handshake::validate_upgrade(head).map_err(|error| {
+        gateway.metrics.handshake_failed(error.label());
+        Refusal::plain(error.status(), &error.to_string(), error.extra_headers())
+    })?;
+    let offered: Vec<&str> = handshake::server::offered_protocols(head.headers).collect();
+    let limits = {
+        let route = gateway.route(route);
+        (route.limits.max_frame, route.limits.max_message)
+    };
+    let mut socket = SessionSocket {
+        accept: handshake::accept_key(upgrade.key),
+        protocol: None,
+        set_cookie: None,
+        start: Start::Refuse(CLOSE_SESSION_GONE, ""),
+        ack: query.ack,
+        instance: gateway.config.sessions.instance.clone(),
+        limits,
+    };
+    match query.sid {
+        Some(sid) => match find(gateway, route, sid, upgrade.origin) {
+            Ok(session) => {
+                // Echo the subprotocol only if this client offers it (RFC 6455 §4.1).
+                socket.protocol = session
+                    .protocol
+                    .clone()
+                    .filter(|p| offered.iter().any(|o| o == p));
+                socket.start = Start::Attach(session);
+            }
+            Err(Lookup::Gone) => {
+                socket.start = Start::Refuse(CLOSE_SESSION_GONE, "session not found");
+            }
+            Err(Lookup::Forbidden(why)) => socket.start = Start::Refuse(CLOSE_FORBIDDEN, why),
+        },
+        None => {
+            let target = backend_target(head.path(), query.rest.as_deref());
+            let backend_head = RequestHead {
+                method: head.method,
+                target: &target,
+                version: head.version,
+                headers: head.headers,
+            };
+            let protocols = (!offered.is_empty()).then(|| offered.join(", "));
+            let spec = OpenSpec {
+                route,
+                head: &backend_head,
+                host: upgrade.host,
+                origin: upgrade.origin,
+                protocols: protocols.as_deref(),
+            };
+            let opened = open(gateway, &spec, peer, tls).await?;
+            socket.protocol = opened.session.protocol.clone();
+            socket.set_cookie = opened.set_cookie;
+            socket.start = Start::Attach(opened.session);
+        }
+    }
+    Ok(socket)
+}
+
+impl SessionSocket {
+    pub fn response_head(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        let extra: Vec<(&str, &str)> = self
+            .set_cookie
+            .iter()
+            .map(|v| ("Set-Cookie", v.as_str()))
+            .collect();
+        handshake::server::write_switching_protocols(
+            &mut out,
+            &self.accept,
+            self.protocol.as_deref(),
+            None,
+            &extra,
+        );
+        out
+    }
+
+    /// Serves the session over `stream` until either side closes or the connection drops.
+    pub async fn serve(self, stream: Stream, early: &[u8]) {
+        let (mut reader, writer) = socket::split(
+            stream,
+            early,
+            DecoderConfig {
+                role: Role::Server,
+                max_frame: self.limits.0,
+                // One more byte than the route allows: the tag.
+                max_message: self.limits.1.saturating_add(1),
+                compression: false,
+                keep_opaque_masked: false,
+            },
+        );
+        let writer = Mutex::new(writer);
+        let session = match self.start {
+            Start::Refuse(code, reason) => {
+                refuse(&writer, &mut reader, code, reason).await;
+                return;
+            }
+            Start::Attach(session) => session,
+        };
+        if let Err(error) = session.ack(self.ack) {
+            let reason = error.to_string();
+            refuse(&writer, &mut reader, CloseCode::POLICY_VIOLATION.0, &reason).await;
+            return;
+        }
+        let attachment = session.attach();
+        let received = session.received().await;
+        let opened = Control::Open(Opened {
+            session: session.id.as_str().to_owned(),
+            instance: self.instance,
+            protocol: session.protocol.clone(),
+            received,
+            poll_timeout_ms: session.timing.poll_timeout.as_millis() as u64,
+            timeout_ms: session.timing.timeout.as_millis() as u64,
+            max_batch: session.timing.max_batch,
+        });
+        if send_control(&writer, &opened).await.is_err() {
+            return;
+        }
+        let close_sent = AtomicBool::new(false);
+        let downstream = async {
+            let mut sent = self.ack;
+            let mut acked_to_client = received;
+            let mut tick = tokio::time::interval(ACK_EVERY);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                let changed = session.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if !session.is_current(&attachment) {
+                    let mut writer = writer.lock().await;
+                    let _ = writer
+                        .close(
+                            CloseCode(CLOSE_SUPERSEDED),
+                            "superseded by a newer connection",
+                        )
+                        .await;
+                    return;
+                }
+                let events = session.events_since(sent, WRITE_BATCH);
+                for (seq, event) in &events {
+                    let mut writer = writer.lock().await;
+                    let written = match event {
+                        Event::Message(message) => writer.send(message, Some(TAG_DATA)).await,
+                        Event::Close(close) => {
+                            close_sent.store(true, Ordering::Release);
+                            writer
+                                .close(wire_close_code(close.code), &close.reason)
+                                .await
+                        }
+                    };
+                    if written.is_err() {
+                        return;
+                    }
+                    sent = *seq;
+                }
+                if close_sent.load(Ordering::Acquire) {
+                    // The client's close reply (read by the upstream half) ends the transport.
+                    std::future::pending::<()>().await;
+                }
+                if !events.is_empty() {
+                    continue;
+                }
+                tokio::select! {
+                    () = changed => {}
+                    _ = tick.tick() => {
+                        let received = session.received().await;
+                        if received != acked_to_client {
+                            let ack = Control::Ack { received };
+                            if send_control(&writer, &ack).await.is_err() {
+                                return;
+                            }
+                            acked_to_client = received;
+                        }
+                    }
+                }
+            }
+        };
+        let upstream = async {
+            let mut next = received + 1;
+            loop {
+                match reader.next().await {
+                    Ok(Received::Message(message)) => match split_tag(message) {
+                        Some((TAG_DATA, message)) => {
+                            match session.deliver(next, vec![message]).await {
+                                Ok(_) => next += 1,
+                                Err(DeliverError::Gap { .. }) => unreachable!("numbered in order"),
+                                // The backend's close is on its way downstream.
+                                Err(DeliverError::Gone) => next += 1,
+                            }
+                        }
+                        Some((TAG_CONTROL, Message::Text(json))) => {
+                            match serde_json::from_str::<Control>(&json) {
+                                Ok(Control::Ack { received }) => {
+                                    if session.ack(received).is_err() {
+                                        let mut writer = writer.lock().await;
+                                        let _ = writer
+                                            .close(
+                                                CloseCode::POLICY_VIOLATION,
+                                                "acknowledged more than was sent",
+                                            )
+                                            .await;
+                                        return;
+                                    }
+                                }
+                                _ => {
+                                    let mut writer = writer.lock().await;
+                                    let _ = writer
+                                        .close(
+                                            CloseCode::POLICY_VIOLATION,
+                                            "unknown session control message",
+                                        )
+                                        .await;
+                                    return;
+                                }
+                            }
+                        }
+                        _ => {
+                            let mut writer = writer.lock().await;
+                            let _ = writer
+                                .close(
+                                    CloseCode::POLICY_VIOLATION,
+                                    "session messages start with 'd' or 'c'",
+                                )
+                                .await;
+                            return;
+                        }
+                    },
+                    Ok(Received::Ping(payload)) => {
+                        let _ = writer.lock().await.pong(&payload).await;
+                    }
+                    Ok(Received::Pong) => {}
+                    Ok(Received::Close(close)) => {
+                        if close_sent.load(Ordering::Acquire) {
+                            // The reply to the backend's close: the client has every event.
+                            let _ = session.ack(session.last_event());
+                        } else {
+                            let close = close.unwrap_or(Close {
+                                code: CloseCode::NORMAL.0,
+                                reason: String::new(),
+                            });
+                            let code = close.code;
+                            session.close(close).await;
+                            let _ = writer.lock().await.close(CloseCode(code), "").await;
+                        }
+                        return;
+                    }
+                    Err(ReadError::Protocol(error)) => {
+                        let _ = writer
+                            .lock()
+                            .await
+                            .close(error.close_code(), error.reason())
+                            .await;
+                        return;
+                    }
+                    // A dropped connection: the session waits for a resume.
+                    Err(_) => return,
+                }
+            }
+        };
+        tokio::select! {
+            () = downstream => {}
+            () = upstream => {}
+        }
+        writer.lock().await.shutdown().await;
+    }
+}
+
+/// Codes that may not appear in a close frame (1005, 1006, 1015) are reported as 1000 with
+/// the reason kept.
+fn wire_close_code(code: u16) -> CloseCode {
+    let code = CloseCode(code);
+    if code.is_valid_on_wire() {
+        code
+    } else {
+        CloseCode::NORMAL
+    }
+}
+
+fn split_tag(message: Message) -> Option<(u8, Message)> {
+    match message {
+        Message::Text(mut text) => {
+            let tag = *text.as_bytes().first()?;
+            if !tag.is_ascii() {
+                return None;
+            }
+            text.remove(0);
+            Some((tag, Message::Text(text)))
+        }
+        Message::Binary(mut bytes) => {
+            let tag = *bytes.first()?;
+            bytes.remove(0);
+            Some((tag, Message::Binary(bytes)))
+        }
+    }
+}
+
+async fn send_control(writer: &Mutex<MessageWriter>, control: &Control) -> std::io::Result<()> {
+    let json = serde_json::to_string(control).unwrap_or_default();
+    writer.lock().await.send_text(TAG_CONTROL, &json).await
+}
+
+/// Closes with `code` and waits briefly for the client's reply.
+async fn refuse(
+    writer: &Mutex<MessageWriter>,
+    reader: &mut socket::MessageReader,
+    code: u16,
+    reason: &str,
+) {
+    let mut writer = writer.lock().await;
+    if writer.close(CloseCode(code), reason).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while !matches!(reader.next().await, Ok(Received::Close(_)) | Err(_)) {}
+    })
+    .await;
+    writer.shutdown().await;
+}
