@@ -186,6 +186,7 @@ impl BackendTask {
                         }
                     }
                     Some(Outgoing::Close(close)) => {
+                        self.forget();
                         self.close_backend(CloseCode(close.code), &close.reason).await;
                         return Ending::ClientClosed;
                     }
@@ -195,10 +196,12 @@ impl BackendTask {
                     let now = Instant::now();
                     match self.session.presence(now) {
                         Presence::Expired => {
+                            self.forget();
                             self.close_backend(CloseCode::GOING_AWAY, "session expired").await;
                             return Ending::Expired;
                         }
                         Presence::Away if full => {
+                            self.forget();
                             self.close_backend(
                                 CloseCode::GOING_AWAY,
                                 "session buffer full while the client was away",
@@ -228,6 +231,12 @@ impl BackendTask {
                 }
             }
         }
+    }
+
+    /// Makes the session unreachable at once, for endings the client will not collect: its
+    /// next request learns the session is gone while the backend's close completes.
+    fn forget(&self) {
+        self.registry.remove(self.session.id.as_str());
     }
 
     fn lost(&self, reason: &str) -> Ending {
