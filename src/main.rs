@@ -12,6 +12,9 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Worker threads: 0 (the default) is one per CPU; 1 runs everything on the main thread.
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,14 +72,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Demo { config } => match config::load(&config) {
-            Ok(config) => demo(config),
+            Ok(config) => demo(config, cli.threads),
             Err(errors) => {
                 eprintln!("{errors}");
                 ExitCode::FAILURE
             }
         },
         Command::Run { config: path } => match config::load(&path) {
-            Ok(config) => run(config, Some(path)),
+            Ok(config) => run(config, Some(path), cli.threads),
             Err(errors) => {
                 eprintln!("{errors}");
                 ExitCode::FAILURE
@@ -91,7 +94,7 @@ fn main() -> ExitCode {
                 }
             };
             match config::from_yaml_str(&yaml, "<command line>") {
-                Ok(config) => run(config, None),
+                Ok(config) => run(config, None, cli.threads),
                 Err(errors) => {
                     eprintln!("{errors}");
                     ExitCode::FAILURE
@@ -145,11 +148,17 @@ fn proxy_yaml(listen: &str, to: &[String], sticky: Option<&str>) -> Result<Strin
     Ok(yaml)
 }
 
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+/// The runtime for `threads` workers. One worker is a current-thread runtime: no work
+/// stealing and no cross-thread wake-ups, which is what a process pinned to one core wants.
+fn runtime(threads: usize) -> Option<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    match builder.enable_all().build() {
         Ok(runtime) => Some(runtime),
         Err(error) => {
             eprintln!("wsgate: cannot start the runtime: {error}");
@@ -160,7 +169,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 /// The demo: one room service per backend of the config's `rooms` upstream, in this process,
 /// then the gateway. Everything stops on Ctrl-C.
-fn demo(config: Config) -> ExitCode {
+fn demo(config: Config, threads: usize) -> ExitCode {
     let Some(rooms) = config.upstreams.iter().find(|u| u.name == "rooms") else {
         eprintln!(
             "wsgate demo: the configuration has no upstream named \"rooms\" to run room services for"
@@ -172,7 +181,7 @@ fn demo(config: Config) -> ExitCode {
         .iter()
         .map(|b| (b.host.clone(), b.port))
         .collect();
-    let Some(runtime) = runtime() else {
+    let Some(runtime) = runtime(threads) else {
         return ExitCode::FAILURE;
     };
     runtime.block_on(async {
@@ -209,8 +218,8 @@ fn demo(config: Config) -> ExitCode {
 }
 
 /// Runs `config`; with `reload_from`, SIGHUP or a change of that file reloads it.
-fn run(config: Config, reload_from: Option<PathBuf>) -> ExitCode {
-    let Some(runtime) = runtime() else {
+fn run(config: Config, reload_from: Option<PathBuf>, threads: usize) -> ExitCode {
+    let Some(runtime) = runtime(threads) else {
         return ExitCode::FAILURE;
     };
     runtime.block_on(serve(config, reload_from, |addr| {

@@ -305,6 +305,33 @@ async fn proxy_listen_to_backend_relays_a_websocket_client() {
     drop(gateway);
 }
 
+/// `--threads 1` (how the benchmark runs wsgate) is a current-thread runtime: everything,
+/// including the relay and the backend connection, must work on that one thread.
+#[tokio::test]
+async fn proxy_on_one_thread_relays_a_websocket_client() {
+    let backend = echo_backend("one-thread").await;
+    let listen = free_port();
+    let to = format!("ws://{}", backend.addr);
+    let mut gateway = Spawned::start(
+        &[
+            "--threads",
+            "1",
+            "proxy",
+            "--listen",
+            &listen.to_string(),
+            "--to",
+            &to,
+        ],
+        "proxy-threads.log",
+    );
+    gateway.wait_listening(listen).await;
+    let (mut ws, _) = open(listen, "ws://localhost/one", &[]).await;
+    echo(&mut ws, "on one worker thread").await;
+    assert_eq!(whoami(&mut ws).await, "one-thread");
+    close(ws).await;
+    drop(gateway);
+}
+
 #[tokio::test]
 async fn proxy_sticky_path_keeps_each_room_on_one_backend() {
     let one = echo_backend("one").await;
