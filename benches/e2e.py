@@ -1,0 +1,425 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: wsgate against direct, a blind TCP relay and nginx, on one machine.
+
+    python3 benches/e2e.py            # full run: 3 repetitions, about 10 minutes
+    python3 benches/e2e.py --quick    # 1 repetition, short windows, 2,000 idle connections
+
+Every target runs pinned to core 0 (`taskset -c 0`); the echo backend and the load generator
+share core 1, so every proxy figure is per proxy core. Targets:
+
+  direct   the load generator talks to the echo backend itself (no proxy)
+  tcp      benches/e2e/tcp_relay.rs: tokio copy_bidirectional, one thread, no protocol work
+  nginx    the Debian nginx as a WebSocket proxy, one worker, access log off
+  wsgate   `wsgate --threads 1 run`, parsing and re-masking every frame, logs at warn
+
+Scenarios are run for every target in turn, and the target order rotates between repetitions
+(interleaved), each measurement on freshly started processes; the tables show medians. CPU
+time is user + system from /proc/PID/stat over the measured window. Raw results go to
+target/e2e/results.json. Nothing here runs in CI.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+TARGETS = ["direct", "tcp", "nginx", "wsgate"]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_CORE, CLIENT_CORE = "0", "1"
+
+NGINX_CONF = """\
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 19500; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream backend {{ server 127.0.0.1:{backend}; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_buffering off;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+# The defaults a user gets, except the connection limit (the idle scenario holds 9,000
+# connections, the default limit) and the access log, which nginx has off too.
+WSGATE_CONF = """\
+listeners:
+  - address: 127.0.0.1:{port}
+upstreams:
+  backend:
+    backends:
+      - ws://127.0.0.1:{backend}
+routes:
+  - name: bench
+    upstream: backend
+limits:
+  max_connections: 19000
+"""
+
+
+def scenarios(quick):
+    short = dict(warmup=0.5, duration=2.0) if quick else dict(warmup=1.0, duration=5.0)
+    return {
+        "small": dict(kind="throughput", connections=100, size=64, window=32, **short),
+        "large": dict(kind="throughput", connections=10, size=65536, window=4, **short),
+        "latency": dict(kind="latency", connections=50, size=64, rate=10000, **short),
+        "idle": dict(kind="idle", connections=2000 if quick else 9000, size=64, sources=60),
+        "handshakes": dict(kind="handshakes", connections=128, size=64, **short),
+    }
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, proc, timeout=15.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+class Procs:
+    """The processes of one measurement; stopped in reverse order."""
+
+    def __init__(self, tmp):
+        self.tmp, self.procs = tmp, []
+
+    def start(self, name, core, argv, env=None):
+        log = open(os.path.join(self.tmp, f"{name}.log"), "ab")
+        proc = subprocess.Popen(["taskset", "-c", core] + argv, stdout=log, stderr=log,
+                                env=env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self):
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+
+
+def nginx_worker(master_pid, timeout=5.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{master_pid}/task/{master_pid}/children") as f:
+                children = f.read().split()
+            if children:
+                return int(children[0])
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("nginx started no worker")
+
+
+def measure(target, name, sc, tmp):
+    procs = Procs(tmp)
+    backend_port, proxy_port = free_port(), free_port()
+    try:
+        backend = procs.start("backend", CLIENT_CORE,
+                              [f"{RELEASE}/examples/bench_echo", f"127.0.0.1:{backend_port}"])
+        wait_listening(backend_port, backend)
+        proxy_pid, port = None, backend_port
+        if target == "tcp":
+            proxy = procs.start("tcp", PROXY_CORE, [f"{RELEASE}/examples/bench_tcp_relay",
+                                                    f"127.0.0.1:{proxy_port}",
+                                                    f"127.0.0.1:{backend_port}"])
+            proxy_pid, port = proxy.pid, proxy_port
+        elif target == "nginx":
+            conf = os.path.join(tmp, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(NGINX_CONF.format(tmp=tmp, backend=backend_port, port=proxy_port))
+            proxy = procs.start("nginx", PROXY_CORE,
+                                ["nginx", "-p", tmp, "-c", conf, "-g", "daemon off;"])
+            port = proxy_port
+        elif target == "wsgate":
+            conf = os.path.join(tmp, "wsgate.yaml")
+            with open(conf, "w") as f:
+                f.write(WSGATE_CONF.format(backend=backend_port, port=proxy_port))
+            env = dict(os.environ, RUST_LOG="warn")
+            proxy = procs.start("wsgate", PROXY_CORE,
+                                [f"{RELEASE}/wsgate", "--threads", "1", "run", "-c", conf], env)
+            proxy_pid, port = proxy.pid, proxy_port
+        if target != "direct":
+            wait_listening(port, proxy)
+        if target == "nginx":
+            proxy_pid = nginx_worker(proxy.pid)
+        # The readiness probe connected without a handshake; let the proxy forget it.
+        time.sleep(0.3)
+        argv = [f"{RELEASE}/examples/loadgen", sc["kind"], "--target", f"127.0.0.1:{port}",
+                "--backend-pid", str(backend.pid)]
+        if proxy_pid:
+            argv += ["--proxy-pid", str(proxy_pid)]
+        for key in ("connections", "size", "window", "rate", "warmup", "duration", "sources"):
+            if key in sc:
+                argv += [f"--{key}", str(sc[key])]
+        out = subprocess.run(["taskset", "-c", CLIENT_CORE] + argv, capture_output=True,
+                             text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"loadgen failed against {target} ({name}): {out.stderr.strip()}")
+        result = json.loads(out.stdout)
+        result["target"] = target
+        return result
+    finally:
+        procs.stop()
+
+
+def cpu(result, who):
+    window = result.get("cpu") or {}
+    ticks, seconds = window.get(f"{who}_ticks"), window.get("seconds")
+    if ticks is None or not seconds:
+        return None
+    return ticks / CLK_TCK / seconds
+
+
+def derived(result):
+    """Per-measurement figures: CPU use of each side, messages per proxy CPU-second."""
+    d = dict(result)
+    for who in ("proxy", "backend", "loadgen"):
+        d[f"{who}_cpu"] = cpu(result, who)
+    window = result.get("cpu") or {}
+    if d["proxy_cpu"] is not None and window.get("seconds") and d.get("messages"):
+        proxy_seconds = window["proxy_ticks"] / CLK_TCK
+        d["per_proxy_cpu_s"] = d["messages"] / proxy_seconds if proxy_seconds else None
+    return d
+
+
+def bottleneck(d):
+    proxy, client = d.get("proxy_cpu"), (d.get("backend_cpu") or 0) + (d.get("loadgen_cpu") or 0)
+    if proxy is not None and proxy >= 0.9:
+        return "proxy core"
+    if client >= 0.9:
+        return "client core (loadgen + backend)"
+    return "neither core saturated"
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and digits == 0 and abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:,.{max(digits, 2) if abs(v) < 100 else digits}f}"
+
+
+def pct(v):
+    return "n/a" if v is None else f"{v * 100:.0f} %"
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def report(results, args, elapsed):
+    by = {}
+    for r in results:
+        by.setdefault((r["scenario_name"], r["target"]), []).append(derived(r))
+
+    def med(name, target, key):
+        return median([r.get(key) for r in by.get((name, target), [])])
+
+    lines = []
+    machine = machine_line()
+    reps = args.reps
+    lines.append(f"Machine: {machine}")
+    lines.append(f"Command: `python3 benches/e2e.py{' --quick' if args.quick else ''}"
+                 f"{f' --reps {reps}' if reps != (1 if args.quick else 3) else ''}`, "
+                 f"{reps} repetition(s), medians, {elapsed / 60:.1f} min")
+    lines.append("")
+    lines.append("| check | wsgate | vs nginx | vs TCP relay | target | met |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+
+    def row(check, value, vs_nginx, vs_tcp, target, met):
+        lines.append(f"| {check} | {value} | {fmt(vs_nginx, 2)}x | {fmt(vs_tcp, 2)}x | {target} | "
+                     f"{'n/a' if met is None else ('yes' if met else 'NO')} |")
+
+    w = lambda n, k: med(n, "wsgate", k)
+    ng = lambda n, k: med(n, "nginx", k)
+    tc = lambda n, k: med(n, "tcp", k)
+    r_ = ratio(w("small", "per_proxy_cpu_s"), ng("small", "per_proxy_cpu_s"))
+    row("64 B msgs per proxy CPU-second", fmt(w("small", "per_proxy_cpu_s")), r_,
+        ratio(w("small", "per_proxy_cpu_s"), tc("small", "per_proxy_cpu_s")), "≥ 1.1x nginx",
+        None if r_ is None else r_ >= 1.1)
+    row("64 B msgs/s", fmt(w("small", "msgs_per_s")),
+        ratio(w("small", "msgs_per_s"), ng("small", "msgs_per_s")),
+        ratio(w("small", "msgs_per_s"), tc("small", "msgs_per_s")), "", None)
+    r_ = ratio(w("large", "msgs_per_s"), tc("large", "msgs_per_s"))
+    row("64 KiB msgs/s", fmt(w("large", "msgs_per_s")),
+        ratio(w("large", "msgs_per_s"), ng("large", "msgs_per_s")), r_, "≥ 0.95x TCP relay",
+        None if r_ is None else r_ >= 0.95)
+    row("64 KiB msgs per proxy CPU-second", fmt(w("large", "per_proxy_cpu_s")),
+        ratio(w("large", "per_proxy_cpu_s"), ng("large", "per_proxy_cpu_s")),
+        ratio(w("large", "per_proxy_cpu_s"), tc("large", "per_proxy_cpu_s")), "", None)
+    for p, label in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
+        r_ = ratio(w("latency", p), ng("latency", p))
+        row(f"latency {label} at {scenarios(args.quick)['latency']['rate']:,} msgs/s (µs)",
+            fmt(w("latency", p)), r_, ratio(w("latency", p), tc("latency", p)),
+            "≤ 1.0x nginx" if p == "p99_us" else "",
+            (None if r_ is None else r_ <= 1.0) if p == "p99_us" else None)
+    kib = lambda v: None if v is None else v / 1024
+    wi = kib(w("idle", "proxy_bytes_per_conn"))
+    row(f"RSS per idle proxied connection (KiB, {scenarios(args.quick)['idle']['connections']:,})",
+        fmt(wi, 2), ratio(wi, kib(ng("idle", "proxy_bytes_per_conn"))),
+        ratio(wi, kib(tc("idle", "proxy_bytes_per_conn"))), "≤ 4 KiB",
+        None if wi is None else wi <= 4.0)
+    r_ = ratio(w("handshakes", "msgs_per_s"), ng("handshakes", "msgs_per_s"))
+    row("handshakes/s (connect, upgrade, close)", fmt(w("handshakes", "msgs_per_s")), r_,
+        ratio(w("handshakes", "msgs_per_s"), tc("handshakes", "msgs_per_s")), "≥ 1.0x nginx",
+        None if r_ is None else r_ >= 1.0)
+    row("handshakes per proxy CPU-second", fmt(w("handshakes", "per_proxy_cpu_s")),
+        ratio(w("handshakes", "per_proxy_cpu_s"), ng("handshakes", "per_proxy_cpu_s")),
+        ratio(w("handshakes", "per_proxy_cpu_s"), tc("handshakes", "per_proxy_cpu_s")), "", None)
+    if wi is not None:
+        lines.append("")
+        lines.append(f"At {wi:.2f} KiB per idle connection, one million idle WebSockets through "
+                     f"wsgate need about {wi * 1e6 / 1024 / 1024:.1f} GiB of gateway memory "
+                     f"(plus 2 million sockets' kernel memory and file descriptors).")
+
+    lines.append("")
+    lines.append("| scenario | target | msgs/s | msgs per proxy CPU-s | proxy CPU | backend CPU | "
+                 "loadgen CPU | bottleneck |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    names = {"small": "64 B × 100 conns, 32 in flight each", "large": "64 KiB × 10 conns, 4 in flight",
+             "latency": "fixed rate (latency)", "handshakes": "handshakes, 128 at once"}
+    for name in ("small", "large", "latency", "handshakes"):
+        for target in TARGETS:
+            rows = by.get((name, target))
+            if not rows:
+                continue
+            m = lambda k: median([r.get(k) for r in rows])
+            bn = bottleneck({k: m(k) for k in ("proxy_cpu", "backend_cpu", "loadgen_cpu")})
+            if name == "latency":
+                bn = f"p50/p99/p99.9 {fmt(m('p50_us'))}/{fmt(m('p99_us'))}/{fmt(m('p999_us'))} µs"
+            lines.append(f"| {names[name]} | {target} | {fmt(m('msgs_per_s'))} | "
+                         f"{fmt(m('per_proxy_cpu_s'))} | {pct(m('proxy_cpu'))} | "
+                         f"{pct(m('backend_cpu'))} | {pct(m('loadgen_cpu'))} | {bn} |")
+    lines.append("")
+    lines.append("| idle connections | target | proxy RSS per connection | backend RSS per connection | ramp-up |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    for target in TARGETS:
+        rows = by.get(("idle", target))
+        if not rows:
+            continue
+        m = lambda k: median([r.get(k) for r in rows])
+        lines.append(f"| {m('connections'):,.0f} | {target} | "
+                     f"{fmt(kib(m('proxy_bytes_per_conn')), 2)} KiB | "
+                     f"{fmt(kib(m('backend_bytes_per_conn')), 2)} KiB | {fmt(m('ramp_seconds'), 1)} s |")
+    verified = sum(r.get("verified", 0) or 0 for r in results)
+    lines.append("")
+    lines.append(f"Echoes verified byte for byte: {verified:,}; failures: 0 (any failure aborts the run).")
+    return "\n".join(lines)
+
+
+def machine_line():
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    kernel = os.uname().release
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    return f"{os.cpu_count()} × {model}, {mem:.0f} GiB, Linux {kernel}, {nginx.replace('nginx version: ', '')}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int)
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--scenarios", default="small,large,latency,idle,handshakes")
+    parser.add_argument("--no-build", action="store_true")
+    args = parser.parse_args()
+    args.reps = args.reps or (1 if args.quick else 3)
+    targets = args.targets.split(",")
+    if os.cpu_count() < 2:
+        sys.exit("needs two cores: the proxy on core 0, load generator and backend on core 1")
+    if "nginx" in targets and not shutil.which("nginx"):
+        sys.exit("nginx not found: apt-get install nginx-light (or leave it out with --targets)")
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "wsgate",
+                        "--example", "loadgen", "--example", "bench_echo",
+                        "--example", "bench_tcp_relay"], cwd=ROOT, check=True)
+    all_scenarios = scenarios(args.quick)
+    chosen = args.scenarios.split(",")
+    started = time.time()
+    results = []
+    tmp = tempfile.mkdtemp(prefix="wsgate-e2e-")
+    try:
+        for rep in range(args.reps):
+            order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+            for name in chosen:
+                sc = all_scenarios[name]
+                for target in order:
+                    if name == "idle" and target == "direct":
+                        continue
+                    result = measure(target, name, sc, tmp)
+                    result["scenario_name"], result["rep"] = name, rep
+                    results.append(result)
+                    d = derived(result)
+                    summary = (f"p99 {d.get('p99_us')} µs" if name == "latency" else
+                               f"{(d.get('proxy_bytes_per_conn') or 0) / 1024:.2f} KiB/conn"
+                               if name == "idle" else
+                               f"{fmt(d.get('msgs_per_s'))}/s, proxy CPU {pct(d.get('proxy_cpu'))}")
+                    print(f"[rep {rep + 1}/{args.reps}] {name:<10} {target:<6} {summary}",
+                          file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out_dir = os.path.join(ROOT, "target", "e2e")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(report(results, args, time.time() - started))
+
+
+if __name__ == "__main__":
+    main()
