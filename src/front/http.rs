@@ -109,6 +109,9 @@ async fn handle(
     if wants_websocket {
         return upgrade(&gateway, peer, tls, request, pending).await;
     }
+    if request.uri().path() == session::CLIENT_PATH {
+        return client_library(&request);
+    }
     let hosts = request.headers().get_all(hyper::header::HOST);
     if request.version() == Version::HTTP_11 && hosts.iter().count() != 1 {
         // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without exactly one Host.
@@ -135,6 +138,32 @@ async fn handle(
         Some(route) => routed(&gateway, route, peer, tls, request).await,
         None => plain(404, "no route for this host and path"),
     }
+}
+
+/// The session client library, from the binary: the same version as the gateway speaking to it.
+fn client_library(request: &Request<Incoming>) -> Response<Body> {
+    if request.method() != hyper::Method::GET && request.method() != hyper::Method::HEAD {
+        let mut response = plain(405, "the client library is read with GET");
+        response
+            .headers_mut()
+            .insert(hyper::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(session::CLIENT_JS.as_bytes()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    response
 }
 
 /// Proxies a routed plain-HTTP request and counts it.

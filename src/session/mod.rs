@@ -23,4 +23,9 @@ mod state;
 pub mod websocket;
 
 pub use id::SessionId;
+
+/// The browser client library (`client/wsgate.js`), served by every listener at
+/// [`CLIENT_PATH`].
+pub const CLIENT_JS: &str = include_str!("../../client/wsgate.js");
+pub const CLIENT_PATH: &str = "/.wsgate/client.js";
 pub use registry::Registry;

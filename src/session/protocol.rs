@@ -24,6 +24,9 @@ pub const CLOSE_SESSION_GONE: u16 = 4410;
 /// Application close code for a session WebSocket replaced by a newer connection of the
 /// same session ("4409" echoes HTTP 409 Conflict).
 pub const CLOSE_SUPERSEDED: u16 = 4409;
+/// Close code a client sends on a session WebSocket to end that connection only: the session
+/// stays, to be resumed on another connection (a client switching networks or transports).
+pub const CLOSE_DETACH: u16 = 4100;
 /// Application close code for a session WebSocket whose session belongs to another route or
 /// origin ("4403" echoes HTTP 403).
 pub const CLOSE_FORBIDDEN: u16 = 4403;

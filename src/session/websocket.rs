@@ -15,8 +15,8 @@
 
 use super::open::{Lookup, OpenSpec, find, open};
 use super::protocol::{
-    CLOSE_FORBIDDEN, CLOSE_SESSION_GONE, CLOSE_SUPERSEDED, Close, Control, Event, Message, Opened,
-    SessionQuery, TAG_CONTROL, TAG_DATA, backend_target,
+    CLOSE_DETACH, CLOSE_FORBIDDEN, CLOSE_SESSION_GONE, CLOSE_SUPERSEDED, Close, Control, Event,
+    Message, Opened, SessionQuery, TAG_CONTROL, TAG_DATA, backend_target,
 };
 use super::socket::{self, MessageWriter, ReadError, Received};
 use super::state::{DeliverError, Session};
@@ -297,6 +297,11 @@ impl SessionSocket {
                         let _ = writer.lock().await.pong(&payload).await;
                     }
                     Ok(Received::Pong) => {}
+                    Ok(Received::Close(Some(close))) if close.code == CLOSE_DETACH => {
+                        // This connection ends; the session waits for a resume.
+                        let _ = writer.lock().await.close(CloseCode(CLOSE_DETACH), "").await;
+                        return;
+                    }
                     Ok(Received::Close(close)) => {
                         if close_sent.load(Ordering::Acquire) {
                             // The reply to the backend's close: the client has every event.
