@@ -142,8 +142,8 @@ async fn demo_serves_the_chat_page_through_the_gateway() {
         "{response}"
     );
     assert!(
-        response.contains("new WebSocket("),
-        "the page uses the browser's own WebSocket"
+        response.contains("/.wsgate/client.js") && response.contains("new WsgateSocket("),
+        "the page uses the gateway's session client"
     );
 }
 
