@@ -294,14 +294,11 @@ async fn the_backend_close_reaches_the_client_and_the_client_close_reaches_the_b
     poller.send(&["close me"]).await;
     let events = poller.receive(1).await;
     assert_eq!(events[0]["close"], json!({ "code": 4001, "reason": "bye" }));
-    // Once the close is acknowledged, the session is gone.
+    // The poll acknowledging the close is answered 410 at once, and so is any later request.
     let (status, body) = poller.poll_raw().await;
-    let (status, body) = if status == 200 {
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        poller.poll_raw().await
-    } else {
-        (status, body)
-    };
+    assert_eq!(status, 410, "{body}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, body) = poller.poll_raw().await;
     assert_eq!(status, 410, "{body}");
 
     let other = Poller::open(gateway.addr, "/").await;
@@ -694,6 +691,41 @@ async fn a_session_websocket_for_an_unknown_session_is_closed_with_4410() {
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let frame = support::close_frame(&mut ws).await.expect("a close frame");
     assert_eq!(u16::from(frame.code), 4410);
+}
+
+#[tokio::test]
+async fn the_client_library_is_served_at_its_fixed_path() {
+    let (gateway, _backend) = gateway_with_echo("", "").await;
+    let (status, headers, body) = http(gateway.addr, "GET", "/.wsgate/client.js", None, &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("content-type").unwrap(),
+        "text/javascript; charset=utf-8"
+    );
+    assert!(body.as_str().unwrap().contains("class WsgateSocket"));
+    let (status, _, _) = http(gateway.addr, "POST", "/.wsgate/client.js", None, &[]).await;
+    assert_eq!(status, 405);
+}
+
+#[tokio::test]
+async fn a_session_websocket_detached_with_4100_can_be_resumed() {
+    let (gateway, _backend) = gateway_with_echo("", "").await;
+    let mut ws = session_ws(gateway.addr, "/?wsgate=socket").await;
+    ws.send("before").await;
+    assert_eq!(ws.next_data().await, "before");
+    let sid = ws.sid.clone();
+    let detach = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 4100.into(),
+        reason: "switching".into(),
+    };
+    ws.ws.close(Some(detach)).await.unwrap();
+    let mut again = session_ws(
+        gateway.addr,
+        &format!("/?wsgate=socket&wsgate_sid={sid}&wsgate_ack=1"),
+    )
+    .await;
+    again.send("after").await;
+    assert_eq!(again.next_data().await, "after");
 }
 
 #[tokio::test]

@@ -180,6 +180,9 @@ async fn poll(gateway: &Gateway, session: &Arc<Session>, ack: u64) -> Response<B
     if let Err(error) = session.ack(ack) {
         return self::error(400, &error.to_string());
     }
+    if session.is_finished() {
+        return error(410, "session closed: its close was acknowledged");
+    }
     let attachment = session.attach();
     let deadline = Instant::now() + session.timing.poll_timeout;
     let mut drain = gateway.drain.subscribe();

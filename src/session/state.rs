@@ -174,6 +174,11 @@ impl Session {
             .collect()
     }
 
+    /// Whether the client has acknowledged the final close.
+    pub fn is_finished(&self) -> bool {
+        self.lock().down.is_finished()
+    }
+
     /// The number of the newest event.
     pub fn last_event(&self) -> u64 {
         self.lock().down.last()
