@@ -7,8 +7,9 @@
 //!   [`limits`] (token buckets);
 //! - runtime: [`stream`], [`tls`], [`upstream`] (backend connect + client handshake),
 //!   [`relay`] (the frame pump), [`metrics`] (counters for the admin listener);
-//! - wiring: [`gateway`] (compiled config), [`front`] (one client connection up to the relay,
-//!   or plain HTTP), [`health`] (active and passive backend checks), [`admin`] (metrics and
+//! - wiring: [`gateway`] (compiled config), [`admit`] (origin, limits, sticky pick, backend
+//!   handshake), [`front`] (one client connection up to the relay, or plain HTTP), [`session`]
+//!   (long-polling and resumable sessions), [`health`] (active and passive backend checks), [`admin`] (metrics and
 //!   health endpoints), [`listener`] (accept), [`server`] (the whole process);
 //! - beside the gateway: [`demo`], the chat-room backend the demo runs behind it, built on
 //!   fastwebsockets rather than on [`proto`].

@@ -2028,3 +2028,62 @@ fn errors_in_the_full_example_land_on_the_right_line() {
         assert_eq!(errors.len(), 1, "{broken}: {errors:#?}");
     }
 }
+
+// ----- sessions -----
+
+#[test]
+fn sessions_default_on_with_documented_limits() {
+    let sessions = ok(MINIMAL).sessions;
+    assert!(sessions.enabled);
+    assert!(!sessions.instance.is_empty());
+    assert_eq!(sessions.poll_timeout, Duration::from_secs(25));
+    assert_eq!(sessions.timeout, Duration::from_secs(30));
+    assert_eq!(sessions.buffer, 1 << 20);
+    assert_eq!(sessions.max_sessions, 10_000);
+    assert_eq!(sessions.max_batch, 1 << 20);
+}
+
+#[test]
+fn sessions_are_configurable() {
+    let source = format!(
+        "{MINIMAL}sessions:\n  enabled: false\n  instance: gw-2.eu\n  poll_timeout: 10s\n  timeout: 1m\n  buffer: 64KiB\n  max_sessions: 5\n  max_batch: 8KiB\n"
+    );
+    let sessions = ok(&source).sessions;
+    assert!(!sessions.enabled);
+    assert_eq!(sessions.instance, "gw-2.eu");
+    assert_eq!(sessions.poll_timeout, Duration::from_secs(10));
+    assert_eq!(sessions.timeout, Duration::from_secs(60));
+    assert_eq!(
+        (sessions.buffer, sessions.max_sessions, sessions.max_batch),
+        (64 << 10, 5, 8 << 10)
+    );
+}
+
+#[test]
+fn bad_session_settings_are_reported_on_their_lines() {
+    let base_lines = MINIMAL.lines().count();
+    let source = format!(
+        "{MINIMAL}sessions:\n  instance: \"gw 1\"\n  poll_timeout: off\n  buffer: 1KiB\n  max_sessions: 0\n  colour: blue\n"
+    );
+    let errors = errs(&source);
+    expect(
+        &errors,
+        base_lines + 2,
+        "sessions.instance",
+        &["instance name", "\"gw 1\""],
+    );
+    expect(
+        &errors,
+        base_lines + 3,
+        "sessions.poll_timeout",
+        &["cannot be disabled"],
+    );
+    expect(&errors, base_lines + 4, "sessions.buffer", &["4KiB"]);
+    expect(
+        &errors,
+        base_lines + 5,
+        "sessions.max_sessions",
+        &["between 1 and"],
+    );
+    expect(&errors, base_lines + 6, "sessions.colour", &[]);
+}
