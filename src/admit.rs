@@ -8,6 +8,7 @@ use crate::config::Route;
 use crate::front::forwarded::ForwardedHeaders;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::proto::handshake::RequestHead;
+use crate::recent_errors::ErrorKind;
 use crate::routing::{ConnectionSlot, RequestParts};
 use crate::upstream::{self, Refusal, UpstreamError, UpstreamRequest};
 use std::net::SocketAddr;
@@ -46,11 +47,15 @@ pub async fn open_backend(
     peer: SocketAddr,
     tls: bool,
 ) -> Result<OpenedBackend, Refusal> {
+    let route = gateway.route(offer.route);
     let refuse = |reason: &str, status, line: &str, extra: &[(&str, &str)]| {
         gateway.metrics.handshake_failed(reason);
+        let detail = format!("{peer}: {status} {line}");
+        gateway
+            .errors
+            .record(ErrorKind::Handshake, Some(&route.name), None, detail);
         Refusal::plain(status, line, extra)
     };
-    let route = gateway.route(offer.route);
     if !origin_allowed(route, offer.origin) {
         return Err(refuse("origin", 403, "origin not allowed", &[]));
     }
@@ -111,6 +116,15 @@ pub async fn open_backend(
         Err(error) => {
             tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), "{error}");
             gateway.metrics.handshake_failed(error.kind());
+            let kind = if error.is_connect_failure() {
+                ErrorKind::BackendConnect
+            } else {
+                ErrorKind::Handshake
+            };
+            let detail = format!("{peer}: {error}");
+            gateway
+                .errors
+                .record(kind, Some(&route.name), Some(&backend.url), detail);
             Err(match error {
                 UpstreamError::Refused { response, .. } => *response,
                 other => Refusal::plain(other.status(), &other.to_string(), &[]),

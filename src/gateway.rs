@@ -8,6 +8,7 @@ use crate::config::StickyKey;
 use crate::config::{Config, Route};
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
+use crate::recent_errors::RecentErrors;
 use crate::routing::{
     HeaderField, RequestParts, RouteTable, UpstreamBalancer, cookie_value, extract_key,
 };
@@ -41,8 +42,31 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Open sessions; shared by every configuration generation, so a reload keeps them.
     pub sessions: Arc<session::Registry>,
+    /// The dashboard's recent errors; shared by every generation like the metrics.
+    pub errors: Arc<RecentErrors>,
     /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
     handshake_bucket: Option<Mutex<TokenBucket>>,
+}
+
+/// What lives as long as the process and is handed from one configuration generation to the
+/// next: the drain signal, the open sessions, and everything that counts or remembers.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub drain: Arc<watch::Sender<bool>>,
+    pub sessions: Arc<session::Registry>,
+    pub errors: Arc<RecentErrors>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            metrics: Arc::default(),
+            drain: Arc::new(watch::Sender::new(false)),
+            sessions: Arc::default(),
+            errors: Arc::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,23 +77,18 @@ pub enum GatewayError {
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Self, GatewayError> {
-        Self::with_shared(
-            config,
-            Arc::default(),
-            Arc::new(watch::Sender::new(false)),
-            Arc::default(),
-        )
+        Self::with_shared(config, Shared::default())
     }
 
-    /// Builds the gateway for `config`, counting into `metrics`, draining with `drain` and
-    /// keeping sessions in `sessions`: the parts that live as long as the process, across
-    /// reloads.
-    pub fn with_shared(
-        config: Config,
-        metrics: Arc<Metrics>,
-        drain: Arc<watch::Sender<bool>>,
-        sessions: Arc<session::Registry>,
-    ) -> Result<Self, GatewayError> {
+    /// Builds the gateway for `config` around `shared`: the parts that live as long as the
+    /// process, across reloads.
+    pub fn with_shared(config: Config, shared: Shared) -> Result<Self, GatewayError> {
+        let Shared {
+            metrics,
+            drain,
+            sessions,
+            errors,
+        } = shared;
         let handshake_bucket = config
             .limits
             .handshake_rate
@@ -104,8 +123,19 @@ impl Gateway {
             drain,
             metrics,
             sessions,
+            errors,
             handshake_bucket,
         })
+    }
+
+    /// The process-lifetime parts, for building the next generation.
+    pub fn shared(&self) -> Shared {
+        Shared {
+            metrics: Arc::clone(&self.metrics),
+            drain: Arc::clone(&self.drain),
+            sessions: Arc::clone(&self.sessions),
+            errors: Arc::clone(&self.errors),
+        }
     }
 
     pub fn route(&self, index: usize) -> &Route {

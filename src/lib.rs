@@ -6,11 +6,13 @@
 //!   validated), [`routing`] (route table, sticky keys, consistent hashing, balancing),
 //!   [`limits`] (token buckets);
 //! - runtime: [`stream`], [`tls`], [`upstream`] (backend connect + client handshake),
-//!   [`relay`] (the frame pump), [`metrics`] (counters for the admin listener);
+//!   [`relay`] (the frame pump), [`metrics`] (counters for the admin listener),
+//!   [`recent_errors`] (the dashboard's ring of recent failures);
 //! - wiring: [`gateway`] (compiled config), [`admit`] (origin, limits, sticky pick, backend
 //!   handshake), [`front`] (one client connection up to the relay, or plain HTTP), [`session`]
-//!   (long-polling and resumable sessions), [`health`] (active and passive backend checks), [`admin`] (metrics and
-//!   health endpoints), [`listener`] (accept), [`server`] (the whole process);
+//!   (long-polling and resumable sessions), [`health`] (active and passive backend checks),
+//!   [`admin`] (metrics, health endpoints and the live dashboard), [`listener`] (accept),
+//!   [`server`] (the whole process);
 //! - beside the gateway: [`demo`], the chat-room backend the demo runs behind it, built on
 //!   fastwebsockets rather than on [`proto`].
 
@@ -20,6 +22,7 @@ pub mod proto;
 pub mod routing;
 
 pub mod metrics;
+pub mod recent_errors;
 pub mod relay;
 pub mod stream;
 pub mod tls;

@@ -82,10 +82,7 @@ impl Reloader {
         if config.listeners != old.config.listeners || config.admin != old.config.admin {
             return Err(ReloadError::ListenersChanged);
         }
-        let metrics = Arc::clone(&old.metrics);
-        let drain = Arc::clone(&old.drain);
-        let sessions = Arc::clone(&old.sessions);
-        let gateway = Arc::new(Gateway::with_shared(config, metrics, drain, sessions)?);
+        let gateway = Arc::new(Gateway::with_shared(config, old.shared())?);
         let health = crate::health::start(&gateway);
         self.current.replace(gateway);
         // Dropping the old checks stops them; the new ones watch the new backends.

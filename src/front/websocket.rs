@@ -11,7 +11,8 @@ use crate::config::Compression;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{Closed, RouteBackend};
 use crate::proto::handshake::{self, RequestHead};
-use crate::proto::{DecoderConfig, FrameDecoder, Role};
+use crate::proto::{CloseCode, DecoderConfig, FrameDecoder, Role};
+use crate::recent_errors::ErrorKind;
 use crate::relay::{HopStart, Relay, RelayReport, RelaySettings};
 use crate::routing::ConnectionSlot;
 use crate::stream::Stream;
@@ -67,6 +68,10 @@ pub async fn decide(
     // `reason` labels the handshake-failure metric; it is one of a fixed set of words.
     let refuse = |reason: &str, status, line: &str, extra: &[(&str, &str)]| {
         gateway.metrics.handshake_failed(reason);
+        let detail = format!("{peer}: {status} {line}");
+        gateway
+            .errors
+            .record(ErrorKind::Handshake, None, None, detail);
         Decision::Refuse(Refusal::plain(status, line, extra))
     };
     let upgrade = match handshake::validate_upgrade(head) {
@@ -237,6 +242,12 @@ impl AccessContext {
                 .get_or_create(&closed)
                 .inc();
         }
+        if let Some((kind, why)) = failure(report) {
+            let detail = format!("{}: {why}", self.peer);
+            self.gateway
+                .errors
+                .record(kind, Some(route), Some(&self.backend), detail);
+        }
         let code = |c: Option<u16>| c.map_or_else(|| "-".to_owned(), |c| c.to_string());
         tracing::info!(
             target: "wsgate::access",
@@ -257,6 +268,34 @@ impl AccessContext {
             cause = %report.cause,
             "connection closed"
         );
+    }
+}
+
+/// Whether a relayed connection ended in a failure worth showing on the dashboard, judged by
+/// the close codes the gateway sent: normal ends, shutdowns and idle timeouts are not.
+fn failure(report: &RelayReport) -> Option<(ErrorKind, &str)> {
+    let sent = [report.client.close_sent, report.backend.close_sent];
+    let any = |codes: &[CloseCode]| {
+        sent.iter()
+            .flatten()
+            .any(|c| codes.contains(&CloseCode(*c)))
+    };
+    if any(&[
+        CloseCode::PROTOCOL_ERROR,
+        CloseCode::INVALID_PAYLOAD,
+        CloseCode::TOO_BIG,
+    ]) {
+        Some((ErrorKind::Protocol, &report.cause))
+    } else if any(&[CloseCode::POLICY_VIOLATION]) {
+        Some((ErrorKind::Policy, &report.cause))
+    } else if report.client.close_sent == Some(CloseCode::BAD_GATEWAY.0) {
+        // The relay notes no cause for a hop that vanished; the code says it all.
+        let why = "backend closed the connection without a close frame";
+        Some((ErrorKind::BackendDropped, why))
+    } else if report.cause.contains("did not answer ping") {
+        Some((ErrorKind::PingTimeout, &report.cause))
+    } else {
+        None
     }
 }
 
