@@ -1,6 +1,13 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process is up) and
-//! `/readyz` (accepting, and every upstream has a healthy backend). It is a separate socket so
-//! that it can stay on a private address while the public listeners face the internet.
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process is up),
+//! `/readyz` (accepting, and every upstream has a healthy backend) and the live dashboard
+//! (`/dashboard`, fed over the WebSocket `/dashboard/ws`). It is a separate socket so that it
+//! can stay on a private address while the public listeners face the internet.
+
+mod dashboard;
+mod snapshot;
+
+pub use dashboard::{Dashboard, PUSH_INTERVAL};
+pub use snapshot::Snapshot;
 
 use crate::gateway::{CurrentGateway, Gateway};
 use crate::metrics::UpstreamBackend;
@@ -21,6 +28,8 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
+    // Dropped when serving ends, which stops the pusher.
+    let dashboard = Arc::new(Dashboard::start(Arc::clone(&current)));
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -34,15 +43,20 @@ pub async fn serve(
             () = &mut stop => return,
         };
         let current = Arc::clone(&current);
+        let dashboard = Arc::clone(&dashboard);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let gateway = current.get();
-                async move { Ok::<_, Infallible>(respond(&gateway, &request)) }
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let response = match request.uri().path() {
+                    "/dashboard/ws" => dashboard.upgrade(request),
+                    _ => respond(&current.get(), &request),
+                };
+                async move { Ok::<_, Infallible>(response) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -61,6 +75,7 @@ fn respond(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Byte
             );
             response
         }
+        "/dashboard" => Dashboard::page(),
         "/healthz" => text(StatusCode::OK, "ok"),
         "/readyz" => {
             if *gateway.drain.borrow() {
@@ -81,7 +96,7 @@ fn respond(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Byte
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz or /readyz",
+            "not found: try /metrics, /healthz, /readyz or /dashboard",
         ),
     }
 }
