@@ -4,6 +4,8 @@
 //! clients in tests are tokio-tungstenite, fastwebsockets or raw sockets writing hand-made bytes.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod browser;
+
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
