@@ -13,10 +13,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// How long a shutdown waits for connections to finish their closing handshakes: the close
-/// timeout (5 s by default) plus room for a backend that answers slowly.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
-
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
@@ -146,7 +142,8 @@ impl Server {
     }
 
     /// Accepts on every listener until `stop` completes, then drains: every open connection is
-    /// closed gracefully (WebSockets with 1001), waiting at most [`DRAIN_DEADLINE`].
+    /// closed gracefully (WebSockets with 1001), waiting at most `drain.deadline` of the
+    /// configuration in force (the last one reloaded).
     pub async fn run(mut self, stop: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut loops = Vec::new();
@@ -184,11 +181,12 @@ impl Server {
     }
 
     /// Asks every connection to close (1001 to WebSocket clients and backends, `Connection:
-    /// close` to HTTP clients) and waits for them, at most [`DRAIN_DEADLINE`].
+    /// close` to HTTP clients) and waits for them, at most `drain.deadline`.
     async fn drain(&self) {
+        let gateway = self.current.get();
         // One signal reaches every configuration generation still holding connections.
-        let _ = self.current.get().drain.send(true);
-        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+        let _ = gateway.drain.send(true);
+        let deadline = tokio::time::Instant::now() + gateway.config.drain.deadline;
         while self.counter.current() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -142,6 +142,11 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
     writeln!(out, "defaults:")?;
     writeln!(out, "  timeouts: {}", timeouts(&config.timeouts))?;
     writeln!(out, "  limits: {}", limits(&config.limits))?;
+    writeln!(
+        out,
+        "  drain: deadline {}",
+        format_duration(config.drain.deadline)
+    )?;
     match &config.admin {
         Some(admin) => writeln!(out, "admin: {}", admin.address),
         None => writeln!(out, "admin: none"),

@@ -25,6 +25,8 @@ pub struct Config {
     pub limits: Limits,
     pub admin: Option<Admin>,
     pub sessions: Sessions,
+    /// Shutdown (SIGTERM, SIGINT).
+    pub drain: Drain,
 }
 
 /// Where the gateway listens for clients.
@@ -215,6 +217,28 @@ pub struct Limits {
     /// Messages per second a client may send on one connection, with a burst of two seconds'
     /// worth; excess closes the connection with 1008 (`None`: no limit).
     pub message_rate: Option<u32>,
+}
+
+/// How the gateway shuts down: every connection is asked to close (1001), then the gateway
+/// waits for the closing handshakes at most `deadline` before it exits anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// 0 exits as soon as the close frames are written.
+    pub deadline: Duration,
+}
+
+impl Drain {
+    pub const DEFAULT: Drain = Drain {
+        // The close timeout (5 s by default) plus room for a backend that answers slowly, and
+        // well inside the 30 s an orchestrator usually allows between SIGTERM and SIGKILL.
+        deadline: Duration::from_secs(10),
+    };
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// The admin listener (metrics, health, dashboard).

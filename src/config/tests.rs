@@ -99,6 +99,8 @@ fn minimal_file_gets_every_default() {
     assert_eq!(config.timeouts, Timeouts::DEFAULT);
     assert_eq!(config.limits, Limits::DEFAULT);
     assert_eq!(config.admin, None);
+    assert_eq!(config.drain, Drain::DEFAULT);
+    assert_eq!(config.drain.deadline, Duration::from_secs(10));
 }
 
 #[test]
@@ -1872,6 +1874,7 @@ admin: {address: 127.0.0.1:9090}
         "handshake 10s, idle off, ping_interval 30s, pong_timeout 10s, close 5s",
         "limits: max_frame 16MiB, max_message 64MiB, max_connections 9000, max_header_bytes 16KiB",
         "admin: 127.0.0.1:9090",
+        "drain: deadline 10s",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
@@ -2015,6 +2018,7 @@ fn errors_in_the_full_example_land_on_the_right_line() {
             "address: 0.0.0.0:8080",
             "admin.address",
         ),
+        ("deadline: 10s", "deadline: 10", "drain.deadline"),
     ];
     for (original, broken, path) in cases {
         assert_eq!(
@@ -2086,4 +2090,28 @@ fn bad_session_settings_are_reported_on_their_lines() {
         &["between 1 and"],
     );
     expect(&errors, base_lines + 6, "sessions.colour", &[]);
+}
+
+#[test]
+fn drain_deadline_accepts_zero_and_refuses_off() {
+    let with = |value: &str| format!("{MINIMAL}drain:\n  deadline: {value}\n");
+    assert_eq!(ok(&with("30s")).drain.deadline, Duration::from_secs(30));
+    assert_eq!(ok(&with("0")).drain.deadline, Duration::ZERO);
+    assert_eq!(ok(&with("\"0s\"")).drain.deadline, Duration::ZERO);
+    assert_eq!(ok(&format!("{MINIMAL}drain: {{}}\n")).drain, Drain::DEFAULT);
+    single(&with("off"), 10, "drain.deadline", &["cannot be disabled"]);
+    single(&with("25h"), 10, "drain.deadline", &["at most 1d"]);
+    single(&with("10"), 10, "drain.deadline", &["needs a unit"]);
+    single(
+        &format!("{MINIMAL}drain:\n  deadlin: 5s\n"),
+        10,
+        "drain.deadlin",
+        &["unknown key"],
+    );
+    single(
+        &format!("{MINIMAL}drain: 5s\n"),
+        9,
+        "drain",
+        &["expected a mapping with a deadline"],
+    );
 }

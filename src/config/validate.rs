@@ -43,6 +43,7 @@ const TOP_KEYS: &[&str] = &[
     "limits",
     "admin",
     "sessions",
+    "drain",
 ];
 const LISTENER_KEYS: &[&str] = &["name", "address", "tls"];
 const SERVER_TLS_KEYS: &[&str] = &["certificates"];
@@ -110,6 +111,7 @@ const SESSION_KEYS: &[&str] = &[
     "max_sessions",
     "max_batch",
 ];
+const DRAIN_KEYS: &[&str] = &["deadline"];
 
 const ADDRESS_FORM: &str = "an address such as 127.0.0.1:8080 or [::1]:8080";
 
@@ -566,6 +568,11 @@ impl Cx<'_> {
             Some((raw, path)) => self.sessions(raw, &path),
         };
 
+        let drain = match top.get("drain") {
+            None => Some(Drain::DEFAULT),
+            Some((raw, path)) => self.drain(raw, &path),
+        };
+
         Some(Config {
             sessions: sessions?,
             listeners: listeners?,
@@ -574,6 +581,7 @@ impl Cx<'_> {
             timeouts: timeouts?,
             limits: limits?,
             admin: admin?,
+            drain: drain?,
         })
     }
 
@@ -1496,6 +1504,20 @@ impl Cx<'_> {
         let (raw, path) = f.required(self, "address", ADDRESS_FORM)?;
         let address = self.socket_addr(raw, &path)?;
         Some(Admin { address })
+    }
+
+    fn drain(&mut self, raw: &Raw, path: &YamlPath) -> Option<Drain> {
+        let f = self.fields(raw, path, "a mapping with a deadline", DRAIN_KEYS)?;
+        let mut drain = Drain::DEFAULT;
+        if let Some((raw, path)) = f.get("deadline") {
+            let rule = TimerRule {
+                disableable: false,
+                zero_ok: true,
+                max: MAX_TIMER,
+            };
+            drain.deadline = self.timer(raw, &path, rule)??;
+        }
+        Some(drain)
     }
 }
 
