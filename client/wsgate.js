@@ -225,6 +225,7 @@
             const control = JSON.parse(m.data.slice(1));
             if (control.type === "open") {
               opened = true;
+              this._wsWorked = true;
               this._wsNext = this._received + 1;
               this._established(control, "websocket");
               for (const message of this._outbox) this._wsSend(message);
@@ -252,8 +253,10 @@
           // The backend's close, after every message before it.
           return this._finish(e.code, e.reason, true);
         }
-        if (!opened && this._mode === "auto" && !this._sid) this._wsFailedBeforeOpen = true;
-        if (!opened && this._mode === "auto" && this._sid) this._wsFailedBeforeOpen = true;
+        // A WebSocket that never opened, on a client where none ever did, is blocked on the way
+        // (a proxy stripping Upgrade): fall back to long-polling for good. One that worked
+        // before only dropped: try it again.
+        if (!opened && !this._wsWorked && this._mode === "auto") this._wsFailedBeforeOpen = true;
         this._retry();
       };
     }

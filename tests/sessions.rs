@@ -729,6 +729,38 @@ async fn a_session_websocket_detached_with_4100_can_be_resumed() {
 }
 
 #[tokio::test]
+async fn a_session_websocket_client_that_falls_silent_is_detached_and_its_session_expires() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        while let Some(Ok(message)) = ws.next().await {
+            if let Message::Close(frame) = message {
+                let _ = closed_tx.send(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+            }
+        }
+    });
+    let yaml = format!(
+        "{}sessions:\n  timeout: 2s\n",
+        simple_config(
+            &[addr],
+            "timeouts:\n  ping_interval: 1s\n  pong_timeout: 1s\n"
+        )
+    );
+    let gateway = start_gateway(&yaml).await;
+    // The client reads the open message, then never reads again: it answers no ping, as a
+    // peer that vanished without a FIN would not.
+    let silent = session_ws(gateway.addr, "/?wsgate=socket").await;
+    let seen = tokio::time::timeout(Duration::from_secs(20), closed_rx.recv())
+        .await
+        .expect("the session expired although its WebSocket was still open");
+    assert_eq!(seen, Some(Some((1001, "session expired".to_owned()))));
+    drop(silent);
+}
+
+#[tokio::test]
 async fn plain_websocket_clients_see_no_session_framing() {
     let (gateway, _backend) = gateway_with_echo("", "").await;
     let mut ws = support::connect(gateway.addr, "/plain").await;

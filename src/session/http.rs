@@ -231,13 +231,16 @@ fn events(session: &Arc<Session>, ack: u64, request: &Request<Incoming>) -> Resp
     let attachment = session.attach();
     let session = Arc::clone(session);
     tokio::spawn(async move {
+        // A reader that stops reading (a dead connection without a FIN) must not keep the
+        // session attached forever: a chunk not taken within the poll timeout ends the stream.
+        let stall = session.timing.poll_timeout;
+        let emit = |chunk: Bytes| {
+            let sender = &sender;
+            async move { sender.send_timeout(chunk, stall).await.is_ok() }
+        };
         let mut cursor = ack;
         // Tells EventSource to reconnect at once after a cut, not after its default 3 s.
-        if sender
-            .send(Bytes::from_static(b"retry: 500\n\n"))
-            .await
-            .is_err()
-        {
+        if !emit(Bytes::from_static(b"retry: 500\n\n")).await {
             return;
         }
         loop {
@@ -246,11 +249,7 @@ fn events(session: &Arc<Session>, ack: u64, request: &Request<Incoming>) -> Resp
             changed.as_mut().enable();
             let events = session.events_since(cursor, session.timing.max_batch);
             for (seq, event) in &events {
-                if sender
-                    .send(Bytes::from(sse_record(*seq, event)))
-                    .await
-                    .is_err()
-                {
+                if !emit(Bytes::from(sse_record(*seq, event))).await {
                     return;
                 }
                 cursor = *seq;
@@ -264,13 +263,12 @@ fn events(session: &Arc<Session>, ack: u64, request: &Request<Incoming>) -> Resp
             if !session.is_current(&attachment) {
                 return;
             }
-            tokio::select! {
-                () = changed => {}
-                () = tokio::time::sleep(SSE_HEARTBEAT) => {
-                    if sender.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
-                        return;
-                    }
-                }
+            let quiet = tokio::select! {
+                () = changed => false,
+                () = tokio::time::sleep(SSE_HEARTBEAT) => true,
+            };
+            if quiet && !emit(Bytes::from_static(b": keepalive\n\n")).await {
+                return;
             }
         }
     });

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::Mutex;
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 
 /// How often acknowledgements go out while data flows, and the transport is checked.
 const ACK_EVERY: Duration = Duration::from_millis(500);
@@ -47,6 +47,15 @@ pub struct SessionSocket {
     ack: u64,
     instance: String,
     limits: (u64, u64),
+    keepalive: Keepalive,
+}
+
+/// The route's keepalive and close timers, applied to the client's session WebSocket.
+#[derive(Debug, Clone, Copy)]
+struct Keepalive {
+    ping_interval: Option<Duration>,
+    pong_timeout: Duration,
+    close: Duration,
 }
 
 #[derive(Debug)]
@@ -72,9 +81,17 @@ pub async fn decide(
         Refusal::plain(error.status(), &error.to_string(), error.extra_headers())
     })?;
     let offered: Vec<&str> = handshake::server::offered_protocols(head.headers).collect();
-    let limits = {
+    let (limits, keepalive) = {
         let route = gateway.route(route);
-        (route.limits.max_frame, route.limits.max_message)
+        let keepalive = Keepalive {
+            ping_interval: route.timeouts.ping_interval,
+            pong_timeout: route.timeouts.pong_timeout,
+            close: route.timeouts.close,
+        };
+        (
+            (route.limits.max_frame, route.limits.max_message),
+            keepalive,
+        )
     };
     let mut socket = SessionSocket {
         accept: handshake::accept_key(upgrade.key),
@@ -84,6 +101,7 @@ pub async fn decide(
         ack: query.ack,
         instance: gateway.config.sessions.instance.clone(),
         limits,
+        keepalive,
     };
     match query.sid {
         Some(sid) => match find(gateway, route, sid, upgrade.origin) {
@@ -185,6 +203,7 @@ impl SessionSocket {
             return;
         }
         let close_sent = AtomicBool::new(false);
+        let last_heard = std::sync::Mutex::new(Instant::now());
         let downstream = async {
             let mut sent = self.ack;
             let mut acked_to_client = received;
@@ -222,8 +241,10 @@ impl SessionSocket {
                     sent = *seq;
                 }
                 if close_sent.load(Ordering::Acquire) {
-                    // The client's close reply (read by the upstream half) ends the transport.
-                    std::future::pending::<()>().await;
+                    // The client's close reply (read by the upstream half) ends the transport;
+                    // a client that never replies is let go after the close timeout.
+                    tokio::time::sleep(self.keepalive.close).await;
+                    return;
                 }
                 if !events.is_empty() {
                     continue;
@@ -246,7 +267,9 @@ impl SessionSocket {
         let upstream = async {
             let mut next = received + 1;
             loop {
-                match reader.next().await {
+                let received = reader.next().await;
+                *last_heard.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                match received {
                     Ok(Received::Message(message)) => match split_tag(message) {
                         Some((TAG_DATA, message)) => {
                             match session.deliver(next, vec![message]).await {
@@ -330,11 +353,51 @@ impl SessionSocket {
                 }
             }
         };
+        // A client that vanished without a FIN must not keep the session attached (and its
+        // buffer filling) forever: ping it, and let it go when it stays silent. This runs beside
+        // the two halves, so it also frees a writer stuck on a dead socket.
+        let watchdog = async {
+            let Some(interval) = self.keepalive.ping_interval else {
+                return std::future::pending().await;
+            };
+            let mut tick = tokio::time::interval(interval.min(Duration::from_secs(1)));
+            let mut pinged = false;
+            loop {
+                tick.tick().await;
+                let silent = last_heard
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .elapsed();
+                if silent >= interval + self.keepalive.pong_timeout {
+                    return;
+                }
+                if silent >= interval && !pinged {
+                    pinged = true;
+                    let ping = async { writer.lock().await.ping().await };
+                    if tokio::time::timeout(self.keepalive.pong_timeout, ping)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                } else if silent < interval {
+                    pinged = false;
+                }
+            }
+        };
         tokio::select! {
             () = downstream => {}
             () = upstream => {}
+            () = watchdog => {
+                tracing::debug!(session = %session.id, "session WebSocket silent; detached");
+            }
         }
-        writer.lock().await.shutdown().await;
+        // Detached before the shutdown, which a dead socket may stall.
+        drop(attachment);
+        let _ = tokio::time::timeout(self.keepalive.close, async {
+            writer.lock().await.shutdown().await;
+        })
+        .await;
     }
 }
 
