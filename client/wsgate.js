@@ -346,6 +346,7 @@
           if (generation !== this._generation) return;
           if (answer.status === 200 || answer.status === 409) this._dropAcked(answer.body.received);
           else if (answer.status === 410) return this._sessionGone(CLOSE_GONE, answer.body.error);
+          else if (answer.status === 429) return; // the session's close event follows on the poll
           else throw new Error("send answered " + answer.status);
         }
       } catch (e) {

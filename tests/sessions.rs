@@ -761,6 +761,49 @@ async fn a_session_websocket_client_that_falls_silent_is_detached_and_its_sessio
 }
 
 #[tokio::test]
+async fn a_send_whose_connection_is_cut_mid_flight_is_retried_and_delivered_once() {
+    let (gateway, _backend) = gateway_with_echo("", "").await;
+    let mut poller = Poller::open(gateway.addr, "/").await;
+    let batch = json!({ "seq": 1, "messages": [{ "text": "cut" }] }).to_string();
+    let request = format!(
+        "POST {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{batch}",
+        poller.target("send", 0),
+        batch.len()
+    );
+    // The request goes out and the connection dies before the answer is read.
+    let mut cut = TcpStream::connect(gateway.addr).await.unwrap();
+    cut.write_all(request.as_bytes()).await.unwrap();
+    drop(cut);
+    // The client cannot know whether it arrived, so it sends the same batch again.
+    let (status, body) = poller.send(&["cut"]).await;
+    assert_eq!(
+        (status, body["received"].as_u64()),
+        (200, Some(1)),
+        "{body}"
+    );
+    assert_eq!(texts(&poller.receive(1).await), ["cut"]);
+    let (_, body) = tokio::time::timeout(Duration::from_secs(40), poller.poll_raw())
+        .await
+        .unwrap();
+    assert_eq!(body["events"], json!([]), "delivered once: {body}");
+}
+
+#[tokio::test]
+async fn the_route_message_rate_applies_to_sessions() {
+    let (gateway, _backend) = gateway_with_echo("limits:\n  message_rate: 2\n", "").await;
+    let mut poller = Poller::open(gateway.addr, "/").await;
+    // The burst is two seconds' worth (4); the fifth message in a row is over the rate.
+    let (status, body) = poller.send(&["1", "2", "3", "4", "5", "6"]).await;
+    assert_eq!(status, 429, "{body}");
+    let events = poller.receive(5).await;
+    assert_eq!(texts(&events[..4]), ["1", "2", "3", "4"]);
+    assert_eq!(
+        events[4]["close"],
+        json!({ "code": 1008, "reason": "message rate exceeded" })
+    );
+}
+
+#[tokio::test]
 async fn plain_websocket_clients_see_no_session_framing() {
     let (gateway, _backend) = gateway_with_echo("", "").await;
     let mut ws = support::connect(gateway.addr, "/plain").await;

@@ -54,6 +54,7 @@ enum Ending {
     BackendLost,
     Expired,
     Overflow,
+    RateExceeded,
     Shutdown,
 }
 
@@ -65,6 +66,7 @@ impl Ending {
             Self::BackendLost => "backend_lost",
             Self::Expired => "expired",
             Self::Overflow => "overflow",
+            Self::RateExceeded => "message_rate",
             Self::Shutdown => "shutdown",
         }
     }
@@ -107,7 +109,7 @@ impl BackendTask {
         );
         if matches!(
             ending,
-            Ending::BackendClosed | Ending::BackendLost | Ending::Shutdown
+            Ending::BackendClosed | Ending::BackendLost | Ending::RateExceeded | Ending::Shutdown
         ) {
             self.await_collection().await;
         }
@@ -131,7 +133,11 @@ impl BackendTask {
         let mut draining = *self.drain.borrow();
         loop {
             if draining {
-                self.end_both(CloseCode::GOING_AWAY, "gateway shutting down")
+                let close = Close {
+                    code: CloseCode::GOING_AWAY.0,
+                    reason: "gateway shutting down".to_owned(),
+                };
+                self.end_both(CloseCode::GOING_AWAY, "gateway shutting down", close)
                     .await;
                 return Ending::Shutdown;
             }
@@ -187,8 +193,18 @@ impl BackendTask {
                     }
                     Some(Outgoing::Close(close)) => {
                         self.forget();
-                        self.close_backend(CloseCode(close.code), &close.reason).await;
+                        self.close_backend(CloseCode(close.code), &close.reason, false).await;
                         return Ending::ClientClosed;
+                    }
+                    Some(Outgoing::RateExceeded) => {
+                        // As on a relayed connection: 1008 to the client, 1001 to the backend.
+                        let close = Close {
+                            code: CloseCode::POLICY_VIOLATION.0,
+                            reason: "message rate exceeded".to_owned(),
+                        };
+                        self.end_both(CloseCode::GOING_AWAY, "client exceeded its message rate", close)
+                            .await;
+                        return Ending::RateExceeded;
                     }
                     None => return Ending::ClientClosed,
                 },
@@ -197,7 +213,7 @@ impl BackendTask {
                     match self.session.presence(now) {
                         Presence::Expired => {
                             self.forget();
-                            self.close_backend(CloseCode::GOING_AWAY, "session expired").await;
+                            self.close_backend(CloseCode::GOING_AWAY, "session expired", false).await;
                             return Ending::Expired;
                         }
                         Presence::Away if full => {
@@ -205,6 +221,7 @@ impl BackendTask {
                             self.close_backend(
                                 CloseCode::GOING_AWAY,
                                 "session buffer full while the client was away",
+                                false,
                             )
                             .await;
                             return Ending::Overflow;
@@ -248,14 +265,23 @@ impl BackendTask {
     }
 
     /// Closes the backend with `code` and waits (at most the close timeout) for its reply.
-    /// Whatever the backend still sends has no reader: the client is gone or has closed.
-    async fn close_backend(&mut self, code: CloseCode, reason: &str) {
+    /// What the backend still sends meanwhile is kept for the client when `keep` (it is still
+    /// there to collect it), dropped otherwise (it has closed or is gone).
+    async fn close_backend(&mut self, code: CloseCode, reason: &str, keep: bool) {
         if self.writer.close(code, reason).await.is_err() {
             return;
         }
+        let session = Arc::clone(&self.session);
         let reply = async {
             loop {
                 match self.reader.next().await {
+                    Ok(Received::Message(message)) if keep => {
+                        session.push(Event::Message(message));
+                        // Teardown does not grow the buffer past its bound.
+                        if session.is_full() {
+                            break;
+                        }
+                    }
                     Ok(Received::Close(_)) | Err(_) => break,
                     Ok(_) => {}
                 }
@@ -265,13 +291,17 @@ impl BackendTask {
         self.writer.shutdown().await;
     }
 
-    /// Shutdown: the backend gets a close, and the client learns of it like any close.
-    async fn end_both(&mut self, code: CloseCode, reason: &str) {
-        self.session.push(Event::Close(Close {
-            code: code.0,
-            reason: reason.to_owned(),
-        }));
-        self.close_backend(code, reason).await;
+    /// Ends the session from the gateway's side while the client is still there: the backend
+    /// gets `backend_code`; the client gets what the backend sent until its close reply, then
+    /// `client_close`.
+    async fn end_both(
+        &mut self,
+        backend_code: CloseCode,
+        backend_reason: &str,
+        client_close: Close,
+    ) {
+        self.close_backend(backend_code, backend_reason, true).await;
+        self.session.push(Event::Close(client_close));
     }
 
     /// After the backend is gone: waits until the client has acknowledged the close, or is

@@ -313,6 +313,10 @@ async fn send(session: &Session, request: Request<Incoming>) -> Response<Body> {
             }),
         ),
         Err(DeliverError::Gone) => error(410, "the backend connection of this session is closed"),
+        Err(DeliverError::RateExceeded) => error(
+            429,
+            "message rate exceeded: the session is closed (its close event follows)",
+        ),
     }
 }
 

@@ -80,6 +80,7 @@ pub async fn open(
             max_batch: settings.max_batch,
         },
         settings.buffer,
+        route.limits.message_rate,
         to_backend,
     ));
     let (reader, writer) = socket::split(

@@ -13,6 +13,7 @@
 use super::buffer::{AckBeyondSent, Delivery, Downstream, Upstream};
 use super::id::SessionId;
 use super::protocol::{Close, Event, Message};
+use crate::limits::TokenBucket;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
@@ -28,6 +29,8 @@ pub enum Outgoing {
     Message(Message),
     /// The client closed the session.
     Close(Close),
+    /// The client sent faster than the route's `message_rate`: the session ends with 1008.
+    RateExceeded,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +51,8 @@ pub struct Session {
     pub timing: Timing,
     state: Mutex<State>,
     upstream: tokio::sync::Mutex<Upstream>,
+    /// The route's `message_rate`, per session as it is per connection.
+    rate: Option<Mutex<TokenBucket>>,
     to_backend: mpsc::Sender<Outgoing>,
     /// Woken when an event is pushed, a transport is replaced, or the session ends.
     pub changed: Notify,
@@ -72,6 +77,8 @@ pub enum DeliverError {
     Gap { expected: u64 },
     /// The backend connection ended; the session is over.
     Gone,
+    /// Over the route's message rate; the session is being closed with 1008.
+    RateExceeded,
 }
 
 /// A transport's hold on the session; detaches when dropped.
@@ -97,6 +104,7 @@ impl Session {
         protocol: Option<String>,
         timing: Timing,
         buffer: u64,
+        message_rate: Option<u32>,
         to_backend: mpsc::Sender<Outgoing>,
     ) -> Self {
         Self {
@@ -113,6 +121,9 @@ impl Session {
                 backend_gone: false,
             }),
             upstream: tokio::sync::Mutex::new(Upstream::default()),
+            // The relay's burst: two seconds' worth.
+            rate: message_rate
+                .map(|rate| Mutex::new(TokenBucket::new(rate, 2.0, Instant::now().into_std()))),
             to_backend,
             changed: Notify::new(),
             space: Notify::new(),
@@ -239,6 +250,10 @@ impl Session {
                 Delivery::Gap { expected } => return Err(DeliverError::Gap { expected }),
                 Delivery::Deliver => {}
             }
+            if !self.admit_message() {
+                let _ = self.to_backend.send(Outgoing::RateExceeded).await;
+                return Err(DeliverError::RateExceeded);
+            }
             if self.lock().backend_gone
                 || self
                     .to_backend
@@ -251,6 +266,14 @@ impl Session {
             upstream.delivered();
         }
         Ok(upstream.received())
+    }
+
+    fn admit_message(&self) -> bool {
+        let Some(rate) = &self.rate else {
+            return true;
+        };
+        let mut bucket = rate.lock().unwrap_or_else(|p| p.into_inner());
+        bucket.try_take(Instant::now().into_std())
     }
 
     /// Asks the backend task to close the backend connection with the client's code.

@@ -275,8 +275,8 @@ impl SessionSocket {
                             match session.deliver(next, vec![message]).await {
                                 Ok(_) => next += 1,
                                 Err(DeliverError::Gap { .. }) => unreachable!("numbered in order"),
-                                // The backend's close is on its way downstream.
-                                Err(DeliverError::Gone) => next += 1,
+                                // The session's close is on its way downstream.
+                                Err(DeliverError::Gone | DeliverError::RateExceeded) => next += 1,
                             }
                         }
                         Some((TAG_CONTROL, Message::Text(json))) => {
