@@ -5,7 +5,7 @@
 use super::backend::BackendTask;
 use super::id::SessionId;
 use super::socket;
-use super::state::{Session, Timing};
+use super::state::{Limits, Session, Timing};
 use crate::admit::{BackendOffer, OpenedBackend, open_backend};
 use crate::gateway::Gateway;
 use crate::proto::handshake::RequestHead;
@@ -74,13 +74,15 @@ pub async fn open(
         route.name.clone(),
         spec.origin.map(str::to_owned),
         upgraded.protocol.clone(),
-        Timing {
-            poll_timeout: settings.poll_timeout,
-            timeout: settings.timeout,
-            max_batch: settings.max_batch,
+        Limits {
+            timing: Timing {
+                poll_timeout: settings.poll_timeout,
+                timeout: settings.timeout,
+                max_batch: settings.max_batch,
+            },
+            buffer: settings.buffer,
+            message_rate: route.limits.message_rate,
         },
-        settings.buffer,
-        route.limits.message_rate,
         to_backend,
     ));
     let (reader, writer) = socket::split(

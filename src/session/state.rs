@@ -40,6 +40,16 @@ pub struct Timing {
     pub max_batch: u64,
 }
 
+/// What bounds one session: its timers, its buffer, and its clients' message rate.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub timing: Timing,
+    /// Unacknowledged event bytes kept.
+    pub buffer: u64,
+    /// The route's `message_rate` (messages per second from the client).
+    pub message_rate: Option<u32>,
+}
+
 #[derive(Debug)]
 pub struct Session {
     pub id: SessionId,
@@ -102,11 +112,14 @@ impl Session {
         route: String,
         origin: Option<String>,
         protocol: Option<String>,
-        timing: Timing,
-        buffer: u64,
-        message_rate: Option<u32>,
+        limits: Limits,
         to_backend: mpsc::Sender<Outgoing>,
     ) -> Self {
+        let Limits {
+            timing,
+            buffer,
+            message_rate,
+        } = limits;
         Self {
             id,
             route,
