@@ -2,12 +2,13 @@
 //
 // Served by every wsgate listener at /.wsgate/client.js. No dependencies. Speaks the session
 // protocol of docs/sessions.md: it tries a session WebSocket first and falls back to HTTP
-// long-polling by itself (or is forced to one transport), reconnects with exponential backoff
+// long-polling by itself (or is forced to one transport; "sse" receives over Server-Sent
+// Events and sends over POST), reconnects with exponential backoff
 // and jitter, and resumes its session, so the application receives every backend message once
 // and in order, and every message it sends reaches the backend once and in order.
 //
 //   const socket = new WsgateSocket("wss://chat.example.com/rooms/lobby", ["chat.v1"],
-//                                   { transport: "auto" });   // or "websocket" / "polling"
+//                                   { transport: "auto" });   // or "websocket", "polling", "sse"
 //   socket.onmessage = (e) => console.log(e.data);             // string or ArrayBuffer
 //   socket.send("hello");
 //
@@ -90,7 +91,7 @@
       const message = { seq: this._nextSeq++, data: payload };
       this._outbox.push(message);
       if (this.transport === "websocket") this._wsSend(message);
-      else if (this.transport === "polling") this._pumpSends();
+      else if (this.transport) this._pumpSends();
     }
 
     close(code, reason) {
@@ -126,7 +127,7 @@
     _connect() {
       if (this.readyState >= CLOSING) return;
       const useWs = this._mode === "websocket" || (this._mode === "auto" && !this._wsFailedBeforeOpen && typeof WebSocket !== "undefined");
-      if (useWs) this._connectWs(); else this._connectPolling();
+      if (useWs) this._connectWs(); else this._connectPolling(this._mode === "sse");
     }
 
     _retry() {
@@ -148,6 +149,7 @@
         this._ws = null;
         try { if (ws.readyState <= 1) ws.close(CLOSE_DETACH, "reconnecting"); } catch (e) { /* already gone */ }
       }
+      if (this._events) { this._events.close(); this._events = null; }
       if (this._polls) { for (const c of this._polls) c.abort(); }
       this._polls = new Set();
       this._sending = false;
@@ -275,18 +277,19 @@
 
     // ----- long-polling transport -----
 
-    async _connectPolling() {
+    async _connectPolling(sse) {
       const generation = ++this._generation;
+      const transport = sse ? "sse" : "polling";
       this._polls = new Set();
       try {
         if (!this._sid) {
           const answer = await this._fetch("POST", withQuery(httpUrl(this.url), { wsgate: "open" }).toString(), { protocols: this._protocols });
           if (generation !== this._generation) return;
           if (answer.status !== 200) return this._openRefused(answer);
-          this._established(answer.body, "polling");
+          this._established(answer.body, transport);
         } else {
-          this.transport = "polling";
-          this._emit("transport", "polling");
+          this.transport = transport;
+          this._emit("transport", transport);
           this._backoff.attempt = 0;
         }
       } catch (e) {
@@ -294,7 +297,40 @@
         return;
       }
       this._pumpSends();
-      this._pollLoop(generation);
+      if (sse) this._eventStream(generation); else this._pollLoop(generation);
+    }
+
+    // Server-Sent Events down, POST up. Events are acknowledged by POSTs (ack-only batches
+    // when there is nothing to send), since being written to the stream proves nothing.
+    _eventStream(generation) {
+      const es = new EventSource(this._sessionUrl("events", { wsgate_ack: this._received }));
+      this._events = es;
+      let acked = this._received;
+      const seq = (e) => Number(e.lastEventId);
+      es.addEventListener("text", (e) => this._deliver(seq(e), JSON.parse(e.data)));
+      es.addEventListener("binary", (e) => this._deliver(seq(e), fromBase64(e.data)));
+      es.addEventListener("close", (e) => {
+        const close = JSON.parse(e.data);
+        this._received = seq(e);
+        this._fetch("GET", this._sessionUrl("poll", { wsgate_ack: this._received })).catch(() => {});
+        this._finish(close.code, close.reason, true);
+      });
+      es.onerror = async () => {
+        if (generation !== this._generation || es.readyState !== EventSource.CLOSED) return;
+        // The stream was refused (EventSource hides the status): ask with a poll.
+        try {
+          const answer = await this._fetch("GET", this._sessionUrl("poll", { wsgate_ack: this._received }));
+          if (generation !== this._generation) return;
+          if (answer.status === 410 || answer.status === 403) return this._sessionGone(answer.status === 410 ? CLOSE_GONE : CLOSE_FORBIDDEN, answer.body.error);
+        } catch (err) { /* the network is down: retry below */ }
+        if (generation === this._generation) this._retry();
+      };
+      this._ackTimer = setInterval(() => {
+        if (this._received !== acked && !this._sending && generation === this._generation) {
+          acked = this._received;
+          this._fetch("POST", this._sessionUrl("send"), { seq: this._nextSeq, messages: [], ack: acked }).catch(() => {});
+        }
+      }, ACK_EVERY_MS);
     }
 
     _openRefused(answer) {
@@ -332,7 +368,7 @@
     }
 
     async _pumpSends() {
-      if (this._sending || this.transport !== "polling" || !this._sid) return;
+      if (this._sending || !this.transport || this.transport === "websocket" || !this._sid) return;
       this._sending = true;
       const generation = this._generation;
       try {
@@ -341,6 +377,7 @@
           const body = {
             seq: batch[0].seq,
             messages: batch.map((m) => typeof m.data === "string" ? { text: m.data } : { binary: toBase64(m.data) }),
+            ack: this._received,
           };
           const answer = await this._fetch("POST", this._sessionUrl("send"), body);
           if (generation !== this._generation) return;
