@@ -114,12 +114,14 @@
       }
     }
 
-    // Drops the current connection and resumes the session on a new one, as after a network
-    // change. The backend notices nothing.
-    reconnect() {
+    // Drops the current connection and resumes the session on a new one after `delayMs`
+    // (default 0), as after a network change. The backend notices nothing; what it sends
+    // meanwhile arrives after the resume.
+    reconnect(delayMs) {
       if (this.readyState !== OPEN) return;
       this._abandon();
-      this._connect();
+      this._emit("reconnecting");
+      setTimeout(() => this._connect(), delayMs || 0);
     }
 
     // ----- connection management -----

@@ -63,7 +63,7 @@ pub async fn handle(
                 "the socket operation is a WebSocket upgrade (Upgrade: websocket)",
             ),
             _ => {
-                let sid = query.sid.unwrap_or_default();
+                let sid = query.sid.as_deref().unwrap_or_default();
                 match find(gateway, route, sid, origin.as_deref()) {
                     Err(Lookup::Gone) => error(
                         410,

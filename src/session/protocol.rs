@@ -7,7 +7,9 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 pub const PARAM_OP: &str = "wsgate";
 pub const PARAM_SID: &str = "wsgate_sid";
@@ -84,7 +86,8 @@ impl Op {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionQuery<'a> {
     pub op: Op,
-    pub sid: Option<&'a str>,
+    /// Percent-decoded.
+    pub sid: Option<Cow<'a, str>>,
     /// The highest sequence number the client has received (0: none yet).
     pub ack: u64,
     /// The query without the session parameters, `None` when nothing else is left.
@@ -112,12 +115,15 @@ pub fn parse_query(query: Option<&str>) -> Result<Option<SessionQuery<'_>>, Stri
     let Some(op) = op else {
         return Ok(None);
     };
-    let op = Op::parse(op).ok_or_else(|| {
+    let op = decode(op)?;
+    let ack = ack.map(decode).transpose()?;
+    let sid = sid.map(decode).transpose()?;
+    let op = Op::parse(&op).ok_or_else(|| {
         format!(
             "unknown session operation {op:?}: expected open, poll, send, close, events or socket"
         )
     })?;
-    let ack = match ack {
+    let ack = match ack.as_deref() {
         None | Some("") => 0,
         Some(text) => parse_seq(text)
             .ok_or_else(|| format!("{PARAM_ACK} must be a whole number, found {text:?}"))?,
@@ -128,6 +134,12 @@ pub fn parse_query(query: Option<&str>) -> Result<Option<SessionQuery<'_>>, Stri
     }
     let rest = (!rest.is_empty()).then(|| rest.join("&"));
     Ok(Some(SessionQuery { op, sid, ack, rest }))
+}
+
+fn decode(value: &str) -> Result<Cow<'_, str>, String> {
+    percent_decode_str(value)
+        .decode_utf8()
+        .map_err(|_| format!("session parameter {value:?} is not percent-encoded UTF-8"))
 }
 
 /// Sequence numbers are at most 2^53 - 1 so that JavaScript numbers hold them exactly.
@@ -354,7 +366,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(query.op, Op::Poll);
-        assert_eq!(query.sid, Some("abc"));
+        assert_eq!(query.sid.as_deref(), Some("abc"));
         assert_eq!(query.ack, 7);
         assert_eq!(query.rest.as_deref(), Some("b=2&a=1&c"));
         assert_eq!(

@@ -103,7 +103,7 @@ pub async fn decide(
         limits,
         keepalive,
     };
-    match query.sid {
+    match query.sid.as_deref() {
         Some(sid) => match find(gateway, route, sid, upgrade.origin) {
             Ok(session) => {
                 // Echo the subprotocol only if this client offers it (RFC 6455 §4.1).
