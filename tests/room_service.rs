@@ -255,7 +255,8 @@ async fn serves_the_page_and_health_over_plain_http() {
             "{head}"
         );
         assert_eq!(body, wsgate::demo::CHAT_HTML);
-        assert!(body.contains("new WebSocket("));
+        // Behind wsgate the page uses its session client; served alone, the plain WebSocket.
+        assert!(body.contains("new WsgateSocket(") && body.contains("new WebSocket("));
     }
     let (status, _, body) = http_get(addr, "/health").await;
     assert_eq!((status, body.as_str()), (200, "ok"));

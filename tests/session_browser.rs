@@ -214,3 +214,36 @@ async fn the_chat_page_talks_over_websocket_long_polling_and_event_streams_and_r
     browser.close().await;
     let _ = stop.send(true);
 }
+
+/// A network that blocks WebSockets (a proxy stripping `Upgrade`): every WebSocket fails before
+/// it opens. The client, on its default `auto` transport, falls back to long-polling by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_falls_back_to_long_polling_when_websockets_are_blocked() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let (gateway, stop) = demo().await;
+    browser
+        .goto(&format!("http://{gateway}/rooms/blocked"))
+        .await;
+    browser
+        .eval(
+            "(window.WebSocket = class { constructor() { setTimeout(() => this.onclose && \
+             this.onclose({ code: 1006, reason: '', wasClean: false }), 20); } close() {} }, true)",
+        )
+        .await;
+    browser
+        .eval("(document.getElementById('user').value = 'browser', document.getElementById('connect').requestSubmit(), true)")
+        .await;
+    browser
+        .wait_until(
+            "document.getElementById('transport').textContent === 'via polling' && document.getElementById('log').innerText.includes('You joined')",
+            WAIT,
+        )
+        .await;
+    let mut peer = Peer::join(gateway, "blocked").await;
+    page_says(&browser, "through the fallback").await;
+    peer.hears("through the fallback").await;
+    browser.close().await;
+    let _ = stop.send(true);
+}
