@@ -147,6 +147,21 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
         "  drain: deadline {}",
         format_duration(config.drain.deadline)
     )?;
+    let rebalance = &config.rebalance;
+    if rebalance.enabled {
+        let health = if rebalance.on_health_change {
+            "reloads and health changes"
+        } else {
+            "reloads only"
+        };
+        writeln!(
+            out,
+            "  rebalance: moved sticky keys closed with 1012 over {} after {health}",
+            format_duration(rebalance.window)
+        )?;
+    } else {
+        writeln!(out, "  rebalance: off")?;
+    }
     match &config.admin {
         Some(admin) => writeln!(out, "admin: {}", admin.address),
         None => writeln!(out, "admin: none"),

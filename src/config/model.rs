@@ -27,6 +27,8 @@ pub struct Config {
     pub sessions: Sessions,
     /// Shutdown (SIGTERM, SIGINT).
     pub drain: Drain,
+    /// Moving connections whose sticky key changed backend.
+    pub rebalance: Rebalance,
 }
 
 /// Where the gateway listens for clients.
@@ -236,6 +238,35 @@ impl Drain {
 }
 
 impl Default for Drain {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Room-safe rebalancing: when a reload or a health change gives a sticky key another
+/// backend, the connections still on the old one are closed with 1012 so that they reconnect
+/// to the new owner; each key at one random instant within `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebalance {
+    /// `false`: connections stay where they are until they end by themselves.
+    pub enabled: bool,
+    /// Moved keys are closed at random instants spread over this long (0: at once).
+    pub window: Duration,
+    /// Also rebalance when a backend's health changes (not only on reloads).
+    pub on_health_change: bool,
+}
+
+impl Rebalance {
+    pub const DEFAULT: Rebalance = Rebalance {
+        enabled: true,
+        // Long enough that thousands of reconnects do not arrive as one spike, short enough
+        // that a room is not split between two backends for long.
+        window: Duration::from_secs(10),
+        on_health_change: true,
+    };
+}
+
+impl Default for Rebalance {
     fn default() -> Self {
         Self::DEFAULT
     }

@@ -100,6 +100,9 @@ fn minimal_file_gets_every_default() {
     assert_eq!(config.limits, Limits::DEFAULT);
     assert_eq!(config.admin, None);
     assert_eq!(config.drain, Drain::DEFAULT);
+    assert_eq!(config.rebalance, Rebalance::DEFAULT);
+    assert!(config.rebalance.enabled && config.rebalance.on_health_change);
+    assert_eq!(config.rebalance.window, Duration::from_secs(10));
     assert_eq!(config.drain.deadline, Duration::from_secs(10));
 }
 
@@ -1875,6 +1878,7 @@ admin: {address: 127.0.0.1:9090}
         "limits: max_frame 16MiB, max_message 64MiB, max_connections 9000, max_header_bytes 16KiB",
         "admin: 127.0.0.1:9090",
         "drain: deadline 10s",
+        "rebalance: moved sticky keys closed with 1012 over 10s after reloads and health changes",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
@@ -2019,6 +2023,17 @@ fn errors_in_the_full_example_land_on_the_right_line() {
             "admin.address",
         ),
         ("deadline: 10s", "deadline: 10", "drain.deadline"),
+        (
+            "enabled: true\n  # Optional: moved keys",
+            "enabled: yes please\n  # Optional: moved keys",
+            "rebalance.enabled",
+        ),
+        ("window: 10s", "window: 10", "rebalance.window"),
+        (
+            "on_health_change: true",
+            "on_health_change: 1",
+            "rebalance.on_health_change",
+        ),
     ];
     for (original, broken, path) in cases {
         assert_eq!(
@@ -2114,4 +2129,32 @@ fn drain_deadline_accepts_zero_and_refuses_off() {
         "drain",
         &["expected a mapping with a deadline"],
     );
+}
+
+#[test]
+fn rebalance_settings_parse_and_errors_name_their_key() {
+    let config = ok(&format!(
+        "{MINIMAL}rebalance:\n  enabled: false\n  window: 0\n  on_health_change: false\n"
+    ));
+    assert_eq!(
+        config.rebalance,
+        Rebalance {
+            enabled: false,
+            window: Duration::ZERO,
+            on_health_change: false,
+        }
+    );
+    assert_eq!(
+        ok(&format!("{MINIMAL}rebalance:\n  window: 2m\n"))
+            .rebalance
+            .window,
+        Duration::from_secs(120)
+    );
+    let errors = errs(&format!(
+        "{MINIMAL}rebalance:\n  enabled: 1\n  window: off\n  jitter: 5s\n"
+    ));
+    expect(&errors, 10, "rebalance.enabled", &["true or false"]);
+    expect(&errors, 11, "rebalance.window", &["cannot be disabled"]);
+    expect(&errors, 12, "rebalance.jitter", &["unknown key"]);
+    assert_eq!(errors.len(), 3, "{errors:#?}");
 }

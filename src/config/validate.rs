@@ -44,6 +44,7 @@ const TOP_KEYS: &[&str] = &[
     "admin",
     "sessions",
     "drain",
+    "rebalance",
 ];
 const LISTENER_KEYS: &[&str] = &["name", "address", "tls"];
 const SERVER_TLS_KEYS: &[&str] = &["certificates"];
@@ -112,6 +113,7 @@ const SESSION_KEYS: &[&str] = &[
     "max_batch",
 ];
 const DRAIN_KEYS: &[&str] = &["deadline"];
+const REBALANCE_KEYS: &[&str] = &["enabled", "window", "on_health_change"];
 
 const ADDRESS_FORM: &str = "an address such as 127.0.0.1:8080 or [::1]:8080";
 
@@ -572,6 +574,10 @@ impl Cx<'_> {
             None => Some(Drain::DEFAULT),
             Some((raw, path)) => self.drain(raw, &path),
         };
+        let rebalance = match top.get("rebalance") {
+            None => Some(Rebalance::DEFAULT),
+            Some((raw, path)) => self.rebalance(raw, &path),
+        };
 
         Some(Config {
             sessions: sessions?,
@@ -582,6 +588,7 @@ impl Cx<'_> {
             limits: limits?,
             admin: admin?,
             drain: drain?,
+            rebalance: rebalance?,
         })
     }
 
@@ -1518,6 +1525,41 @@ impl Cx<'_> {
             drain.deadline = self.timer(raw, &path, rule)??;
         }
         Some(drain)
+    }
+
+    fn rebalance(&mut self, raw: &Raw, path: &YamlPath) -> Option<Rebalance> {
+        let f = self.fields(
+            raw,
+            path,
+            "a mapping with enabled, window and on_health_change",
+            REBALANCE_KEYS,
+        )?;
+        let mut rebalance = Rebalance::DEFAULT;
+        let mut ok = true;
+        if let Some((raw, path)) = f.get("enabled") {
+            match self.boolean(raw, &path) {
+                Some(enabled) => rebalance.enabled = enabled,
+                None => ok = false,
+            }
+        }
+        if let Some((raw, path)) = f.get("window") {
+            let rule = TimerRule {
+                disableable: false,
+                zero_ok: true,
+                max: MAX_TIMER,
+            };
+            match self.timer(raw, &path, rule) {
+                Some(Some(window)) => rebalance.window = window,
+                _ => ok = false,
+            }
+        }
+        if let Some((raw, path)) = f.get("on_health_change") {
+            match self.boolean(raw, &path) {
+                Some(on) => rebalance.on_health_change = on,
+                None => ok = false,
+            }
+        }
+        ok.then_some(rebalance)
     }
 }
 
