@@ -31,6 +31,8 @@ pub struct BackendOffer<'a> {
 pub struct OpenedBackend {
     pub upgraded: upstream::Upgraded,
     pub set_cookie: Option<String>,
+    /// The sticky key the backend was chosen by, if any.
+    pub sticky_key: Option<String>,
     pub backend_url: String,
     pub route_slot: RouteSlot,
     pub backend_slot: ConnectionSlot,
@@ -109,6 +111,7 @@ pub async fn open_backend(
         Ok(upgraded) => Ok(OpenedBackend {
             upgraded,
             set_cookie: pick.set_cookie,
+            sticky_key: pick.key,
             backend_url: backend.url.clone(),
             route_slot,
             backend_slot,

@@ -8,6 +8,7 @@ use crate::config::StickyKey;
 use crate::config::{Config, Route};
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
+use crate::rebalance::ConnectionRegistry;
 use crate::recent_errors::RecentErrors;
 use crate::routing::{
     HeaderField, RequestParts, RouteTable, UpstreamBalancer, cookie_value, extract_key,
@@ -44,6 +45,8 @@ pub struct Gateway {
     pub sessions: Arc<session::Registry>,
     /// The dashboard's recent errors; shared by every generation like the metrics.
     pub errors: Arc<RecentErrors>,
+    /// Relayed connections with a sticky key, for rebalancing; shared by every generation.
+    pub connections: Arc<ConnectionRegistry>,
     /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
     handshake_bucket: Option<Mutex<TokenBucket>>,
 }
@@ -56,6 +59,7 @@ pub struct Shared {
     pub drain: Arc<watch::Sender<bool>>,
     pub sessions: Arc<session::Registry>,
     pub errors: Arc<RecentErrors>,
+    pub connections: Arc<ConnectionRegistry>,
 }
 
 impl Default for Shared {
@@ -65,6 +69,7 @@ impl Default for Shared {
             drain: Arc::new(watch::Sender::new(false)),
             sessions: Arc::default(),
             errors: Arc::default(),
+            connections: Arc::default(),
         }
     }
 }
@@ -88,6 +93,7 @@ impl Gateway {
             drain,
             sessions,
             errors,
+            connections,
         } = shared;
         let handshake_bucket = config
             .limits
@@ -124,6 +130,7 @@ impl Gateway {
             metrics,
             sessions,
             errors,
+            connections,
             handshake_bucket,
         })
     }
@@ -135,6 +142,7 @@ impl Gateway {
             drain: Arc::clone(&self.drain),
             sessions: Arc::clone(&self.sessions),
             errors: Arc::clone(&self.errors),
+            connections: Arc::clone(&self.connections),
         }
     }
 
@@ -158,11 +166,12 @@ impl Gateway {
             .sticky
             .as_ref()
             .and_then(|sticky| extract_key(sticky, request));
-        if key.is_some() {
-            let index = balancer.choose(key.as_deref())?;
+        if let Some(key) = key {
+            let index = balancer.choose(Some(&key))?;
             return Some(BackendPick {
                 index,
                 set_cookie: None,
+                key: Some(key.into_owned()),
             });
         }
         let Some(cookie) = &route.sticky_cookie else {
@@ -170,6 +179,7 @@ impl Gateway {
             return Some(BackendPick {
                 index,
                 set_cookie: None,
+                key: None,
             });
         };
         let pinned = extract_key(&StickyKey::Cookie(cookie.name.clone()), request)
@@ -179,6 +189,7 @@ impl Gateway {
             return Some(BackendPick {
                 index,
                 set_cookie: None,
+                key: None,
             });
         }
         let index = balancer.choose(None)?;
@@ -193,6 +204,7 @@ impl Gateway {
         Some(BackendPick {
             index,
             set_cookie: Some(value),
+            key: None,
         })
     }
 
@@ -241,6 +253,9 @@ impl Gateway {
 pub struct BackendPick {
     pub index: usize,
     pub set_cookie: Option<String>,
+    /// The sticky key the choice was made by, if any: such a connection moves when the key's
+    /// owner changes (see `rebalance`).
+    pub key: Option<String>,
 }
 
 /// A connection counted against its route's limit until dropped.

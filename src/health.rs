@@ -294,6 +294,38 @@ async fn await_close_reply(stream: &mut (impl AsyncRead + Unpin), mut buf: Vec<u
     }
 }
 
+/// Hands the active checks' verdicts of `old` to a reloaded `new` configuration: a backend
+/// (same upstream name, same URL) that the checks hold down stays down until the new checks
+/// pass it, instead of looking healthy for a moment after every reload. Only where the new
+/// upstream has active checks, since nothing else would ever bring it back. Passive back-offs
+/// are not carried: their timers belong to the old configuration, and a backend still
+/// unreachable is taken out again by its next failed connect.
+pub fn carry_over(old: &Gateway, new: &Gateway) {
+    for (upstream, config) in new.upstreams.iter().zip(&new.config.upstreams) {
+        if config.health_check.is_none() {
+            continue;
+        }
+        let Some(before) = old.upstreams.iter().find(|u| u.name == upstream.name) else {
+            continue;
+        };
+        for (index, backend) in upstream.balancer.backends().iter().enumerate() {
+            let was = before
+                .balancer
+                .backends()
+                .iter()
+                .position(|b| b.url == backend.url);
+            if let Some(was) = was
+                && before.balancer.checks_down(was)
+            {
+                upstream.balancer.set_healthy(index, false);
+                if let Some((at, why)) = before.balancer.last_change(was) {
+                    upstream.balancer.record_change(index, at, why);
+                }
+            }
+        }
+    }
+}
+
 /// Passive check: the connection path reports how a connect to backend `backend` of upstream
 /// `upstream` went. `None`, or an error the backend itself answered with (a refusal, a bad
 /// handshake), proves it reachable; a connect failure starts a back-off.
@@ -459,6 +491,42 @@ mod tests {
         judge("u", &balancer, 0, &mut streak, Ok(()), &check);
         assert!(balancer.is_healthy(0));
         assert!(balancer.is_healthy(1));
+    }
+
+    #[test]
+    fn a_reload_keeps_backends_the_checks_hold_down() {
+        let gateway = |backends: &str, checks: bool| {
+            let check = if checks {
+                "    health_check: {kind: tcp}\n"
+            } else {
+                ""
+            };
+            let yaml = format!(
+                "listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  app:\n    backends: [{backends}]\n{check}routes:\n  - upstream: app\n"
+            );
+            Gateway::new(crate::config::from_yaml_str(&yaml, "t.yaml").unwrap()).unwrap()
+        };
+        let old = gateway("ws://a:1, ws://b:1", true);
+        old.upstreams[0].balancer.set_healthy(1, false);
+        old.upstreams[0].balancer.start_backoff(0);
+        let at = SystemTime::UNIX_EPOCH;
+        old.upstreams[0]
+            .balancer
+            .record_change(1, at, "down: refused".into());
+
+        // b moved to index 0 in the new file: matched by URL, not position.
+        let new = gateway("ws://b:1, ws://a:1, ws://c:1", true);
+        carry_over(&old, &new);
+        let balancer = &new.upstreams[0].balancer;
+        assert!(balancer.checks_down(0), "b stays down");
+        assert_eq!(balancer.last_change(0), Some((at, "down: refused".into())));
+        assert!(balancer.is_healthy(1), "a passive back-off is not carried");
+        assert!(balancer.is_healthy(2));
+
+        // Without active checks nothing would bring it back: not carried.
+        let unchecked = gateway("ws://a:1, ws://b:1", false);
+        carry_over(&old, &unchecked);
+        assert!(unchecked.upstreams[0].balancer.is_healthy(1));
     }
 
     #[tokio::test]

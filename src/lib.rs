@@ -10,7 +10,8 @@
 //!   [`recent_errors`] (the dashboard's ring of recent failures);
 //! - wiring: [`gateway`] (compiled config), [`admit`] (origin, limits, sticky pick, backend
 //!   handshake), [`front`] (one client connection up to the relay, or plain HTTP), [`session`]
-//!   (long-polling and resumable sessions), [`health`] (active and passive backend checks),
+//!   (long-polling and resumable sessions), [`health`] (active and passive backend checks), [`rebalance`] (moving
+//!   connections whose sticky key changed backend),
 //!   [`admin`] (metrics, health endpoints and the live dashboard), [`listener`] (accept),
 //!   [`server`] (the whole process);
 //! - beside the gateway: [`demo`], the chat-room backend the demo runs behind it, built on
@@ -34,6 +35,7 @@ pub mod front;
 pub mod gateway;
 pub mod health;
 pub mod listener;
+pub mod rebalance;
 pub mod server;
 pub mod session;
 

@@ -97,6 +97,7 @@ pub struct Metrics {
     pub sessions_active: Family<RouteLabel, Gauge>,
     pub sessions_ended: Family<SessionEnd, Counter>,
     pub session_requests: Family<SessionRequest, Counter>,
+    pub rebalanced_connections: Family<RouteLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -121,6 +122,7 @@ impl Metrics {
             sessions_active: Family::default(),
             sessions_ended: Family::default(),
             session_requests: Family::default(),
+            rebalanced_connections: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -182,6 +184,11 @@ impl Metrics {
             "session_requests",
             "Session protocol requests, by operation and response status",
             metrics.session_requests.clone(),
+        );
+        registry.register(
+            "rebalanced_connections",
+            "WebSocket connections closed with 1012 because their sticky key moved to another backend, per route",
+            metrics.rebalanced_connections.clone(),
         );
         Self {
             registry,

@@ -6,6 +6,7 @@ use crate::gateway::{CurrentGateway, Gateway, GatewayError};
 use crate::health::HealthChecks;
 use crate::listener::{BindError, BoundListener, ConnectionCounter, accept_loop};
 use crate::metrics::Outcome;
+use crate::rebalance::Rebalancer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,7 @@ pub struct Server {
     counter: Arc<ConnectionCounter>,
     /// The active health checks of the current configuration.
     health: Arc<Mutex<Option<HealthChecks>>>,
+    rebalancer: Arc<Rebalancer>,
 }
 
 /// Applies new configurations to a running server (SIGHUP, a changed file, tests).
@@ -36,6 +38,7 @@ pub struct Server {
 pub struct Reloader {
     current: Arc<CurrentGateway>,
     health: Arc<Mutex<Option<HealthChecks>>>,
+    rebalancer: Arc<Rebalancer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +82,14 @@ impl Reloader {
             return Err(ReloadError::ListenersChanged);
         }
         let gateway = Arc::new(Gateway::with_shared(config, old.shared())?);
+        // Before anything routes with it: a backend the checks hold down must not look
+        // healthy for a moment, or its keys would move back to it and away again.
+        crate::health::carry_over(old, &gateway);
         let health = crate::health::start(&gateway);
         self.current.replace(gateway);
         // Dropping the old checks stops them; the new ones watch the new backends.
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
+        self.rebalancer.reloaded();
         Ok(())
     }
 }
@@ -106,8 +113,10 @@ impl Server {
                 None => None,
             };
         let gateway = Arc::new(Gateway::new(config)?);
+        let current = Arc::new(CurrentGateway::new(gateway));
         Ok(Self {
-            current: Arc::new(CurrentGateway::new(gateway)),
+            rebalancer: Rebalancer::new(Arc::clone(&current)),
+            current,
             listeners,
             admin,
             counter: Arc::default(),
@@ -138,6 +147,7 @@ impl Server {
         Reloader {
             current: Arc::clone(&self.current),
             health: Arc::clone(&self.health),
+            rebalancer: Arc::clone(&self.rebalancer),
         }
     }
 
@@ -168,6 +178,8 @@ impl Server {
         // Active health checks run while the server does; they also end when it drains.
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(crate::health::start(&self.current.get()));
+        // Moves connections whose sticky key changed backend; ends when the drain starts.
+        let _rebalancing = self.rebalancer.start();
         stop.await;
         let _ = stop_tx.send(true);
         for accept in loops {

@@ -12,8 +12,9 @@ use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{Closed, RouteBackend};
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{CloseCode, DecoderConfig, FrameDecoder, Role};
+use crate::rebalance::{Member, Registration, Room};
 use crate::recent_errors::ErrorKind;
-use crate::relay::{HopStart, Relay, RelayReport, RelaySettings};
+use crate::relay::{HopStart, Relay, RelayReport, RelaySettings, Stop};
 use crate::routing::ConnectionSlot;
 use crate::stream::Stream;
 use crate::upstream::Refusal;
@@ -53,6 +54,8 @@ struct AccessContext {
     peer: SocketAddr,
     /// This connection's share of the active-connections gauge, given back when it ends.
     active: Gauge,
+    /// Present for connections routed by a sticky key: they move when its owner changes.
+    registration: Option<Registration>,
     _route_slot: RouteSlot,
     _backend_slot: ConnectionSlot,
 }
@@ -107,10 +110,25 @@ pub async fn decide(
     let OpenedBackend {
         upgraded,
         set_cookie,
+        sticky_key,
         backend_url,
         route_slot,
         backend_slot,
     } = opened;
+    // Listed while it lives, so that it can be moved when its key's owner changes.
+    let registration = match (sticky_key, &route.sticky) {
+        (Some(key), Some(sticky)) => Some(gateway.connections.register(
+            Room {
+                route: route.name.as_str().into(),
+                key: key.into(),
+            },
+            Member {
+                backend: backend_url.as_str().into(),
+                sticky: Arc::new(sticky.clone()),
+            },
+        )),
+        _ => None,
+    };
 
     let labels = RouteBackend {
         route: route.name.clone(),
@@ -168,6 +186,7 @@ pub async fn decide(
             target: head.path().to_owned(),
             peer,
             active,
+            registration,
             _route_slot: route_slot,
             _backend_slot: backend_slot,
         },
@@ -217,7 +236,22 @@ impl Acceptance {
             counters,
         );
         drop(self.backend_early);
-        let report = relay.run(self.log.gateway.drain.subscribe()).await;
+        let mut drain = self.log.gateway.drain.subscribe();
+        let registration = self.log.registration.as_ref();
+        let stop = async move {
+            let moved = async {
+                match registration {
+                    Some(registration) => registration.moved().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // A dropped sender means nobody will ever ask for a drain.
+                Ok(_) = drain.wait_for(|draining| *draining) => Stop::Shutdown,
+                () = moved => Stop::Moved,
+            }
+        };
+        let report = relay.run(stop).await;
         self.log.write(&report, started.elapsed());
     }
 }

@@ -35,12 +35,11 @@ use crate::proto::{
 use crate::stream::Stream;
 pub use hop::Side;
 use hop::{Hop, Reading, Writing};
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 /// How one relayed connection behaves; derived from the route's configuration.
@@ -96,6 +95,16 @@ pub struct Relay {
     cause: String,
 }
 
+/// Why the gateway ends a connection that neither hop is closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The gateway shuts down: 1001 to both hops.
+    Shutdown,
+    /// The connection's sticky key now belongs to another backend: 1012 (Service Restart) to
+    /// the client, so it reconnects to the new owner, and 1001 to the backend.
+    Moved,
+}
+
 /// Ping payloads carry nothing the peer needs; a fixed tag makes them recognisable in captures.
 const KEEPALIVE_PAYLOAD: &[u8] = b"wsgate";
 
@@ -147,23 +156,25 @@ impl Relay {
         }
     }
 
-    /// Relays until both hops are closed. When `drain` turns true (the gateway is shutting
-    /// down), both hops are sent 1001 and the relay finishes the closing handshakes.
-    pub async fn run(mut self, mut drain: watch::Receiver<bool>) -> RelayReport {
+    /// Relays until both hops are closed. When `stop` completes, the gateway ends the
+    /// connection as the [`Stop`] says and the relay finishes the closing handshakes.
+    pub async fn run(mut self, stop: impl Future<Output = Stop>) -> RelayReport {
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
-        let draining = async {
-            // A dropped sender means nobody will ever ask for a drain.
-            if drain.wait_for(|draining| *draining).await.is_err() {
-                std::future::pending::<()>().await;
+        let stopped = tokio::select! {
+            () = poll_fn(|cx| self.poll_relay(cx, timer.as_mut())) => None,
+            stop = stop => Some(stop),
+        };
+        if let Some(stop) = stopped {
+            let now = Instant::now();
+            match stop {
+                Stop::Shutdown => self.gateway_close("gateway shutting down", now),
+                Stop::Moved => self.gateway_close_with(
+                    (CloseCode::SERVICE_RESTART, "backend changed, reconnect"),
+                    (CloseCode::GOING_AWAY, "client moved to another backend"),
+                    now,
+                ),
             }
-        };
-        let finished = tokio::select! {
-            () = poll_fn(|cx| self.poll_relay(cx, timer.as_mut())) => true,
-            () = draining => false,
-        };
-        if !finished {
-            self.gateway_close("gateway shutting down", Instant::now());
             poll_fn(|cx| self.poll_relay(cx, timer.as_mut())).await;
         }
         self.report()
@@ -348,17 +359,29 @@ impl Relay {
         }
     }
 
-    /// The gateway ends the connection on both hops (idle timeout, shutdown).
+    /// The gateway ends the connection on both hops with 1001 (idle timeout, shutdown).
     fn gateway_close(&mut self, reason: &str, now: Instant) {
-        note_cause(&mut self.initiator, &mut self.cause, "gateway", reason);
+        let going_away = (CloseCode::GOING_AWAY, reason);
+        self.gateway_close_with(going_away, going_away, now);
+    }
+
+    /// The gateway ends the connection: `client` and `backend` are the code and reason each
+    /// hop is sent; the client's reason is the one reported.
+    fn gateway_close_with(
+        &mut self,
+        client: (CloseCode, &str),
+        backend: (CloseCode, &str),
+        now: Instant,
+    ) {
+        note_cause(&mut self.initiator, &mut self.cause, "gateway", client.1);
         let deadline = now + self.settings.close_timeout;
+        // A hop half-way through receiving a frame cannot take a close frame; it is sent the
+        // other hop's close reply when that is relayed.
         if !self.backend.mid_frame {
-            self.client
-                .send_close(CloseCode::GOING_AWAY, reason, deadline);
+            self.client.send_close(client.0, client.1, deadline);
         }
         if !self.client.mid_frame {
-            self.backend
-                .send_close(CloseCode::GOING_AWAY, reason, deadline);
+            self.backend.send_close(backend.0, backend.1, deadline);
         }
     }
 }

@@ -63,6 +63,7 @@ pub async fn open(
     let OpenedBackend {
         upgraded,
         set_cookie,
+        sticky_key: _,
         backend_url,
         route_slot,
         backend_slot,
