@@ -228,6 +228,48 @@ mod tests {
         assert!(down.is_finished());
     }
 
+    proptest::proptest! {
+        /// Against a model (every event ever pushed, and the ack): whatever the order of
+        /// pushes, acks and re-polls, a poll after `a` answers exactly the events after `a`
+        /// still held, numbered consecutively, and the byte count matches what is held.
+        #[test]
+        fn polls_match_a_model_of_every_event(ops in proptest::collection::vec((0u8..3, 0usize..40), 1..200)) {
+            let mut down = Downstream::new(u64::MAX);
+            let mut all: Vec<String> = Vec::new();
+            let mut acked = 0u64;
+            for (op, n) in ops {
+                match op {
+                    0 => {
+                        let text = "x".repeat(n);
+                        proptest::prop_assert_eq!(down.push(text(&text)), all.len() as u64 + 1);
+                        all.push(text);
+                    }
+                    1 => {
+                        let ack = (n as u64).min(all.len() as u64);
+                        down.ack(ack).unwrap();
+                        acked = acked.max(ack);
+                    }
+                    _ => {
+                        let after = acked + (n as u64 % 3);
+                        let got: Vec<(u64, Event)> = down
+                            .since(after, u64::MAX)
+                            .map(|(seq, e)| (seq, e.clone()))
+                            .collect();
+                        let want: Vec<(u64, Event)> = all
+                            .iter()
+                            .enumerate()
+                            .skip(after as usize)
+                            .map(|(i, t)| (i as u64 + 1, text(t)))
+                            .collect();
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                }
+                let held: u64 = all.iter().skip(acked as usize).map(|t| t.len() as u64).sum();
+                proptest::prop_assert_eq!(down.buffered_bytes(), held);
+            }
+        }
+    }
+
     #[test]
     fn client_messages_are_delivered_once_and_in_order() {
         let mut up = Upstream::default();
