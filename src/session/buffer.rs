@@ -240,9 +240,9 @@ mod tests {
             for (op, n) in ops {
                 match op {
                     0 => {
-                        let text = "x".repeat(n);
-                        proptest::prop_assert_eq!(down.push(text(&text)), all.len() as u64 + 1);
-                        all.push(text);
+                        let body = "x".repeat(n);
+                        proptest::prop_assert_eq!(down.push(text(&body)), all.len() as u64 + 1);
+                        all.push(body);
                     }
                     1 => {
                         let ack = (n as u64).min(all.len() as u64);
