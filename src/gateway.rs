@@ -16,7 +16,7 @@ use crate::routing::{
 use crate::session;
 use crate::tls::{self, TlsError};
 use crate::upstream::{BackendTls, backend_tls};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::watch;
@@ -49,6 +49,8 @@ pub struct Gateway {
     pub connections: Arc<ConnectionRegistry>,
     /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
     handshake_bucket: Option<Mutex<TokenBucket>>,
+    /// Set when a reload replaced this generation (see [`CurrentGateway::replace`]).
+    superseded: AtomicBool,
 }
 
 /// What lives as long as the process and is handed from one configuration generation to the
@@ -132,6 +134,7 @@ impl Gateway {
             errors,
             connections,
             handshake_bucket,
+            superseded: AtomicBool::new(false),
         })
     }
 
@@ -206,6 +209,12 @@ impl Gateway {
             set_cookie: Some(value),
             key: None,
         })
+    }
+
+    /// Whether a reload has replaced this generation: connections still being set up with it
+    /// pick backends by rules no longer in force.
+    pub fn is_superseded(&self) -> bool {
+        self.superseded.load(Ordering::SeqCst)
     }
 
     /// Whether one more WebSocket handshake fits in `limits.handshake_rate` now.
@@ -296,6 +305,8 @@ impl CurrentGateway {
             .0
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        std::mem::replace(&mut current, gateway)
+        let old = std::mem::replace(&mut *current, gateway);
+        old.superseded.store(true, Ordering::SeqCst);
+        old
     }
 }

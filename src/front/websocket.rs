@@ -103,6 +103,8 @@ pub async fn decide(
         protocols: protocols.as_deref(),
         extensions: extensions.as_deref(),
     };
+    // Before the pick: lets the registry tell whether a rebalancing plan ran meanwhile.
+    let ticket = gateway.connections.ticket();
     let opened = match open_backend(gateway, head, &offer, peer, tls).await {
         Ok(opened) => opened,
         Err(refusal) => return Decision::Refuse(refusal),
@@ -126,6 +128,8 @@ pub async fn decide(
                 backend: backend_url.as_str().into(),
                 sticky: Arc::new(sticky.clone()),
             },
+            ticket,
+            || gateway.is_superseded(),
         )),
         _ => None,
     };

@@ -35,7 +35,7 @@ pub mod registry;
 
 use crate::gateway::{CurrentGateway, Gateway};
 use crate::metrics::RouteLabel;
-pub use registry::{ConnectionRegistry, Member, Registration, Room};
+pub use registry::{ConnectionRegistry, Member, Registration, Room, Ticket};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -124,23 +124,43 @@ impl Rebalancer {
             } else {
                 None
             };
+            let registry = &now.gateway.connections;
             if let Some(cause) = cause {
-                plan(&self.current, &now.gateway, cause);
+                registry.begin_plan();
+                plan(&self.current, &now.gateway, cause, registry.rooms());
+            }
+            // Connections whose handshake was under way during an earlier plan.
+            let late: Vec<_> = registry
+                .take_late()
+                .into_iter()
+                .map(|room| {
+                    let members = registry.members(&room);
+                    (room, members)
+                })
+                .collect();
+            if !late.is_empty() {
+                plan(&self.current, &now.gateway, "late registrations", late);
             }
             last = now;
         }
     }
 }
 
-/// Finds the keys whose connections are misplaced in `gateway` and schedules their moves.
-fn plan(current: &Arc<CurrentGateway>, gateway: &Gateway, cause: &str) {
+/// Finds the keys of `rooms` whose connections are misplaced in `gateway` and schedules
+/// their moves.
+fn plan(
+    current: &Arc<CurrentGateway>,
+    gateway: &Gateway,
+    cause: &str,
+    rooms: Vec<(Room, Vec<Member>)>,
+) {
     let settings = gateway.config.rebalance;
     if !settings.enabled || *gateway.drain.borrow() {
         return;
     }
     let mut schedule = Vec::new();
     let mut connections = 0;
-    for (room, members) in gateway.connections.rooms() {
+    for (room, members) in rooms {
         let moving = members
             .iter()
             .filter(|member| misplaced(gateway, &room, member))

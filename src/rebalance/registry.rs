@@ -9,12 +9,16 @@
 //! - no map guard escapes a method: every method is synchronous and returns owned values, so
 //!   no shard lock is ever held across an `.await`;
 //! - a connection is signalled at most once; the signal is a stored permit, so a signal sent
-//!   before its relay starts waiting is not lost.
+//!   before its relay starts waiting is not lost;
+//! - a connection whose backend was picked before a plan's scan but registered after it
+//!   (its handshake was under way) is not missed: its room is queued as *late* when a plan
+//!   started since its [`Ticket`] was taken, or its configuration generation was replaced,
+//!   and the rebalancer plans late rooms at its next look.
 
 use crate::config::StickyKey;
 use dashmap::DashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::Notify;
 
 /// A room: the connections of one sticky key on one route.
@@ -45,6 +49,16 @@ struct Entry {
 pub struct ConnectionRegistry {
     rooms: DashMap<Room, Vec<Entry>>,
     next_id: AtomicU64,
+    /// Plans started so far (see [`Ticket`]).
+    plans: AtomicU64,
+    /// Rooms of connections that may have registered after a plan scanned the rooms.
+    late: Mutex<Vec<Room>>,
+}
+
+/// Taken before a connection's backend is picked, handed to [`ConnectionRegistry::register`].
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    plans: u64,
 }
 
 /// A connection's place in the registry; dropping it removes the connection.
@@ -76,8 +90,28 @@ impl ConnectionRegistry {
         Self::default()
     }
 
-    /// Lists a connection of `room` on `member.backend`.
-    pub fn register(self: &Arc<Self>, room: Room, member: Member) -> Registration {
+    /// A ticket for a connection about to pick its backend.
+    pub fn ticket(&self) -> Ticket {
+        Ticket {
+            plans: self.plans.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Marks the start of a plan, before it scans the rooms.
+    pub fn begin_plan(&self) {
+        self.plans.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Lists a connection of `room` on `member.backend`. `superseded` says, once it is
+    /// listed, whether the configuration generation that picked its backend has been
+    /// replaced; then, or when a plan started since `ticket`, the room is queued as late.
+    pub fn register(
+        self: &Arc<Self>,
+        room: Room,
+        member: Member,
+        ticket: Ticket,
+        superseded: impl FnOnce() -> bool,
+    ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let signal = Arc::new(Notify::new());
         self.rooms.entry(room.clone()).or_default().push(Entry {
@@ -86,6 +120,15 @@ impl ConnectionRegistry {
             signal: Arc::clone(&signal),
             signalled: false,
         });
+        // After the insert: a plan that scans from now on sees this connection; one that
+        // began before has moved the counter, and one about to begin after a reload follows
+        // the generation switch, which `superseded` sees.
+        if self.plans.load(Ordering::SeqCst) != ticket.plans || superseded() {
+            self.late
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(room.clone());
+        }
         Registration {
             registry: Arc::clone(self),
             room,
@@ -101,6 +144,26 @@ impl ConnectionRegistry {
             entries.retain(|entry| entry.id != id);
             entries.is_empty()
         });
+    }
+
+    /// The rooms queued as late since the last call, each once.
+    pub fn take_late(&self) -> Vec<Room> {
+        let mut late =
+            std::mem::take(&mut *self.late.lock().unwrap_or_else(PoisonError::into_inner));
+        late.sort_by(|a, b| (&a.route, &a.key).cmp(&(&b.route, &b.key)));
+        late.dedup();
+        late
+    }
+
+    /// The connections of `room` not yet signalled.
+    pub fn members(&self, room: &Room) -> Vec<Member> {
+        self.rooms.get(room).map_or_else(Vec::new, |entries| {
+            entries
+                .iter()
+                .filter(|entry| !entry.signalled)
+                .map(|entry| entry.member.clone())
+                .collect()
+        })
     }
 
     /// Every room with its connections not yet signalled.
@@ -167,9 +230,11 @@ mod tests {
     #[tokio::test]
     async fn registrations_list_signal_once_and_leave_on_drop() {
         let registry = Arc::new(ConnectionRegistry::new());
-        let a1 = registry.register(room("a"), member("ws://x"));
-        let a2 = registry.register(room("a"), member("ws://y"));
-        let b = registry.register(room("b"), member("ws://x"));
+        let t = registry.ticket();
+        let a1 = registry.register(room("a"), member("ws://x"), t, || false);
+        let a2 = registry.register(room("a"), member("ws://y"), t, || false);
+        let b = registry.register(room("b"), member("ws://x"), t, || false);
+        assert!(registry.take_late().is_empty());
         assert_eq!(registry.len(), 3);
         let rooms = registry.rooms();
         assert_eq!(rooms.len(), 2);
@@ -200,5 +265,20 @@ mod tests {
         drop(b);
         assert!(registry.is_empty());
         assert_eq!(registry.signal_misplaced(&room("b"), on_x), 0);
+    }
+
+    #[test]
+    fn registrations_racing_a_plan_are_queued_as_late() {
+        let registry = Arc::new(ConnectionRegistry::new());
+        let before = registry.ticket();
+        registry.begin_plan();
+        let _c = registry.register(room("c"), member("ws://x"), before, || false);
+        let _d = registry.register(room("c"), member("ws://x"), before, || false);
+        let _e = registry.register(room("e"), member("ws://x"), registry.ticket(), || true);
+        let _f = registry.register(room("f"), member("ws://x"), registry.ticket(), || false);
+        assert_eq!(registry.take_late(), [room("c"), room("e")]);
+        assert!(registry.take_late().is_empty(), "each late room once");
+        assert_eq!(registry.members(&room("c")).len(), 2);
+        assert!(registry.members(&room("zz")).is_empty());
     }
 }
