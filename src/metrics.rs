@@ -7,13 +7,19 @@
 //! never from client input, so the number of series stays bounded.
 //!
 //! Per-message counters are taken once per connection (`RelayCounters`) and bumped with a
-//! relaxed atomic add: no label lookup and no lock on the frame path.
+//! relaxed atomic add: no label lookup and no lock on the frame path. They are kept per route
+//! *and backend* ([`Flows`]), so the dashboard can show each backend's traffic, and summed per
+//! route at scrape time for `wsgate_messages_total` and `wsgate_payload_bytes_total`, whose
+//! series stay per route and direction.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteBackend {
@@ -89,8 +95,8 @@ pub struct Metrics {
     pub connections_opened: Family<RouteBackend, Counter>,
     pub connections_closed: Family<Closed, Counter>,
     pub handshake_failures: Family<Reason, Counter>,
-    pub messages: Family<Flow, Counter>,
-    pub bytes: Family<Flow, Counter>,
+    /// Messages and payload bytes per route, backend and direction.
+    pub flows: Arc<Flows>,
     pub backend_healthy: Family<UpstreamBackend, Gauge>,
     pub config_reloads: Family<Outcome, Counter>,
     pub http_requests: Family<HttpRequest, Counter>,
@@ -114,8 +120,7 @@ impl Metrics {
             connections_opened: Family::default(),
             connections_closed: Family::default(),
             handshake_failures: Family::default(),
-            messages: Family::default(),
-            bytes: Family::default(),
+            flows: Arc::default(),
             backend_healthy: Family::default(),
             config_reloads: Family::default(),
             http_requests: Family::default(),
@@ -145,16 +150,8 @@ impl Metrics {
             "Upgrades refused before a 101, by reason",
             metrics.handshake_failures.clone(),
         );
-        registry.register(
-            "messages",
-            "WebSocket messages relayed, per route and direction",
-            metrics.messages.clone(),
-        );
-        registry.register(
-            "payload_bytes",
-            "WebSocket payload bytes relayed, per route and direction",
-            metrics.bytes.clone(),
-        );
+        // `messages` and `payload_bytes`, summed over backends at each scrape.
+        registry.register_collector(Box::new(Arc::clone(&metrics.flows)));
         registry.register(
             "backend_healthy",
             "1 while a backend is considered healthy, 0 while it is skipped",
@@ -204,30 +201,9 @@ impl Metrics {
         out
     }
 
-    /// The per-message counters of one connection.
-    pub fn relay_counters(&self, route: &str) -> RelayCounters {
-        let flow = |direction: &str| Flow {
-            route: route.to_owned(),
-            direction: direction.to_owned(),
-        };
-        // One statement per family: `get_or_create` returns a read guard, and a second call on
-        // the same family in the same expression would wait for a write lock behind it.
-        let client_messages = self
-            .messages
-            .get_or_create(&flow(CLIENT_TO_BACKEND))
-            .clone();
-        let backend_messages = self
-            .messages
-            .get_or_create(&flow(BACKEND_TO_CLIENT))
-            .clone();
-        let client_bytes = self.bytes.get_or_create(&flow(CLIENT_TO_BACKEND)).clone();
-        let backend_bytes = self.bytes.get_or_create(&flow(BACKEND_TO_CLIENT)).clone();
-        RelayCounters {
-            client_messages,
-            client_bytes,
-            backend_messages,
-            backend_bytes,
-        }
+    /// The per-message counters of one connection on `route` to `backend`.
+    pub fn relay_counters(&self, route: &str, backend: &str) -> RelayCounters {
+        self.flows.counters(route, backend)
     }
 
     pub fn handshake_failed(&self, reason: &str) {
@@ -241,6 +217,150 @@ impl Metrics {
 
 pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
 pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
+
+/// Message and payload byte counters per route and backend, both directions. A handful of
+/// series per backend, looked up once per connection; the frame path only bumps the handles.
+#[derive(Debug, Default)]
+pub struct Flows {
+    counters: RwLock<HashMap<RouteBackend, RelayCounters>>,
+}
+
+impl Flows {
+    /// The counters of `route` to `backend`, created at zero the first time.
+    pub fn counters(&self, route: &str, backend: &str) -> RelayCounters {
+        let key = RouteBackend {
+            route: route.to_owned(),
+            backend: backend.to_owned(),
+        };
+        if let Some(counters) = self
+            .counters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return counters.clone();
+        }
+        self.counters
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    /// Totals so far of `route` to `backend`, `None` before its first connection.
+    pub fn totals(&self, route: &str, backend: &str) -> Option<FlowTotals> {
+        let key = RouteBackend {
+            route: route.to_owned(),
+            backend: backend.to_owned(),
+        };
+        let counters = self.counters.read().unwrap_or_else(PoisonError::into_inner);
+        counters.get(&key).map(FlowTotals::of)
+    }
+
+    /// Totals of `route` over every backend it ever used.
+    pub fn route_totals(&self, route: &str) -> FlowTotals {
+        let counters = self.counters.read().unwrap_or_else(PoisonError::into_inner);
+        let mut totals = FlowTotals::default();
+        for (key, counters) in counters.iter() {
+            if key.route == route {
+                totals.add(FlowTotals::of(counters));
+            }
+        }
+        totals
+    }
+
+    /// Totals per route, over every backend it ever used.
+    fn per_route(&self) -> Vec<(String, FlowTotals)> {
+        let counters = self.counters.read().unwrap_or_else(PoisonError::into_inner);
+        let mut routes: HashMap<&str, FlowTotals> = HashMap::new();
+        for (key, counters) in counters.iter() {
+            routes
+                .entry(&key.route)
+                .or_default()
+                .add(FlowTotals::of(counters));
+        }
+        let mut routes: Vec<(String, FlowTotals)> = routes
+            .into_iter()
+            .map(|(route, totals)| (route.to_owned(), totals))
+            .collect();
+        routes.sort_by(|a, b| a.0.cmp(&b.0));
+        routes
+    }
+}
+
+/// Counter values at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowTotals {
+    pub client_messages: u64,
+    pub client_bytes: u64,
+    pub backend_messages: u64,
+    pub backend_bytes: u64,
+}
+
+impl FlowTotals {
+    fn of(counters: &RelayCounters) -> Self {
+        Self {
+            client_messages: counters.client_messages.get(),
+            client_bytes: counters.client_bytes.get(),
+            backend_messages: counters.backend_messages.get(),
+            backend_bytes: counters.backend_bytes.get(),
+        }
+    }
+
+    pub fn add(&mut self, other: FlowTotals) {
+        self.client_messages += other.client_messages;
+        self.client_bytes += other.client_bytes;
+        self.backend_messages += other.backend_messages;
+        self.backend_bytes += other.backend_bytes;
+    }
+}
+
+impl Collector for Flows {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let messages: Family<Flow, Counter> = Family::default();
+        let bytes: Family<Flow, Counter> = Family::default();
+        for (route, totals) in self.per_route() {
+            let flow = |direction: &str| Flow {
+                route: route.clone(),
+                direction: direction.to_owned(),
+            };
+            let pairs = [
+                (
+                    CLIENT_TO_BACKEND,
+                    totals.client_messages,
+                    totals.client_bytes,
+                ),
+                (
+                    BACKEND_TO_CLIENT,
+                    totals.backend_messages,
+                    totals.backend_bytes,
+                ),
+            ];
+            for (direction, message_count, byte_count) in pairs {
+                messages
+                    .get_or_create(&flow(direction))
+                    .inc_by(message_count);
+                bytes.get_or_create(&flow(direction)).inc_by(byte_count);
+            }
+        }
+        let help = "WebSocket messages relayed, per route and direction";
+        messages.encode(encoder.encode_descriptor(
+            "messages",
+            help,
+            None,
+            messages.metric_type(),
+        )?)?;
+        let help = "WebSocket payload bytes relayed, per route and direction";
+        bytes.encode(encoder.encode_descriptor(
+            "payload_bytes",
+            help,
+            None,
+            bytes.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
 
 /// Handles on one route's message and byte counters, held by a relay for its lifetime.
 #[derive(Debug, Clone, Default)]
@@ -258,14 +378,18 @@ mod tests {
     #[test]
     fn exposition_names_carry_the_prefix_and_labels() {
         let metrics = Metrics::new();
-        let counters = metrics.relay_counters("rooms");
+        let counters = metrics.relay_counters("rooms", "ws://a");
+        metrics
+            .relay_counters("rooms", "ws://b")
+            .client_messages
+            .inc_by(2);
         counters.client_messages.inc();
         counters.client_bytes.inc_by(5);
         metrics.handshake_failed("bad_key");
         let text = metrics.encode();
         assert!(
             text.contains(
-                r#"wsgate_messages_total{route="rooms",direction="client_to_backend"} 1"#
+                r#"wsgate_messages_total{route="rooms",direction="client_to_backend"} 3"#
             ),
             "{text}"
         );
@@ -277,5 +401,8 @@ mod tests {
         );
         assert!(text.contains(r#"wsgate_handshake_failures_total{reason="bad_key"} 1"#));
         assert!(text.ends_with("# EOF\n"));
+        let totals = metrics.flows.totals("rooms", "ws://a").unwrap();
+        assert_eq!((totals.client_messages, totals.client_bytes), (1, 5));
+        assert_eq!(metrics.flows.totals("rooms", "ws://c"), None);
     }
 }

@@ -114,6 +114,7 @@ async fn dashboard_in_chromium_shows_live_traffic_health_and_errors() {
         && Number(document.querySelector('tr[data-route="app"]:not(.sub) .msgs-in')?.textContent) > 0
         && Number(document.querySelector('tr[data-route="app"]:not(.sub) .msgs-out')?.textContent) > 0
         && document.querySelectorAll('#backends .health.up').length === 2
+        && [...document.querySelectorAll('#routes tr.sub[data-route="app"] .msgs-in')].every(c => Number(c.textContent) > 0)
         && document.querySelector('#errors li[data-kind="handshake"]') !== null
     "#;
     browser.wait_until(ready, Duration::from_secs(30)).await;
@@ -223,10 +224,25 @@ async fn snapshots_arrive_at_most_once_per_second_with_the_documented_fields() {
         route["backends"][0]["backend"],
         format!("ws://{}", backend.addr)
     );
+    let per_backend = &route["backends"][0];
+    assert_eq!(per_backend["active"], 2);
+    assert!(
+        per_backend["messages_per_s"]["client_to_backend"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(
+        per_backend["bytes_per_s"]["backend_to_client"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     let backend_stats = &last["upstreams"][0]["backends"][0];
     assert_eq!(backend_stats["healthy"], true);
     assert_eq!(backend_stats["state"], "up");
     assert_eq!(backend_stats["active"], 2);
+    assert!(backend_stats["messages_per_s"].as_f64().unwrap() > 0.0);
     let error = &last["errors"][0];
     assert_eq!(error["kind"], "handshake");
     assert!(error["at_ms"].as_u64().unwrap() > 0);

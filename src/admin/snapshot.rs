@@ -3,16 +3,18 @@
 //!
 //! Invariants:
 //! - only counters and gauges that already exist are read (no new work on the frame path):
-//!   connections per route and backend, messages and payload bytes per route and direction,
-//!   the balancers' health bits and the recent-errors ring;
+//!   connections, messages and payload bytes per route, backend and direction, the
+//!   balancers' health bits and the recent-errors ring;
 //! - a rate is `(value now - value at the previous sample) / seconds between them`; a series
 //!   seen for the first time, or a previous sample older than [`MAX_RATE_GAP`], reports 0
 //!   rather than an average over a long unwatched stretch;
 //! - the routes and backends listed are those of the configuration generation sampled; the
-//!   counters behind them are shared by every generation, so a reload does not reset them.
+//!   counters behind them are shared by every generation, so a reload does not reset them; a
+//!   route's message rates count every backend it used, listed or not (one removed by a
+//!   reload may still hold connections).
 
 use crate::gateway::Gateway;
-use crate::metrics::{BACKEND_TO_CLIENT, CLIENT_TO_BACKEND, Flow, RouteBackend};
+use crate::metrics::{FlowTotals, RouteBackend};
 use crate::recent_errors::ErrorEntry;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -62,6 +64,8 @@ pub struct RouteBackendStats {
     pub backend: String,
     pub active: i64,
     pub opened_per_s: f64,
+    pub messages_per_s: Directions,
+    pub bytes_per_s: Directions,
 }
 
 #[derive(Debug, Serialize)]
@@ -81,6 +85,8 @@ pub struct BackendStats {
     /// Connections open to it over every route using its upstream.
     pub active: i64,
     pub opened_per_s: f64,
+    /// Both directions, over every route using its upstream.
+    pub messages_per_s: f64,
     pub last_change: Option<Change>,
 }
 
@@ -131,7 +137,8 @@ impl Sampler {
             seconds: interval.map_or(0.0, |gap| gap.as_secs_f64()),
         };
         let metrics = &gateway.metrics;
-        let mut backend_totals: HashMap<&str, (i64, f64)> = HashMap::new();
+        // Per backend URL: connections, opened/s, messages/s, over every route.
+        let mut backend_totals: HashMap<&str, (i64, f64, f64)> = HashMap::new();
         let mut routes = Vec::with_capacity(gateway.config.routes.len());
         for route in &gateway.config.routes {
             let upstream = &gateway.upstreams[route.upstream];
@@ -149,38 +156,27 @@ impl Sampler {
                     .connections_opened
                     .get(&labels)
                     .map_or(0, |counter| counter.get());
-                let opened_per_s =
-                    rates.rate(format!("opened\0{}\0{}", route.name, backend.url), opened);
+                let series = format!("{}\0{}", route.name, backend.url);
+                let opened_per_s = rates.rate(format!("opened\0{series}"), opened);
+                let flows = metrics
+                    .flows
+                    .totals(&route.name, &backend.url)
+                    .unwrap_or_default();
+                let (messages_per_s, bytes_per_s) = rates.flows(&series, flows);
                 let total = backend_totals.entry(&backend.url).or_default();
                 total.0 += active;
                 total.1 += opened_per_s;
+                total.2 += messages_per_s.client_to_backend + messages_per_s.backend_to_client;
                 backends.push(RouteBackendStats {
                     backend: backend.url.clone(),
                     active,
                     opened_per_s,
+                    messages_per_s,
+                    bytes_per_s,
                 });
             }
-            let mut flow = |family: &str, direction: &str| {
-                let labels = Flow {
-                    route: route.name.clone(),
-                    direction: direction.to_owned(),
-                };
-                let source = if family == "messages" {
-                    &metrics.messages
-                } else {
-                    &metrics.bytes
-                };
-                let value = source.get(&labels).map_or(0, |counter| counter.get());
-                rates.rate(format!("{family}\0{}\0{direction}", route.name), value)
-            };
-            let messages_per_s = Directions {
-                client_to_backend: flow("messages", CLIENT_TO_BACKEND),
-                backend_to_client: flow("messages", BACKEND_TO_CLIENT),
-            };
-            let bytes_per_s = Directions {
-                client_to_backend: flow("bytes", CLIENT_TO_BACKEND),
-                backend_to_client: flow("bytes", BACKEND_TO_CLIENT),
-            };
+            let flows = metrics.flows.route_totals(&route.name);
+            let (messages_per_s, bytes_per_s) = rates.flows(&route.name, flows);
             routes.push(RouteStats {
                 name: route.name.clone(),
                 upstream: upstream.name.clone(),
@@ -201,7 +197,7 @@ impl Sampler {
                     .iter()
                     .enumerate()
                     .map(|(index, backend)| {
-                        let (active, opened_per_s) = backend_totals
+                        let (active, opened_per_s, messages_per_s) = backend_totals
                             .get(backend.url.as_str())
                             .copied()
                             .unwrap_or_default();
@@ -219,6 +215,7 @@ impl Sampler {
                             state: state.to_owned(),
                             active,
                             opened_per_s,
+                            messages_per_s: (messages_per_s * 100.0).round() / 100.0,
                             last_change: balancer.last_change(index).map(|(at, why)| Change {
                                 at_ms: unix_ms(at),
                                 why,
@@ -260,6 +257,19 @@ struct Rates {
 }
 
 impl Rates {
+    /// Message and byte rates of one series of flows, `series` naming it.
+    fn flows(&mut self, series: &str, totals: FlowTotals) -> (Directions, Directions) {
+        let messages = Directions {
+            client_to_backend: self.rate(format!("cm\0{series}"), totals.client_messages),
+            backend_to_client: self.rate(format!("bm\0{series}"), totals.backend_messages),
+        };
+        let bytes = Directions {
+            client_to_backend: self.rate(format!("cb\0{series}"), totals.client_bytes),
+            backend_to_client: self.rate(format!("bb\0{series}"), totals.backend_bytes),
+        };
+        (messages, bytes)
+    }
+
     fn rate(&mut self, key: String, value: u64) -> f64 {
         let rate = match self.previous.get(&key) {
             Some(&before) if self.seconds > 0.0 => {
@@ -310,7 +320,9 @@ mod tests {
         assert_eq!(first.interval_s, 0.0);
         assert_eq!(first.routes[0].messages_per_s.client_to_backend, 0.0);
 
-        let counters = gateway.metrics.relay_counters("chat");
+        let counters = gateway
+            .metrics
+            .relay_counters("chat", "ws://127.0.0.1:9002");
         counters.client_messages.inc_by(30);
         counters.backend_bytes.inc_by(1000);
         let labels = RouteBackend {
@@ -344,6 +356,11 @@ mod tests {
             (false, "down")
         );
         assert_eq!((backends[1].active, backends[1].opened_per_s), (3, 2.0));
+        assert_eq!(backends[1].messages_per_s, 15.0);
+        let per_backend = &route.backends[1];
+        assert_eq!(per_backend.messages_per_s.client_to_backend, 15.0);
+        assert_eq!(per_backend.bytes_per_s.backend_to_client, 500.0);
+        assert_eq!(route.backends[0].messages_per_s.client_to_backend, 0.0);
         assert_eq!(second.errors[0].kind, "backend_connect");
 
         // Nothing new: rates fall back to zero. After a long gap: zero, not an average.

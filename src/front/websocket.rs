@@ -220,11 +220,12 @@ impl Acceptance {
     /// `client_early` are bytes the client sent after its request head.
     pub async fn relay(self, client: Stream, client_early: &[u8], started: Instant) {
         let (client_decoder, backend_decoder) = self.decoders;
+        let route = &self.log.gateway.route(self.log.route).name;
         let counters = self
             .log
             .gateway
             .metrics
-            .relay_counters(&self.log.gateway.route(self.log.route).name);
+            .relay_counters(route, &self.log.backend);
         let relay = Relay::new(
             HopStart {
                 stream: client,
