@@ -239,6 +239,13 @@ async fn reload_under_load_moves_only_keys_whose_owner_changed_and_loses_no_mess
             }
         }
     }
+    let echoes: usize = outcomes.iter().map(|o| o.echoes.len()).sum();
+    let first = first_closes.iter().min().map(|at| *at - reloaded_at);
+    let last = first_closes.iter().max().map(|at| *at - reloaded_at);
+    eprintln!(
+        "{} of {ROOMS} rooms moved; their closes {first:?}..{last:?} after the reload; {echoes} echoes verified",
+        moved_rooms.len()
+    );
     // Spread over the window, not all at once (several uniform instants in 3 s).
     if first_closes.len() >= 4 {
         let spread = *first_closes.iter().max().unwrap() - *first_closes.iter().min().unwrap();
