@@ -862,3 +862,56 @@ async fn the_event_stream_delivers_events_and_resumes_from_last_event_id() {
     );
     assert!(seen.contains("id: 3\n"), "{seen}");
 }
+
+#[tokio::test]
+async fn sessions_whose_room_moves_on_a_reload_are_closed_with_1012_and_the_others_keep_working() {
+    let a = echo_backend("a").await;
+    let b = echo_backend("b").await;
+    let yaml = |backends: &[SocketAddr]| {
+        let mut yaml = simple_config(backends, "sticky:\n  query: room\n");
+        yaml.push_str("rebalance:\n  window: 1s\nsessions:\n  poll_timeout: 2s\n");
+        wsgate::config::from_yaml_str(&yaml, "test.yaml").unwrap()
+    };
+    let server = wsgate::server::Server::bind(yaml(&[a.addr])).await.unwrap();
+    let addr = server.local_addrs()[0];
+    let reloader = server.reloader();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let mut pollers = Vec::new();
+    for room in 0..12 {
+        let mut poller = Poller::open(addr, &format!("/?room=r{room}")).await;
+        poller.send(&["whoami"]).await;
+        assert_eq!(texts(&poller.receive(1).await), ["a"]);
+        pollers.push(poller);
+    }
+    reloader.reload(yaml(&[a.addr, b.addr])).unwrap();
+
+    let mut moved = 0;
+    for (room, poller) in pollers.iter_mut().enumerate() {
+        // Where the room lives now: ask through a new session.
+        let mut probe = Poller::open(addr, &format!("/?room=r{room}")).await;
+        probe.send(&["whoami"]).await;
+        let owner = texts(&probe.receive(1).await).remove(0);
+        if owner == "b" {
+            let events = poller.receive(1).await;
+            assert_eq!(
+                events[0]["close"],
+                json!({ "code": 1012, "reason": "backend changed, reconnect" }),
+                "room r{room} moved to b"
+            );
+            moved += 1;
+        } else {
+            // Untouched: still open, still on a, nothing lost.
+            poller.send(&["still here"]).await;
+            assert_eq!(
+                texts(&poller.receive(1).await),
+                ["still here"],
+                "room r{room}"
+            );
+        }
+    }
+    assert!(moved > 0, "with two backends some of 12 rooms move");
+}

@@ -13,8 +13,9 @@ use super::registry::{Registry, Reservation};
 use super::socket::{MessageReader, MessageWriter, ReadError, Received};
 use super::state::{Outgoing, Presence, Session};
 use crate::gateway::RouteSlot;
-use crate::metrics::{Metrics, RouteBackend, RouteLabel, SessionEnd};
+use crate::metrics::{Metrics, RelayCounters, RouteBackend, RouteLabel, SessionEnd};
 use crate::proto::CloseCode;
+use crate::rebalance::Registration;
 use crate::routing::ConnectionSlot;
 use prometheus_client::metrics::gauge::Gauge;
 use std::sync::Arc;
@@ -35,6 +36,12 @@ pub struct BackendTask {
     pub registry: Arc<Registry>,
     pub drain: watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
+    /// The route's message and byte counters, shared with its relayed connections.
+    pub counters: RelayCounters,
+    /// This session's messages, for its access-log line.
+    pub tally: Tally,
+    /// The session's place in its room, for rebalancing (sticky routes only).
+    pub registration: Option<Registration>,
     pub backend_url: String,
     pub ping_interval: Option<Duration>,
     pub pong_timeout: Duration,
@@ -46,6 +53,12 @@ pub struct BackendTask {
     pub _reservation: Reservation,
 }
 
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub to_backend: u64,
+    pub from_backend: u64,
+}
+
 /// How the backend connection ended, for metrics and the log.
 #[derive(Debug, Clone, Copy)]
 enum Ending {
@@ -55,6 +68,7 @@ enum Ending {
     Expired,
     Overflow,
     RateExceeded,
+    Moved,
     Shutdown,
 }
 
@@ -67,8 +81,17 @@ impl Ending {
             Self::Expired => "expired",
             Self::Overflow => "overflow",
             Self::RateExceeded => "message_rate",
+            Self::Moved => "moved",
             Self::Shutdown => "shutdown",
         }
+    }
+}
+
+/// Completes when the session's room moved to another backend (never without a registration).
+async fn moved(registration: Option<&Registration>) {
+    match registration {
+        Some(registration) => registration.moved().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -104,12 +127,18 @@ impl BackendTask {
             route = %self.session.route,
             backend = %self.backend_url,
             duration_ms = started.elapsed().as_millis() as u64,
+            client_messages = self.tally.to_backend,
+            backend_messages = self.tally.from_backend,
             ending = ending.label(),
             "session backend closed"
         );
         if matches!(
             ending,
-            Ending::BackendClosed | Ending::BackendLost | Ending::RateExceeded | Ending::Shutdown
+            Ending::BackendClosed
+                | Ending::BackendLost
+                | Ending::RateExceeded
+                | Ending::Moved
+                | Ending::Shutdown
         ) {
             self.await_collection().await;
         }
@@ -143,6 +172,17 @@ impl BackendTask {
             }
             let full = self.session.is_full();
             tokio::select! {
+                () = moved(self.registration.as_ref()) => {
+                    // As for a relayed connection: 1012 to the client (which reconnects, to
+                    // the room's new owner), 1001 to the backend.
+                    let close = Close {
+                        code: CloseCode::SERVICE_RESTART.0,
+                        reason: "backend changed, reconnect".to_owned(),
+                    };
+                    self.end_both(CloseCode::GOING_AWAY, "client moved to another backend", close)
+                        .await;
+                    return Ending::Moved;
+                }
                 changed = self.drain.changed() => {
                     draining = changed.is_err() || *self.drain.borrow();
                 }
@@ -151,6 +191,9 @@ impl BackendTask {
                     ping_sent = None;
                     match received {
                         Ok(Received::Message(message)) => {
+                            self.counters.backend_messages.inc();
+                            self.tally.from_backend += 1;
+                            self.counters.backend_bytes.inc_by(message.len() as u64);
                             self.session.push(Event::Message(message));
                         }
                         Ok(Received::Ping(payload)) => {
@@ -190,6 +233,9 @@ impl BackendTask {
                         if self.writer.send(&message, None).await.is_err() {
                             return self.lost("backend connection lost");
                         }
+                        self.counters.client_messages.inc();
+                        self.tally.to_backend += 1;
+                        self.counters.client_bytes.inc_by(message.len() as u64);
                     }
                     Some(Outgoing::Close(close)) => {
                         self.forget();

@@ -2,7 +2,7 @@
 //! route, sticky key, subprotocol offer, origin check, limits), then the session is registered
 //! and its backend task started.
 
-use super::backend::BackendTask;
+use super::backend::{BackendTask, Tally};
 use super::id::SessionId;
 use super::socket;
 use super::state::{Limits, Session, Timing};
@@ -10,6 +10,7 @@ use crate::admit::{BackendOffer, OpenedBackend, open_backend};
 use crate::gateway::Gateway;
 use crate::proto::handshake::RequestHead;
 use crate::proto::{DecoderConfig, Role};
+use crate::rebalance::{Member, Room};
 use crate::upstream::Refusal;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,15 +61,34 @@ pub async fn open(
         // The gateway assembles session messages itself and does not inflate.
         extensions: None,
     };
+    // Before the pick: lets the rebalancing registry tell whether a plan ran meanwhile.
+    let ticket = gateway.connections.ticket();
     let OpenedBackend {
         upgraded,
         set_cookie,
-        sticky_key: _,
+        sticky_key,
         backend_url,
         route_slot,
         backend_slot,
     } = open_backend(gateway, spec.head, &offer, peer, tls).await?;
     let route = gateway.route(spec.route);
+    // A session is a connection of its room like any other: when the room's owner changes,
+    // it moves too (the client hears 1012 and opens a new session, on the new owner).
+    let registration = match (sticky_key, &route.sticky) {
+        (Some(key), Some(sticky)) => Some(gateway.connections.register(
+            Room {
+                route: route.name.as_str().into(),
+                key: key.into(),
+            },
+            Member {
+                backend: backend_url.as_str().into(),
+                sticky: Arc::new(sticky.clone()),
+            },
+            ticket,
+            || gateway.is_superseded(),
+        )),
+        _ => None,
+    };
     let (to_backend, outgoing) = mpsc::channel(OUTGOING_QUEUE);
     let session = Arc::new(Session::new(
         SessionId::generate(&settings.instance),
@@ -107,6 +127,9 @@ pub async fn open(
         registry: Arc::clone(&gateway.sessions),
         drain: gateway.drain.subscribe(),
         metrics: Arc::clone(&gateway.metrics),
+        counters: gateway.metrics.relay_counters(&route.name, &backend_url),
+        tally: Tally::default(),
+        registration,
         backend_url,
         ping_interval: route.timeouts.ping_interval,
         pong_timeout: route.timeouts.pong_timeout,
