@@ -7,7 +7,8 @@
 use crate::config::Route;
 use crate::front::forwarded::ForwardedHeaders;
 use crate::gateway::{Gateway, RouteSlot};
-use crate::proto::handshake::RequestHead;
+use crate::proto::handshake::{self, RequestHead};
+use crate::rebalance::{Member, Registration, Room, Ticket};
 use crate::recent_errors::ErrorKind;
 use crate::routing::{ConnectionSlot, RequestParts};
 use crate::upstream::{self, Refusal, UpstreamError, UpstreamRequest};
@@ -147,4 +148,43 @@ pub fn origin_allowed(route: &Route, origin: Option<&str>) -> bool {
             .iter()
             .any(|allowed| allowed.eq_ignore_ascii_case(origin.trim_end_matches('/')))
     })
+}
+
+/// Lists a connection (or session) routed by a sticky key in its room, so that rebalancing can
+/// move it when the key's owner changes; `None` for connections routed otherwise. `ticket` was
+/// taken before the backend was picked.
+pub fn register_in_room(
+    gateway: &Gateway,
+    route: usize,
+    sticky_key: Option<String>,
+    backend_url: &str,
+    ticket: Ticket,
+) -> Option<Registration> {
+    let route = gateway.route(route);
+    let (key, sticky) = (sticky_key?, route.sticky.as_ref()?);
+    Some(gateway.connections.register(
+        Room {
+            route: route.name.as_str().into(),
+            key: key.into(),
+        },
+        Member {
+            backend: backend_url.into(),
+            sticky: Arc::new(sticky.clone()),
+        },
+        ticket,
+        || gateway.is_superseded(),
+    ))
+}
+
+/// The 101 answer to a client whose backend (or session) accepted.
+pub fn switching_protocols(
+    accept: &str,
+    protocol: Option<&str>,
+    extensions: Option<&str>,
+    set_cookie: Option<&str>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    let extra: Vec<(&str, &str)> = set_cookie.iter().map(|v| ("Set-Cookie", *v)).collect();
+    handshake::server::write_switching_protocols(&mut out, accept, protocol, extensions, &extra);
+    out
 }

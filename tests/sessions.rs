@@ -258,12 +258,15 @@ async fn a_poll_cut_mid_flight_loses_nothing() {
     assert_eq!(texts(&poller.receive(2).await), ["while", "away"]);
 }
 
-#[tokio::test]
-async fn the_backend_close_reaches_the_client_and_the_client_close_reaches_the_backend() {
-    // A backend that closes with 4001 "bye" when told to.
+/// What a backend received as close frames: code and reason, `None` for an empty one.
+type Closes = tokio::sync::mpsc::UnboundedReceiver<Option<(u16, String)>>;
+
+/// A tokio-tungstenite backend that reports every close frame it receives, and closes with
+/// 4001 "bye" when a client says "close me".
+async fn recording_backend() -> (SocketAddr, Closes) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
@@ -289,6 +292,12 @@ async fn the_backend_close_reaches_the_client_and_the_client_close_reaches_the_b
             });
         }
     });
+    (addr, closed_rx)
+}
+
+#[tokio::test]
+async fn the_backend_close_reaches_the_client_and_the_client_close_reaches_the_backend() {
+    let (addr, mut closed_rx) = recording_backend().await;
     let gateway = start_gateway(&simple_config(&[addr], "")).await;
     let mut poller = Poller::open(gateway.addr, "/").await;
     poller.send(&["close me"]).await;
@@ -337,18 +346,7 @@ async fn the_backend_close_reaches_the_client_and_the_client_close_reaches_the_b
 
 #[tokio::test]
 async fn an_abandoned_session_expires_and_the_backend_gets_1001() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-        while let Some(Ok(message)) = ws.next().await {
-            if let Message::Close(frame) = message {
-                let _ = closed_tx.send(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
-            }
-        }
-    });
+    let (addr, mut closed_rx) = recording_backend().await;
     let yaml = format!("{}sessions:\n  timeout: 2s\n", simple_config(&[addr], ""));
     let gateway = start_gateway(&yaml).await;
     let poller = Poller::open(gateway.addr, "/").await;
@@ -730,18 +728,7 @@ async fn a_session_websocket_detached_with_4100_can_be_resumed() {
 
 #[tokio::test]
 async fn a_session_websocket_client_that_falls_silent_is_detached_and_its_session_expires() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-        while let Some(Ok(message)) = ws.next().await {
-            if let Message::Close(frame) = message {
-                let _ = closed_tx.send(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
-            }
-        }
-    });
+    let (addr, mut closed_rx) = recording_backend().await;
     let yaml = format!(
         "{}sessions:\n  timeout: 2s\n",
         simple_config(

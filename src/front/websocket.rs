@@ -6,13 +6,15 @@
 //! first request is the upgrade) and the hyper path (an upgrade later on a keep-alive HTTP
 //! connection) share it.
 
-use crate::admit::{BackendOffer, OpenedBackend, open_backend};
+use crate::admit::{
+    BackendOffer, OpenedBackend, open_backend, register_in_room, switching_protocols,
+};
 use crate::config::Compression;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{Closed, RouteBackend};
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{CloseCode, DecoderConfig, FrameDecoder, Role};
-use crate::rebalance::{Member, Registration, Room};
+use crate::rebalance::Registration;
 use crate::recent_errors::ErrorKind;
 use crate::relay::{HopStart, Relay, RelayReport, RelaySettings, Stop};
 use crate::routing::ConnectionSlot;
@@ -118,21 +120,7 @@ pub async fn decide(
         backend_slot,
     } = opened;
     // Listed while it lives, so that it can be moved when its key's owner changes.
-    let registration = match (sticky_key, &route.sticky) {
-        (Some(key), Some(sticky)) => Some(gateway.connections.register(
-            Room {
-                route: route.name.as_str().into(),
-                key: key.into(),
-            },
-            Member {
-                backend: backend_url.as_str().into(),
-                sticky: Arc::new(sticky.clone()),
-            },
-            ticket,
-            || gateway.is_superseded(),
-        )),
-        _ => None,
-    };
+    let registration = register_in_room(gateway, route_index, sticky_key, &backend_url, ticket);
 
     let labels = RouteBackend {
         route: route.name.clone(),
@@ -200,20 +188,12 @@ pub async fn decide(
 impl Acceptance {
     /// The 101 response head for the client.
     pub fn response_head(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        let extra: Vec<(&str, &str)> = self
-            .set_cookie
-            .iter()
-            .map(|v| ("Set-Cookie", v.as_str()))
-            .collect();
-        handshake::server::write_switching_protocols(
-            &mut out,
+        switching_protocols(
             &self.accept,
             self.protocol.as_deref(),
             self.extensions.as_deref(),
-            &extra,
-        );
-        out
+            self.set_cookie.as_deref(),
+        )
     }
 
     /// Relays until both sides have closed, then writes the access log line.

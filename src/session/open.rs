@@ -6,11 +6,10 @@ use super::backend::{BackendTask, Tally};
 use super::id::SessionId;
 use super::socket;
 use super::state::{Limits, Session, Timing};
-use crate::admit::{BackendOffer, OpenedBackend, open_backend};
+use crate::admit::{BackendOffer, OpenedBackend, open_backend, register_in_room};
 use crate::gateway::Gateway;
 use crate::proto::handshake::RequestHead;
 use crate::proto::{DecoderConfig, Role};
-use crate::rebalance::{Member, Room};
 use crate::upstream::Refusal;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,21 +73,7 @@ pub async fn open(
     let route = gateway.route(spec.route);
     // A session is a connection of its room like any other: when the room's owner changes,
     // it moves too (the client hears 1012 and opens a new session, on the new owner).
-    let registration = match (sticky_key, &route.sticky) {
-        (Some(key), Some(sticky)) => Some(gateway.connections.register(
-            Room {
-                route: route.name.as_str().into(),
-                key: key.into(),
-            },
-            Member {
-                backend: backend_url.as_str().into(),
-                sticky: Arc::new(sticky.clone()),
-            },
-            ticket,
-            || gateway.is_superseded(),
-        )),
-        _ => None,
-    };
+    let registration = register_in_room(gateway, spec.route, sticky_key, &backend_url, ticket);
     let (to_backend, outgoing) = mpsc::channel(OUTGOING_QUEUE);
     let session = Arc::new(Session::new(
         SessionId::generate(&settings.instance),

@@ -20,6 +20,7 @@ use super::protocol::{
 };
 use super::socket::{self, MessageWriter, ReadError, Received};
 use super::state::{DeliverError, Session};
+use crate::admit::switching_protocols;
 use crate::gateway::Gateway;
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{CloseCode, DecoderConfig, Role};
@@ -145,20 +146,12 @@ pub async fn decide(
 
 impl SessionSocket {
     pub fn response_head(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        let extra: Vec<(&str, &str)> = self
-            .set_cookie
-            .iter()
-            .map(|v| ("Set-Cookie", v.as_str()))
-            .collect();
-        handshake::server::write_switching_protocols(
-            &mut out,
+        switching_protocols(
             &self.accept,
             self.protocol.as_deref(),
             None,
-            &extra,
-        );
-        out
+            self.set_cookie.as_deref(),
+        )
     }
 
     /// Serves the session over `stream` until either side closes or the connection drops.
@@ -283,37 +276,19 @@ impl SessionSocket {
                             match serde_json::from_str::<Control>(&json) {
                                 Ok(Control::Ack { received }) => {
                                     if session.ack(received).is_err() {
-                                        let mut writer = writer.lock().await;
-                                        let _ = writer
-                                            .close(
-                                                CloseCode::POLICY_VIOLATION,
-                                                "acknowledged more than was sent",
-                                            )
-                                            .await;
-                                        return;
+                                        let why = "acknowledged more than was sent";
+                                        return policy_close(&writer, why).await;
                                     }
                                 }
                                 _ => {
-                                    let mut writer = writer.lock().await;
-                                    let _ = writer
-                                        .close(
-                                            CloseCode::POLICY_VIOLATION,
-                                            "unknown session control message",
-                                        )
-                                        .await;
-                                    return;
+                                    let why = "unknown session control message";
+                                    return policy_close(&writer, why).await;
                                 }
                             }
                         }
                         _ => {
-                            let mut writer = writer.lock().await;
-                            let _ = writer
-                                .close(
-                                    CloseCode::POLICY_VIOLATION,
-                                    "session messages start with 'd' or 'c'",
-                                )
-                                .await;
-                            return;
+                            let why = "session messages start with 'd' or 'c'";
+                            return policy_close(&writer, why).await;
                         }
                     },
                     Ok(Received::Ping(payload)) => {
@@ -428,6 +403,15 @@ fn split_tag(message: Message) -> Option<(u8, Message)> {
             Some((tag, Message::Binary(bytes)))
         }
     }
+}
+
+/// Ends the connection (not the session) over a malformed session message.
+async fn policy_close(writer: &Mutex<MessageWriter>, reason: &str) {
+    let _ = writer
+        .lock()
+        .await
+        .close(CloseCode::POLICY_VIOLATION, reason)
+        .await;
 }
 
 async fn send_control(writer: &Mutex<MessageWriter>, control: &Control) -> std::io::Result<()> {
