@@ -118,6 +118,13 @@ impl Poller {
         events
     }
 
+    /// POSTs `body` to the session operation `op`; the status and JSON answer.
+    async fn post(&self, op: &str, body: Value) -> (u16, Value) {
+        let (status, _, answer) =
+            http(self.addr, "POST", &self.target(op, 0), Some(body), &[]).await;
+        (status, answer)
+    }
+
     async fn send(&mut self, texts: &[&str]) -> (u16, Value) {
         let messages: Vec<Value> = texts.iter().map(|t| json!({ "text": t })).collect();
         let batch = json!({ "seq": self.next_seq, "messages": messages });
@@ -168,14 +175,7 @@ async fn long_polling_relays_text_and_binary_both_ways_in_order() {
 
     let binary = base64::engine::general_purpose::STANDARD.encode([0u8, 1, 2, 255]);
     let batch = json!({ "seq": 4, "messages": [{ "binary": binary }] });
-    let (status, _, _) = http(
-        gateway.addr,
-        "POST",
-        &poller.target("send", 0),
-        Some(batch),
-        &[],
-    )
-    .await;
+    let (status, _) = poller.post("send", batch).await;
     assert_eq!(status, 200);
     let events = poller.receive(1).await;
     assert_eq!(events[0]["binary"].as_str(), Some(binary.as_str()));
@@ -312,14 +312,7 @@ async fn the_backend_close_reaches_the_client_and_the_client_close_reaches_the_b
 
     let other = Poller::open(gateway.addr, "/").await;
     let close = json!({ "code": 4000, "reason": "leaving" });
-    let (status, _, _) = http(
-        gateway.addr,
-        "POST",
-        &other.target("close", 0),
-        Some(close),
-        &[],
-    )
-    .await;
+    let (status, _) = other.post("close", close).await;
     assert_eq!(status, 200);
     // The first session's backend reports its own close (4001) first.
     let seen = loop {
@@ -333,14 +326,7 @@ async fn the_backend_close_reaches_the_client_and_the_client_close_reaches_the_b
     assert_eq!(seen, Some(Some((4000, "leaving".to_owned()))));
     let bad = json!({ "code": 1006 });
     let third = Poller::open(gateway.addr, "/").await;
-    let (status, _, body) = http(
-        gateway.addr,
-        "POST",
-        &third.target("close", 0),
-        Some(bad),
-        &[],
-    )
-    .await;
+    let (status, body) = third.post("close", bad).await;
     assert_eq!(status, 400, "{body}");
 }
 

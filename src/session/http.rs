@@ -272,17 +272,7 @@ fn events(session: &Arc<Session>, ack: u64, request: &Request<Incoming>) -> Resp
             }
         }
     });
-    let mut response = Response::new(ChannelBody(receiver).boxed());
-    let headers = response.headers_mut();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(
-        hyper::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-store"),
-    );
-    response
+    uncached(200, ChannelBody(receiver).boxed(), "text/event-stream")
 }
 
 async fn send(session: &Session, request: Request<Incoming>) -> Response<Body> {
@@ -406,13 +396,18 @@ fn allow_origin(route: &crate::config::Route, origin: Option<&str>, response: &m
 
 fn json<T: serde::Serialize>(status: u16, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = Response::new(full(body));
+    uncached(status, full(body), "application/json")
+}
+
+/// Session answers are never cached: each reflects the session at that moment.
+fn uncached(status: u16, body: Body, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(body);
     *response.status_mut() =
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
     headers.insert(
         hyper::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
+        HeaderValue::from_static(content_type),
     );
     headers.insert(
         hyper::header::CACHE_CONTROL,
