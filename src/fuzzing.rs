@@ -757,3 +757,42 @@ fn error_round_trip(error: &HandshakeError) {
         .expect("our error response is complete");
     assert_eq!(parsed.status, error.status());
 }
+
+/// Target `session`: the session protocol's parsers on untrusted input.
+///
+/// Input: a selector byte, then a query string (parameters parsed; the query the backend would
+/// see must carry none of them) or a JSON body (send batch, open and close bodies decoded).
+pub fn session(data: &[u8]) {
+    use crate::session::protocol::{
+        Close, OpenRequest, PARAM_ACK, PARAM_OP, PARAM_SID, SendBatch, parse_query,
+    };
+    let mut input = Input::new(data);
+    let selector = input.byte();
+    let rest = input.rest();
+    if selector % 2 == 0 {
+        let Ok(query) = std::str::from_utf8(rest) else {
+            return;
+        };
+        if let Ok(Some(parsed)) = parse_query(Some(query)) {
+            let left = parsed.rest.as_deref().unwrap_or("");
+            for pair in left.split('&') {
+                let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+                assert!(
+                    ![PARAM_OP, PARAM_SID, PARAM_ACK].contains(&name),
+                    "{name} reached the backend's query: {left:?}"
+                );
+            }
+            assert_eq!(parse_query(parsed.rest.as_deref()), Ok(None));
+            assert!(parsed.ack <= crate::session::protocol::MAX_SEQ);
+        }
+    } else {
+        if let Ok(batch) = serde_json::from_slice::<SendBatch>(rest)
+            && let Ok((seq, messages, _)) = batch.decode()
+        {
+            assert!(seq >= 1);
+            let _ = messages.len();
+        }
+        let _ = serde_json::from_slice::<OpenRequest>(rest);
+        let _ = serde_json::from_slice::<Close>(rest);
+    }
+}
