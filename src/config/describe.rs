@@ -162,6 +162,21 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
     } else {
         writeln!(out, "  rebalance: off")?;
     }
+    let sessions = &config.sessions;
+    if sessions.enabled {
+        writeln!(
+            out,
+            "  sessions: instance {}, poll_timeout {}, timeout {}, buffer {}, max_sessions {}, max_batch {}",
+            sessions.instance,
+            format_duration(sessions.poll_timeout),
+            format_duration(sessions.timeout),
+            format_size(sessions.buffer),
+            sessions.max_sessions,
+            format_size(sessions.max_batch)
+        )?;
+    } else {
+        writeln!(out, "  sessions: off")?;
+    }
     match &config.admin {
         Some(admin) => writeln!(out, "admin: {}", admin.address),
         None => writeln!(out, "admin: none"),
