@@ -178,13 +178,17 @@ pub async fn accept_loop(
             limits.max_connections_per_ip,
         );
         let tls = bound.tls.clone();
+        // The task lives as long as the connection, and its future is sized for its largest
+        // state: the TLS handshake and the refusal are boxed so an idle WebSocket's task
+        // carries only the relay.
         tokio::spawn(async move {
             let handshake_timeout = gateway.config.timeouts.handshake;
             let deadline = tokio::time::Instant::now() + handshake_timeout;
             let mut stream = match tls {
                 None => Stream::Plain(tcp),
                 Some(acceptor) => {
-                    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    let accept = tokio::time::timeout_at(deadline, acceptor.accept(tcp));
+                    match Box::pin(accept).await {
                         Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
                         Ok(Err(error)) => {
                             tracing::debug!(client = %peer, "TLS handshake failed: {error}");
@@ -206,7 +210,13 @@ pub async fn accept_loop(
                 OverLimit::PerIp => ("per_ip_limit", "too many connections from this address"),
             };
             gateway.metrics.handshake_failed(label);
-            front::refuse(&mut stream, 503, reason, &[("Retry-After", "1")]).await;
+            Box::pin(front::refuse(
+                &mut stream,
+                503,
+                reason,
+                &[("Retry-After", "1")],
+            ))
+            .await;
         });
     }
 }

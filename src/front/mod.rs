@@ -48,13 +48,14 @@ pub async fn serve(gateway: Arc<Gateway>, mut stream: Stream, peer: SocketAddr, 
     let started = Instant::now();
     let tls = stream.is_tls();
     // Boxed so that the head buffer and header table are freed before the long relay phase:
-    // an idle WebSocket's task then holds only the relay's small state.
+    // an idle WebSocket's task then holds only the relay's small state. The other long phases
+    // are boxed for the same reason: this future is sized for its largest state.
     let next = Box::pin(first_request(&gateway, &mut stream, peer, tls, deadline)).await;
     match next {
         Next::Done => {}
         Next::Relay(acceptance, early) => acceptance.relay(stream, &early, started).await,
-        Next::Session(socket, early) => socket.serve(stream, &early).await,
-        Next::Http(prefix) => http::serve(gateway, stream, peer, tls, prefix).await,
+        Next::Session(socket, early) => Box::pin(socket.serve(stream, &early)).await,
+        Next::Http(prefix) => Box::pin(http::serve(gateway, stream, peer, tls, prefix)).await,
     }
 }
 

@@ -21,6 +21,7 @@ use crate::routing::ConnectionSlot;
 use crate::stream::Stream;
 use crate::upstream::Refusal;
 use prometheus_client::metrics::gauge::Gauge;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,14 +199,26 @@ impl Acceptance {
 
     /// Relays until both sides have closed, then writes the access log line.
     /// `client_early` are bytes the client sent after its request head.
-    pub async fn relay(self, client: Stream, client_early: &[u8], started: Instant) {
-        let (client_decoder, backend_decoder) = self.decoders;
-        let route = &self.log.gateway.route(self.log.route).name;
-        let counters = self
-            .log
-            .gateway
-            .metrics
-            .relay_counters(route, &self.log.backend);
+    ///
+    /// Everything the relay does not need is dropped before it starts (the handshake's
+    /// strings, the backend's early bytes): the returned future is what an idle connection
+    /// costs, so it holds only the relay and the access-log context.
+    pub fn relay(
+        self,
+        client: Stream,
+        client_early: &[u8],
+        started: Instant,
+    ) -> impl Future<Output = ()> + use<> {
+        let Acceptance {
+            backend,
+            backend_early,
+            decoders: (client_decoder, backend_decoder),
+            settings,
+            mut log,
+            ..
+        } = self;
+        let route = &log.gateway.route(log.route).name;
+        let counters = log.gateway.metrics.relay_counters(route, &log.backend);
         let relay = Relay::new(
             HopStart {
                 stream: client,
@@ -213,19 +226,21 @@ impl Acceptance {
                 early: client_early,
             },
             HopStart {
-                stream: self.backend,
+                stream: backend,
                 decoder: backend_decoder,
-                early: &self.backend_early,
+                early: &backend_early,
             },
-            self.settings,
+            settings,
             counters,
         );
-        drop(self.backend_early);
-        let mut drain = self.log.gateway.drain.subscribe();
-        let registration = self.log.registration.as_ref();
+        drop(backend_early);
+        let mut drain = log.gateway.drain.subscribe();
+        // The stop future owns the registration: the connection leaves the rebalancing
+        // registry when the relay stops listening for moves (at its end, or once told to stop).
+        let registration = log.registration.take();
         let stop = async move {
             let moved = async {
-                match registration {
+                match &registration {
                     Some(registration) => registration.moved().await,
                     None => std::future::pending().await,
                 }
@@ -236,8 +251,7 @@ impl Acceptance {
                 () = moved => Stop::Moved,
             }
         };
-        let report = relay.run(stop).await;
-        self.log.write(&report, started.elapsed());
+        relay.run(stop, move |report| log.write(&report, started.elapsed()))
     }
 }
 

@@ -156,28 +156,41 @@ impl Relay {
         }
     }
 
-    /// Relays until both hops are closed. When `stop` completes, the gateway ends the
-    /// connection as the [`Stop`] says and the relay finishes the closing handshakes.
-    pub async fn run(mut self, stop: impl Future<Output = Stop>) -> RelayReport {
-        let timer = tokio::time::sleep(Duration::from_secs(3600));
-        tokio::pin!(timer);
-        let stopped = tokio::select! {
-            () = poll_fn(|cx| self.poll_relay(cx, timer.as_mut())) => None,
-            stop = stop => Some(stop),
-        };
-        if let Some(stop) = stopped {
-            let now = Instant::now();
-            match stop {
-                Stop::Shutdown => self.gateway_close("gateway shutting down", now),
-                Stop::Moved => self.gateway_close_with(
-                    (CloseCode::SERVICE_RESTART, "backend changed, reconnect"),
-                    (CloseCode::GOING_AWAY, "client moved to another backend"),
-                    now,
-                ),
+    /// Relays until both hops are closed, then hands the report to `finish`. When `stop`
+    /// completes, the gateway ends the connection as the [`Stop`] says and the relay finishes
+    /// the closing handshakes.
+    ///
+    /// An idle connection's memory is mostly this future, so it is an `async move` block
+    /// rather than an `async fn` (whose arguments rustc stores twice: as arguments and as the
+    /// bindings the body uses), and `finish` runs inside it instead of in an outer future that
+    /// would hold a second copy of the relay while awaiting this one.
+    #[allow(clippy::manual_async_fn)] // deliberately not an async fn: see above
+    pub fn run<R>(
+        mut self,
+        stop: impl Future<Output = Stop>,
+        finish: impl FnOnce(RelayReport) -> R,
+    ) -> impl Future<Output = R> {
+        async move {
+            let timer = tokio::time::sleep(Duration::from_secs(3600));
+            tokio::pin!(timer);
+            let stopped = tokio::select! {
+                () = poll_fn(|cx| self.poll_relay(cx, timer.as_mut())) => None,
+                stop = stop => Some(stop),
+            };
+            if let Some(stop) = stopped {
+                let now = Instant::now();
+                match stop {
+                    Stop::Shutdown => self.gateway_close("gateway shutting down", now),
+                    Stop::Moved => self.gateway_close_with(
+                        (CloseCode::SERVICE_RESTART, "backend changed, reconnect"),
+                        (CloseCode::GOING_AWAY, "client moved to another backend"),
+                        now,
+                    ),
+                }
+                poll_fn(|cx| self.poll_relay(cx, timer.as_mut())).await;
             }
-            poll_fn(|cx| self.poll_relay(cx, timer.as_mut())).await;
+            finish(self.report())
         }
-        self.report()
     }
 
     fn report(&self) -> RelayReport {
