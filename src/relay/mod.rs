@@ -527,6 +527,8 @@ fn decode(
 ) -> bool {
     let remask_towards_backend = src.side == Side::Client;
     let mut consumed_any = false;
+    // The shared route counters are atomics: added to once per batch, not once per frame.
+    let (mut bytes_seen, mut messages_seen) = (0u64, 0u64);
     loop {
         let (parsed, filled) = (src.buf.parsed, src.buf.filled);
         if parsed == filled && src.decoder.is_between_frames() {
@@ -577,13 +579,9 @@ fn decode(
                 src.buf.parsed += consumed;
             }
             Item::Payload(piece) => {
-                src.bytes_in += piece.len as u64;
-                src.bytes_counter.inc_by(piece.len as u64);
+                bytes_seen += piece.len as u64;
                 *last_data = now;
-                if piece.message_end {
-                    src.messages_in += 1;
-                    src.messages_counter.inc();
-                }
+                messages_seen += u64::from(piece.message_end);
                 if src.swallowing_frame {
                     src.swallowing_frame = !piece.frame_end;
                     src.buf.remove_at_parsed(piece.len);
@@ -612,6 +610,12 @@ fn decode(
                 }
             }
         }
+    }
+    if bytes_seen > 0 || messages_seen > 0 {
+        src.bytes_in += bytes_seen;
+        src.messages_in += messages_seen;
+        src.bytes_counter.inc_by(bytes_seen);
+        src.messages_counter.inc_by(messages_seen);
     }
     src.buf.release_if_empty();
     consumed_any
