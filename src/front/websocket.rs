@@ -238,7 +238,7 @@ impl Acceptance {
         // The stop future owns the registration: the connection leaves the rebalancing
         // registry when the relay stops listening for moves (at its end, or once told to stop).
         let registration = log.registration.take();
-        let stop = async move {
+        let stop = move || async move {
             let moved = async {
                 match &registration {
                     Some(registration) => registration.moved().await,

@@ -156,18 +156,20 @@ impl Relay {
         }
     }
 
-    /// Relays until both hops are closed, then hands the report to `finish`. When `stop`
-    /// completes, the gateway ends the connection as the [`Stop`] says and the relay finishes
-    /// the closing handshakes.
+    /// Relays until both hops are closed, then hands the report to `finish`. When the future
+    /// `stop` makes completes, the gateway ends the connection as the [`Stop`] says and the
+    /// relay finishes the closing handshakes.
     ///
-    /// An idle connection's memory is mostly this future, so it is an `async move` block
-    /// rather than an `async fn` (whose arguments rustc stores twice: as arguments and as the
-    /// bindings the body uses), and `finish` runs inside it instead of in an outer future that
-    /// would hold a second copy of the relay while awaiting this one.
+    /// An idle connection's memory is mostly this future, so nothing in it is stored twice:
+    /// it is an `async move` block rather than an `async fn` (whose arguments rustc stores
+    /// both as arguments and as the bindings the body uses); `stop` is a closure, so its future
+    /// is made where it is polled instead of being moved there from a captured copy; and
+    /// `finish` runs inside, instead of in an outer future that would hold a second copy of
+    /// the relay while awaiting this one.
     #[allow(clippy::manual_async_fn)] // deliberately not an async fn: see above
-    pub fn run<R>(
+    pub fn run<S: Future<Output = Stop>, R>(
         mut self,
-        stop: impl Future<Output = Stop>,
+        stop: impl FnOnce() -> S,
         finish: impl FnOnce(RelayReport) -> R,
     ) -> impl Future<Output = R> {
         async move {
@@ -175,7 +177,7 @@ impl Relay {
             tokio::pin!(timer);
             let stopped = tokio::select! {
                 () = poll_fn(|cx| self.poll_relay(cx, timer.as_mut())) => None,
-                stop = stop => Some(stop),
+                stop = stop() => Some(stop),
             };
             if let Some(stop) = stopped {
                 let now = Instant::now();
