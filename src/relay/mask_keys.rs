@@ -23,25 +23,29 @@ thread_local! {
 
 /// A fresh masking key.
 pub fn next_mask_key() -> MaskKey {
+    MaskKey(take())
+}
+
+/// 16 random bytes for a `Sec-WebSocket-Key` or an identifier, from the same batches as the
+/// masking keys (a getrandom call per handshake was one of its 25 syscalls).
+pub fn random_16() -> [u8; 16] {
+    take()
+}
+
+/// The next `N` unused bytes of this thread's batch; no byte is handed out twice.
+fn take<const N: usize>() -> [u8; N] {
     KEYS.with(|keys| {
         let mut keys = keys.borrow_mut();
-        if keys.used + 4 > BATCH {
+        if keys.used + N > BATCH {
             refill(&mut keys.bytes);
             keys.used = 0;
         }
         let at = keys.used;
-        keys.used += 4;
-        let mut key = [0u8; 4];
-        key.copy_from_slice(&keys.bytes[at..at + 4]);
-        MaskKey(key)
+        keys.used += N;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&keys.bytes[at..at + N]);
+        out
     })
-}
-
-/// 16 random bytes for a `Sec-WebSocket-Key` or an identifier.
-pub fn random_16() -> [u8; 16] {
-    let mut bytes = [0u8; 16];
-    refill(&mut bytes);
-    bytes
 }
 
 fn refill(bytes: &mut [u8]) {
