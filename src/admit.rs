@@ -5,7 +5,7 @@
 //! the health bookkeeping of its outcome.
 
 use crate::config::Route;
-use crate::front::forwarded::ForwardedHeaders;
+use crate::forwarded::ForwardedHeaders;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::proto::handshake::{self, RequestHead};
 use crate::rebalance::{Member, Registration, Room, Ticket};

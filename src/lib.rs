@@ -4,20 +4,21 @@
 //! `ARCHITECTURE.md` for the byte flow):
 //! - pure, no I/O: [`proto`] (RFC 6455 codec and handshakes), [`config`] (YAML → typed,
 //!   validated), [`routing`] (route table, sticky keys, consistent hashing, balancing),
-//!   [`limits`] (token buckets);
+//!   [`limits`] (token buckets), [`forwarded`] (the headers a request carries to its backend);
 //! - runtime: [`stream`], [`tls`], [`upstream`] (backend connect + client handshake),
 //!   [`relay`] (the frame pump), [`metrics`] (counters for the admin listener),
 //!   [`recent_errors`] (the dashboard's ring of recent failures);
 //! - wiring: [`gateway`] (compiled config), [`admit`] (origin, limits, sticky pick, backend
-//!   handshake), [`front`] (one client connection up to the relay, or plain HTTP), [`session`]
-//!   (long-polling and resumable sessions), [`health`] (active and passive backend checks), [`rebalance`] (moving
-//!   connections whose sticky key changed backend),
-//!   [`admin`] (metrics, health endpoints and the live dashboard), [`listener`] (accept),
-//!   [`server`] (the whole process);
+//!   handshake), [`front`] (one client connection up to the relay, or plain HTTP),
+//!   [`session`] (long-polling and resumable sessions), [`health`] (active and passive backend
+//!   checks), [`rebalance`] (moving connections whose sticky key changed backend), [`admin`]
+//!   (metrics, health endpoints and the live dashboard), [`listener`] (accept), [`server`] (the
+//!   whole process);
 //! - beside the gateway: [`demo`], the chat-room backend the demo runs behind it, built on
 //!   fastwebsockets rather than on [`proto`].
 
 pub mod config;
+pub mod forwarded;
 pub mod limits;
 pub mod proto;
 pub mod routing;

@@ -6,8 +6,8 @@
 //! connection goes through [`super::websocket::decide`] and the relay like any other.
 
 use super::body::Tracked;
-use super::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
 use super::websocket::{self, Acceptance, Decision};
+use crate::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
 use crate::gateway::Gateway;
 use crate::metrics::HttpRequest;
 use crate::proto::handshake::{self, RequestHead};

@@ -8,7 +8,6 @@
 //! by a close for something known before the 101.
 
 mod body;
-pub mod forwarded;
 mod http;
 mod respond;
 mod websocket;
