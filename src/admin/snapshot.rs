@@ -36,7 +36,7 @@ pub struct Snapshot {
     pub draining: bool,
     pub routes: Vec<RouteStats>,
     pub upstreams: Vec<UpstreamStats>,
-    /// Newest first, at most [`ERRORS_SHOWN`].
+    /// Newest first, at most `ERRORS_SHOWN`.
     pub errors: Vec<ErrorView>,
     /// Errors recorded since the process started.
     pub errors_total: u64,

@@ -1,7 +1,7 @@
 //! One client connection. The first request head is read here, bounded in time and size. If
-//! it is a WebSocket upgrade, the gateway takes the connection itself: [`websocket::decide`],
+//! it is a WebSocket upgrade, the gateway takes the connection itself: `websocket::decide`,
 //! then the relay on the raw socket. Anything else is plain HTTP, handed to hyper
-//! ([`http`]), which proxies it, and any later request on the connection, with the same
+//! (`http`), which proxies it, and any later request on the connection, with the same
 //! routing and sticky choice.
 //!
 //! Every refusal is an HTTP status with a one-line reason; a client never sees a 101 followed
