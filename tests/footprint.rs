@@ -10,8 +10,8 @@ use wsgate::gateway::Gateway;
 use wsgate::stream::Stream;
 
 /// The connection future measured when this test was written: 1,864 bytes in a debug build,
-/// 1,832 in release (Rust 1.95). The bound
-/// leaves room for small changes but not for a second copy of a stream or a buffer.
+/// 1,832 in release (Rust 1.95). The bound leaves room for small changes, not for a second
+/// copy of a stream or a buffer.
 const MAX_CONNECTION_FUTURE: usize = 2048;
 
 #[tokio::test]
