@@ -7,7 +7,7 @@ use super::id::redact;
 use super::open::{Lookup, OpenSpec, find, open};
 use super::protocol::{
     Close, ErrorBody, Event, Op, OpenRequest, Opened, PollAnswer, SendBatch, SessionQuery,
-    WireEvent, backend_target, sse_record,
+    backend_target, sse_record,
 };
 use super::state::{DeliverError, Session};
 use crate::admit::origin_allowed;
@@ -190,32 +190,27 @@ async fn poll(gateway: &Gateway, session: &Arc<Session>, ack: u64) -> Response<B
         let changed = session.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let events = session.events_since(ack, session.timing.max_batch);
-        if !events.is_empty() {
-            return answer(&events);
+        let mut answer = PollAnswer::new();
+        session.visit_since(ack, session.timing.max_batch, |seq, event| {
+            answer.push(seq, event);
+        });
+        if !answer.is_empty() {
+            return answered(answer);
         }
         if !session.is_current(&attachment) {
             return error(409, "superseded by a newer request of this session");
         }
         tokio::select! {
             () = changed => {}
-            () = tokio::time::sleep_until(deadline) => return answer(&[]),
+            () = tokio::time::sleep_until(deadline) => return answered(PollAnswer::new()),
             // On shutdown the backend task pushes a close; until then, keep waiting.
             _ = drain.changed() => {}
         }
     }
 }
 
-fn answer(events: &[(u64, Event)]) -> Response<Body> {
-    json(
-        200,
-        &PollAnswer {
-            events: events
-                .iter()
-                .map(|(seq, event)| WireEvent::new(*seq, event))
-                .collect(),
-        },
-    )
+fn answered(answer: PollAnswer) -> Response<Body> {
+    uncached(200, full(answer.finish()), "application/json")
 }
 
 /// A Server-Sent Events stream of the session's events after `ack` (or `Last-Event-ID`).
@@ -247,17 +242,20 @@ fn events(session: &Arc<Session>, ack: u64, request: &Request<Incoming>) -> Resp
             let changed = session.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let events = session.events_since(cursor, session.timing.max_batch);
-            for (seq, event) in &events {
-                if !emit(Bytes::from(sse_record(*seq, event))).await {
+            // Encoded in one chunk while the buffer is locked; sent after.
+            let (mut chunk, mut last, mut closed) = (String::new(), cursor, false);
+            session.visit_since(cursor, session.timing.max_batch, |seq, event| {
+                if !closed {
+                    chunk.push_str(&sse_record(seq, event));
+                    last = seq;
+                    closed = matches!(event, Event::Close(_));
+                }
+            });
+            if last != cursor {
+                if !emit(Bytes::from(chunk)).await || closed {
                     return;
                 }
-                cursor = *seq;
-                if matches!(event, Event::Close(_)) {
-                    return;
-                }
-            }
-            if !events.is_empty() {
+                cursor = last;
                 continue;
             }
             if !session.is_current(&attachment) {

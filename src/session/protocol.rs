@@ -206,20 +206,21 @@ impl Event {
 }
 
 /// One event as JSON: `{"seq":N,"text":...}`, `{"seq":N,"binary":"<base64>"}` or
-/// `{"seq":N,"close":{"code":C,"reason":R}}`.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct WireEvent {
+/// `{"seq":N,"close":{"code":C,"reason":R}}`. Borrows the buffered event: an answer is written
+/// while the session's buffer is locked, without copying the events out first.
+#[derive(Debug, Serialize)]
+pub struct WireEvent<'a> {
     pub seq: u64,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub text: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub binary: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub close: Option<Close>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close: Option<&'a Close>,
 }
 
-impl WireEvent {
-    pub fn new(seq: u64, event: &Event) -> Self {
+impl<'a> WireEvent<'a> {
+    pub fn new(seq: u64, event: &'a Event) -> Self {
         let mut wire = Self {
             seq,
             text: None,
@@ -227,18 +228,52 @@ impl WireEvent {
             close: None,
         };
         match event {
-            Event::Message(Message::Text(text)) => wire.text = Some(text.clone()),
+            Event::Message(Message::Text(text)) => wire.text = Some(text),
             Event::Message(Message::Binary(bytes)) => wire.binary = Some(BASE64.encode(bytes)),
-            Event::Close(close) => wire.close = Some(close.clone()),
+            Event::Close(close) => wire.close = Some(close),
         }
         wire
     }
 }
 
-/// A poll answer.
-#[derive(Debug, Serialize, Deserialize)]
+/// Writes a poll answer, `{"events":[...]}`, one event at a time.
+#[derive(Debug)]
 pub struct PollAnswer {
-    pub events: Vec<WireEvent>,
+    json: Vec<u8>,
+    empty: bool,
+}
+
+impl PollAnswer {
+    pub fn new() -> Self {
+        Self {
+            json: b"{\"events\":[".to_vec(),
+            empty: true,
+        }
+    }
+
+    pub fn push(&mut self, seq: u64, event: &Event) {
+        if !self.empty {
+            self.json.push(b',');
+        }
+        self.empty = false;
+        // Serialising plain strings and numbers into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.json, &WireEvent::new(seq, event));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.empty
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.json.extend_from_slice(b"]}");
+        self.json
+    }
+}
+
+impl Default for PollAnswer {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A client message in a send batch: exactly one of `text` and `binary` (base64).
@@ -395,7 +430,7 @@ mod tests {
     }
 
     #[test]
-    fn events_round_trip_through_json() {
+    fn poll_answers_carry_every_event_kind_as_json() {
         let events = [
             Event::Message(Message::Text("line\nbreak \u{e9}".into())),
             Event::Message(Message::Binary(vec![0, 255, 7])),
@@ -404,18 +439,22 @@ mod tests {
                 reason: "bye".into(),
             }),
         ];
+        let mut answer = PollAnswer::new();
+        assert!(answer.is_empty());
         for (i, event) in events.iter().enumerate() {
-            let json = serde_json::to_string(&WireEvent::new(i as u64 + 1, event)).unwrap();
-            let back: WireEvent = serde_json::from_str(&json).unwrap();
-            assert_eq!(back.seq, i as u64 + 1);
-            match event {
-                Event::Message(Message::Text(t)) => assert_eq!(back.text.as_ref(), Some(t)),
-                Event::Message(Message::Binary(_)) => {
-                    assert_eq!(back.binary.as_deref(), Some("AP8H"))
-                }
-                Event::Close(c) => assert_eq!(back.close.as_ref(), Some(c)),
-            }
+            answer.push(i as u64 + 1, event);
         }
+        let json: serde_json::Value = serde_json::from_slice(&answer.finish()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"events": [
+                {"seq": 1, "text": "line\nbreak \u{e9}"},
+                {"seq": 2, "binary": "AP8H"},
+                {"seq": 3, "close": {"code": 1000, "reason": "bye"}},
+            ]})
+        );
+        let empty: serde_json::Value = serde_json::from_slice(&PollAnswer::new().finish()).unwrap();
+        assert_eq!(empty, serde_json::json!({"events": []}));
     }
 
     #[test]

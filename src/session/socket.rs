@@ -163,6 +163,29 @@ impl MessageReader {
     }
 }
 
+/// Appends `message` as one frame to `out`, with `tag` (if any) before its payload; masked
+/// with a fresh key when `masked` (the client role).
+pub fn encode_message(out: &mut Vec<u8>, masked: bool, message: &Message, tag: Option<u8>) {
+    let (opcode, payload) = match message {
+        Message::Text(text) => (OpCode::Text, text.as_bytes()),
+        Message::Binary(bytes) => (OpCode::Binary, bytes.as_slice()),
+    };
+    encode_frame(out, masked, opcode, tag, payload);
+}
+
+fn encode_frame(out: &mut Vec<u8>, masked: bool, opcode: OpCode, tag: Option<u8>, payload: &[u8]) {
+    let tag_len = usize::from(tag.is_some());
+    let mask = masked.then(next_mask_key);
+    let header = FrameHeader::new(true, opcode, mask, (payload.len() + tag_len) as u64);
+    out.extend_from_slice(header.encode().as_bytes());
+    let body_at = out.len();
+    out.extend(tag);
+    out.extend_from_slice(payload);
+    if let Some(key) = mask {
+        apply_mask(&mut out[body_at..], key);
+    }
+}
+
 #[derive(Debug)]
 pub struct MessageWriter {
     io: WriteHalf<Stream>,
@@ -192,23 +215,19 @@ impl MessageWriter {
         tag: Option<u8>,
         payload: &[u8],
     ) -> io::Result<()> {
-        let tag_len = usize::from(tag.is_some());
-        let mask = self.masked.then(next_mask_key);
-        let header = FrameHeader::new(true, opcode, mask, (payload.len() + tag_len) as u64);
         self.scratch.clear();
-        self.scratch.extend_from_slice(header.encode().as_bytes());
-        let body_at = self.scratch.len();
-        self.scratch.extend(tag);
-        self.scratch.extend_from_slice(payload);
-        if let Some(key) = mask {
-            apply_mask(&mut self.scratch[body_at..], key);
-        }
+        encode_frame(&mut self.scratch, self.masked, opcode, tag, payload);
         let result = self.io.write_all(&self.scratch).await;
         // A large message's copy is not kept for the life of the session.
         if self.scratch.capacity() > READ_BUFFER {
             self.scratch = Vec::new();
         }
         result
+    }
+
+    /// Writes frames already encoded with [`encode_frame`] (with this writer's masking).
+    pub async fn write_encoded(&mut self, frames: &[u8]) -> io::Result<()> {
+        self.io.write_all(frames).await
     }
 
     pub async fn pong(&mut self, payload: &[u8]) -> io::Result<()> {

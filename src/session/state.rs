@@ -188,14 +188,13 @@ impl Session {
         Ok(())
     }
 
-    /// The events after `after`, cut at about `max_bytes`.
-    pub fn events_since(&self, after: u64, max_bytes: u64) -> Vec<(u64, Event)> {
+    /// Calls `visit` with each event after `after`, cut at about `max_bytes`, while the buffer
+    /// is locked: callers encode the events where they are instead of copying them out.
+    pub fn visit_since(&self, after: u64, max_bytes: u64, mut visit: impl FnMut(u64, &Event)) {
         let state = self.lock();
-        state
-            .down
-            .since(after, max_bytes)
-            .map(|(seq, event)| (seq, event.clone()))
-            .collect()
+        for (seq, event) in state.down.since(after, max_bytes) {
+            visit(seq, event);
+        }
     }
 
     /// Whether the client has acknowledged the final close.

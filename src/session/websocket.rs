@@ -18,7 +18,7 @@ use super::protocol::{
     CLOSE_DETACH, CLOSE_FORBIDDEN, CLOSE_SESSION_GONE, CLOSE_SUPERSEDED, Close, Control, Event,
     Message, Opened, SessionQuery, TAG_CONTROL, TAG_DATA, backend_target,
 };
-use super::socket::{self, MessageWriter, ReadError, Received};
+use super::socket::{self, MessageWriter, ReadError, Received, encode_message};
 use super::state::{DeliverError, Session};
 use crate::admit::switching_protocols;
 use crate::gateway::Gateway;
@@ -216,30 +216,43 @@ impl SessionSocket {
                         .await;
                     return;
                 }
-                let events = session.events_since(sent, WRITE_BATCH);
-                for (seq, event) in &events {
-                    let mut writer = writer.lock().await;
-                    let written = match event {
-                        Event::Message(message) => writer.send(message, Some(TAG_DATA)).await,
-                        Event::Close(close) => {
-                            close_sent.store(true, Ordering::Release);
-                            writer
-                                .close(wire_close_code(close.code), &close.reason)
-                                .await
-                        }
-                    };
-                    if written.is_err() {
+                // Encoded while the buffer is locked, written with one write after: a batch of
+                // small messages costs one system call, and no event is copied out first.
+                let (mut frames, mut last, mut close) = (Vec::new(), sent, None);
+                session.visit_since(sent, WRITE_BATCH, |seq, event| {
+                    if close.is_some() {
                         return;
                     }
-                    sent = *seq;
+                    match event {
+                        Event::Message(message) => {
+                            encode_message(&mut frames, false, message, Some(TAG_DATA));
+                        }
+                        Event::Close(closing) => close = Some(closing.clone()),
+                    }
+                    last = seq;
+                });
+                if !frames.is_empty() && writer.lock().await.write_encoded(&frames).await.is_err() {
+                    return;
                 }
-                if close_sent.load(Ordering::Acquire) {
+                if let Some(close) = close {
+                    close_sent.store(true, Ordering::Release);
+                    let code = wire_close_code(close.code);
+                    if writer
+                        .lock()
+                        .await
+                        .close(code, &close.reason)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
                     // The client's close reply (read by the upstream half) ends the transport;
                     // a client that never replies is let go after the close timeout.
                     tokio::time::sleep(self.keepalive.close).await;
                     return;
                 }
-                if !events.is_empty() {
+                if last != sent {
+                    sent = last;
                     continue;
                 }
                 tokio::select! {
