@@ -12,7 +12,10 @@ use crate::gateway::Gateway;
 use crate::metrics::HttpRequest;
 use crate::proto::handshake::{self, RequestHead};
 use crate::routing::RequestParts;
-use crate::session::{self, websocket::SessionSocket};
+use crate::session::{
+    self,
+    websocket::{SessionSocket, UpgradeKind},
+};
 use crate::stream::{Rewind, Stream};
 use crate::upstream::{self, Refusal};
 use http_body_util::combinators::BoxBody;
@@ -271,24 +274,11 @@ async fn session_upgrade(
     on_upgrade: hyper::upgrade::OnUpgrade,
     pending: &PendingUpgrade,
 ) -> Option<Response<Body>> {
-    if !gateway.config.sessions.enabled {
-        return None;
-    }
-    let query = match session::protocol::parse_query(head.query()) {
-        Ok(Some(query)) => query,
-        Ok(None) => return None,
-        Err(line) => return Some(plain(400, &line)),
+    let (route, query) = match session::websocket::classify(gateway, head) {
+        UpgradeKind::Plain => return None,
+        UpgradeKind::Invalid(line) => return Some(plain(400, &line)),
+        UpgradeKind::Session(route, query) => (route, query),
     };
-    if query.op != session::protocol::Op::Socket {
-        return Some(plain(
-            400,
-            &format!(
-                "the {} session operation is a plain HTTP request, not a WebSocket upgrade",
-                query.op.name()
-            ),
-        ));
-    }
-    let route = gateway.routes.route(head.header("host"), head.path())?;
     let socket = match session::websocket::decide(gateway, route, head, &query, peer, tls).await {
         Ok(socket) => socket,
         Err(refusal) => return Some(refusal_response(refusal)),

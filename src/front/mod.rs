@@ -13,8 +13,11 @@ mod respond;
 mod websocket;
 
 use crate::gateway::Gateway;
-use crate::proto::handshake::{self, HandshakeError, RequestHead};
-use crate::session::{self, protocol::SessionQuery, websocket::SessionSocket};
+use crate::proto::handshake::{self, HandshakeError};
+use crate::session::{
+    self,
+    websocket::{SessionSocket, UpgradeKind},
+};
 use crate::stream::Stream;
 use crate::upstream::Refusal;
 use httparse::EMPTY_HEADER;
@@ -115,13 +118,13 @@ async fn first_request(
     if !head.wants_websocket() {
         return Next::Http(buf);
     }
-    match session_query(gateway, &head) {
-        SessionRoute::None => {}
-        SessionRoute::Invalid(line) => {
+    match session::websocket::classify(gateway, &head) {
+        UpgradeKind::Plain => {}
+        UpgradeKind::Invalid(line) => {
             finish_with(stream, &Refusal::plain(400, &line, &[]).to_bytes()).await;
             return Next::Done;
         }
-        SessionRoute::Socket(route, query) => {
+        UpgradeKind::Session(route, query) => {
             return match session::websocket::decide(gateway, route, &head, &query, peer, tls).await
             {
                 Err(refusal) => {
@@ -148,38 +151,6 @@ async fn first_request(
             }
             Next::Relay(acceptance, buf[head_len..].to_vec())
         }
-    }
-}
-
-/// What a WebSocket upgrade's query says about sessions.
-enum SessionRoute<'q> {
-    /// An ordinary WebSocket.
-    None,
-    /// Session parameters that cannot be served on an upgrade.
-    Invalid(String),
-    /// The client library's session WebSocket, on this route.
-    Socket(usize, SessionQuery<'q>),
-}
-
-fn session_query<'q>(gateway: &Gateway, head: &RequestHead<'_, 'q>) -> SessionRoute<'q> {
-    if !gateway.config.sessions.enabled {
-        return SessionRoute::None;
-    }
-    let query = match session::protocol::parse_query(head.query()) {
-        Ok(Some(query)) => query,
-        Ok(None) => return SessionRoute::None,
-        Err(line) => return SessionRoute::Invalid(line),
-    };
-    if query.op != session::protocol::Op::Socket {
-        return SessionRoute::Invalid(format!(
-            "the {} session operation is a plain HTTP request, not a WebSocket upgrade",
-            query.op.name()
-        ));
-    }
-    // An unroutable request is refused by the ordinary WebSocket path, with its 404.
-    match gateway.routes.route(head.header("host"), head.path()) {
-        Some(route) => SessionRoute::Socket(route, query),
-        None => SessionRoute::None,
     }
 }
 

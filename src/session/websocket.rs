@@ -16,7 +16,7 @@
 use super::open::{Lookup, OpenSpec, find, open};
 use super::protocol::{
     CLOSE_DETACH, CLOSE_FORBIDDEN, CLOSE_SESSION_GONE, CLOSE_SUPERSEDED, Close, Control, Event,
-    Message, Opened, SessionQuery, TAG_CONTROL, TAG_DATA, backend_target,
+    Message, Op, Opened, SessionQuery, TAG_CONTROL, TAG_DATA, backend_target, parse_query,
 };
 use super::socket::{self, MessageWriter, ReadError, Received, encode_message};
 use super::state::{DeliverError, Session};
@@ -65,6 +65,41 @@ enum Start {
     /// The session cannot be used: the WebSocket is accepted only to say so with a close code
     /// (a browser cannot read the status of a refused handshake).
     Refuse(u16, &'static str),
+}
+
+/// What a WebSocket upgrade's query says about sessions.
+#[derive(Debug)]
+pub enum UpgradeKind<'q> {
+    /// An ordinary WebSocket, relayed frame by frame (also when it has no route: the
+    /// ordinary path refuses it with its 404).
+    Plain,
+    /// Session parameters that cannot be served on an upgrade: a 400 with this line.
+    Invalid(String),
+    /// The client library's session WebSocket, on this route.
+    Session(usize, SessionQuery<'q>),
+}
+
+/// Sorts an upgrade request, for both ways a WebSocket arrives (first request on a raw
+/// connection, or an upgrade on a keep-alive HTTP connection).
+pub fn classify<'q>(gateway: &Gateway, head: &RequestHead<'_, 'q>) -> UpgradeKind<'q> {
+    if !gateway.config.sessions.enabled {
+        return UpgradeKind::Plain;
+    }
+    let query = match parse_query(head.query()) {
+        Ok(Some(query)) => query,
+        Ok(None) => return UpgradeKind::Plain,
+        Err(line) => return UpgradeKind::Invalid(line),
+    };
+    if query.op != Op::Socket {
+        return UpgradeKind::Invalid(format!(
+            "the {} session operation is a plain HTTP request, not a WebSocket upgrade",
+            query.op.name()
+        ));
+    }
+    match gateway.routes.route(head.header("host"), head.path()) {
+        Some(route) => UpgradeKind::Session(route, query),
+        None => UpgradeKind::Plain,
+    }
 }
 
 /// Decides a `wsgate=socket` upgrade on `route`: a new session (no `wsgate_sid`) or a resumed
