@@ -50,12 +50,4 @@ impl Registry {
     pub fn remove(&self, id: &str) {
         self.sessions.remove(id);
     }
-
-    pub fn len(&self) -> usize {
-        self.sessions.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
-    }
 }

@@ -217,10 +217,6 @@ impl Session {
         self.lock().down.is_full()
     }
 
-    pub fn buffered_bytes(&self) -> u64 {
-        self.lock().down.buffered_bytes()
-    }
-
     /// The backend is gone; pending and future deliveries fail.
     pub fn backend_gone(&self) {
         self.lock().backend_gone = true;
