@@ -8,7 +8,7 @@
 //! (acknowledged it) or the session timeout passes, so a lost answer carrying the close is
 //! sent again like any other.
 
-use super::protocol::{Close, Event};
+use super::protocol::{Close, Event, Message};
 use super::registry::{Registry, Reservation};
 use super::socket::{MessageReader, MessageWriter, ReadError, Received};
 use super::state::{Outgoing, Presence, Session};
@@ -229,13 +229,14 @@ impl BackendTask {
                 }
                 () = self.session.space.notified(), if full => {}
                 outgoing = self.outgoing.recv() => match outgoing {
-                    Some(Outgoing::Message(message)) => {
-                        if self.writer.send(&message, None).await.is_err() {
+                    Some(Outgoing::Messages(messages)) => {
+                        if self.writer.send_all(&messages).await.is_err() {
                             return self.lost("backend connection lost");
                         }
-                        self.counters.client_messages.inc();
-                        self.tally.to_backend += 1;
-                        self.counters.client_bytes.inc_by(message.len() as u64);
+                        let bytes: usize = messages.iter().map(Message::len).sum();
+                        self.counters.client_messages.inc_by(messages.len() as u64);
+                        self.counters.client_bytes.inc_by(bytes as u64);
+                        self.tally.to_backend += messages.len() as u64;
                     }
                     Some(Outgoing::Close(close)) => {
                         self.forget();

@@ -146,9 +146,9 @@ impl Upstream {
         }
     }
 
-    /// Records that message `received + 1` was delivered.
-    pub fn delivered(&mut self) {
-        self.received += 1;
+    /// Records that the `count` messages after `received` were delivered.
+    pub fn delivered(&mut self, count: u64) {
+        self.received += count;
     }
 }
 
@@ -274,7 +274,7 @@ mod tests {
     fn client_messages_are_delivered_once_and_in_order() {
         let mut up = Upstream::default();
         assert_eq!(up.check(1), Delivery::Deliver);
-        up.delivered();
+        up.delivered(1);
         assert_eq!(up.check(1), Delivery::Duplicate);
         assert_eq!(up.check(3), Delivery::Gap { expected: 2 });
         assert_eq!(up.check(2), Delivery::Deliver);

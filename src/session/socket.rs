@@ -194,13 +194,13 @@ pub struct MessageWriter {
 }
 
 impl MessageWriter {
-    /// Sends `message` as one frame, with `tag` (if any) before its payload.
-    pub async fn send(&mut self, message: &Message, tag: Option<u8>) -> io::Result<()> {
-        let (opcode, payload) = match message {
-            Message::Text(text) => (OpCode::Text, text.as_bytes()),
-            Message::Binary(bytes) => (OpCode::Binary, bytes.as_slice()),
-        };
-        self.send_frame(opcode, tag, payload).await
+    /// Sends `messages`, one frame each, with one write.
+    pub async fn send_all(&mut self, messages: &[Message]) -> io::Result<()> {
+        self.scratch.clear();
+        for message in messages {
+            encode_message(&mut self.scratch, self.masked, message, None);
+        }
+        self.flush_scratch().await
     }
 
     /// Sends a text frame holding `tag` then `text`.
@@ -217,6 +217,10 @@ impl MessageWriter {
     ) -> io::Result<()> {
         self.scratch.clear();
         encode_frame(&mut self.scratch, self.masked, opcode, tag, payload);
+        self.flush_scratch().await
+    }
+
+    async fn flush_scratch(&mut self) -> io::Result<()> {
         let result = self.io.write_all(&self.scratch).await;
         // A large message's copy is not kept for the life of the session.
         if self.scratch.capacity() > READ_BUFFER {

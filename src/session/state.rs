@@ -26,7 +26,8 @@ pub const AWAY_AFTER: Duration = Duration::from_secs(5);
 /// What the backend task is asked to send.
 #[derive(Debug)]
 pub enum Outgoing {
-    Message(Message),
+    /// Consecutive client messages, written to the backend with one write.
+    Messages(Vec<Message>),
     /// The client closed the session.
     Close(Close),
     /// The client sent faster than the route's `message_rate`: the session ends with 1008.
@@ -252,26 +253,36 @@ impl Session {
     /// number delivered.
     pub async fn deliver(&self, first: u64, messages: Vec<Message>) -> Result<u64, DeliverError> {
         let mut upstream = self.upstream.lock().await;
+        let mut fresh = Vec::with_capacity(messages.len());
         for (offset, message) in messages.into_iter().enumerate() {
-            match upstream.check(first + offset as u64) {
-                Delivery::Duplicate => continue,
-                Delivery::Gap { expected } => return Err(DeliverError::Gap { expected }),
-                Delivery::Deliver => {}
+            // A batch is numbered consecutively: once one message is new, so are the rest.
+            if fresh.is_empty() {
+                match upstream.check(first + offset as u64) {
+                    Delivery::Duplicate => continue,
+                    Delivery::Gap { expected } => return Err(DeliverError::Gap { expected }),
+                    Delivery::Deliver => {}
+                }
             }
-            if !self.admit_message() {
-                let _ = self.to_backend.send(Outgoing::RateExceeded).await;
-                return Err(DeliverError::RateExceeded);
-            }
+            fresh.push(message);
+        }
+        let admitted = fresh.iter().take_while(|_| self.admit_message()).count();
+        let over_rate = admitted < fresh.len();
+        fresh.truncate(admitted);
+        if !fresh.is_empty() {
             if self.lock().backend_gone
                 || self
                     .to_backend
-                    .send(Outgoing::Message(message))
+                    .send(Outgoing::Messages(fresh))
                     .await
                     .is_err()
             {
                 return Err(DeliverError::Gone);
             }
-            upstream.delivered();
+            upstream.delivered(admitted as u64);
+        }
+        if over_rate {
+            let _ = self.to_backend.send(Outgoing::RateExceeded).await;
+            return Err(DeliverError::RateExceeded);
         }
         Ok(upstream.received())
     }
