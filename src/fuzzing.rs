@@ -20,7 +20,7 @@ use crate::proto::mask::apply_mask_naive;
 use crate::proto::{
     CloseCode, ControlFrame, Decoded, DecoderConfig, FrameDecoder, FrameHeader, Item,
     MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, MIN_BUFFER_LEN, MaskKey, OpCode, Payload, ProtocolError,
-    Role, Utf8Validator, apply_mask, close_frame, parse_close_payload, remask,
+    Role, Utf8Validator, WholeMessage, apply_mask, close_frame, parse_close_payload, remask,
 };
 use httparse::EMPTY_HEADER;
 
@@ -68,7 +68,11 @@ fn read_size(byte: u8) -> usize {
 /// `read_size(reads[i])` bytes at a time (cycled), compacting whenever `decode` asks for more:
 /// the relay's loop. `visit` sees each result with the unread part of the buffer as `decode`
 /// left it, the stream offset of that part's first byte, and whether the decoder now says it is
-/// between frames and between messages.
+/// between frames and between messages. Returns the error decoding stopped at, if any.
+///
+/// With `fast`, every step first tries [`FrameDecoder::decode_whole_message`], as the relay
+/// does, and shows `visit` what it decoded as the two items `decode` would have returned (the
+/// header, then one payload piece ending the message), so every check applies to both paths.
 ///
 /// The buffer is the only allocation, so memory cannot follow a length claimed by the peer.
 fn drive(
@@ -76,8 +80,9 @@ fn drive(
     stream: &[u8],
     capacity: usize,
     reads: &[u8],
+    fast: bool,
     mut visit: impl FnMut(&Result<Option<Decoded>, ProtocolError>, &[u8], usize, [bool; 2]),
-) {
+) -> Option<ProtocolError> {
     assert!(capacity >= MIN_BUFFER_LEN);
     let mut buf = vec![0u8; capacity];
     let (mut start, mut end, mut fed) = (0, 0, 0);
@@ -87,8 +92,34 @@ fn drive(
         // two in a row would mean the loop can spin forever on the same bytes.
         let mut idle_items = 0;
         loop {
-            let result = decoder.decode(&mut buf[start..end]);
             let offset = fed - (end - start);
+            if fast {
+                let unread = buf[start..end].to_vec();
+                match decoder.decode_whole_message(&mut buf[start..end]) {
+                    Ok(Some(whole)) => {
+                        visit_whole(decoder, &whole, &buf[start..end], offset, &mut visit);
+                        start += whole.frame_len();
+                        idle_items = 0;
+                        continue;
+                    }
+                    Ok(None) => assert_eq!(buf[start..end], unread, "declined but changed bytes"),
+                    Err(error) => {
+                        // Shown after the header it belongs to, as `decode` reports it.
+                        let Ok(Some((header, header_len))) = FrameHeader::parse(&unread) else {
+                            panic!("fast path failed without a header");
+                        };
+                        let item = Ok(Some(Decoded {
+                            item: Item::DataFrame(header),
+                            consumed: header_len,
+                        }));
+                        visit(&item, &buf[start..end], offset, [false, false]);
+                        let rest = &buf[start + header_len..end];
+                        visit(&Err(error), rest, offset + header_len, [false, false]);
+                        return Some(error);
+                    }
+                }
+            }
+            let result = decoder.decode(&mut buf[start..end]);
             let between = [decoder.is_between_frames(), decoder.is_between_messages()];
             visit(&result, &buf[start..end], offset, between);
             match result {
@@ -99,11 +130,11 @@ fn drive(
                     assert!(idle_items <= 1, "no progress");
                 }
                 Ok(None) => break,
-                Err(_) => return,
+                Err(error) => return Some(error),
             }
         }
         if fed == stream.len() {
-            return;
+            return None;
         }
         buf.copy_within(start..end, 0);
         end -= start;
@@ -118,6 +149,42 @@ fn drive(
         end += n;
         fed += n;
     }
+}
+
+/// Shows `visit` a message from the fast path as the header and payload items of `decode`.
+fn visit_whole(
+    decoder: &FrameDecoder,
+    whole: &WholeMessage,
+    slice: &[u8],
+    offset: usize,
+    visit: &mut impl FnMut(&Result<Option<Decoded>, ProtocolError>, &[u8], usize, [bool; 2]),
+) {
+    assert!(
+        decoder.is_between_messages(),
+        "the fast path left a message open"
+    );
+    assert!(whole.frame_len() <= slice.len(), "consumed past the slice");
+    let header = Ok(Some(Decoded {
+        item: Item::DataFrame(whole.header),
+        consumed: whole.header_len,
+    }));
+    visit(&header, slice, offset, [false, false]);
+    let piece = Payload {
+        len: whole.payload_len,
+        mask: whole.mask,
+        frame_end: true,
+        message_end: true,
+    };
+    let payload = Ok(Some(Decoded {
+        item: Item::Payload(piece),
+        consumed: whole.payload_len,
+    }));
+    visit(
+        &payload,
+        &slice[whole.header_len..],
+        offset + whole.header_len,
+        [true, true],
+    );
 }
 
 /// Whether `actual` is `original` XORed with `key` (or equal to it without a key).
@@ -392,21 +459,30 @@ pub fn frame_decoder(data: &[u8]) {
         compression: flags & 2 != 0,
         keep_opaque_masked: flags & 4 != 0,
     };
-    let mut decoder = FrameDecoder::new(config);
-    let mut checker = Checker {
-        config,
-        stream,
-        frame: None,
-        message: None,
-    };
-    drive(
-        &mut decoder,
-        stream,
-        capacity,
-        reads,
-        |result, slice, offset, between| {
-            checker.check(result, slice, offset, between);
-        },
+    // Decoded twice, by `decode` alone and with the relay's fast path first: each result is
+    // checked, and both must stop at the same error (or at none).
+    let outcomes = [false, true].map(|fast| {
+        let mut decoder = FrameDecoder::new(config);
+        let mut checker = Checker {
+            config,
+            stream,
+            frame: None,
+            message: None,
+        };
+        drive(
+            &mut decoder,
+            stream,
+            capacity,
+            reads,
+            fast,
+            |result, slice, offset, between| {
+                checker.check(result, slice, offset, between);
+            },
+        )
+    });
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "the fast path changed the outcome"
     );
 }
 
@@ -537,39 +613,43 @@ pub fn roundtrip((flags, frames, reads): RoundtripInput) {
         ..DecoderConfig::new(receiver)
     };
     let capacity = MIN_BUFFER_LEN + (flags >> 3) as usize * 16;
-    let mut decoded: Vec<(FrameHeader, Vec<u8>)> = Vec::new();
-    let mut decoder = FrameDecoder::new(config);
-    drive(
-        &mut decoder,
-        &wire,
-        capacity,
-        &reads,
-        |result, slice, _, _| match result {
-            Ok(Some(Decoded { item, .. })) => match item {
-                Item::DataFrame(header) => decoded.push((*header, Vec::new())),
-                Item::Payload(piece) => {
-                    let (_, payload) = decoded.last_mut().expect("payload after a header");
-                    let start = payload.len();
-                    payload.extend_from_slice(&slice[..piece.len]);
-                    if let Some(key) = piece.mask {
-                        apply_mask_naive(&mut payload[start..], key);
+    for fast in [false, true] {
+        let mut decoded: Vec<(FrameHeader, Vec<u8>)> = Vec::new();
+        let mut decoder = FrameDecoder::new(config);
+        let error = drive(
+            &mut decoder,
+            &wire,
+            capacity,
+            &reads,
+            fast,
+            |result, slice, _, _| {
+                if let Ok(Some(Decoded { item, .. })) = result {
+                    match item {
+                        Item::DataFrame(header) => decoded.push((*header, Vec::new())),
+                        Item::Payload(piece) => {
+                            let (_, payload) = decoded.last_mut().expect("payload after a header");
+                            let start = payload.len();
+                            payload.extend_from_slice(&slice[..piece.len]);
+                            if let Some(key) = piece.mask {
+                                apply_mask_naive(&mut payload[start..], key);
+                            }
+                        }
+                        Item::Control { header, payload } => {
+                            decoded.push((*header, slice[payload.clone()].to_vec()));
+                        }
                     }
                 }
-                Item::Control { header, payload } => {
-                    decoded.push((*header, slice[payload.clone()].to_vec()));
-                }
             },
-            Ok(None) => {}
-            Err(error) => panic!("valid sequence rejected: {error:?}"),
-        },
-    );
-    assert_eq!(decoded, expected);
-    // Only a close frame can leave a message unfinished: otherwise the sequence ends it.
-    let ends_open = expected
-        .iter()
-        .rfind(|(h, _)| !h.opcode.is_control())
-        .is_some_and(|(h, _)| !h.fin);
-    assert_eq!(decoder.is_between_messages(), !ends_open);
+        );
+        assert_eq!(error, None, "valid sequence rejected (fast path: {fast})");
+        assert_eq!(decoded, expected);
+        // Only a close frame can leave a message unfinished: otherwise the sequence ends it.
+        let ends_open = expected
+            .iter()
+            .rfind(|(h, _)| !h.opcode.is_control())
+            .is_some_and(|(h, _)| !h.fin);
+        assert_eq!(decoder.is_between_messages(), !ends_open);
+    }
 }
 
 /// Target `utf8`: the incremental validator against std on the whole input, fed in arbitrary

@@ -446,17 +446,33 @@ async fn client_violation_message_over_max_message_gets_1009_backend_gets_1001()
     .await;
 }
 
-/// Invalid UTF-8 is found inside a frame whose header has already been forwarded; a close
-/// frame cannot interrupt a frame, so (relay invariant) the backend's TCP is cut instead of
-/// being sent 1001, and the backend never sees the invalid byte.
+/// A whole text frame with invalid UTF-8 is refused before any byte of it is forwarded, so
+/// the backend gets a clean 1001 and never sees the frame.
 #[tokio::test]
-async fn client_violation_invalid_utf8_text_gets_1007_backend_cut_mid_frame() {
+async fn client_violation_invalid_utf8_in_a_whole_text_frame_gets_1007_backend_gets_1001() {
+    client_violation(
+        "",
+        &client_frame(true, op::TEXT, b"valid start \xff then junk"),
+        1007,
+        "invalid UTF-8 in text message",
+    )
+    .await;
+}
+
+/// Invalid UTF-8 is found inside a frame whose header has already been forwarded (the frame
+/// arrives in two reads); a close frame cannot interrupt a frame, so (relay invariant) the
+/// backend's TCP is cut instead of being sent 1001, and the backend never sees the invalid byte.
+#[tokio::test]
+async fn client_violation_invalid_utf8_after_the_header_went_out_gets_1007_backend_cut_mid_frame() {
     let mut backend = recording_backend(Script::Echo).await;
     let gateway = gateway_to(backend.addr, "").await;
     let mut client = raw_client(gateway.addr, upgrade_request("/", "").as_bytes()).await;
-    client
-        .send(&client_frame(true, op::TEXT, b"valid start \xff then junk"))
-        .await;
+    let frame = client_frame(true, op::TEXT, b"valid start \xff then junk");
+    let (first, rest) = frame.split_at(2 + 4 + "valid start ".len());
+    client.send(first).await;
+    // Long enough for the gateway to forward the header before the rest arrives.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.send(rest).await;
     let close = client.close_frame().await.expect("client gets a close");
     assert_eq!(
         (close.close_code(), close.close_reason().as_str()),
@@ -597,10 +613,10 @@ async fn backend_violation_reserved_opcode_backend_gets_1002_client_gets_1001() 
     );
 }
 
-/// Invalid UTF-8 in a backend's text frame: the backend gets 1007; the client, whose copy of
-/// the frame is half-way through, has its TCP cut (relay invariant) and never sees the byte.
+/// Invalid UTF-8 in a backend's whole text frame: the backend gets 1007 and the client a clean
+/// 1001, without any byte of the frame.
 #[tokio::test]
-async fn backend_violation_invalid_utf8_text_backend_gets_1007_client_cut_mid_frame() {
+async fn backend_violation_invalid_utf8_in_a_whole_text_frame_backend_gets_1007_client_1001() {
     let backend = RawBackend::bind().await;
     let gateway = gateway_to(backend.addr, "").await;
     let request = upgrade_request("/", "");
@@ -610,6 +626,44 @@ async fn backend_violation_invalid_utf8_text_backend_gets_1007_client_cut_mid_fr
     );
     raw.send(&server_frame(true, op::TEXT, b"ok \xff not ok"))
         .await;
+    let close = raw.close_frame().await.expect("backend gets a close");
+    assert_eq!(
+        (close.close_code(), close.close_reason().as_str()),
+        (Some(1007), "invalid UTF-8 in text message")
+    );
+    let close = client.close_frame().await.expect("client gets a close");
+    assert_eq!(
+        (close.close_code(), close.close_reason().as_str()),
+        (
+            Some(1001),
+            "backend protocol error: invalid UTF-8 in text message"
+        )
+    );
+    assert!(
+        !client.buf.contains(&0xff),
+        "the invalid byte reached the client: {:?}",
+        client.buf
+    );
+}
+
+/// Invalid UTF-8 in a backend's text frame whose header already went out: the backend gets
+/// 1007; the client, whose copy of the frame is half-way through, has its TCP cut (relay
+/// invariant) and never sees the byte.
+#[tokio::test]
+async fn backend_violation_invalid_utf8_after_the_header_went_out_client_cut_mid_frame() {
+    let backend = RawBackend::bind().await;
+    let gateway = gateway_to(backend.addr, "").await;
+    let request = upgrade_request("/", "");
+    let (mut client, mut raw) = tokio::join!(
+        raw_client(gateway.addr, request.as_bytes()),
+        backend.accept_ws()
+    );
+    let frame = server_frame(true, op::TEXT, b"ok \xff not ok");
+    let (first, rest) = frame.split_at(2 + "ok ".len());
+    raw.send(first).await;
+    // Long enough for the gateway to forward the header before the rest arrives.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    raw.send(rest).await;
     let close = raw.close_frame().await.expect("backend gets a close");
     assert_eq!(
         (close.close_code(), close.close_reason().as_str()),

@@ -21,7 +21,7 @@
 
 use super::close::parse_close_payload;
 use super::error::ProtocolError;
-use super::frame::{FrameHeader, MAX_CONTROL_PAYLOAD, MaskKey, OpCode, RSV1};
+use super::frame::{FIN, FrameHeader, MASKED, MAX_CONTROL_PAYLOAD, MaskKey, OpCode, RSV_ALL, RSV1};
 use super::mask::apply_mask;
 use super::utf8::Utf8Validator;
 use std::ops::Range;
@@ -96,6 +96,27 @@ pub struct Payload {
     pub message_end: bool,
 }
 
+/// A complete single-frame text or binary message, decoded in one step by
+/// [`FrameDecoder::decode_whole_message`]: the bytes `decode` would have returned as a
+/// `DataFrame` item followed by one `Payload` item that ends the frame and the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WholeMessage {
+    /// The frame's header as it arrived (its mask is the key the sender used).
+    pub header: FrameHeader,
+    /// Header bytes: the payload is `buf[header_len..header_len + payload_len]`.
+    pub header_len: usize,
+    pub payload_len: usize,
+    /// `Some(key)` when the payload is still masked (see [`DecoderConfig::keep_opaque_masked`]).
+    pub mask: Option<MaskKey>,
+}
+
+impl WholeMessage {
+    /// Bytes of the slice the message occupies: header and payload.
+    pub const fn frame_len(&self) -> usize {
+        self.header_len + self.payload_len
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decoded {
     pub item: Item,
@@ -163,6 +184,86 @@ impl FrameDecoder {
             State::Header => self.decode_header(buf),
             State::Payload { header, received } => Ok(self.decode_payload(buf, header, received)?),
         }
+    }
+
+    /// The fast path for what most traffic is: when `buf` starts with a complete text or
+    /// binary message in a single frame (FIN set) with a 7- or 16-bit length, and no message is
+    /// in progress, decodes it in one step, applying exactly the rules `decode` would (masking,
+    /// limits, reserved bits, UTF-8 of text). Anything else (a partial frame, a control frame,
+    /// a fragment, a 64-bit length, a header that breaks a rule) is left to `decode`: this
+    /// returns `Ok(None)`, consuming and changing nothing, and `decode` then yields the items
+    /// or the error. The only error returned here is invalid UTF-8 in a text message, which
+    /// `decode` would report for the same frame.
+    #[inline]
+    pub fn decode_whole_message(
+        &mut self,
+        buf: &mut [u8],
+    ) -> Result<Option<WholeMessage>, ProtocolError> {
+        let [b0, b1, ..] = *buf else {
+            return Ok(None);
+        };
+        if self.state != State::Header || self.message.is_some() || b0 & FIN == 0 {
+            return Ok(None);
+        }
+        let opcode = match b0 & 0x0F {
+            0x1 => OpCode::Text,
+            0x2 => OpCode::Binary,
+            _ => return Ok(None),
+        };
+        let rsv = b0 & RSV_ALL;
+        let rsv_allowed = if self.config.compression { RSV1 } else { 0 };
+        let masked = b1 & MASKED != 0;
+        if rsv & !rsv_allowed != 0 || masked != (self.config.role == Role::Server) {
+            return Ok(None);
+        }
+        let (payload_len, mut header_len) = match b1 & 0x7F {
+            127 => return Ok(None),
+            126 => match buf.get(2..4) {
+                Some(&[hi, lo]) => (u16::from_be_bytes([hi, lo]) as usize, 4),
+                _ => return Ok(None),
+            },
+            len => (len as usize, 2),
+        };
+        let mask = if masked {
+            let Some(&[k0, k1, k2, k3]) = buf.get(header_len..header_len + 4) else {
+                return Ok(None);
+            };
+            header_len += 4;
+            Some(MaskKey([k0, k1, k2, k3]))
+        } else {
+            None
+        };
+        let len = payload_len as u64;
+        if len > self.config.max_frame
+            || len > self.config.max_message
+            || buf.len() < header_len + payload_len
+        {
+            return Ok(None);
+        }
+        let is_text = opcode == OpCode::Text && rsv & RSV1 == 0;
+        let payload = &mut buf[header_len..header_len + payload_len];
+        let mut kept_mask = mask;
+        if let Some(key) = mask
+            && (is_text || !self.config.keep_opaque_masked)
+        {
+            apply_mask(payload, key);
+            kept_mask = None;
+        }
+        if is_text {
+            simdutf8::basic::from_utf8(payload).map_err(|_| ProtocolError::InvalidUtf8)?;
+        }
+        Ok(Some(WholeMessage {
+            header: FrameHeader {
+                fin: true,
+                rsv,
+                opcode,
+                mask,
+                payload_len: len,
+            },
+            header_len,
+            payload_len,
+            mask: kept_mask,
+        }))
     }
 
     fn decode_header(&mut self, buf: &mut [u8]) -> Result<Option<Decoded>, ProtocolError> {

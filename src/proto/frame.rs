@@ -26,11 +26,11 @@ pub const MAX_CONTROL_PAYLOAD: usize = 125;
 /// Longest header: 2 bytes, a 64-bit length and a mask key.
 pub const MAX_HEADER_LEN: usize = 2 + 8 + 4;
 
-const FIN: u8 = 0x80;
+pub(super) const FIN: u8 = 0x80;
 /// RSV1, used by permessage-deflate (RFC 7692) to flag a compressed message.
 pub const RSV1: u8 = 0x40;
-const RSV_ALL: u8 = 0x70;
-const MASKED: u8 = 0x80;
+pub(super) const RSV_ALL: u8 = 0x70;
+pub(super) const MASKED: u8 = 0x80;
 
 /// A frame opcode. Reserved opcodes never get this far: parsing rejects them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -15,7 +15,9 @@ pub mod mask;
 pub mod utf8;
 
 pub use close::{CloseCode, ClosePayload, close_frame, parse_close_payload};
-pub use decoder::{Decoded, DecoderConfig, FrameDecoder, Item, MIN_BUFFER_LEN, Payload, Role};
+pub use decoder::{
+    Decoded, DecoderConfig, FrameDecoder, Item, MIN_BUFFER_LEN, Payload, Role, WholeMessage,
+};
 pub use error::ProtocolError;
 pub use frame::{ControlFrame, FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, MaskKey, OpCode};
 pub use mask::{apply_mask, remask};

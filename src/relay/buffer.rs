@@ -51,6 +51,7 @@ pub struct HopBuffer {
 
 impl HopBuffer {
     /// Processed bytes not yet written.
+    #[inline]
     pub fn pending(&self) -> &[u8] {
         match &self.bytes {
             Some(bytes) => &bytes[self.start..self.parsed],
@@ -67,11 +68,13 @@ impl HopBuffer {
     }
 
     /// The whole buffer, taken from the pool if this hop holds none.
+    #[inline]
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         self.bytes.get_or_insert_with(take_buffer)
     }
 
     /// Room to read into, after moving the live bytes to the front if that makes room.
+    #[inline]
     pub fn read_space(&mut self) -> &mut [u8] {
         if self.start > 0 && self.filled == BUFFER_LEN {
             self.compact();
@@ -117,6 +120,7 @@ impl HopBuffer {
         self.release_if_empty();
     }
 
+    #[inline]
     pub fn advance_written(&mut self, n: usize) {
         debug_assert!(self.start + n <= self.parsed);
         self.start += n;
@@ -124,6 +128,7 @@ impl HopBuffer {
     }
 
     /// Returns the buffer to the pool when it holds no bytes.
+    #[inline]
     pub fn release_if_empty(&mut self) {
         if self.start == self.filled {
             self.start = 0;

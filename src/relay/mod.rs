@@ -537,6 +537,51 @@ fn decode(
             break;
         }
         let bytes = src.buf.bytes_mut();
+        match src.decoder.decode_whole_message(&mut bytes[parsed..filled]) {
+            Ok(Some(message)) => {
+                consumed_any = true;
+                if let Some(bucket) = src.message_rate.as_mut()
+                    && !bucket.try_take(now.into_std())
+                {
+                    let violation = (CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
+                    on_violation(
+                        src,
+                        dst,
+                        violation,
+                        "policy violation",
+                        now,
+                        settings,
+                        initiator,
+                    );
+                    break;
+                }
+                bytes_seen += message.payload_len as u64;
+                messages_seen += 1;
+                *last_data = now;
+                if dst.close_sent.is_some() {
+                    src.buf.remove_at_parsed(message.frame_len());
+                    continue;
+                }
+                if remask_towards_backend {
+                    let key = mask_keys::next_mask_key();
+                    let payload_start = parsed + message.header_len;
+                    bytes[payload_start - 4..payload_start].copy_from_slice(&key.0);
+                    let payload = &mut bytes[payload_start..payload_start + message.payload_len];
+                    match message.mask {
+                        Some(received) => remask(payload, received, key),
+                        None => apply_mask(payload, key),
+                    }
+                }
+                src.buf.parsed += message.frame_len();
+                continue;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                on_protocol_error(src, dst, error, now, settings, initiator);
+                consumed_any = true;
+                break;
+            }
+        }
         let Decoded { item, consumed } = match src.decoder.decode(&mut bytes[parsed..filled]) {
             Ok(Some(decoded)) => decoded,
             Ok(None) => break,

@@ -39,6 +39,17 @@ fn drive(
     capacity: usize,
     read_sizes: &[usize],
 ) -> Result<Vec<Event>, ProtocolError> {
+    drive_with(config, stream, capacity, read_sizes, false)
+}
+
+/// `drive`, optionally trying the relay's fast path (`decode_whole_message`) at every step.
+fn drive_with(
+    config: DecoderConfig,
+    stream: &[u8],
+    capacity: usize,
+    read_sizes: &[usize],
+    fast: bool,
+) -> Result<Vec<Event>, ProtocolError> {
     let mut decoder = FrameDecoder::new(config);
     let mut buf = vec![0u8; capacity];
     let (mut start, mut end, mut fed) = (0, 0, 0);
@@ -46,7 +57,20 @@ fn drive(
     let mut message: Option<(OpCode, Vec<u8>)> = None;
     let mut reads = read_sizes.iter().cycle();
     loop {
-        while let Some(Decoded { item, consumed }) = decoder.decode(&mut buf[start..end])? {
+        loop {
+            if fast && let Some(whole) = decoder.decode_whole_message(&mut buf[start..end])? {
+                let payload = start + whole.header_len..start + whole.frame_len();
+                let mut bytes = buf[payload].to_vec();
+                if let Some(key) = whole.mask {
+                    apply_mask_naive(&mut bytes, key);
+                }
+                events.push(Event::Message(whole.header.opcode, bytes));
+                start += whole.frame_len();
+                continue;
+            }
+            let Some(Decoded { item, consumed }) = decoder.decode(&mut buf[start..end])? else {
+                break;
+            };
             match item {
                 Item::DataFrame(header) => {
                     if header.opcode != OpCode::Continuation {
@@ -580,6 +604,7 @@ proptest! {
         capacity in MIN_BUFFER_LEN..400,
         masked in any::<bool>(),
         keep_masked in any::<bool>(),
+        fast in any::<bool>(),
     ) {
         let mut stream = Vec::new();
         let mut expected = Vec::new();
@@ -603,6 +628,115 @@ proptest! {
         }
         let role = if masked { Role::Server } else { Role::Client };
         let config = DecoderConfig { keep_opaque_masked: keep_masked, ..DecoderConfig::new(role) };
-        prop_assert_eq!(drive(config, &stream, capacity, &reads), Ok(expected));
+        prop_assert_eq!(drive_with(config, &stream, capacity, &reads, fast), Ok(expected));
     }
+
+    /// The fast path changes nothing but speed: on valid streams and on streams with bytes
+    /// corrupted anywhere (headers, lengths, masks, UTF-8), under tight or loose limits and
+    /// either role, decoding with and without it gives the same messages or the same error.
+    #[test]
+    fn fast_path_agrees_with_decode(
+        pieces in proptest::collection::vec(piece_strategy(), 1..6),
+        key in any::<[u8; 4]>(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        reads in proptest::collection::vec(1usize..300, 1..4),
+        capacity in MIN_BUFFER_LEN..600,
+        server in any::<bool>(),
+        compression in any::<bool>(),
+        keep_masked in any::<bool>(),
+        frame_limit in prop_oneof![Just(u64::MAX), 0u64..200],
+        message_limit in prop_oneof![Just(u64::MAX), 0u64..300],
+    ) {
+        let mut stream = Vec::new();
+        for piece in &pieces {
+            match piece {
+                Piece::Ping(data) => stream.extend(frame(true, OpCode::Ping, Some(MaskKey(key)), data)),
+                Piece::Message { text, fragments } => {
+                    let opcode = if *text { OpCode::Text } else { OpCode::Binary };
+                    for (i, fragment) in fragments.iter().enumerate() {
+                        let op = if i == 0 { opcode } else { OpCode::Continuation };
+                        let last = i + 1 == fragments.len();
+                        stream.extend(frame(last, op, Some(MaskKey(key)), fragment));
+                    }
+                }
+            }
+        }
+        for (at, xor) in flips {
+            let at = at.index(stream.len());
+            stream[at] ^= xor;
+        }
+        let config = DecoderConfig {
+            role: if server { Role::Server } else { Role::Client },
+            max_frame: frame_limit,
+            max_message: message_limit,
+            compression,
+            keep_opaque_masked: keep_masked,
+        };
+        prop_assert_eq!(
+            drive_with(config, &stream, capacity, &reads, true),
+            drive_with(config, &stream, capacity, &reads, false)
+        );
+    }
+}
+
+#[test]
+fn fast_path_takes_whole_single_frame_messages_only() {
+    let mut decoder = FrameDecoder::new(server());
+    let mut text = frame(true, OpCode::Text, Some(KEY), "κόσμε".as_bytes());
+    let whole = decoder.decode_whole_message(&mut text).unwrap().unwrap();
+    assert_eq!((whole.header_len, whole.payload_len), (6, 10));
+    assert_eq!(whole.mask, None, "text is unmasked to be validated");
+    assert_eq!(&text[6..], "κόσμε".as_bytes());
+    assert!(decoder.is_between_messages());
+
+    let mut long = frame(true, OpCode::Binary, Some(KEY), &[7; 300]);
+    let whole = decoder.decode_whole_message(&mut long).unwrap().unwrap();
+    assert_eq!((whole.header_len, whole.payload_len), (8, 300));
+
+    // Declined, nothing consumed or changed: `decode` handles these.
+    let declined = [
+        frame(true, OpCode::Binary, Some(KEY), &[7; 300])[..100].to_vec(), // incomplete
+        frame(false, OpCode::Binary, Some(KEY), b"frag"),                  // fragment
+        frame(true, OpCode::Ping, Some(KEY), b"ping"),                     // control
+        frame(true, OpCode::Binary, Some(KEY), &[1; 70_000]),              // 64-bit length
+        frame(true, OpCode::Binary, None, b"unmasked"),                    // breaks a rule
+        frame_rsv(true, 0x40, OpCode::Binary, Some(KEY), b"rsv1"),         // no extension
+    ];
+    for mut bytes in declined {
+        let before = bytes.clone();
+        assert_eq!(decoder.decode_whole_message(&mut bytes), Ok(None));
+        assert_eq!(bytes, before);
+        assert!(decoder.is_between_messages());
+    }
+    let mut tiny = FrameDecoder::new(DecoderConfig {
+        max_frame: 4,
+        ..server()
+    });
+    let mut big = frame(true, OpCode::Binary, Some(KEY), b"12345");
+    assert_eq!(tiny.decode_whole_message(&mut big), Ok(None));
+    assert!(matches!(
+        tiny.decode(&mut big),
+        Err(ProtocolError::FrameTooLarge { len: 5, max: 4 })
+    ));
+
+    // Inside a fragmented message, even a whole final frame is the general path's.
+    let mut first = frame(false, OpCode::Text, Some(KEY), b"a");
+    while decoder
+        .decode(&mut first)
+        .unwrap()
+        .is_some_and(|d| d.consumed < first.len())
+    {
+        let consumed = FrameHeader::parse(&first).unwrap().unwrap().1;
+        first.drain(..consumed);
+    }
+    assert!(!decoder.is_between_messages());
+    let mut last = frame(true, OpCode::Continuation, Some(KEY), b"b");
+    assert_eq!(decoder.decode_whole_message(&mut last), Ok(None));
+
+    let mut invalid = frame(true, OpCode::Text, Some(KEY), &[b'a', 0xC0, 0x80]);
+    let mut fresh = FrameDecoder::new(server());
+    assert_eq!(
+        fresh.decode_whole_message(&mut invalid),
+        Err(ProtocolError::InvalidUtf8)
+    );
 }
