@@ -75,6 +75,11 @@ pub struct Hop {
     pub mid_frame: bool,
     /// The current data frame from this hop is being dropped (the other hop was sent a close).
     pub swallowing_frame: bool,
+    /// Reading from / writing to this hop returned `Pending` during the current poll of the
+    /// connection's task: the waker is registered, so asking again before the next wake-up
+    /// would only repeat the readiness check (the relay loops until nothing moves).
+    pub read_blocked: bool,
+    pub write_blocked: bool,
 
     /// The hop's close frame arrived (its code; 1005 for an empty one).
     pub close_received: Option<CloseCode>,
@@ -124,6 +129,8 @@ impl Hop {
             out_offset: 0,
             mid_frame: false,
             swallowing_frame: false,
+            read_blocked: false,
+            write_blocked: false,
             close_received: None,
             close_sent: None,
             close_deadline: None,

@@ -215,6 +215,10 @@ impl Relay {
     }
 
     fn poll_relay(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<()> {
+        for hop in [&mut self.client, &mut self.backend] {
+            hop.read_blocked = false;
+            hop.write_blocked = false;
+        }
         loop {
             let now = Instant::now();
             let mut progress = true;
@@ -463,22 +467,32 @@ fn pump(
                 progress = true;
                 continue;
             }
+            if dst.write_blocked {
+                return progress;
+            }
             match Pin::new(&mut dst.stream).poll_write(cx, src.buf.pending()) {
                 Poll::Ready(Ok(n)) if n > 0 => src.buf.advance_written(n),
                 Poll::Ready(_) => lose(dst, src, now, settings, initiator),
-                Poll::Pending => return progress,
+                Poll::Pending => {
+                    dst.write_blocked = true;
+                    return progress;
+                }
             }
             progress = true;
             continue;
         }
         if !src.mid_frame
             && dst.can_write()
+            && !dst.write_blocked
             && let Some(bytes) = dst.outbox.next_bytes()
         {
             match Pin::new(&mut dst.stream).poll_write(cx, bytes) {
                 Poll::Ready(Ok(n)) if n > 0 => dst.outbox.advance(n),
                 Poll::Ready(_) => lose(dst, src, now, settings, initiator),
-                Poll::Pending => return progress,
+                Poll::Pending => {
+                    dst.write_blocked = true;
+                    return progress;
+                }
             }
             progress = true;
             continue;
@@ -489,7 +503,8 @@ fn pump(
                 continue;
             }
         }
-        if src.reading == Reading::Done {
+        if src.reading == Reading::Done || src.read_blocked {
+            src.buf.release_if_empty();
             return progress;
         }
         let space = src.buf.read_space();
@@ -509,6 +524,7 @@ fn pump(
             }
             Poll::Ready(Err(_)) => lose(src, dst, now, settings, initiator),
             Poll::Pending => {
+                src.read_blocked = true;
                 src.buf.release_if_empty();
                 return progress;
             }
