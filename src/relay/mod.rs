@@ -556,19 +556,8 @@ fn decode(
         match src.decoder.decode_whole_message(&mut bytes[parsed..filled]) {
             Ok(Some(message)) => {
                 consumed_any = true;
-                if let Some(bucket) = src.message_rate.as_mut()
-                    && !bucket.try_take(now.into_std())
-                {
-                    let violation = (CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
-                    on_violation(
-                        src,
-                        dst,
-                        violation,
-                        "policy violation",
-                        now,
-                        settings,
-                        initiator,
-                    );
+                if !within_message_rate(&mut src.message_rate, now) {
+                    refuse_over_rate(src, dst, now, settings, initiator);
                     break;
                 }
                 bytes_seen += message.payload_len as u64;
@@ -611,20 +600,9 @@ fn decode(
         match item {
             Item::DataFrame(header) => {
                 if header.opcode != OpCode::Continuation
-                    && let Some(bucket) = src.message_rate.as_mut()
-                    && !bucket.try_take(now.into_std())
+                    && !within_message_rate(&mut src.message_rate, now)
                 {
-                    // Refused at its first header: no byte of the message is forwarded.
-                    let violation = (CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
-                    on_violation(
-                        src,
-                        dst,
-                        violation,
-                        "policy violation",
-                        now,
-                        settings,
-                        initiator,
-                    );
+                    refuse_over_rate(src, dst, now, settings, initiator);
                     break;
                 }
                 if dst.close_sent.is_some() {
@@ -682,6 +660,33 @@ fn decode(
     }
     src.buf.release_if_empty();
     consumed_any
+}
+
+/// Counts a new message against a hop's message rate (if its route limits it).
+fn within_message_rate(rate: &mut Option<TokenBucket>, now: Instant) -> bool {
+    rate.as_mut()
+        .is_none_or(|bucket| bucket.try_take(now.into_std()))
+}
+
+/// `src` sent a message over its route's rate: 1008, refused at the message's first header, so
+/// no byte of it is forwarded.
+fn refuse_over_rate(
+    src: &mut Hop,
+    dst: &mut Hop,
+    now: Instant,
+    settings: &RelaySettings,
+    initiator: &mut Option<&'static str>,
+) {
+    let violation = (CloseCode::POLICY_VIOLATION, "message rate limit exceeded");
+    on_violation(
+        src,
+        dst,
+        violation,
+        "policy violation",
+        now,
+        settings,
+        initiator,
+    );
 }
 
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the list
