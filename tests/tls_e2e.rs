@@ -7,6 +7,8 @@
 #[path = "support/routing_client.rs"]
 mod routing_client;
 mod support;
+#[path = "support/tls_hello.rs"]
+mod tls_hello;
 
 use futures_util::{SinkExt, StreamExt};
 use routing_client::*;
@@ -19,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use support::{echo_backend, simple_config, start_gateway, upgrade_request};
+use tls_hello::raw_client_hello;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
@@ -171,63 +174,6 @@ async fn tls_listener_sni_picks_the_certificate_for_the_name() {
     }
 }
 
-/// A TLS record holding a ClientHello with `version` as record and client version and no
-/// supported_versions extension: how a TLS 1.1 (0x0302) or 1.2 (0x0303) client says hello.
-/// Same construction as tests/tls_config.rs, here sent to a whole gateway.
-fn raw_client_hello(version: [u8; 2]) -> Vec<u8> {
-    fn u16_len(bytes: &[u8]) -> [u8; 2] {
-        u16::try_from(bytes.len()).unwrap().to_be_bytes()
-    }
-    fn extension(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
-        out.extend_from_slice(&kind.to_be_bytes());
-        out.extend_from_slice(&u16_len(data));
-        out.extend_from_slice(data);
-    }
-    fn u16_list(values: &[u16]) -> Vec<u8> {
-        let items: Vec<u8> = values.iter().flat_map(|v| v.to_be_bytes()).collect();
-        [&u16_len(&items)[..], &items].concat()
-    }
-
-    let mut body = Vec::new();
-    body.extend_from_slice(&version);
-    body.extend_from_slice(&[0x5a; 32]); // random
-    body.push(0); // empty session id
-    body.extend(u16_list(&[
-        0xc02b, 0xc02f, 0xcca9, 0xcca8, 0xc009, 0xc013, 0x002f,
-    ]));
-    body.extend_from_slice(&[1, 0]); // compression: null only
-
-    let mut extensions = Vec::new();
-    let host = b"localhost";
-    let mut sni = vec![0]; // host_name
-    sni.extend_from_slice(&u16_len(host));
-    sni.extend_from_slice(host);
-    extension(
-        &mut extensions,
-        0x0000,
-        &[&u16_len(&sni)[..], &sni].concat(),
-    );
-    extension(&mut extensions, 0x000a, &u16_list(&[0x001d, 0x0017])); // x25519, P-256
-    extension(&mut extensions, 0x000b, &[1, 0]); // ec_point_formats: uncompressed
-    extension(
-        &mut extensions,
-        0x000d,
-        &u16_list(&[0x0403, 0x0804, 0x0401]),
-    ); // signature_algorithms
-    body.extend_from_slice(&u16_len(&extensions));
-    body.extend(extensions);
-
-    let mut handshake = vec![1]; // client_hello
-    handshake.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes()[1..]);
-    handshake.extend(body);
-
-    let mut record = vec![0x16]; // handshake
-    record.extend_from_slice(&version);
-    record.extend_from_slice(&u16_len(&handshake));
-    record.extend(handshake);
-    record
-}
-
 /// Sends `hello` and returns everything the gateway sends until it closes.
 async fn answer_to(addr: SocketAddr, hello: &[u8]) -> Vec<u8> {
     let mut tcp = within("TCP connect", TcpStream::connect(addr))
@@ -241,7 +187,7 @@ async fn answer_to(addr: SocketAddr, hello: &[u8]) -> Vec<u8> {
 async fn tls11_client_hello_refused_with_alert_never_server_hello() {
     let backend = echo_backend("b1").await;
     let gateway = tls_gateway(backend.addr, "").await;
-    let answer = answer_to(gateway.addr, &raw_client_hello([3, 2])).await;
+    let answer = answer_to(gateway.addr, &raw_client_hello([3, 2], true)).await;
     assert!(
         answer.len() >= 7,
         "expected an alert record, got {answer:02x?}"
@@ -261,9 +207,12 @@ async fn tls11_client_hello_refused_with_alert_never_server_hello() {
     let mut tcp = within("TCP connect", TcpStream::connect(gateway.addr))
         .await
         .unwrap();
-    within("write hello", tcp.write_all(&raw_client_hello([3, 3])))
-        .await
-        .unwrap();
+    within(
+        "write hello",
+        tcp.write_all(&raw_client_hello([3, 3], true)),
+    )
+    .await
+    .unwrap();
     let mut head = [0u8; 6];
     within("ServerHello", tcp.read_exact(&mut head))
         .await
