@@ -258,20 +258,9 @@ impl Flows {
         counters.get(&key).map(FlowTotals::of)
     }
 
-    /// Totals of `route` over every backend it ever used.
-    pub fn route_totals(&self, route: &str) -> FlowTotals {
-        let counters = self.counters.read().unwrap_or_else(PoisonError::into_inner);
-        let mut totals = FlowTotals::default();
-        for (key, counters) in counters.iter() {
-            if key.route == route {
-                totals.add(FlowTotals::of(counters));
-            }
-        }
-        totals
-    }
-
-    /// Totals per route, over every backend it ever used.
-    fn per_route(&self) -> Vec<(String, FlowTotals)> {
+    /// Totals per route, over every backend it ever used (one removed by a reload may still
+    /// hold connections), sorted by route.
+    pub fn per_route(&self) -> Vec<(String, FlowTotals)> {
         let counters = self.counters.read().unwrap_or_else(PoisonError::into_inner);
         let mut routes: HashMap<&str, FlowTotals> = HashMap::new();
         for (key, counters) in counters.iter() {
@@ -344,20 +333,20 @@ impl Collector for Flows {
                 bytes.get_or_create(&flow(direction)).inc_by(byte_count);
             }
         }
-        let help = "WebSocket messages relayed, per route and direction";
-        messages.encode(encoder.encode_descriptor(
-            "messages",
-            help,
-            None,
-            messages.metric_type(),
-        )?)?;
-        let help = "WebSocket payload bytes relayed, per route and direction";
-        bytes.encode(encoder.encode_descriptor(
-            "payload_bytes",
-            help,
-            None,
-            bytes.metric_type(),
-        )?)?;
+        for (name, help, family) in [
+            (
+                "messages",
+                "WebSocket messages relayed, per route and direction",
+                &messages,
+            ),
+            (
+                "payload_bytes",
+                "WebSocket payload bytes relayed, per route and direction",
+                &bytes,
+            ),
+        ] {
+            family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)?;
+        }
         Ok(())
     }
 }

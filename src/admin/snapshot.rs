@@ -140,6 +140,8 @@ impl Sampler {
         // Per backend URL: connections, opened/s, messages/s, over every route.
         let mut backend_totals: HashMap<&str, (i64, f64, f64)> = HashMap::new();
         let mut routes = Vec::with_capacity(gateway.config.routes.len());
+        let route_flows: HashMap<String, FlowTotals> =
+            metrics.flows.per_route().into_iter().collect();
         for route in &gateway.config.routes {
             let upstream = &gateway.upstreams[route.upstream];
             let mut backends = Vec::new();
@@ -175,7 +177,7 @@ impl Sampler {
                     bytes_per_s,
                 });
             }
-            let flows = metrics.flows.route_totals(&route.name);
+            let flows = route_flows.get(&route.name).copied().unwrap_or_default();
             let (messages_per_s, bytes_per_s) = rates.flows(&route.name, flows);
             routes.push(RouteStats {
                 name: route.name.clone(),

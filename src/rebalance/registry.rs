@@ -157,28 +157,16 @@ impl ConnectionRegistry {
 
     /// The connections of `room` not yet signalled.
     pub fn members(&self, room: &Room) -> Vec<Member> {
-        self.rooms.get(room).map_or_else(Vec::new, |entries| {
-            entries
-                .iter()
-                .filter(|entry| !entry.signalled)
-                .map(|entry| entry.member.clone())
-                .collect()
-        })
+        self.rooms
+            .get(room)
+            .map_or_else(Vec::new, |entries| unsignalled(&entries))
     }
 
     /// Every room with its connections not yet signalled.
     pub fn rooms(&self) -> Vec<(Room, Vec<Member>)> {
         self.rooms
             .iter()
-            .map(|room| {
-                let members = room
-                    .value()
-                    .iter()
-                    .filter(|entry| !entry.signalled)
-                    .map(|entry| entry.member.clone())
-                    .collect();
-                (room.key().clone(), members)
-            })
+            .map(|room| (room.key().clone(), unsignalled(room.value())))
             .collect()
     }
 
@@ -207,6 +195,15 @@ impl ConnectionRegistry {
     pub fn is_empty(&self) -> bool {
         self.rooms.is_empty()
     }
+}
+
+/// The members of a room's entries that have not been signalled yet.
+fn unsignalled(entries: &[Entry]) -> Vec<Member> {
+    entries
+        .iter()
+        .filter(|entry| !entry.signalled)
+        .map(|entry| entry.member.clone())
+        .collect()
 }
 
 #[cfg(test)]

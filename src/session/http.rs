@@ -7,7 +7,7 @@ use super::id::redact;
 use super::open::{Lookup, OpenSpec, find, open};
 use super::protocol::{
     Close, ErrorBody, Event, Op, OpenRequest, Opened, PollAnswer, SendBatch, SessionQuery,
-    backend_target, sse_record,
+    backend_target, push_sse_record,
 };
 use super::state::{DeliverError, Session};
 use crate::admit::origin_allowed;
@@ -246,7 +246,7 @@ fn events(session: &Arc<Session>, ack: u64, request: &Request<Incoming>) -> Resp
             let (mut chunk, mut last, mut closed) = (String::new(), cursor, false);
             session.visit_since(cursor, session.timing.max_batch, |seq, event| {
                 if !closed {
-                    chunk.push_str(&sse_record(seq, event));
+                    push_sse_record(&mut chunk, seq, event);
                     last = seq;
                     closed = matches!(event, Event::Close(_));
                 }

@@ -367,21 +367,28 @@ pub struct ErrorBody<'a> {
     pub error: &'a str,
 }
 
-/// One Server-Sent Events record for `event` numbered `seq` (text as a JSON string so line
-/// breaks survive, binary as base64, close as JSON).
-pub fn sse_record(seq: u64, event: &Event) -> String {
-    let (kind, data) = match event {
-        Event::Message(Message::Text(text)) => (
-            "text",
-            serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned()),
-        ),
-        Event::Message(Message::Binary(bytes)) => ("binary", BASE64.encode(bytes)),
-        Event::Close(close) => (
-            "close",
-            serde_json::to_string(close).unwrap_or_else(|_| "{}".to_owned()),
-        ),
-    };
-    format!("id: {seq}\nevent: {kind}\ndata: {data}\n\n")
+/// Appends the Server-Sent Events record of `event` numbered `seq` to `out` (text as a JSON
+/// string so line breaks survive, binary as base64, close as JSON).
+pub fn push_sse_record(out: &mut String, seq: u64, event: &Event) {
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail.
+    let _ = write!(out, "id: {seq}\nevent: ");
+    match event {
+        Event::Message(Message::Text(text)) => {
+            out.push_str("text\ndata: ");
+            // JSON keeps the text on one data line; a plain string always serialises.
+            out.push_str(&serde_json::to_string(text).unwrap_or_default());
+        }
+        Event::Message(Message::Binary(bytes)) => {
+            out.push_str("binary\ndata: ");
+            BASE64.encode_string(bytes, out);
+        }
+        Event::Close(close) => {
+            out.push_str("close\ndata: ");
+            out.push_str(&serde_json::to_string(close).unwrap_or_default());
+        }
+    }
+    out.push_str("\n\n");
 }
 
 #[cfg(test)]
@@ -482,9 +489,16 @@ mod tests {
 
     #[test]
     fn sse_records_keep_text_on_one_data_line() {
-        let record = sse_record(4, &Event::Message(Message::Text("a\nb".into())));
+        let mut record = String::new();
+        push_sse_record(
+            &mut record,
+            4,
+            &Event::Message(Message::Text("a\nb".into())),
+        );
         assert_eq!(record, "id: 4\nevent: text\ndata: \"a\\nb\"\n\n");
-        let close = sse_record(
+        let mut both = record.clone();
+        push_sse_record(
+            &mut both,
             5,
             &Event::Close(Close {
                 code: 1001,
@@ -492,9 +506,16 @@ mod tests {
             }),
         );
         assert_eq!(
-            close,
+            &both[record.len()..],
             "id: 5\nevent: close\ndata: {\"code\":1001,\"reason\":\"\"}\n\n"
         );
+        let mut binary = String::new();
+        push_sse_record(
+            &mut binary,
+            6,
+            &Event::Message(Message::Binary(vec![0, 255, 7])),
+        );
+        assert_eq!(binary, "id: 6\nevent: binary\ndata: AP8H\n\n");
     }
 
     #[test]
