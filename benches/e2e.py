@@ -13,8 +13,11 @@ share core 1, so every proxy figure is per proxy core. Targets:
   wsgate   `wsgate --threads 1 run`, parsing and re-masking every frame, logs at warn
 
 Scenarios are run for every target in turn, and the target order rotates between repetitions
-(interleaved), each measurement on freshly started processes; the tables show medians. CPU
-time is user + system from /proc/PID/stat over the measured window. Raw results go to
+(interleaved), each measurement on freshly started processes; the tables show medians. The
+latency scenario is the exception: all targets run at once behind one backend and the load
+generator interleaves their messages one by one, so a stall of the shared machine (the p99 is
+made of them) falls on every target alike; each proxy's CPU is still its own. CPU time is user
++ system from /proc/PID/stat over the measured window. Raw results go to
 target/e2e/results.json. Nothing here runs in CI.
 """
 
@@ -91,7 +94,9 @@ def scenarios(quick):
     return {
         "small": dict(kind="throughput", connections=100, size=64, window=32, **short),
         "large": dict(kind="throughput", connections=10, size=65536, window=4, **short),
-        "latency": dict(kind="latency", connections=50, size=64, rate=10000, **short),
+        # The rate of each target: they run side by side, so the client core carries 10,000
+        # messages/s in all (about half its capacity) when all four targets are measured.
+        "latency": dict(kind="latency", connections=50, size=64, rate=2500, **short),
         "idle": dict(kind="idle", connections=2000 if quick else 9000, size=64, sources=60),
         "handshakes": dict(kind="handshakes", connections=128, size=64, **short),
     }
@@ -156,56 +161,63 @@ def nginx_worker(master_pid, timeout=5.0):
     raise RuntimeError("nginx started no worker")
 
 
-def measure(target, name, sc, tmp):
+def start_target(procs, target, backend_port, tmp):
+    """Starts `target`'s proxy in front of the backend; returns (port, proxy pid or None)."""
+    if target == "direct":
+        return backend_port, None
+    proxy_port = free_port()
+    if target == "tcp":
+        proxy = procs.start("tcp", PROXY_CORE, [f"{RELEASE}/examples/bench_tcp_relay",
+                                                f"127.0.0.1:{proxy_port}",
+                                                f"127.0.0.1:{backend_port}"])
+    elif target == "nginx":
+        conf = os.path.join(tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(tmp=tmp, backend=backend_port, port=proxy_port))
+        proxy = procs.start("nginx", PROXY_CORE, ["nginx", "-p", tmp, "-c", conf, "-g", "daemon off;"])
+    elif target.startswith("wsgate"):
+        # "wsgate=PATH" runs another build beside this one (before/after comparisons).
+        binary = target.split("=", 1)[1] if "=" in target else f"{RELEASE}/wsgate"
+        conf = os.path.join(tmp, f"wsgate-{proxy_port}.yaml")
+        with open(conf, "w") as f:
+            f.write(WSGATE_CONF.format(backend=backend_port, port=proxy_port))
+        env = dict(os.environ, RUST_LOG="warn")
+        proxy = procs.start("wsgate", PROXY_CORE, [binary, "--threads", "1", "run", "-c", conf], env)
+    else:
+        raise RuntimeError(f"unknown target {target}")
+    wait_listening(proxy_port, proxy)
+    return proxy_port, nginx_worker(proxy.pid) if target == "nginx" else proxy.pid
+
+
+def measure(targets, name, sc, tmp):
+    """One measurement on fresh processes: one target, or for `latency` all of them side by
+    side behind one backend (the load generator interleaves their messages). Returns one
+    result per target."""
     procs = Procs(tmp)
-    backend_port, proxy_port = free_port(), free_port()
+    backend_port = free_port()
     try:
         backend = procs.start("backend", CLIENT_CORE,
                               [f"{RELEASE}/examples/bench_echo", f"127.0.0.1:{backend_port}"])
         wait_listening(backend_port, backend)
-        proxy_pid, port = None, backend_port
-        if target == "tcp":
-            proxy = procs.start("tcp", PROXY_CORE, [f"{RELEASE}/examples/bench_tcp_relay",
-                                                    f"127.0.0.1:{proxy_port}",
-                                                    f"127.0.0.1:{backend_port}"])
-            proxy_pid, port = proxy.pid, proxy_port
-        elif target == "nginx":
-            conf = os.path.join(tmp, "nginx.conf")
-            with open(conf, "w") as f:
-                f.write(NGINX_CONF.format(tmp=tmp, backend=backend_port, port=proxy_port))
-            proxy = procs.start("nginx", PROXY_CORE,
-                                ["nginx", "-p", tmp, "-c", conf, "-g", "daemon off;"])
-            port = proxy_port
-        elif target.startswith("wsgate"):
-            # "wsgate=PATH" runs another build beside this one (before/after comparisons).
-            binary = target.split("=", 1)[1] if "=" in target else f"{RELEASE}/wsgate"
-            conf = os.path.join(tmp, "wsgate.yaml")
-            with open(conf, "w") as f:
-                f.write(WSGATE_CONF.format(backend=backend_port, port=proxy_port))
-            env = dict(os.environ, RUST_LOG="warn")
-            proxy = procs.start("wsgate", PROXY_CORE,
-                                [binary, "--threads", "1", "run", "-c", conf], env)
-            proxy_pid, port = proxy.pid, proxy_port
-        if target != "direct":
-            wait_listening(port, proxy)
-        if target == "nginx":
-            proxy_pid = nginx_worker(proxy.pid)
-        # The readiness probe connected without a handshake; let the proxy forget it.
+        started = [start_target(procs, target, backend_port, tmp) for target in targets]
+        # The readiness probes connected without a handshake; let the proxies forget them.
         time.sleep(0.3)
-        argv = [f"{RELEASE}/examples/loadgen", sc["kind"], "--target", f"127.0.0.1:{port}",
+        argv = [f"{RELEASE}/examples/loadgen", sc["kind"],
+                "--target", ",".join(f"127.0.0.1:{port}" for port, _ in started),
+                "--proxy-pid", ",".join(str(pid or 0) for _, pid in started),
                 "--backend-pid", str(backend.pid)]
-        if proxy_pid:
-            argv += ["--proxy-pid", str(proxy_pid)]
         for key in ("connections", "size", "window", "rate", "warmup", "duration", "sources"):
             if key in sc:
                 argv += [f"--{key}", str(sc[key])]
         out = subprocess.run(PRIORITY + ["taskset", "-c", CLIENT_CORE] + argv, capture_output=True,
                              text=True, timeout=300)
         if out.returncode != 0:
-            raise RuntimeError(f"loadgen failed against {target} ({name}): {out.stderr.strip()}")
+            raise RuntimeError(f"loadgen failed against {targets} ({name}): {out.stderr.strip()}")
         result = json.loads(out.stdout)
-        result["target"] = target
-        return result
+        results = result["per_target"] if "per_target" in result else [result]
+        for target, r in zip(targets, results):
+            r["target"] = target
+        return results
     finally:
         procs.stop()
 
@@ -302,7 +314,7 @@ def report(results, args, elapsed):
         ratio(w("large", "per_proxy_cpu_s"), tc("large", "per_proxy_cpu_s")), "", None)
     for p, label in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
         r_ = ratio(w("latency", p), ng("latency", p))
-        row(f"latency {label} at {scenarios(args.quick)['latency']['rate']:,} msgs/s (µs)",
+        row(f"latency {label} at {scenarios(args.quick)['latency']['rate']:,} msgs/s, side by side (µs)",
             fmt(w("latency", p)), r_, ratio(w("latency", p), tc("latency", p)),
             "≤ 1.0x nginx" if p == "p99_us" else "",
             (None if r_ is None else r_ <= 1.0) if p == "p99_us" else None)
@@ -330,7 +342,7 @@ def report(results, args, elapsed):
                  "loadgen CPU | bottleneck |")
     lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     names = {"small": "64 B × 100 conns, 32 in flight each", "large": "64 KiB × 10 conns, 4 in flight",
-             "latency": "fixed rate (latency)", "handshakes": "handshakes, 128 at once"}
+             "latency": "fixed rate, side by side (latency)", "handshakes": "handshakes, 128 at once"}
     for name in ("small", "large", "latency", "handshakes"):
         for target in args.target_list:
             rows = by.get((name, target))
@@ -354,6 +366,18 @@ def report(results, args, elapsed):
         lines.append(f"| {m('connections'):,.0f} | {target} | "
                      f"{fmt(kib(m('proxy_bytes_per_conn')), 2)} KiB | "
                      f"{fmt(kib(m('backend_bytes_per_conn')), 2)} KiB | {fmt(m('ramp_seconds'), 1)} s |")
+    pairs = {}
+    for r in results:
+        if r["scenario_name"] == "latency" and r["target"] in ("wsgate", "nginx"):
+            pairs.setdefault(r["rep"], {})[r["target"]] = r["p99_us"]
+    pairs = [p for _, p in sorted(pairs.items()) if len(p) == 2]
+    if pairs:
+        per_rep = ", ".join(f"{p['wsgate']:,}/{p['nginx']:,}" for p in pairs)
+        lines.append("")
+        lines.append(f"Latency p99 per repetition, wsgate/nginx side by side (µs): {per_rep}; "
+                     f"wsgate lower in {sum(p['wsgate'] <= p['nginx'] for p in pairs)} of "
+                     f"{len(pairs)}, median ratio "
+                     f"{fmt(median([p['wsgate'] / p['nginx'] for p in pairs if p['nginx']]), 2)}x.")
     verified = sum(r.get("verified", 0) or 0 for r in results)
     lines.append("")
     lines.append(f"Echoes verified byte for byte: {verified:,}; failures: 0 (any failure aborts the run).")
@@ -413,19 +437,20 @@ def main():
             order = targets[rep % len(targets):] + targets[:rep % len(targets)]
             for name in chosen:
                 sc = all_scenarios[name]
-                for target in order:
-                    if name == "idle" and target == "direct":
+                groups = [order] if name == "latency" else [[t] for t in order]
+                for group in groups:
+                    if name == "idle" and group == ["direct"]:
                         continue
-                    result = measure(target, name, sc, tmp)
-                    result["scenario_name"], result["rep"] = name, rep
-                    results.append(result)
-                    d = derived(result)
-                    summary = (f"p99 {d.get('p99_us')} µs" if name == "latency" else
-                               f"{(d.get('proxy_bytes_per_conn') or 0) / 1024:.2f} KiB/conn"
-                               if name == "idle" else
-                               f"{fmt(d.get('msgs_per_s'))}/s, proxy CPU {pct(d.get('proxy_cpu'))}")
-                    print(f"[rep {rep + 1}/{args.reps}] {name:<10} {target:<6} {summary}",
-                          file=sys.stderr, flush=True)
+                    for result in measure(group, name, sc, tmp):
+                        result["scenario_name"], result["rep"] = name, rep
+                        results.append(result)
+                        d = derived(result)
+                        summary = (f"p99 {d.get('p99_us')} µs" if name == "latency" else
+                                   f"{(d.get('proxy_bytes_per_conn') or 0) / 1024:.2f} KiB/conn"
+                                   if name == "idle" else
+                                   f"{fmt(d.get('msgs_per_s'))}/s, proxy CPU {pct(d.get('proxy_cpu'))}")
+                        print(f"[rep {rep + 1}/{args.reps}] {name:<10} {result['target']:<6} {summary}",
+                              file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out_dir = os.path.join(ROOT, "target", "e2e")

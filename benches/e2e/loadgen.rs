@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! loadgen throughput --target 127.0.0.1:9002 --connections 100 --size 64 --window 32
-//! loadgen latency    --target 127.0.0.1:9002 --connections 50 --rate 10000
+//! loadgen latency    --target 127.0.0.1:9002,127.0.0.1:9003 --connections 50 --rate 2500
 //! loadgen idle       --target 127.0.0.1:9002 --connections 9000 --proxy-pid 1234
 //! loadgen handshakes --target 127.0.0.1:9002 --connections 32
 //! ```
@@ -22,7 +22,7 @@ mod wire;
 
 use clap::{Parser, ValueEnum};
 use serde_json::json;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,13 +31,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use wire::{OP_BINARY, OP_CLOSE};
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(about = "WebSocket load generator for the end-to-end benchmark")]
 struct Args {
     scenario: Scenario,
-    /// Address of the target (the proxy under test, or the backend itself).
-    #[arg(long)]
-    target: SocketAddr,
+    /// Address of the target (the proxy under test, or the backend itself). `latency` takes
+    /// several, comma-separated, and measures them side by side.
+    #[arg(long = "target", value_delimiter = ',', required = true)]
+    targets: Vec<SocketAddr>,
     /// Request path of the upgrade.
     #[arg(long, default_value = "/")]
     path: String,
@@ -50,7 +51,7 @@ struct Args {
     /// Messages in flight per connection (throughput).
     #[arg(long, default_value_t = 32)]
     window: usize,
-    /// Messages per second over all connections (latency).
+    /// Messages per second over all connections of one target (latency).
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
     /// Seconds run before the measured window.
@@ -63,9 +64,10 @@ struct Args {
     /// address do not exhaust one source address's ephemeral ports.
     #[arg(long, default_value_t = 50)]
     sources: u8,
-    /// Process whose CPU time (and, for `idle`, memory) is the proxy's.
-    #[arg(long)]
-    proxy_pid: Option<u32>,
+    /// Process whose CPU time (and, for `idle`, memory) is the proxy's; with several targets,
+    /// one per target in the same order, 0 for a target without a proxy.
+    #[arg(long, value_delimiter = ',')]
+    proxy_pid: Vec<u32>,
     #[arg(long)]
     backend_pid: Option<u32>,
     /// Seconds to wait after the last idle connection opened before reading memory.
@@ -89,6 +91,14 @@ fn main() {
         eprintln!("loadgen: --size must be at least 16");
         std::process::exit(2);
     }
+    if args.targets.len() > 1 && args.scenario != Scenario::Latency {
+        eprintln!("loadgen: only `latency` measures several targets at once");
+        std::process::exit(2);
+    }
+    if args.proxy_pid.len() > args.targets.len() {
+        eprintln!("loadgen: more --proxy-pid values than targets");
+        std::process::exit(2);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -105,8 +115,8 @@ fn main() {
         Ok(report) => println!("{report}"),
         Err(error) => {
             eprintln!(
-                "loadgen {:?} against {}: {error}",
-                args.scenario, args.target
+                "loadgen {:?} against {:?}: {error}",
+                args.scenario, args.targets
             );
             std::process::exit(1);
         }
@@ -135,6 +145,27 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+impl Args {
+    /// The target of a one-target scenario.
+    fn target(&self) -> SocketAddr {
+        self.targets[0]
+    }
+
+    /// The proxy process of a one-target scenario.
+    fn proxy(&self) -> Option<u32> {
+        self.proxy_pid.first().copied().filter(|&pid| pid != 0)
+    }
+
+    /// The arguments for measuring target `index` of several on its own.
+    fn for_target(&self, index: usize) -> Args {
+        Args {
+            targets: vec![self.targets[index]],
+            proxy_pid: self.proxy_pid.get(index).copied().into_iter().collect(),
+            ..self.clone()
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct CpuSample {
     at: Instant,
@@ -147,7 +178,7 @@ impl CpuSample {
     fn take(args: &Args) -> Self {
         Self {
             at: Instant::now(),
-            proxy: args.proxy_pid.and_then(cpu_ticks),
+            proxy: args.proxy().and_then(cpu_ticks),
             backend: args.backend_pid.and_then(cpu_ticks),
             loadgen: cpu_ticks(std::process::id()),
         }
@@ -182,12 +213,13 @@ fn source(args: &Args, index: usize) -> Ipv4Addr {
 async fn open(args: &Args, src: Ipv4Addr) -> Result<(TcpStream, Vec<u8>), Error> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(src.into(), 0))?;
-    let mut stream = socket.connect(args.target).await?;
+    let mut stream = socket.connect(args.target()).await?;
     stream.set_nodelay(true)?;
     let key = wire::random_key();
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        args.path, args.target
+        args.path,
+        args.target()
     );
     stream.write_all(request.as_bytes()).await?;
     let mut buf = vec![0u8; 4096];
@@ -453,68 +485,53 @@ async fn pump(
 
 // ---------------------------------------------------------------------------------------------
 // Latency: a fixed schedule, measured from each message's intended send time.
+//
+// Several targets are measured side by side, interleaved message by message (message k goes to
+// target k % T): on a shared machine a stall (a neighbour, a late wake-up of this load
+// generator) then falls on every target alike instead of on whichever happened to be running.
+// Echoes are read by tasks on this one thread, so the client core is not crowded with a thread
+// per connection; the sender is a thread of its own because it sleeps to the microsecond.
 
 async fn latency(args: &Args) -> Result<serde_json::Value, Error> {
-    let mut streams = Vec::with_capacity(args.connections);
-    for index in 0..args.connections {
-        let (stream, early) = open(args, source(args, index)).await?;
-        if !early.is_empty() {
-            return Err("bytes before the first message".into());
+    let targets: Vec<Args> = (0..args.targets.len())
+        .map(|index| args.for_target(index))
+        .collect();
+    let (t, n) = (targets.len() as u64, args.connections as u64);
+    let mut readers = Vec::with_capacity(targets.len() * args.connections);
+    let mut writers = Vec::with_capacity(targets.len() * args.connections);
+    for target in &targets {
+        for index in 0..args.connections {
+            let (stream, early) = open(target, source(target, index)).await?;
+            if !early.is_empty() {
+                return Err("bytes before the first message".into());
+            }
+            // The writer shares the socket; it stays non-blocking (see `send_all`).
+            let stream = stream.into_std()?;
+            writers.push(stream.try_clone()?);
+            readers.push(TcpStream::from_std(stream)?);
         }
-        let stream = stream.into_std()?;
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        streams.push(stream);
     }
-    let n = args.connections as u64;
-    let total = (args.rate as f64 * (args.warmup + args.duration)) as u64;
+    let per_target = (args.rate as f64 * (args.warmup + args.duration)) as u64;
     let warmup_ns = (args.warmup * 1e9) as u64;
-    let period_ns = 1e9 / args.rate as f64;
+    let period_ns = 1e9 / (args.rate * t) as f64;
     let size = args.size;
-    let conns: Vec<Arc<Messages>> = (0..n).map(|_| Arc::new(Messages::new(size))).collect();
+    let conns: Vec<Arc<Messages>> = (0..readers.len())
+        .map(|_| Arc::new(Messages::new(size)))
+        .collect();
     let start = Instant::now();
 
-    let mut readers = Vec::new();
-    for (i, stream) in streams.iter().enumerate() {
-        let mut stream = stream.try_clone()?;
+    let mut reading = tokio::task::JoinSet::new();
+    for (i, stream) in readers.into_iter().enumerate() {
         let messages = Arc::clone(&conns[i]);
-        let expected = total / n + u64::from((i as u64) < total % n);
-        readers.push(std::thread::spawn(move || -> Result<Vec<u32>, Error> {
-            let mut latencies = Vec::with_capacity(expected as usize);
-            let mut input = ReadBuffer::new(&[], 64 * 1024);
-            let mut echoed = 0u64;
-            while echoed < expected {
-                let space = input.space(size + 14);
-                let got = stream.read(space)?;
-                if got == 0 {
-                    return Err("connection closed during the latency run".into());
-                }
-                input.filled += got;
-                while let Some((header, frame_len)) = next_echo(input.unread())? {
-                    let now = start.elapsed().as_nanos() as u64;
-                    let payload = &input.unread()[header.header_len..frame_len];
-                    let intended = u64::from_be_bytes(payload[8..16].try_into().unwrap());
-                    let mut prefix = [0u8; 16];
-                    prefix[..8].copy_from_slice(&echoed.to_be_bytes());
-                    prefix[8..].copy_from_slice(&intended.to_be_bytes());
-                    messages.verify(payload, &prefix)?;
-                    if intended >= warmup_ns {
-                        latencies.push((now.saturating_sub(intended) / 1000) as u32);
-                    }
-                    input.start += frame_len;
-                    echoed += 1;
-                }
-            }
-            Ok(latencies)
-        }));
+        let within = (i as u64) % n;
+        let expected = per_target / n + u64::from(within < per_target % n);
+        reading.spawn(read_echoes(stream, messages, expected, start, warmup_ns, i));
     }
 
-    let mut writers: Vec<std::net::TcpStream> = streams;
-    let sender_conns = conns.clone();
     let sender = std::thread::spawn(move || -> Result<u64, Error> {
         let mut frame = Vec::with_capacity(size + 14);
         let mut late_sends = 0u64;
-        for k in 0..total {
+        for k in 0..per_target * t {
             let intended = (k as f64 * period_ns) as u64;
             let now = start.elapsed().as_nanos() as u64;
             if intended > now {
@@ -522,53 +539,119 @@ async fn latency(args: &Args) -> Result<serde_json::Value, Error> {
             } else if now - intended > 1_000_000 {
                 late_sends += 1;
             }
-            let conn = (k % n) as usize;
+            let (target, j) = (k % t, k / t);
+            let conn = (target * n + j % n) as usize;
             let mut prefix = [0u8; 16];
-            prefix[..8].copy_from_slice(&(k / n).to_be_bytes());
+            prefix[..8].copy_from_slice(&(j / n).to_be_bytes());
             prefix[8..].copy_from_slice(&intended.to_be_bytes());
             frame.clear();
-            sender_conns[conn].push(&mut frame, &prefix);
-            writers[conn].write_all(&frame)?;
+            conns[conn].push(&mut frame, &prefix);
+            send_all(&mut writers[conn], &frame)?;
         }
         Ok(late_sends)
     });
 
     let warm_end = start + Duration::from_nanos(warmup_ns);
     tokio::time::sleep_until(warm_end.into()).await;
-    let before = CpuSample::take(args);
+    let before: Vec<CpuSample> = targets.iter().map(CpuSample::take).collect();
+    let mut by_connection = vec![Vec::new(); args.connections * targets.len()];
+    while let Some(done) = reading.join_next().await {
+        let (index, latencies) = done??;
+        by_connection[index] = latencies;
+    }
+    let after: Vec<CpuSample> = targets.iter().map(CpuSample::take).collect();
     let late_sends = tokio::task::spawn_blocking(move || sender.join())
         .await?
         .map_err(|_| "sender thread panicked")??;
-    let mut all = Vec::with_capacity(total as usize);
-    for reader in readers {
-        let latencies = tokio::task::spawn_blocking(move || reader.join())
-            .await?
-            .map_err(|_| "reader thread panicked")??;
-        all.extend(latencies);
+
+    let mut results = Vec::with_capacity(targets.len());
+    for (index, target) in targets.iter().enumerate() {
+        let mut all: Vec<u32> =
+            by_connection[index * args.connections..][..args.connections].concat();
+        all.sort_unstable();
+        let pct = |p: f64| -> u32 {
+            if all.is_empty() {
+                return 0;
+            }
+            all[((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1]
+        };
+        let (before, after) = (&before[index], &after[index]);
+        results.push(json!({
+            "scenario": "latency",
+            "target": target.target().to_string(),
+            "connections": args.connections,
+            "size": args.size,
+            "rate": args.rate,
+            "side_by_side": t,
+            "messages": all.len(),
+            "msgs_per_s": all.len() as f64 / after.at.duration_since(before.at).as_secs_f64(),
+            "verified": per_target,
+            "late_sends_over_1ms": late_sends,
+            "p50_us": pct(0.50),
+            "p99_us": pct(0.99),
+            "p999_us": pct(0.999),
+            "max_us": all.last().copied().unwrap_or(0),
+            "cpu": before.until(after),
+        }));
     }
-    let after = CpuSample::take(args);
-    all.sort_unstable();
-    let pct = |p: f64| -> u32 {
-        if all.is_empty() {
-            return 0;
+    Ok(json!({ "scenario": "latency", "per_target": results }))
+}
+
+/// Reads one connection's `expected` echoes; returns its index and the latencies (µs) of the
+/// messages meant to be sent after the warm-up.
+async fn read_echoes(
+    mut stream: TcpStream,
+    messages: Arc<Messages>,
+    expected: u64,
+    start: Instant,
+    warmup_ns: u64,
+    index: usize,
+) -> Result<(usize, Vec<u32>), Error> {
+    let mut latencies = Vec::with_capacity(expected as usize);
+    let mut input = ReadBuffer::new(&[], 64 * 1024);
+    let mut echoed = 0u64;
+    while echoed < expected {
+        let space = input.space(messages.expected.len() + 14);
+        let got = tokio::time::timeout(Duration::from_secs(10), stream.read(space))
+            .await
+            .map_err(|_| format!("no echo for 10 s after {echoed} of {expected}"))??;
+        if got == 0 {
+            return Err("connection closed during the latency run".into());
         }
-        all[((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1]
-    };
-    Ok(json!({
-        "scenario": "latency",
-        "connections": args.connections,
-        "size": args.size,
-        "rate": args.rate,
-        "messages": all.len(),
-        "msgs_per_s": all.len() as f64 / after.at.duration_since(before.at).as_secs_f64(),
-        "verified": total,
-        "late_sends_over_1ms": late_sends,
-        "p50_us": pct(0.50),
-        "p99_us": pct(0.99),
-        "p999_us": pct(0.999),
-        "max_us": all.last().copied().unwrap_or(0),
-        "cpu": before.until(&after),
-    }))
+        input.filled += got;
+        while let Some((header, frame_len)) = next_echo(input.unread())? {
+            let now = start.elapsed().as_nanos() as u64;
+            let payload = &input.unread()[header.header_len..frame_len];
+            let intended = u64::from_be_bytes(payload[8..16].try_into().unwrap());
+            let mut prefix = [0u8; 16];
+            prefix[..8].copy_from_slice(&echoed.to_be_bytes());
+            prefix[8..].copy_from_slice(&intended.to_be_bytes());
+            messages.verify(payload, &prefix)?;
+            if intended >= warmup_ns {
+                latencies.push((now.saturating_sub(intended) / 1000) as u32);
+            }
+            input.start += frame_len;
+            echoed += 1;
+        }
+    }
+    Ok((index, latencies))
+}
+
+/// `write_all` on a socket whose reading half is registered with tokio, hence non-blocking:
+/// a full send buffer (a stalled target) is waited out rather than reported as an error.
+fn send_all(stream: &mut std::net::TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match stream.write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(written) => bytes = &bytes[written..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_micros(50))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -579,7 +662,7 @@ const RAMP_CONCURRENCY: usize = 64;
 
 async fn idle(args: &Args) -> Result<serde_json::Value, Error> {
     let rss = |pid: Option<u32>| pid.and_then(rss_kib);
-    let (proxy_before, backend_before) = (rss(args.proxy_pid), rss(args.backend_pid));
+    let (proxy_before, backend_before) = (rss(args.proxy()), rss(args.backend_pid));
     let started = Instant::now();
     let mut open_streams = Vec::with_capacity(args.connections);
     let mut tasks = tokio::task::JoinSet::new();
@@ -587,7 +670,7 @@ async fn idle(args: &Args) -> Result<serde_json::Value, Error> {
     while open_streams.len() < args.connections {
         while next < args.connections && tasks.len() < RAMP_CONCURRENCY {
             let src = source(args, next);
-            let args_target = (args.target, args.path.clone(), args.sources);
+            let args_target = (args.target(), args.path.clone(), args.sources);
             tasks.spawn(open_and_echo(args_target, src, args.size));
             next += 1;
         }
@@ -598,7 +681,7 @@ async fn idle(args: &Args) -> Result<serde_json::Value, Error> {
     }
     let ramp = started.elapsed();
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
-    let (proxy_after, backend_after) = (rss(args.proxy_pid), rss(args.backend_pid));
+    let (proxy_after, backend_after) = (rss(args.proxy()), rss(args.backend_pid));
     let per_conn = |before: Option<u64>, after: Option<u64>| {
         before
             .zip(after)
@@ -623,7 +706,7 @@ async fn open_and_echo(
 ) -> Result<TcpStream, Error> {
     let args = Args {
         scenario: Scenario::Idle,
-        target,
+        targets: vec![target],
         path,
         connections: 1,
         size,
@@ -632,7 +715,7 @@ async fn open_and_echo(
         warmup: 0.0,
         duration: 0.0,
         sources,
-        proxy_pid: None,
+        proxy_pid: Vec::new(),
         backend_pid: None,
         settle: 0.0,
     };
@@ -670,10 +753,9 @@ async fn handshakes(args: &Args) -> Result<serde_json::Value, Error> {
         let (completed, stop) = (Arc::clone(&completed), Arc::clone(&stop));
         let args = Args {
             scenario: Scenario::Handshakes,
-            path: args.path.clone(),
-            proxy_pid: None,
+            proxy_pid: Vec::new(),
             backend_pid: None,
-            ..*args
+            ..args.clone()
         };
         tasks.spawn(async move {
             let mut index = worker;
