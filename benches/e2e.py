@@ -12,6 +12,9 @@ share core 1, so every proxy figure is per proxy core. Targets:
   nginx    the Debian nginx as a WebSocket proxy, one worker, access log off
   wsgate   `wsgate --threads 1 run`, parsing and re-masking every frame, logs at warn
 
+and, when asked for with --targets, uring: benches/uring_relay, the blind relay on io_uring
+instead of epoll (does another kernel interface make a proxy's work per message cheaper?).
+
 Scenarios are run for every target in turn, and the target order rotates between repetitions
 (interleaved), each measurement on freshly started processes; the tables show medians. The
 latency scenario is the exception: all targets run at once behind one backend and the load
@@ -36,6 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 TARGETS = ["direct", "tcp", "nginx", "wsgate"]
+URING_RELAY = os.path.join(RELEASE, "uring_relay")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROXY_CORE, CLIENT_CORE = "0", "1"
 # Other work on a shared machine preempts the pinned processes and turns into latency
@@ -166,7 +170,10 @@ def start_target(procs, target, backend_port, tmp):
     if target == "direct":
         return backend_port, None
     proxy_port = free_port()
-    if target == "tcp":
+    if target == "uring":
+        proxy = procs.start("uring", PROXY_CORE, [URING_RELAY, f"127.0.0.1:{proxy_port}",
+                                                  f"127.0.0.1:{backend_port}"])
+    elif target == "tcp":
         proxy = procs.start("tcp", PROXY_CORE, [f"{RELEASE}/examples/bench_tcp_relay",
                                                 f"127.0.0.1:{proxy_port}",
                                                 f"127.0.0.1:{backend_port}"])
@@ -427,6 +434,10 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "wsgate",
                         "--example", "loadgen", "--example", "bench_echo",
                         "--example", "bench_tcp_relay"], cwd=ROOT, check=True)
+        if "uring" in targets:
+            subprocess.run(["cargo", "build", "--release", "--locked", "--manifest-path",
+                            os.path.join(ROOT, "benches", "uring_relay", "Cargo.toml"),
+                            "--target-dir", os.path.join(ROOT, "target")], check=True)
     all_scenarios = scenarios(args.quick)
     chosen = args.scenarios.split(",")
     started = time.time()
