@@ -48,6 +48,27 @@ pub fn is_hop_by_hop_response(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// The client's own values of a forwarding chain, joined as one list and followed by the
+/// separator for the gateway's element; empty when the client sent none.
+fn prior_chain(head: &RequestHead<'_, '_>, name: &str) -> String {
+    // Room for the gateway's element too, so that appending it does not reallocate.
+    let mut chain = String::with_capacity(96);
+    let values = handshake::headers::values(head.headers, name);
+    for (i, value) in values
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .enumerate()
+    {
+        if i > 0 {
+            chain.push_str(", ");
+        }
+        chain.push_str(value);
+    }
+    if !chain.is_empty() {
+        chain.push_str(", ");
+    }
+    chain
+}
+
 /// `X-Forwarded-For/-Proto/-Host` and `Forwarded` (RFC 7239) for the backend request; the
 /// client's own `X-Forwarded-For` and `Forwarded` chains are extended, not replaced.
 #[derive(Debug)]
@@ -61,34 +82,31 @@ pub struct ForwardedHeaders {
 impl ForwardedHeaders {
     pub fn new(head: &RequestHead<'_, '_>, peer: SocketAddr, tls: bool) -> Self {
         let ip = peer.ip();
-        let prior = |name| {
-            let values: Vec<&str> = handshake::headers::values(head.headers, name)
-                .filter_map(|v| std::str::from_utf8(v).ok())
-                .collect();
-            values.join(", ")
-        };
-        let chain = |prior: String, item: String| {
-            if prior.is_empty() {
-                item
-            } else {
-                format!("{prior}, {item}")
-            }
-        };
-        let node = if ip.is_ipv6() {
-            format!("\"[{ip}]\"")
-        } else {
-            ip.to_string()
-        };
+        // Rendered once for both chains: formatting the address was most of this function.
+        let address = ip.to_string();
         let proto = if tls { "https" } else { "http" };
         let host = head.header("host").unwrap_or("");
+        let mut x_forwarded_for = prior_chain(head, "x-forwarded-for");
+        x_forwarded_for.push_str(&address);
+        let mut forwarded = prior_chain(head, "forwarded");
+        forwarded.push_str("for=");
+        if ip.is_ipv6() {
+            forwarded.push_str("\"[");
+            forwarded.push_str(&address);
+            forwarded.push_str("]\"");
+        } else {
+            forwarded.push_str(&address);
+        }
+        forwarded.push_str(";proto=");
+        forwarded.push_str(proto);
+        forwarded.push_str(";host=\"");
+        forwarded.push_str(host);
+        forwarded.push('"');
         Self {
-            x_forwarded_for: chain(prior("x-forwarded-for"), ip.to_string()),
+            x_forwarded_for,
             x_forwarded_proto: proto,
             x_forwarded_host: host.to_owned(),
-            forwarded: chain(
-                prior("forwarded"),
-                format!("for={node};proto={proto};host=\"{host}\""),
-            ),
+            forwarded,
         }
     }
 
@@ -112,5 +130,55 @@ impl ForwardedHeaders {
         fields.push(("X-Forwarded-Host", self.x_forwarded_host.as_bytes()));
         fields.push(("Forwarded", self.forwarded.as_bytes()));
         fields
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ForwardedHeaders;
+    use crate::proto::handshake;
+    use httparse::EMPTY_HEADER;
+
+    fn forwarded(head: &[u8], peer: &str, tls: bool) -> ForwardedHeaders {
+        let mut storage = [EMPTY_HEADER; 16];
+        let (head, _) = handshake::parse_request(head, &mut storage)
+            .unwrap()
+            .unwrap();
+        ForwardedHeaders::new(&head, peer.parse().unwrap(), tls)
+    }
+
+    #[test]
+    fn a_first_hop_starts_both_chains() {
+        let f = forwarded(
+            b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n",
+            "192.0.2.7:4000",
+            false,
+        );
+        assert_eq!(f.x_forwarded_for, "192.0.2.7");
+        assert_eq!(f.x_forwarded_proto, "http");
+        assert_eq!(f.x_forwarded_host, "app.test");
+        assert_eq!(f.forwarded, "for=192.0.2.7;proto=http;host=\"app.test\"");
+    }
+
+    #[test]
+    fn the_clients_chains_are_extended_in_order() {
+        let head = b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 203.0.113.1\r\n\
+            X-Forwarded-For: 203.0.113.2, 203.0.113.3\r\nForwarded: for=203.0.113.1\r\n\r\n";
+        let f = forwarded(head, "[2001:db8::1]:4000", true);
+        assert_eq!(
+            f.x_forwarded_for,
+            "203.0.113.1, 203.0.113.2, 203.0.113.3, 2001:db8::1"
+        );
+        assert_eq!(
+            f.forwarded,
+            "for=203.0.113.1, for=\"[2001:db8::1]\";proto=https;host=\"app.test\""
+        );
+    }
+
+    #[test]
+    fn an_empty_prior_value_is_kept_as_an_empty_element() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: \r\nX-Forwarded-For: b\r\n\r\n";
+        let f = forwarded(head, "192.0.2.7:1", false);
+        assert_eq!(f.x_forwarded_for, ", b, 192.0.2.7");
     }
 }

@@ -13,7 +13,9 @@
 //! series stay per route and direction.
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,16 +29,30 @@ pub struct RouteBackend {
     pub backend: String,
 }
 
+/// Labels of a connection's end, one series per hop. Built once per closed connection, so the
+/// fixed-set labels are static strings and a number, not allocated text.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Closed {
     pub route: String,
     pub backend: String,
     /// "client" or "backend": the hop the close code was sent to.
-    pub side: String,
-    /// The close code sent on that hop, or "none" when the hop was cut without one.
-    pub code: String,
+    pub side: &'static str,
+    pub code: CloseCodeLabel,
     /// "client", "backend" or "gateway": who started the end.
-    pub initiator: String,
+    pub initiator: &'static str,
+}
+
+/// The close code sent on a hop, or "none" when the hop was cut without one.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub struct CloseCodeLabel(pub Option<u16>);
+
+impl EncodeLabelValue for CloseCodeLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        match self.0 {
+            Some(code) => EncodeLabelValue::encode(&code, encoder),
+            None => EncodeLabelValue::encode(&"none", encoder),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -222,56 +238,54 @@ pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
 /// series per backend, looked up once per connection; the frame path only bumps the handles.
 #[derive(Debug, Default)]
 pub struct Flows {
-    counters: RwLock<HashMap<RouteBackend, RelayCounters>>,
+    /// Route name → backend URL → counters: nested so that a lookup borrows the names.
+    counters: RwLock<HashMap<String, HashMap<String, RelayCounters>>>,
 }
 
 impl Flows {
     /// The counters of `route` to `backend`, created at zero the first time.
     pub fn counters(&self, route: &str, backend: &str) -> RelayCounters {
-        let key = RouteBackend {
-            route: route.to_owned(),
-            backend: backend.to_owned(),
-        };
         if let Some(counters) = self
             .counters
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
+            .get(route)
+            .and_then(|backends| backends.get(backend))
         {
             return counters.clone();
         }
         self.counters
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(key)
+            .entry(route.to_owned())
+            .or_default()
+            .entry(backend.to_owned())
             .or_default()
             .clone()
     }
 
     /// Totals so far of `route` to `backend`, `None` before its first connection.
     pub fn totals(&self, route: &str, backend: &str) -> Option<FlowTotals> {
-        let key = RouteBackend {
-            route: route.to_owned(),
-            backend: backend.to_owned(),
-        };
         let counters = self.counters.read().unwrap_or_else(PoisonError::into_inner);
-        counters.get(&key).map(FlowTotals::of)
+        counters
+            .get(route)
+            .and_then(|backends| backends.get(backend))
+            .map(FlowTotals::of)
     }
 
     /// Totals per route, over every backend it ever used (one removed by a reload may still
     /// hold connections), sorted by route.
     pub fn per_route(&self) -> Vec<(String, FlowTotals)> {
         let counters = self.counters.read().unwrap_or_else(PoisonError::into_inner);
-        let mut routes: HashMap<&str, FlowTotals> = HashMap::new();
-        for (key, counters) in counters.iter() {
-            routes
-                .entry(&key.route)
-                .or_default()
-                .add(FlowTotals::of(counters));
-        }
-        let mut routes: Vec<(String, FlowTotals)> = routes
-            .into_iter()
-            .map(|(route, totals)| (route.to_owned(), totals))
+        let mut routes: Vec<(String, FlowTotals)> = counters
+            .iter()
+            .map(|(route, backends)| {
+                let mut totals = FlowTotals::default();
+                for counters in backends.values() {
+                    totals.add(FlowTotals::of(counters));
+                }
+                (route.clone(), totals)
+            })
             .collect();
         routes.sort_by(|a, b| a.0.cmp(&b.0));
         routes

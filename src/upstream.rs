@@ -8,6 +8,7 @@ use crate::config::Backend;
 use crate::proto::handshake::{self, ClientRequest};
 use crate::relay::mask_keys::random_16;
 use crate::stream::Stream;
+use bytes::BufMut;
 use httparse::EMPTY_HEADER;
 use rustls_pki_types::ServerName;
 use std::io;
@@ -206,7 +207,7 @@ async fn open_inner(
             source,
         })?;
 
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf = Vec::new();
     loop {
         if buf.len() >= MAX_RESPONSE_HEAD {
             let source =
@@ -264,12 +265,10 @@ async fn open_inner(
 }
 
 async fn read_some(stream: &mut Stream, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
-    let start = buf.len();
-    let want = (limit - start).min(4096);
-    buf.resize(start + want, 0);
-    let result = stream.read(&mut buf[start..]).await;
-    buf.truncate(start + *result.as_ref().unwrap_or(&0));
-    result
+    // Into the spare capacity, which is not zeroed first (`read_buf` never exposes it).
+    buf.reserve((limit - buf.len()).min(4096));
+    let room = (limit - buf.len()).min(buf.capacity() - buf.len());
+    stream.read_buf(&mut buf.limit(room)).await
 }
 
 /// Headers that describe one hop of the backend's connection, not the response.

@@ -74,6 +74,17 @@ pub fn serve(
     }
 }
 
+/// Whether `buf` holds the blank line that ends a request head. Empty lines before the request
+/// line are skipped, as httparse skips them; a head ended by a bare `\n\n`, which httparse
+/// also accepts, is recognised by parsing instead.
+fn head_ended(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    buf[start..].windows(4).any(|w| w == b"\r\n\r\n")
+}
+
 async fn first_request(
     gateway: &Arc<Gateway>,
     stream: &mut Stream,
@@ -82,7 +93,7 @@ async fn first_request(
     deadline: Instant,
 ) -> Next {
     let limits = gateway.config.limits;
-    let mut buf = Vec::with_capacity(2048);
+    let mut buf = Vec::new();
     loop {
         match read_head_bytes(stream, &mut buf, limits.max_header_bytes, deadline).await {
             HeadRead::More => {}
@@ -99,8 +110,13 @@ async fn first_request(
                 return Next::Done;
             }
         }
-        // Parsing restarts from the beginning each time: heads are small and usually arrive in
-        // one read, and httparse needs the whole head in one slice anyway.
+        // A head that ended is parsed once, below. One still arriving is parsed as far as it
+        // goes, so that a malformed request line is refused at once rather than at the head
+        // timeout (parsing restarts from the beginning each time: heads are small and
+        // httparse needs the whole head in one slice anyway).
+        if head_ended(&buf) {
+            break;
+        }
         let mut probe = [EMPTY_HEADER; MAX_HEADERS];
         match handshake::parse_request(&buf, &mut probe) {
             Ok(Some(_)) => break,
@@ -112,8 +128,17 @@ async fn first_request(
         }
     }
     let mut storage = [EMPTY_HEADER; MAX_HEADERS];
-    let Ok(Some((head, head_len))) = handshake::parse_request(&buf, &mut storage) else {
-        unreachable!("the same bytes parsed completely a moment ago");
+    let (head, head_len) = match handshake::parse_request(&buf, &mut storage) {
+        Ok(Some(parsed)) => parsed,
+        // Not expected once the blank line is there; answered rather than trusted.
+        Ok(None) => {
+            refuse(stream, 400, "malformed request head", &[]).await;
+            return Next::Done;
+        }
+        Err(error) => {
+            refuse_handshake(stream, &error).await;
+            return Next::Done;
+        }
     };
     if !head.wants_websocket() {
         return Next::Http(buf);
@@ -158,4 +183,24 @@ async fn refuse_handshake(stream: &mut Stream, error: &HandshakeError) {
     let mut out = Vec::new();
     handshake::write_error_response(&mut out, error);
     finish_with(stream, &out).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_ended;
+
+    #[test]
+    fn a_head_ends_at_its_first_blank_line() {
+        assert!(head_ended(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(head_ended(b"GET / HTTP/1.1\r\n\r\nbody"));
+        assert!(!head_ended(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!head_ended(b""));
+    }
+
+    #[test]
+    fn empty_lines_before_the_request_line_do_not_end_it() {
+        // httparse skips them, so the head has not ended: parsing it would say "partial".
+        assert!(!head_ended(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(head_ended(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+    }
 }

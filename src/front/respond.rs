@@ -2,6 +2,7 @@
 
 use crate::stream::Stream;
 use crate::upstream::Refusal;
+use bytes::BufMut;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -26,18 +27,15 @@ pub async fn read_head_bytes(
     if buf.len() >= max {
         return HeadRead::TooLarge;
     }
-    let start = buf.len();
-    buf.resize((start + 4096).min(max), 0);
-    let read = tokio::time::timeout_at(deadline, stream.read(&mut buf[start..])).await;
+    // Into the spare capacity, which is not zeroed first (`read_buf` never exposes it).
+    buf.reserve((max - buf.len()).min(4096));
+    let room = (max - buf.len()).min(buf.capacity() - buf.len());
+    let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf.limit(room))).await;
     let n = match read {
-        Err(_) => {
-            buf.truncate(start);
-            return HeadRead::TimedOut;
-        }
+        Err(_) => return HeadRead::TimedOut,
         Ok(Ok(n)) => n,
         Ok(Err(_)) => 0,
     };
-    buf.truncate(start + n);
     if n == 0 {
         HeadRead::Closed
     } else {

@@ -11,7 +11,7 @@ use crate::admit::{
 };
 use crate::config::Compression;
 use crate::gateway::{Gateway, RouteSlot};
-use crate::metrics::{Closed, RouteBackend};
+use crate::metrics::{CloseCodeLabel, Closed, RouteBackend};
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{CloseCode, DecoderConfig, FrameDecoder, Role};
 use crate::rebalance::Registration;
@@ -263,11 +263,9 @@ impl AccessContext {
             let closed = Closed {
                 route: route.clone(),
                 backend: self.backend.clone(),
-                side: side.to_owned(),
-                code: hop
-                    .close_sent
-                    .map_or_else(|| "none".to_owned(), |c| c.to_string()),
-                initiator: report.initiator.to_owned(),
+                side,
+                code: CloseCodeLabel(hop.close_sent),
+                initiator: report.initiator,
             };
             self.gateway
                 .metrics

@@ -43,7 +43,9 @@ pub fn list_elements<'h, 'b>(
 /// Whether the list in header `name` contains `token` (case-insensitive), e.g. `Connection:
 /// keep-alive, Upgrade`.
 pub fn has_token(headers: &[Header<'_>], name: &str, token: &str) -> bool {
-    list_elements(headers, name).any(|element| element.eq_ignore_ascii_case(token))
+    // Nearly always the whole value is the token (`Upgrade: websocket`): no list to split.
+    values(headers, name).any(|value| value.eq_ignore_ascii_case(token.as_bytes()))
+        || list_elements(headers, name).any(|element| element.eq_ignore_ascii_case(token))
 }
 
 /// Splits a list on commas that are not inside a quoted string; trims and skips empty elements.
