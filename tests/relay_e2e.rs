@@ -883,6 +883,47 @@ async fn close_backend_initiated_4002_server_bye_reaches_client() {
     );
 }
 
+/// After a completed closing handshake the gateway closes the client's TCP at once (RFC 6455
+/// §7.1.1): it does not wait, half-closed, for a client that never closes its side. Bytes the
+/// client sends afterwards meet a closed socket (a reset), not a drain.
+#[tokio::test]
+async fn close_completed_handshake_gateway_closes_tcp_without_waiting_for_the_client() {
+    let backend = recording_backend(Script::Echo).await;
+    let gateway = gateway_to(backend.addr, "timeouts: {close: 30s}").await;
+    let mut client = raw_client(gateway.addr, upgrade_request("/", "").as_bytes()).await;
+    client
+        .send(&client_frame(
+            true,
+            op::CLOSE,
+            &close_payload(1000, b"done"),
+        ))
+        .await;
+    let reply = client
+        .close_frame()
+        .await
+        .expect("the backend's close reply");
+    assert_eq!(reply.close_code(), Some(1000));
+    assert!(
+        client.eof_within(Duration::from_secs(5)).await,
+        "the gateway closes TCP after the handshake"
+    );
+    // The client keeps its side open and writes: a socket the gateway still drained would
+    // swallow this silently, well within the 30 s close timeout; a closed one resets.
+    let garbage = client_frame(true, op::TEXT, b"after the close");
+    let mut reset = false;
+    for _ in 0..20 {
+        if client.stream.write_all(&garbage).await.is_err() {
+            reset = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        reset,
+        "the gateway kept the socket open after the closing handshake"
+    );
+}
+
 #[tokio::test]
 async fn close_backend_never_answers_gateway_replies_to_client_within_close_timeout() {
     let (_gateway, mut ws, mut raw, _backend) =

@@ -918,8 +918,18 @@ fn settle(
     }
     hop.writing = Writing::Finished;
     if hop.reading != Reading::Done {
-        hop.reading = Reading::Discard;
-        hop.drain_deadline = Some(now + settings.close_timeout);
+        if hop.side == Side::Client && !hop.given_up {
+            // The closing handshake is complete: a client sends nothing after its close frame,
+            // and the server closes TCP at once (RFC 6455 §7.1.1) rather than waiting for the
+            // client's FIN, which cost a read and a wake-up per connection.
+            hop.reading = Reading::Done;
+        } else {
+            // After a protocol error or an unanswered close the client may still be sending:
+            // read and drop until it closes, so that closing does not reset the connection
+            // before it has read our close frame.
+            hop.reading = Reading::Discard;
+            hop.drain_deadline = Some(now + settings.close_timeout);
+        }
     }
     true
 }
