@@ -133,6 +133,33 @@ async fn tls_listener_wss_client_echoes_through_a_plain_backend() {
     );
 }
 
+/// The closing handshake over TLS ends cleanly for the client: the gateway's close frame, its
+/// close_notify and the end of TCP arrive in order, and the client's own close_notify (which
+/// rustls sends when it shuts down) meets a gateway still reading, not a reset.
+#[tokio::test]
+async fn tls_listener_closing_handshake_ends_cleanly_for_the_client() {
+    let backend = echo_backend("plain-backend").await;
+    let gateway = tls_gateway(backend.addr, "").await;
+    let port = gateway.addr.port();
+    for _ in 0..20 {
+        let mut ws = wss_connect(
+            &format!("wss://localhost:{port}/"),
+            dev_client(rustls::ALL_VERSIONS),
+        )
+        .await;
+        echo(&mut ws, "before closing").await;
+        within("close", ws.close(None)).await.unwrap();
+        // Whatever follows the close reply must be the clean end of the stream.
+        loop {
+            match within("the end of the connection", ws.next()).await {
+                None => break,
+                Some(Ok(Message::Close(_))) => {}
+                Some(other) => panic!("after the closing handshake: {other:?}"),
+            }
+        }
+    }
+}
+
 /// SNI picks the certificate on the real listener: a client verifying `chat.example.test`
 /// only succeeds if it got the example-test certificate; a name no certificate lists gets
 /// the default (localhost) one, which that client rightly rejects.
