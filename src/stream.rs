@@ -3,12 +3,13 @@
 //! An enum rather than generics keeps one copy of the relay in the binary; the TLS variants
 //! are boxed so an idle plain connection pays only for a `TcpStream`.
 
+use bytes::BufMut;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 #[derive(Debug)]
@@ -28,6 +29,22 @@ impl Stream {
     /// hyper connection does not say; its caller knows and passes it along instead.
     pub fn is_tls(&self) -> bool {
         matches!(self, Self::ServerTls(_) | Self::ClientTls(_))
+    }
+
+    /// Plain TCP, known not to carry TLS (an upgraded hyper connection may).
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Self::Plain(_))
+    }
+
+    /// Reads once, appending at most `limit - buf.len()` (and at most 4 KiB) bytes to `buf`.
+    /// The bytes go into the vector's spare capacity, which is not zeroed first (`read_buf`
+    /// never exposes it): heads are read in pieces and the zeroing cost more than the copy.
+    /// Needs `buf.len() < limit`; `Ok(0)` is the end of the stream.
+    pub async fn read_appending(&mut self, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
+        debug_assert!(buf.len() < limit);
+        buf.reserve((limit - buf.len()).min(4096));
+        let room = (limit - buf.len()).min(buf.capacity() - buf.len());
+        self.read_buf(&mut buf.limit(room)).await
     }
 }
 

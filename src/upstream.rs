@@ -8,7 +8,6 @@ use crate::config::Backend;
 use crate::proto::handshake::{self, ClientRequest};
 use crate::relay::mask_keys::random_16;
 use crate::stream::Stream;
-use bytes::BufMut;
 use httparse::EMPTY_HEADER;
 use rustls_pki_types::ServerName;
 use std::io;
@@ -217,7 +216,7 @@ async fn open_inner(
                 source,
             });
         }
-        let n = read_some(&mut stream, &mut buf, MAX_RESPONSE_HEAD).await;
+        let n = stream.read_appending(&mut buf, MAX_RESPONSE_HEAD).await;
         let n = n.map_err(|source| UpstreamError::Connect {
             backend: url(),
             source,
@@ -262,13 +261,6 @@ async fn open_inner(
             }),
         };
     }
-}
-
-async fn read_some(stream: &mut Stream, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
-    // Into the spare capacity, which is not zeroed first (`read_buf` never exposes it).
-    buf.reserve((limit - buf.len()).min(4096));
-    let room = (limit - buf.len()).min(buf.capacity() - buf.len());
-    stream.read_buf(&mut buf.limit(room)).await
 }
 
 /// Headers that describe one hop of the backend's connection, not the response.

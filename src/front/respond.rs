@@ -2,7 +2,6 @@
 
 use crate::stream::Stream;
 use crate::upstream::Refusal;
-use bytes::BufMut;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -27,10 +26,7 @@ pub async fn read_head_bytes(
     if buf.len() >= max {
         return HeadRead::TooLarge;
     }
-    // Into the spare capacity, which is not zeroed first (`read_buf` never exposes it).
-    buf.reserve((max - buf.len()).min(4096));
-    let room = (max - buf.len()).min(buf.capacity() - buf.len());
-    let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf.limit(room))).await;
+    let read = tokio::time::timeout_at(deadline, stream.read_appending(buf, max)).await;
     let n = match read {
         Err(_) => return HeadRead::TimedOut,
         Ok(Ok(n)) => n,

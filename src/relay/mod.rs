@@ -918,15 +918,16 @@ fn settle(
     }
     hop.writing = Writing::Finished;
     if hop.reading != Reading::Done {
-        if hop.side == Side::Client && !hop.given_up && !hop.stream.is_tls() {
+        if hop.side == Side::Client && !hop.given_up && hop.stream.is_plain() {
             // The closing handshake is complete: a client sends nothing after its close frame,
             // and the server closes TCP at once (RFC 6455 §7.1.1) rather than waiting for the
             // client's FIN, which cost a read and a wake-up per connection.
             hop.reading = Reading::Done;
         } else {
             // After a protocol error or an unanswered close the client may still be sending,
-            // and a TLS client may answer our close_notify with its own: read and drop until
-            // it closes, so that closing does not reset the connection under it.
+            // and a TLS client (or an upgraded connection, which may be one) may answer our
+            // close_notify with its own: read and drop until it closes, so that closing does
+            // not reset the connection under it.
             hop.reading = Reading::Discard;
             hop.drain_deadline = Some(now + settings.close_timeout);
         }
