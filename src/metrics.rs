@@ -40,6 +40,8 @@ pub struct Closed {
     pub code: CloseCodeLabel,
     /// "client", "backend" or "gateway": who started the end.
     pub initiator: &'static str,
+    /// Why it ended (`relay::Cause::label`): close_handshake, disconnected, protocol_error, ...
+    pub cause: &'static str,
 }
 
 /// The close code sent on a hop, or "none" when the hop was cut without one.

@@ -13,10 +13,10 @@ use crate::config::Compression;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{CloseCodeLabel, Closed, RouteBackend};
 use crate::proto::handshake::{self, RequestHead};
-use crate::proto::{CloseCode, DecoderConfig, FrameDecoder, Role};
+use crate::proto::{DecoderConfig, FrameDecoder, Role};
 use crate::rebalance::Registration;
 use crate::recent_errors::ErrorKind;
-use crate::relay::{HopStart, Relay, RelayReport, RelaySettings, Stop};
+use crate::relay::{Cause, HopStart, Relay, RelayReport, RelaySettings, Side, Stop};
 use crate::routing::ConnectionSlot;
 use crate::stream::Stream;
 use crate::upstream::Refusal;
@@ -265,7 +265,8 @@ impl AccessContext {
                 backend: self.backend.clone(),
                 side,
                 code: CloseCodeLabel(hop.close_sent),
-                initiator: report.initiator,
+                initiator: report.initiator.name(),
+                cause: report.cause.label(),
             };
             self.gateway
                 .metrics
@@ -295,39 +296,31 @@ impl AccessContext {
             client_close_sent = %code(report.client.close_sent),
             backend_close_received = %code(report.backend.close_received),
             backend_close_sent = %code(report.backend.close_sent),
-            initiator = report.initiator,
+            initiator = report.initiator.name(),
             cause = %report.cause,
             "connection closed"
         );
     }
 }
 
-/// Whether a relayed connection ended in a failure worth showing on the dashboard, judged by
-/// the close codes the gateway sent: normal ends, shutdowns and idle timeouts are not.
-fn failure(report: &RelayReport) -> Option<(ErrorKind, &str)> {
-    let sent = [report.client.close_sent, report.backend.close_sent];
-    let any = |codes: &[CloseCode]| {
-        sent.iter()
-            .flatten()
-            .any(|c| codes.contains(&CloseCode(*c)))
+/// Whether a relayed connection ended in a failure worth showing on the dashboard: normal
+/// ends, shutdowns, moves and idle timeouts are not.
+fn failure(report: &RelayReport) -> Option<(ErrorKind, String)> {
+    let kind = match report.cause {
+        Cause::Violation { .. } if report.cause.is_policy() => ErrorKind::Policy,
+        Cause::Violation { .. } => ErrorKind::Protocol,
+        Cause::Disconnected(Side::Backend) | Cause::IoError(Side::Backend) => {
+            ErrorKind::BackendDropped
+        }
+        Cause::PingTimeout(_) => ErrorKind::PingTimeout,
+        Cause::CloseHandshake(_)
+        | Cause::Disconnected(Side::Client)
+        | Cause::IoError(Side::Client)
+        | Cause::IdleTimeout
+        | Cause::Shutdown
+        | Cause::Moved => return None,
     };
-    if any(&[
-        CloseCode::PROTOCOL_ERROR,
-        CloseCode::INVALID_PAYLOAD,
-        CloseCode::TOO_BIG,
-    ]) {
-        Some((ErrorKind::Protocol, &report.cause))
-    } else if any(&[CloseCode::POLICY_VIOLATION]) {
-        Some((ErrorKind::Policy, &report.cause))
-    } else if report.client.close_sent == Some(CloseCode::BAD_GATEWAY.0) {
-        // The relay notes no cause for a hop that vanished; the code says it all.
-        let why = "backend closed the connection without a close frame";
-        Some((ErrorKind::BackendDropped, why))
-    } else if report.cause.contains("did not answer ping") {
-        Some((ErrorKind::PingTimeout, &report.cause))
-    } else {
-        None
-    }
+    Some((kind, report.cause.to_string()))
 }
 
 fn join<'a>(items: impl Iterator<Item = &'a str>) -> Option<String> {

@@ -1,25 +1,25 @@
-//! One side of a relayed connection: its socket, the decoder for what it sends, the buffer
-//! those bytes wait in, the control frames queued for it, and its close-handshake state.
+//! One side of a relayed connection, without its socket: the decoder for what it sends, the
+//! buffer those bytes wait in, the control frames queued for it, where its frames stand, and
+//! its closing handshake as one state.
 
 use super::buffer::HopBuffer;
 use super::mask_keys::next_mask_key;
 use super::outbox::Outbox;
 use crate::limits::TokenBucket;
 use crate::proto::{CloseCode, ControlFrame, FrameDecoder, MaskKey, close_frame};
-use crate::stream::Stream;
 use prometheus_client::metrics::counter::Counter;
 use std::fmt;
-use tokio::time::Instant;
+use std::time::Instant;
 
 /// Which peer a hop talks to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Side {
     Client,
     Backend,
 }
 
 impl Side {
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Self::Client => "client",
             Self::Backend => "backend",
@@ -47,16 +47,51 @@ pub enum Reading {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Writing {
     Open,
+    /// Everything owed is written: our side of TCP is to be shut down (FIN) next.
+    ShutdownDue,
     /// Our side of TCP is shut down (or deliberately left for the peer to close first).
     Finished,
     /// The socket failed or the peer is gone: nothing more is written.
     Dead,
 }
 
+/// Where the data frames this hop sends stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InFrame {
+    /// At a frame boundary: the other hop may be sent a control frame.
+    Boundary,
+    /// A data frame is partly forwarded (nothing else may be written to the other hop until it
+    /// ends), re-masked with `mask` (client frames), `offset` payload bytes into it.
+    Forwarding { mask: MaskKey, offset: u64 },
+    /// The current data frame is dropped (the other hop was sent a close).
+    Dropping,
+}
+
+/// The closing handshake with one hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseState {
+    /// No close frame either way.
+    Open,
+    /// The hop broke the protocol: its close is held back until the other hop is done, so
+    /// everything sent in answer to its valid messages reaches it first. Its reply is not
+    /// awaited.
+    Owed(CloseCode, &'static str),
+    /// Our close is queued or sent; the hop's reply is awaited until `deadline`.
+    Sent { code: CloseCode, deadline: Instant },
+    /// The hop's close arrived; ours (relayed from the other hop or the gateway's) is not sent.
+    Received(CloseCode),
+    /// Nothing more is exchanged: `sent` is our close (`ABNORMAL` when the hop's TCP was cut
+    /// instead, `None` when it could not be written), `received` the hop's (`None` when we
+    /// gave up waiting for it).
+    Settled {
+        sent: Option<CloseCode>,
+        received: Option<CloseCode>,
+    },
+}
+
 #[derive(Debug)]
 pub struct Hop {
     pub side: Side,
-    pub stream: Stream,
     /// Decodes the frames this hop sends.
     pub decoder: FrameDecoder,
     /// What this hop sent, processed in place, on its way to the other hop.
@@ -65,35 +100,13 @@ pub struct Hop {
     pub outbox: Outbox,
     pub reading: Reading,
     pub writing: Writing,
-
-    /// The key this hop's current data frame is re-masked with (client frames only) and how far
-    /// into that frame the next payload byte is.
-    pub out_mask: MaskKey,
-    pub out_offset: u64,
-    /// A data frame from this hop is partly forwarded: nothing else may be written to the other
-    /// hop until it ends.
-    pub mid_frame: bool,
-    /// The current data frame from this hop is being dropped (the other hop was sent a close).
-    pub swallowing_frame: bool,
-    /// Reading from / writing to this hop returned `Pending` during the current poll of the
-    /// connection's task: the waker is registered, so asking again before the next wake-up
-    /// would only repeat the readiness check (the relay loops until nothing moves).
-    pub read_blocked: bool,
-    pub write_blocked: bool,
-
-    /// The hop's close frame arrived (its code; 1005 for an empty one).
-    pub close_received: Option<CloseCode>,
-    /// A close frame was queued to this hop (its code).
-    pub close_sent: Option<CloseCode>,
-    /// When we stop waiting for this hop's close reply.
-    pub close_deadline: Option<Instant>,
+    pub in_frame: InFrame,
+    pub close: CloseState,
     /// When we stop waiting for this hop to close TCP.
     pub drain_deadline: Option<Instant>,
-    /// We will not wait for this hop's close reply (it misbehaved or timed out).
-    pub given_up: bool,
-    /// The close this hop gets once the other hop has finished: a client that broke the
-    /// protocol still receives what the backend sent before it learned of the failure.
-    pub deferred_close: Option<(CloseCode, &'static str)>,
+    /// Set when the hop's closing starts: by then it is finished whatever it does (a peer that
+    /// stops reading cannot hold the connection by leaving our close or its reply unwritten).
+    pub finish_deadline: Option<Instant>,
 
     /// The last time any byte arrived from this hop.
     pub last_heard: Instant,
@@ -112,31 +125,21 @@ pub struct Hop {
 impl Hop {
     pub fn new(
         side: Side,
-        stream: Stream,
         decoder: FrameDecoder,
         now: Instant,
         (messages_counter, bytes_counter): (Counter, Counter),
     ) -> Self {
         Self {
             side,
-            stream,
             decoder,
             buf: HopBuffer::default(),
             outbox: Outbox::default(),
             reading: Reading::Frames,
             writing: Writing::Open,
-            out_mask: MaskKey::default(),
-            out_offset: 0,
-            mid_frame: false,
-            swallowing_frame: false,
-            read_blocked: false,
-            write_blocked: false,
-            close_received: None,
-            close_sent: None,
-            close_deadline: None,
+            in_frame: InFrame::Boundary,
+            close: CloseState::Open,
             drain_deadline: None,
-            given_up: false,
-            deferred_close: None,
+            finish_deadline: None,
             last_heard: now,
             pong_deadline: None,
             bytes_in: 0,
@@ -159,6 +162,43 @@ impl Hop {
         self.writing == Writing::Open
     }
 
+    /// A data frame from this hop is partly forwarded to the other hop.
+    pub fn mid_frame(&self) -> bool {
+        matches!(self.in_frame, InFrame::Forwarding { .. })
+    }
+
+    pub fn close_sent(&self) -> Option<CloseCode> {
+        match self.close {
+            CloseState::Sent { code, .. } => Some(code),
+            CloseState::Settled { sent, .. } => sent,
+            _ => None,
+        }
+    }
+
+    pub fn close_received(&self) -> Option<CloseCode> {
+        match self.close {
+            CloseState::Received(code) => Some(code),
+            CloseState::Settled { received, .. } => received,
+            _ => None,
+        }
+    }
+
+    /// We do not wait for this hop's close reply (it misbehaved, vanished or timed out).
+    pub fn given_up(&self) -> bool {
+        matches!(
+            self.close,
+            CloseState::Owed(..) | CloseState::Settled { received: None, .. }
+        )
+    }
+
+    /// No close has been sent to this hop yet (one may be owed).
+    pub fn may_send_close(&self) -> bool {
+        matches!(
+            self.close,
+            CloseState::Open | CloseState::Owed(..) | CloseState::Received(_)
+        )
+    }
+
     /// Queues a control frame for this hop (nothing after a close).
     pub fn send_control(&mut self, frame: ControlFrame) {
         if self.can_write() {
@@ -166,17 +206,73 @@ impl Hop {
         }
     }
 
-    /// Starts the closing handshake with this hop, unless it has started already. A deferred
-    /// close takes precedence over `code` and `reason`.
+    /// Starts (or completes) the closing handshake with this hop, unless our close went out
+    /// already. An owed close takes precedence over `code` and `reason`.
     pub fn send_close(&mut self, code: CloseCode, reason: &str, deadline: Instant) {
-        if self.close_sent.is_some() || !self.can_write() {
+        if !self.may_send_close() {
             return;
         }
-        let (code, reason) = self.deferred_close.take().unwrap_or((code, reason));
-        let frame = close_frame(code, reason, self.outgoing_mask());
-        self.outbox.push(frame);
-        self.close_sent = Some(code);
-        self.close_deadline = Some(deadline);
+        if !self.can_write() {
+            self.close = CloseState::Settled {
+                sent: None,
+                received: self.close_received(),
+            };
+            return;
+        }
+        let (code, reason) = match self.close {
+            CloseState::Owed(code, reason) => (code, reason),
+            _ => (code, reason),
+        };
+        self.outbox
+            .push(close_frame(code, reason, self.outgoing_mask()));
+        self.note_close_sent(code, deadline);
+    }
+
+    /// Records that a close with `code` is on its way to this hop (queued by the gateway or
+    /// relayed from the other hop).
+    pub fn note_close_sent(&mut self, code: CloseCode, deadline: Instant) {
+        self.close = match self.close {
+            CloseState::Received(received) => CloseState::Settled {
+                sent: Some(code),
+                received: Some(received),
+            },
+            CloseState::Owed(..) => CloseState::Settled {
+                sent: Some(code),
+                received: None,
+            },
+            _ => CloseState::Sent { code, deadline },
+        };
+    }
+
+    pub fn note_close_received(&mut self, code: CloseCode) {
+        self.close = match self.close {
+            CloseState::Sent { code: sent, .. } => CloseState::Settled {
+                sent: Some(sent),
+                received: Some(code),
+            },
+            _ => CloseState::Received(code),
+        };
+    }
+
+    /// Stops waiting for this hop's close reply.
+    pub fn give_up(&mut self) {
+        self.close = match self.close {
+            CloseState::Sent { code, .. } => CloseState::Settled {
+                sent: Some(code),
+                received: None,
+            },
+            other => other,
+        };
+    }
+
+    /// The hop's TCP is cut half-way through a frame to it, which a close frame cannot
+    /// interrupt: reported as 1006.
+    pub fn cut(&mut self) {
+        self.close = CloseState::Settled {
+            sent: Some(CloseCode::ABNORMAL),
+            received: None,
+        };
+        self.outbox.clear();
     }
 
     /// The connection to this hop is gone: nothing more is read or written.
@@ -189,10 +285,11 @@ impl Hop {
 
     /// The closing handshake with this hop is over, or will not happen.
     pub fn handshake_settled(&self) -> bool {
-        self.close_sent.is_some() && (self.close_received.is_some() || self.given_up)
+        matches!(self.close, CloseState::Settled { sent: Some(_), .. })
     }
 
     pub fn finished(&self) -> bool {
-        self.reading == Reading::Done && self.writing != Writing::Open
+        self.reading == Reading::Done
+            && !matches!(self.writing, Writing::Open | Writing::ShutdownDue)
     }
 }
