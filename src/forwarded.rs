@@ -31,13 +31,28 @@ const HANDSHAKE: [&str; 5] = [
     "sec-websocket-extensions",
 ];
 
+/// Fields that describe a request's body. The backend's upgrade GET has none, and servers
+/// such as Python's `websockets` refuse a handshake that announces one; a session opened by a
+/// POST would otherwise pass its `Content-Length` and `Content-Type` on.
+const BODY: [&str; 9] = [
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "content-language",
+    "content-location",
+    "content-range",
+    "content-digest",
+    "repr-digest",
+    "expect",
+];
+
 /// Whether a request header stays behind at the gateway. `connection_tokens` are the field
 /// names the client listed in `Connection`, which are hop-by-hop too.
 pub fn is_dropped(name: &str, connection_tokens: &[&str], websocket: bool) -> bool {
     let any = |list: &[&str]| list.iter().any(|h| name.eq_ignore_ascii_case(h));
     any(&HOP_BY_HOP)
         || any(&REWRITTEN)
-        || (websocket && any(&HANDSHAKE))
+        || (websocket && (any(&HANDSHAKE) || any(&BODY)))
         || connection_tokens
             .iter()
             .any(|t| name.eq_ignore_ascii_case(t))
@@ -67,6 +82,20 @@ fn prior_chain(head: &RequestHead<'_, '_>, name: &str) -> String {
         chain.push_str(", ");
     }
     chain
+}
+
+/// Appends `value` as an RFC 7239 / RFC 9110 §5.6.4 quoted-string, so that no byte of it can
+/// end the element it belongs to. Clients' Host values are validated before they get here;
+/// this keeps the header well-formed whatever a caller passes.
+fn push_quoted(out: &mut String, value: &str) {
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
 }
 
 /// `X-Forwarded-For/-Proto/-Host` and `Forwarded` (RFC 7239) for the backend request; the
@@ -99,9 +128,8 @@ impl ForwardedHeaders {
         }
         forwarded.push_str(";proto=");
         forwarded.push_str(proto);
-        forwarded.push_str(";host=\"");
-        forwarded.push_str(host);
-        forwarded.push('"');
+        forwarded.push_str(";host=");
+        push_quoted(&mut forwarded, host);
         Self {
             x_forwarded_for,
             x_forwarded_proto: proto,
@@ -173,6 +201,38 @@ mod tests {
             f.forwarded,
             "for=203.0.113.1, for=\"[2001:db8::1]\";proto=https;host=\"app.test\""
         );
+    }
+
+    #[test]
+    fn a_host_cannot_end_its_quoted_string() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\"; for=6.6.6.6\\\r\n\r\n";
+        let f = forwarded(head, "192.0.2.7:1", false);
+        assert_eq!(
+            f.forwarded,
+            r#"for=192.0.2.7;proto=http;host="a\"; for=6.6.6.6\\""#
+        );
+    }
+
+    #[test]
+    fn the_upgrade_carries_no_body_fields() {
+        let head = b"POST /?wsgate=open HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\
+            Content-Type: text/plain\r\nCookie: c=1\r\n\r\n";
+        let mut storage = [EMPTY_HEADER; 16];
+        let (head, _) = handshake::parse_request(head, &mut storage)
+            .unwrap()
+            .unwrap();
+        let f = ForwardedHeaders::new(&head, "192.0.2.7:1".parse().unwrap(), false);
+        let names = |websocket| -> Vec<&str> {
+            f.fields(&head, websocket)
+                .iter()
+                .map(|(name, _)| *name)
+                .collect()
+        };
+        assert!(names(false).contains(&"Content-Length"));
+        let upgrade = names(true);
+        assert!(upgrade.contains(&"Cookie"));
+        assert!(!upgrade.contains(&"Content-Length"), "{upgrade:?}");
+        assert!(!upgrade.contains(&"Content-Type"), "{upgrade:?}");
     }
 
     #[test]

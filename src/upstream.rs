@@ -207,8 +207,10 @@ async fn open_inner(
         })?;
 
     let mut buf = Vec::new();
+    // Whether `buf` may hold a complete head not parsed yet (after an interim answer).
+    let mut parse_first = false;
     loop {
-        if buf.len() >= MAX_RESPONSE_HEAD {
+        if !parse_first && buf.len() >= MAX_RESPONSE_HEAD {
             let source =
                 handshake::ClientHandshakeError::Malformed(httparse::Error::TooManyHeaders);
             return Err(UpstreamError::Handshake {
@@ -216,13 +218,15 @@ async fn open_inner(
                 source,
             });
         }
-        let n = stream.read_appending(&mut buf, MAX_RESPONSE_HEAD).await;
-        let n = n.map_err(|source| UpstreamError::Connect {
-            backend: url(),
-            source,
-        })?;
-        if n == 0 {
-            return Err(UpstreamError::Closed { backend: url() });
+        if !std::mem::take(&mut parse_first) {
+            let n = stream.read_appending(&mut buf, MAX_RESPONSE_HEAD).await;
+            let n = n.map_err(|source| UpstreamError::Connect {
+                backend: url(),
+                source,
+            })?;
+            if n == 0 {
+                return Err(UpstreamError::Closed { backend: url() });
+            }
         }
         let mut storage = [EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         let parsed = handshake::parse_response(&buf, &mut storage).map_err(|source| {
@@ -234,6 +238,13 @@ async fn open_inner(
         let Some((response, head_len)) = parsed else {
             continue;
         };
+        if is_interim(response.status) {
+            // `100 Continue`, `103 Early Hints`...: the answer is the next head (RFC 9110
+            // §15.2). Their number is bounded by the connect timeout around the handshake.
+            buf.drain(..head_len);
+            parse_first = !buf.is_empty();
+            continue;
+        }
         return match handshake::validate_response(
             &response,
             &key,
@@ -261,6 +272,16 @@ async fn open_inner(
             }),
         };
     }
+}
+
+/// An informational status other than 101, which is the answer to an upgrade.
+fn is_interim(status: u16) -> bool {
+    (100..200).contains(&status) && status != 101
+}
+
+/// Statuses whose responses have no body whatever their headers say (RFC 9110 §6.4.1).
+fn is_bodyless(status: u16) -> bool {
+    status == 204 || status == 304
 }
 
 /// Headers that describe one hop of the backend's connection, not the response.
@@ -298,7 +319,8 @@ async fn refusal_response(
                 .ok()
         });
     let mut body = Vec::new();
-    if let Some(len) = content_length.filter(|&len| len <= MAX_REFUSAL_BODY) {
+    let bodyless = is_bodyless(response.status);
+    if let Some(len) = content_length.filter(|&len| len <= MAX_REFUSAL_BODY && !bodyless) {
         body.extend_from_slice(&already[..already.len().min(len)]);
         if body.len() < len {
             let start = body.len();
@@ -309,7 +331,7 @@ async fn refusal_response(
         }
     }
     // Without the backend's body, its Content-Type would describe the wrong bytes.
-    let own_body = body.is_empty();
+    let own_body = body.is_empty() && !bodyless;
     let mut headers: Vec<(String, Vec<u8>)> = response
         .headers
         .iter()
@@ -377,6 +399,12 @@ impl Refusal {
             out.extend_from_slice(b": ");
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
+        }
+        if is_bodyless(self.status) {
+            // A client reads no body after these, so any byte written would be taken for the
+            // start of a next response.
+            out.extend_from_slice(b"Connection: close\r\n\r\n");
+            return out;
         }
         out.extend_from_slice(
             format!(

@@ -232,12 +232,14 @@ fn passive_health(passive: &Option<PassiveHealth>) -> String {
 
 fn timeouts(t: &Timeouts) -> String {
     format!(
-        "handshake {}, idle {}, ping_interval {}, pong_timeout {}, close {}",
+        "handshake {}, idle {}, ping_interval {}, pong_timeout {}, close {}, body {}, body_total {}",
         format_duration(t.handshake),
         format_timer(t.idle),
         format_timer(t.ping_interval),
         format_duration(t.pong_timeout),
-        format_duration(t.close)
+        format_duration(t.close),
+        format_duration(t.body),
+        format_timer(t.body_total)
     )
 }
 

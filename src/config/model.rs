@@ -198,6 +198,11 @@ pub struct Timeouts {
     pub pong_timeout: Duration,
     /// How long to wait for the peer's close reply before completing the handshake ourselves.
     pub close: Duration,
+    /// A proxied HTTP request body that sends nothing for this long is answered 408 and its
+    /// backend request cancelled (nginx's `client_body_timeout`).
+    pub body: Duration,
+    /// The longest a proxied HTTP request body may take in all, if set.
+    pub body_total: Option<Duration>,
 }
 
 /// Size and count limits.
@@ -344,6 +349,11 @@ impl Timeouts {
         ping_interval: Some(Duration::from_secs(30)),
         pong_timeout: Duration::from_secs(10),
         close: Duration::from_secs(5),
+        // nginx's client_body_timeout: a client that stops sending for this long is not
+        // uploading any more, it is holding a slot and a backend request.
+        body: Duration::from_secs(60),
+        // Uploads vary too much in size for one default bound on their whole length.
+        body_total: None,
     };
 }
 

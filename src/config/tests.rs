@@ -1532,7 +1532,7 @@ fn origins() {
 #[test]
 fn timer_bounds() {
     let source = |key: &str, value: &str| format!("{MINIMAL}timeouts:\n  {key}: {value}\n");
-    for key in ["handshake", "pong_timeout"] {
+    for key in ["handshake", "pong_timeout", "body"] {
         for zero in ["0", "\"0s\"", "off"] {
             single(
                 &source(key, zero),
@@ -1550,7 +1550,9 @@ fn timer_bounds() {
             &["at most 1d, found 1441m"],
         );
     }
-    for key in ["idle", "ping_interval"] {
+    ok(&source("body_total", "off"));
+    ok(&source("body_total", "10m"));
+    for key in ["idle", "ping_interval", "body_total"] {
         single(
             &source(key, "25h"),
             10,
@@ -1874,7 +1876,7 @@ admin: {address: 127.0.0.1:9090}
         "sticky: cookie aff set by the gateway (max_age 1h)",
         "origins: any",
         "compression: strip, pings: answered per hop",
-        "handshake 10s, idle off, ping_interval 30s, pong_timeout 10s, close 5s",
+        "handshake 10s, idle off, ping_interval 30s, pong_timeout 10s, close 5s, body 1m, body_total off",
         "limits: max_frame 16MiB, max_message 64MiB, max_connections 9000, max_header_bytes 16KiB",
         "admin: 127.0.0.1:9090",
         "drain: deadline 10s",

@@ -90,6 +90,8 @@ const TIMEOUT_KEYS: &[&str] = &[
     "ping_interval",
     "pong_timeout",
     "close",
+    "body",
+    "body_total",
 ];
 const LIMIT_KEYS: &[&str] = &[
     "max_frame",
@@ -185,6 +187,8 @@ struct PartialTimeouts {
     ping_interval: Option<Option<Duration>>,
     pong_timeout: Option<Duration>,
     close: Option<Duration>,
+    body: Option<Duration>,
+    body_total: Option<Option<Duration>>,
 }
 
 impl PartialTimeouts {
@@ -195,6 +199,8 @@ impl PartialTimeouts {
             ping_interval: self.ping_interval.unwrap_or(base.ping_interval),
             pong_timeout: self.pong_timeout.unwrap_or(base.pong_timeout),
             close: self.close.unwrap_or(base.close),
+            body: self.body.unwrap_or(base.body),
+            body_total: self.body_total.unwrap_or(base.body_total),
         }
     }
 }
@@ -1043,6 +1049,8 @@ impl Cx<'_> {
             ping_interval: get(self, "ping_interval", OPTIONAL_TIMER),
             pong_timeout: get(self, "pong_timeout", TIMER).flatten(),
             close: get(self, "close", close_rule).flatten(),
+            body: get(self, "body", TIMER).flatten(),
+            body_total: get(self, "body_total", OPTIONAL_TIMER),
         };
         ok.then_some(partial)
     }

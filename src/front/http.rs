@@ -5,13 +5,13 @@
 //! removed and forwarding headers added. A WebSocket upgrade later on the same keep-alive
 //! connection goes through [`super::websocket::decide`] and the relay like any other.
 
-use super::body::Tracked;
+use super::body::{BodyFault, ClientBody, Tracked};
 use super::websocket::{self, Acceptance, Decision};
 use crate::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
 use crate::gateway::Gateway;
 use crate::metrics::HttpRequest;
 use crate::proto::handshake::{self, RequestHead};
-use crate::routing::RequestParts;
+use crate::routing::{self, RequestParts};
 use crate::session::{
     self,
     websocket::{SessionSocket, UpgradeKind},
@@ -22,8 +22,10 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::http::uri::PathAndQuery;
+use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -99,9 +101,12 @@ async fn handle(
     gateway: Arc<Gateway>,
     peer: SocketAddr,
     tls: bool,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     pending: PendingUpgrade,
 ) -> Response<Body> {
+    if let Some(response) = sanitise(&mut request) {
+        return response;
+    }
     let wants_websocket = request
         .headers()
         .get_all(hyper::header::UPGRADE)
@@ -140,6 +145,40 @@ async fn handle(
         }
         Some(route) => routed(&gateway, route, peer, tls, request).await,
         None => plain(404, "no route for this host and path"),
+    }
+}
+
+/// The refusal for what must not be routed or forwarded as it is (body framing another parser
+/// could read differently, a Host that is not a host, a path whose escapes hide its
+/// structure); `None` once the target is replaced by its normalised form, which is what routes
+/// match and backends get.
+fn sanitise(request: &mut Request<Incoming>) -> Option<Response<Body>> {
+    if let Err((status, line)) = handshake::headers::check_framing(&fields(request)) {
+        return Some(closing(status, line));
+    }
+    let hosts = request.headers().get_all(hyper::header::HOST);
+    if hosts
+        .iter()
+        .any(|host| !host.to_str().is_ok_and(handshake::headers::is_valid_host))
+    {
+        return Some(plain(
+            400,
+            "Host must be a host name or an IP literal, with an optional port",
+        ));
+    }
+    let normalised = match routing::path::normalise_target(target(request)) {
+        Ok(Cow::Borrowed(_)) => return None,
+        Ok(Cow::Owned(normalised)) => normalised,
+        Err(error) => return Some(plain(400, &error.to_string())),
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = PathAndQuery::try_from(normalised).ok();
+    match Uri::from_parts(parts) {
+        Ok(uri) => {
+            *request.uri_mut() = uri;
+            None
+        }
+        Err(_) => Some(plain(400, "malformed request target")),
     }
 }
 
@@ -346,8 +385,20 @@ async fn proxy(
     for (name, value) in forwarded.fields(&head, false) {
         outgoing = outgoing.header(name, value);
     }
+    let body = hyper::body::Body::size_hint(request.body());
+    if !hyper::body::Body::is_end_stream(request.body()) && body.exact().is_none() {
+        // A chunked body: hyper's client sends none for a GET, HEAD or CONNECT unless told,
+        // and the client's body would be lost. It is forwarded, as nginx does.
+        outgoing = outgoing.header(hyper::header::TRANSFER_ENCODING, "chunked");
+    }
     let (body_sent, body_done) = oneshot::channel();
-    let outgoing = match outgoing.body(Tracked::new(request.into_body(), Some(body_sent), ())) {
+    let (body, body_fault) = ClientBody::new(
+        request.into_body(),
+        body_sent,
+        route.timeouts.body,
+        route.timeouts.body_total,
+    );
+    let outgoing = match outgoing.body(body) {
         Ok(outgoing) => outgoing,
         Err(error) => return plain(400, &format!("cannot forward this request: {error}")),
     };
@@ -415,10 +466,36 @@ async fn proxy(
     let response = match response {
         Ok(response) => response,
         Err(error) => {
-            tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, "backend request failed: {error}");
-            return plain(502, &format!("backend {} failed: {error}", backend.url));
+            let fault = body_fault.lock().ok().and_then(|fault| *fault);
+            return match fault {
+                // The client's doing: answered as such, and not logged as the backend's.
+                Some(BodyFault::TimedOut) => {
+                    tracing::debug!(client = %peer, route = %route.name, "request body stalled");
+                    closing(408, "request body not received in time")
+                }
+                Some(BodyFault::Malformed) => {
+                    tracing::debug!(client = %peer, route = %route.name, "{error}");
+                    closing(400, "malformed request body")
+                }
+                None => {
+                    tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, "backend request failed: {error}");
+                    plain(502, &format!("backend {} failed: {error}", backend.url))
+                }
+            };
         }
     };
+    if response.status().is_informational() {
+        // hyper passes a 101 on as a final answer; this request asked for no upgrade.
+        tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, status = response.status().as_u16(), "backend switched protocols unasked");
+        return plain(
+            502,
+            &format!(
+                "backend {} answered {} to a request that asked for no upgrade",
+                backend.url,
+                response.status().as_u16()
+            ),
+        );
+    }
     let (mut parts, body) = response.into_parts();
     let listed: Vec<String> = parts
         .headers
@@ -451,6 +528,16 @@ fn empty() -> Body {
     Full::new(Bytes::new())
         .map_err(|never: Infallible| match never {})
         .boxed()
+}
+
+/// A refusal after which the connection is closed: the rest of the request cannot be trusted
+/// to be where its framing says.
+fn closing(status: u16, line: &str) -> Response<Body> {
+    let mut response = plain(status, line);
+    response
+        .headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 fn plain(status: u16, line: &str) -> Response<Body> {

@@ -13,7 +13,8 @@ mod respond;
 mod websocket;
 
 use crate::gateway::Gateway;
-use crate::proto::handshake::{self, HandshakeError};
+use crate::proto::handshake::{self, HandshakeError, RequestHead};
+use crate::routing;
 use crate::session::{
     self,
     websocket::{SessionSocket, UpgradeKind},
@@ -140,9 +141,27 @@ async fn first_request(
             return Next::Done;
         }
     };
+    // Checked here for the first request because hyper, which reads the later ones, quietly
+    // accepts Content-Length with Transfer-Encoding (dropping the length).
+    if let Err((status, line)) = handshake::headers::check_framing(head.headers) {
+        refuse(stream, status, line, &[]).await;
+        return Next::Done;
+    }
     if !head.wants_websocket() {
         return Next::Http(buf);
     }
+    let target = match routing::path::normalise_target(head.target) {
+        Ok(target) => target,
+        Err(error) => {
+            refuse(stream, 400, &error.to_string(), &[]).await;
+            return Next::Done;
+        }
+    };
+    // Routed, sticky-keyed, logged and forwarded by the normalised path.
+    let head = RequestHead {
+        target: &target,
+        ..head
+    };
     match session::websocket::classify(gateway, &head) {
         UpgradeKind::Plain => {}
         UpgradeKind::Invalid(line) => {

@@ -22,6 +22,7 @@
 
 mod balancer;
 pub mod hash;
+pub mod path;
 mod sticky;
 mod table;
 

@@ -127,6 +127,104 @@ pub fn parse_extension(element: &str) -> Extension<'_> {
     }
 }
 
+/// Whether a `Host` value is `host [ ":" port ]` (RFC 3986 §3.2.2-3.2.3): an IP literal in
+/// brackets, or a name of unreserved characters and percent-escapes. RFC 3986 also allows
+/// sub-delims (`!$&'()*+,;=`) in a reg-name; they are refused here because no DNS name has
+/// them and `,`, `;` and `=` separate elements in the forwarding headers the value is copied
+/// into, where they could forge a hop.
+pub fn is_valid_host(value: &str) -> bool {
+    let (host, port) = match value.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((literal, rest)) => {
+                if literal.parse::<std::net::Ipv6Addr>().is_err() {
+                    return false;
+                }
+                match rest {
+                    "" => return true,
+                    _ => match rest.strip_prefix(':') {
+                        Some(port) => ("", port),
+                        None => return false,
+                    },
+                }
+            }
+            None => return false,
+        },
+        None => match value.split_once(':') {
+            Some((host, port)) => (host, port),
+            None => (value, ""),
+        },
+    };
+    let port_ok = port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    port_ok && (value.starts_with('[') || (!host.is_empty() && is_reg_name(host)))
+}
+
+fn is_reg_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let escaped = bytes.get(i + 1..i + 3);
+                if !escaped.is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)) {
+                    return false;
+                }
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Why a request's body framing (RFC 9112 §6) is refused: a status and a one-line reason.
+pub type FramingError = (u16, &'static str);
+
+/// Checks the body framing of a request head the way a front proxy must to keep it from
+/// being read differently by the next hop (request smuggling): `Transfer-Encoding` and
+/// `Content-Length` together, several different or malformed lengths, and a transfer coding
+/// whose final coding is not `chunked` are refused with 400; codings other than `chunked`
+/// (`gzip, chunked`) with 501, as nginx does, since the gateway does not decode them.
+pub fn check_framing(headers: &[Header<'_>]) -> Result<(), FramingError> {
+    let has_te = values(headers, "transfer-encoding").next().is_some();
+    let mut length = None;
+    for value in values(headers, "content-length") {
+        for element in value.split(|&b| b == b',') {
+            let element = element.trim_ascii();
+            let valid = !element.is_empty() && element.iter().all(u8::is_ascii_digit);
+            let parsed = std::str::from_utf8(element)
+                .ok()
+                .filter(|_| valid)
+                .and_then(|e| e.parse::<u64>().ok());
+            let Some(parsed) = parsed else {
+                return Err((400, "malformed Content-Length"));
+            };
+            if length.is_some_and(|seen| seen != parsed) {
+                return Err((400, "several different Content-Length values"));
+            }
+            length = Some(parsed);
+        }
+    }
+    if !has_te {
+        return Ok(());
+    }
+    if length.is_some() {
+        return Err((400, "Content-Length and Transfer-Encoding together"));
+    }
+    let codings: Vec<&str> = values(headers, "transfer-encoding")
+        .map(|v| std::str::from_utf8(v).unwrap_or("\u{fffd}"))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    match codings.split_last() {
+        Some((last, [])) if last.eq_ignore_ascii_case("chunked") => Ok(()),
+        Some((last, _)) if last.eq_ignore_ascii_case("chunked") => {
+            Err((501, "transfer codings other than chunked are not supported"))
+        }
+        _ => Err((400, "the final transfer coding must be chunked")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +272,79 @@ mod tests {
         assert!(!is_token("a b"));
         assert!(!is_token(""));
         assert!(!is_token("a,b"));
+    }
+
+    #[test]
+    fn hosts_are_names_or_ip_literals_with_an_optional_port() {
+        for host in [
+            "app.example.test",
+            "app.example.test:8080",
+            "localhost:",
+            "192.0.2.1:80",
+            "[2001:db8::1]",
+            "[::1]:443",
+            "xn--bcher-kva.example",
+            "a%41b",
+        ] {
+            assert!(is_valid_host(host), "{host}");
+        }
+        for host in [
+            "",
+            ":80",
+            "app.example.test:1\", for=6.6.6.6;proto=https;host=\"app.example.test",
+            "a\"b",
+            "a b",
+            "a,b",
+            "a;b",
+            "a=b",
+            "a\\b",
+            "a:b:c",
+            "a:123456",
+            "a:8o",
+            "[::1",
+            "[::1]x",
+            "[not-ip]",
+            "[fe80::1%25eth0]",
+            "a%4",
+            "a%zz",
+            "é.example",
+        ] {
+            assert!(!is_valid_host(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn body_framing_that_two_parsers_could_read_differently_is_refused() {
+        let ok = |headers: &[Header<'_>]| check_framing(headers).map_err(|(status, _)| status);
+        assert_eq!(ok(&[]), Ok(()));
+        assert_eq!(ok(&[h("Content-Length", "5")]), Ok(()));
+        assert_eq!(
+            ok(&[h("Content-Length", "5"), h("content-length", "5")]),
+            Ok(())
+        );
+        assert_eq!(ok(&[h("Content-Length", "5, 5")]), Ok(()));
+        assert_eq!(ok(&[h("Transfer-Encoding", "Chunked")]), Ok(()));
+        assert_eq!(
+            ok(&[h("Content-Length", "5"), h("Content-Length", "6")]),
+            Err(400)
+        );
+        assert_eq!(ok(&[h("Content-Length", "5, 6")]), Err(400));
+        assert_eq!(ok(&[h("Content-Length", "+5")]), Err(400));
+        assert_eq!(ok(&[h("Content-Length", "")]), Err(400));
+        assert_eq!(
+            ok(&[h("Content-Length", "5"), h("Transfer-Encoding", "chunked")]),
+            Err(400)
+        );
+        assert_eq!(ok(&[h("Transfer-Encoding", "chunked, gzip")]), Err(400));
+        assert_eq!(ok(&[h("Transfer-Encoding", "gzip")]), Err(400));
+        assert_eq!(ok(&[h("Transfer-Encoding", "gzip, chunked")]), Err(501));
+        assert_eq!(
+            ok(&[
+                h("Transfer-Encoding", "gzip"),
+                h("Transfer-Encoding", "chunked")
+            ]),
+            Err(501)
+        );
+        assert_eq!(ok(&[h("Transfer-Encoding", "chunked, chunked")]), Err(501));
     }
 }

@@ -66,6 +66,8 @@ pub enum HandshakeError {
     NotHttp11,
     /// Host missing or repeated (RFC 9112 §3.2 requires exactly one).
     BadHost,
+    /// Host is not `host [ ":" port ]` ([`headers::is_valid_host`]).
+    InvalidHost,
     /// `Connection` lacks the `upgrade` token.
     ConnectionNotUpgrade,
     /// `Upgrade` lacks the `websocket` token.
@@ -98,7 +100,7 @@ impl HandshakeError {
             Self::HeadTooLarge { .. } => "head_too_large",
             Self::MethodNotGet => "method",
             Self::NotHttp11 => "http_version",
-            Self::BadHost => "host",
+            Self::BadHost | Self::InvalidHost => "host",
             Self::ConnectionNotUpgrade => "connection_header",
             Self::UpgradeNotWebSocket => "upgrade_header",
             Self::UnsupportedVersion => "websocket_version",
@@ -127,6 +129,9 @@ impl fmt::Display for HandshakeError {
             Self::MethodNotGet => f.write_str("a WebSocket handshake must use GET"),
             Self::NotHttp11 => f.write_str("a WebSocket handshake requires HTTP/1.1"),
             Self::BadHost => f.write_str("exactly one Host header is required"),
+            Self::InvalidHost => {
+                f.write_str("Host must be a host name or an IP literal, with an optional port")
+            }
             Self::ConnectionNotUpgrade => f.write_str("Connection header must contain \"upgrade\""),
             Self::UpgradeNotWebSocket => f.write_str("Upgrade header must contain \"websocket\""),
             Self::UnsupportedVersion => f.write_str("Sec-WebSocket-Version must be 13"),
@@ -196,6 +201,10 @@ pub fn validate_upgrade<'b>(request: &RequestHead<'_, 'b>) -> Result<Upgrade<'b>
         }
         _ => return Err(HandshakeError::BadHost),
     };
+    // The value is routed on and copied into the backend's request and forwarding headers.
+    if !headers::is_valid_host(host) {
+        return Err(HandshakeError::InvalidHost);
+    }
     if !request.wants_websocket() {
         return Err(HandshakeError::UpgradeNotWebSocket);
     }
@@ -331,6 +340,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         500 => "Internal Server Error",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
+        501 => "Not Implemented",
         504 => "Gateway Timeout",
         _ => "",
     }
