@@ -1,20 +1,23 @@
 //! Listening sockets: bind every configured address up front (so a bad address fails at start,
-//! before anything is served), then accept, enforce the global connection limit, terminate TLS
-//! within the handshake timeout, and hand each connection to [`crate::front`].
+//! before anything is served), then accept while a connection slot is free, count the client's
+//! address before any other work, terminate TLS within the handshake timeout, and hand each
+//! connection to [`crate::front`].
 
 use crate::config::Listener;
 use crate::front;
 use crate::gateway::CurrentGateway;
+use crate::resources::{self, OpenFiles};
 use crate::stream::Stream;
 use crate::tls::{self, TlsError};
 use dashmap::DashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,51 +80,89 @@ impl BoundListener {
     }
 }
 
-/// Client connections open across all listeners, against `limits.max_connections`, and per
-/// client IP address when `limits.max_connections_per_ip` is set.
+/// Client connections open across all listeners, against `limits.max_connections` (held to
+/// what the open-file limit can carry), and per client IP address when
+/// `limits.max_connections_per_ip` is set.
 ///
-/// Invariant: every counted connection holds exactly one `ConnectionGuard`, and an address
-/// is in `per_ip` only while it has at least one counted connection.
-#[derive(Debug, Default)]
+/// The total is a semaphore whose permit is taken before `accept`: at the limit the gateway
+/// stops accepting (like HAProxy's `maxconn`), so new connections wait in the kernel's backlog
+/// and are served once a slot frees, instead of being accepted and closed.
+///
+/// Invariant: every counted connection holds exactly one `ConnectionGuard` (which holds its
+/// permit), and an address is in `per_ip` only while it has at least one counted connection.
+#[derive(Debug)]
 pub struct ConnectionCounter {
     total: AtomicU32,
+    slots: Arc<Semaphore>,
+    /// The open-file limit in force, which caps the slots.
+    open_files: Option<OpenFiles>,
+    /// `(configured, slots)`: the configured limit last followed, and the semaphore's size.
+    capacity: Mutex<(u32, u32)>,
     per_ip: DashMap<IpAddr, u32>,
 }
 
-/// Why an accepted connection is turned away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OverLimit {
-    Total,
-    PerIp,
-}
-
 impl ConnectionCounter {
+    /// A counter for `max_connections`, held to what `open_files` can carry.
+    pub fn new(max_connections: u32, open_files: Option<OpenFiles>) -> Self {
+        let slots = resources::clamp_connections(max_connections, open_files);
+        Self {
+            total: AtomicU32::new(0),
+            slots: Arc::new(Semaphore::new(slots as usize)),
+            open_files,
+            capacity: Mutex::new((max_connections, slots)),
+            per_ip: DashMap::new(),
+        }
+    }
+
+    /// Resizes the slots when a reload changed `limits.max_connections`. Slots in use are not
+    /// taken back: shrinking waits for them to free.
+    fn follow(&self, configured: u32) {
+        let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        if capacity.0 == configured {
+            return;
+        }
+        let slots = resources::clamp_connections(configured, self.open_files);
+        let before = capacity.1;
+        *capacity = (configured, slots);
+        drop(capacity);
+        if slots > before {
+            self.slots.add_permits((slots - before) as usize);
+        } else if slots < before {
+            let semaphore = Arc::clone(&self.slots);
+            let excess = before - slots;
+            tokio::spawn(async move {
+                if let Ok(permits) = semaphore.acquire_many_owned(excess).await {
+                    permits.forget();
+                }
+            });
+        }
+    }
+
+    /// Counts a connection accepted with `permit` against the limit of its address.
     fn try_enter(
         self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
         ip: IpAddr,
-        max: u32,
         max_per_ip: Option<u32>,
-    ) -> Result<ConnectionGuard, OverLimit> {
-        if self.total.fetch_add(1, Ordering::AcqRel) >= max {
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(OverLimit::Total);
-        }
-        let mut guard = ConnectionGuard {
-            counter: Arc::clone(self),
-            ip: None,
-        };
+    ) -> Option<ConnectionGuard> {
+        let mut counted_ip = None;
         if let Some(max_per_ip) = max_per_ip {
             // The map's shard lock makes the check and the increment one step.
             let mut count = self.per_ip.entry(ip).or_insert(0);
             if *count >= max_per_ip {
                 drop(count);
                 self.per_ip.remove_if(&ip, |_, count| *count == 0);
-                return Err(OverLimit::PerIp);
+                return None;
             }
             *count += 1;
-            guard.ip = Some(ip);
+            counted_ip = Some(ip);
         }
-        Ok(guard)
+        self.total.fetch_add(1, Ordering::AcqRel);
+        Some(ConnectionGuard {
+            counter: Arc::clone(self),
+            ip: counted_ip,
+            _permit: permit,
+        })
     }
 
     pub fn current(&self) -> u32 {
@@ -133,6 +174,7 @@ impl ConnectionCounter {
 struct ConnectionGuard {
     counter: Arc<ConnectionCounter>,
     ip: Option<IpAddr>,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for ConnectionGuard {
@@ -147,6 +189,16 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// How long accepting pauses after the gateway ran out of descriptors or memory: long enough
+/// for connections to end and free some, short enough not to be noticed (tokio's and hyper's
+/// servers wait the same).
+const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// The answer to a client over its address's connection limit, written without waiting.
+const PER_IP_REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
+Content-Type: text/plain; charset=utf-8\r\nContent-Length: 39\r\nConnection: close\r\n\r\n\
+too many connections from this address\n";
+
 /// Accepts on `bound` until `stop` completes.
 pub async fn accept_loop(
     bound: BoundListener,
@@ -156,35 +208,52 @@ pub async fn accept_loop(
 ) {
     tokio::pin!(stop);
     loop {
+        counter.follow(current.get().config.limits.max_connections);
+        let permit = tokio::select! {
+            permit = Arc::clone(&counter.slots).acquire_owned() => permit,
+            () = &mut stop => return,
+        };
+        // The semaphore is never closed.
+        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
             accepted = bound.listener.accept() => accepted,
             () = &mut stop => return,
         };
         let (tcp, peer) = match accepted {
             Ok(pair) => pair,
+            Err(error) if resources::is_exhaustion(&error) => {
+                // Out of descriptors or memory: retrying at once would spin; established
+                // connections go on and free some.
+                tracing::warn!(listener = %bound.name, "accept failed: {error}; pausing accepts for {EXHAUSTED_PAUSE:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(EXHAUSTED_PAUSE) => continue,
+                    () = &mut stop => return,
+                }
+            }
             Err(error) => {
-                // EMFILE and friends: back off instead of spinning; established connections go on.
-                tracing::warn!(listener = %bound.name, "accept failed: {error}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // One connection's trouble (reset before it was accepted, ...).
+                tracing::debug!(listener = %bound.name, "accept failed: {error}");
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
         let gateway = current.get();
         let limits = gateway.config.limits;
-        let guard = counter.try_enter(
-            peer.ip(),
-            limits.max_connections,
-            limits.max_connections_per_ip,
-        );
+        // Before anything that costs: a TLS handshake, a task, a buffer.
+        let Some(guard) = counter.try_enter(permit, peer.ip(), limits.max_connections_per_ip)
+        else {
+            gateway.metrics.handshake_failed("per_ip_limit");
+            turn_away(tcp, bound.tls.is_some());
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
         let tls = bound.tls.clone();
         // The task lives as long as the connection, and its future is sized for its largest
-        // state: the TLS handshake and the refusal are boxed so an idle WebSocket's task
-        // carries only the relay.
+        // state: the TLS handshake is boxed so an idle WebSocket's task carries only the relay.
         tokio::spawn(async move {
+            let _guard = guard;
             let handshake_timeout = gateway.config.timeouts.handshake;
             let deadline = tokio::time::Instant::now() + handshake_timeout;
-            let mut stream = match tls {
+            let stream = match tls {
                 None => Stream::Plain(tcp),
                 Some(acceptor) => {
                     let accept = tokio::time::timeout_at(deadline, acceptor.accept(tcp));
@@ -201,22 +270,26 @@ pub async fn accept_loop(
                     }
                 }
             };
-            let over = match guard {
-                Ok(_guard) => return front::serve(gateway, stream, peer, deadline).await,
-                Err(over) => over,
-            };
-            let (label, reason) = match over {
-                OverLimit::Total => ("connection_limit", "gateway is at its connection limit"),
-                OverLimit::PerIp => ("per_ip_limit", "too many connections from this address"),
-            };
-            gateway.metrics.handshake_failed(label);
-            Box::pin(front::refuse(
-                &mut stream,
-                503,
-                reason,
-                &[("Retry-After", "1")],
-            ))
-            .await;
+            front::serve(gateway, stream, peer, deadline).await;
         });
+    }
+}
+
+/// Closes a connection over its address's limit at once, so one address cannot hold more
+/// descriptors than its allowance however many connections it opens. A plain-TCP client gets
+/// its 503 if the socket takes it without waiting; a TLS client cannot be told anything before
+/// a handshake, which is the expensive work the limit exists to avoid.
+fn turn_away(tcp: TcpStream, tls: bool) {
+    if !tls {
+        let _ = tcp.try_write(PER_IP_REFUSAL);
+    }
+    // What the client already sent is read off, so the close is a FIN after our answer rather
+    // than a reset that could destroy it.
+    let mut sink = [0u8; 2048];
+    for _ in 0..4 {
+        match tcp.try_read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
     }
 }

@@ -112,6 +112,10 @@ impl Server {
                 })?),
                 None => None,
             };
+        // Raised once per process (it only ever goes up to the hard limit); the connection
+        // limit is held to what it can carry.
+        let open_files = crate::resources::raise_open_file_limit();
+        let counter = ConnectionCounter::new(config.limits.max_connections, open_files);
         let gateway = Arc::new(Gateway::new(config)?);
         let current = Arc::new(CurrentGateway::new(gateway));
         Ok(Self {
@@ -119,7 +123,7 @@ impl Server {
             current,
             listeners,
             admin,
-            counter: Arc::default(),
+            counter: Arc::new(counter),
             health: Arc::default(),
         })
     }
