@@ -98,6 +98,9 @@ pub struct ConnectionCounter {
     open_files: Option<OpenFiles>,
     /// `(configured, slots)`: the configured limit last followed, and the semaphore's size.
     capacity: Mutex<(u32, u32)>,
+    /// Permits to forget as connections end, after a reload shrank the slots below the
+    /// number in use.
+    owed: AtomicU32,
     per_ip: DashMap<IpAddr, u32>,
 }
 
@@ -110,13 +113,14 @@ impl ConnectionCounter {
             slots: Arc::new(Semaphore::new(slots as usize)),
             open_files,
             capacity: Mutex::new((max_connections, slots)),
+            owed: AtomicU32::new(0),
             per_ip: DashMap::new(),
         }
     }
 
-    /// Resizes the slots when a reload changed `limits.max_connections`. Slots in use are not
-    /// taken back: shrinking waits for them to free.
-    fn follow(&self, configured: u32) {
+    /// Resizes the slots to a reloaded `limits.max_connections`. Connections open are never
+    /// cut: slots in use over a smaller limit are taken back as those connections end.
+    pub fn follow(&self, configured: u32) {
         let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
         if capacity.0 == configured {
             return;
@@ -124,17 +128,19 @@ impl ConnectionCounter {
         let slots = resources::clamp_connections(configured, self.open_files);
         let before = capacity.1;
         *capacity = (configured, slots);
-        drop(capacity);
         if slots > before {
-            self.slots.add_permits((slots - before) as usize);
+            let grow = slots - before;
+            let owed = self
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                    Some(o.saturating_sub(grow))
+                })
+                .unwrap_or(0);
+            self.slots.add_permits((grow - owed.min(grow)) as usize);
         } else if slots < before {
-            let semaphore = Arc::clone(&self.slots);
-            let excess = before - slots;
-            tokio::spawn(async move {
-                if let Ok(permits) = semaphore.acquire_many_owned(excess).await {
-                    permits.forget();
-                }
-            });
+            let shrink = before - slots;
+            let forgotten = self.slots.forget_permits(shrink as usize) as u32;
+            self.owed.fetch_add(shrink - forgotten, Ordering::AcqRel);
         }
     }
 
@@ -161,7 +167,7 @@ impl ConnectionCounter {
         Some(ConnectionGuard {
             counter: Arc::clone(self),
             ip: counted_ip,
-            _permit: permit,
+            permit: Some(permit),
         })
     }
 
@@ -174,17 +180,25 @@ impl ConnectionCounter {
 struct ConnectionGuard {
     counter: Arc<ConnectionCounter>,
     ip: Option<IpAddr>,
-    _permit: OwnedSemaphorePermit,
+    /// Always `Some` until dropped.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.counter.total.fetch_sub(1, Ordering::AcqRel);
+        let counter = &self.counter;
+        counter.total.fetch_sub(1, Ordering::AcqRel);
         if let Some(ip) = self.ip {
-            if let Some(mut count) = self.counter.per_ip.get_mut(&ip) {
+            if let Some(mut count) = counter.per_ip.get_mut(&ip) {
                 *count = count.saturating_sub(1);
             }
-            self.counter.per_ip.remove_if(&ip, |_, count| *count == 0);
+            counter.per_ip.remove_if(&ip, |_, count| *count == 0);
+        }
+        let owed = counter
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| o.checked_sub(1));
+        if let (Ok(_), Some(permit)) = (owed, self.permit.take()) {
+            permit.forget();
         }
     }
 }
@@ -208,7 +222,6 @@ pub async fn accept_loop(
 ) {
     tokio::pin!(stop);
     loop {
-        counter.follow(current.get().config.limits.max_connections);
         let permit = tokio::select! {
             permit = Arc::clone(&counter.slots).acquire_owned() => permit,
             () = &mut stop => return,
@@ -291,5 +304,50 @@ fn turn_away(tcp: TcpStream, tls: bool) {
             Ok(n) if n > 0 => {}
             _ => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enter(counter: &Arc<ConnectionCounter>) -> Option<ConnectionGuard> {
+        let permit = Arc::clone(&counter.slots).try_acquire_owned().ok()?;
+        counter.try_enter(permit, IpAddr::from([127, 0, 0, 1]), None)
+    }
+
+    #[test]
+    fn a_reload_resizes_the_slots_without_cutting_open_connections() {
+        let counter = Arc::new(ConnectionCounter::new(3, None));
+        let mut open: Vec<_> = (0..3).map(|_| enter(&counter).unwrap()).collect();
+        assert!(enter(&counter).is_none(), "full at 3");
+
+        counter.follow(1);
+        assert_eq!(counter.current(), 3, "nothing is cut");
+        open.pop();
+        open.pop();
+        assert!(
+            enter(&counter).is_none(),
+            "two ended, one still open: full at 1"
+        );
+        open.pop();
+        let one = enter(&counter).expect("a slot once all ended");
+        assert!(enter(&counter).is_none());
+
+        counter.follow(2);
+        let two = enter(&counter).expect("grown to 2");
+        assert!(enter(&counter).is_none());
+        drop((one, two));
+        assert_eq!(counter.slots.available_permits(), 2);
+    }
+
+    #[test]
+    fn growing_again_before_the_debt_is_paid_nets_out() {
+        let counter = Arc::new(ConnectionCounter::new(4, None));
+        let open: Vec<_> = (0..4).map(|_| enter(&counter).unwrap()).collect();
+        counter.follow(1);
+        counter.follow(4);
+        drop(open);
+        assert_eq!(counter.slots.available_permits(), 4);
     }
 }
