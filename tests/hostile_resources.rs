@@ -479,3 +479,162 @@ async fn a_handshake_flood_above_the_rate_is_refused_before_the_backends() {
     echo(&mut established, "still served").await;
     assert!(gateway.all_backends_healthy());
 }
+
+/// A `wsgate run` process (the gateway in its own process, so its open-file limit can be
+/// changed without touching this test's), killed on drop.
+struct Process {
+    child: std::process::Child,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Process {
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The lowest descriptor number the process does not use: the next one it would get.
+    fn lowest_free_descriptor(&self) -> u64 {
+        let used: std::collections::HashSet<u64> =
+            std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+        (0..).find(|fd| !used.contains(fd)).unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A port nothing listens on right now.
+async fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `wsgate run` with `yaml` and waits until it accepts on `listen`.
+async fn spawn_gateway(yaml: &str, listen: SocketAddr) -> Process {
+    let tag = format!("wsgate-hostile-{}-{}", std::process::id(), listen.port());
+    let config = std::env::temp_dir().join(format!("{tag}.yaml"));
+    let log = std::env::temp_dir().join(format!("{tag}.log"));
+    std::fs::write(&config, yaml).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["run", "-c", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn wsgate");
+    let mut process = Process { child, config, log };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(listen).await.is_err() {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            panic!("wsgate exited with {status}:\n{}", process.log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not listening:\n{}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    process
+}
+
+/// Attack (or plain overload): the gateway runs out of descriptors while connecting to a
+/// backend (its open-file limit is lowered from outside so that a client's socket is the
+/// last descriptor it can open).
+/// Victims see: that client gets 503 "gateway out of resources" with `Retry-After`, the
+/// backends stay healthy (`wsgate_backend_healthy` 1 for both), and once descriptors are
+/// available again the next client is served.
+#[tokio::test]
+async fn running_out_of_descriptors_is_503_and_never_counts_against_backends() {
+    let backends = [echo_backend("b1").await, echo_backend("b2").await];
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+    let yaml = config(&[backends[0].addr, backends[1].addr], "", "")
+        .replace("127.0.0.1:0", &listen.to_string())
+        + &format!("admin:\n  address: {admin}\n");
+    let gateway = spawn_gateway(&yaml, listen).await;
+    // The readiness probes above have ended once the descriptor numbers stop changing.
+    let mut lowest = gateway.lowest_free_descriptor();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = gateway.lowest_free_descriptor();
+        if now == lowest {
+            break;
+        }
+        lowest = now;
+    }
+    let (mut soft, mut hard) = (0, 0);
+    rlimit::prlimit(
+        gateway.pid(),
+        rlimit::Resource::NOFILE,
+        None,
+        Some((&mut soft, &mut hard)),
+    )
+    .unwrap();
+    // One descriptor left: the client's accepted socket takes it.
+    rlimit::prlimit(
+        gateway.pid(),
+        rlimit::Resource::NOFILE,
+        Some((lowest + 1, hard)),
+        None,
+    )
+    .unwrap();
+
+    let mut stream = TcpStream::connect(listen).await.unwrap();
+    stream
+        .write_all(upgrade_request("/?room=starved", "").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    drop(stream);
+    rlimit::prlimit(
+        gateway.pid(),
+        rlimit::Resource::NOFILE,
+        Some((soft, hard)),
+        None,
+    )
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "{answer}\n{}",
+        gateway.log()
+    );
+    assert!(answer.contains("out of resources"), "{answer}");
+    assert!(answer.contains("Retry-After: 1"), "{answer}");
+
+    let (status, metrics) = support::http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let health: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("wsgate_backend_healthy{"))
+        .collect();
+    assert_eq!(health.len(), 2, "{metrics}");
+    assert!(health.iter().all(|l| l.ends_with(" 1")), "{health:?}");
+
+    let mut ws = connect(listen, "/?room=starved").await;
+    echo(&mut ws, "served again").await;
+}
