@@ -293,6 +293,8 @@ pub async fn accept_loop(
 /// its 503 if the socket takes it without waiting; a TLS client cannot be told anything before
 /// a handshake, which is the expensive work the limit exists to avoid.
 fn turn_away(tcp: TcpStream, tls: bool) {
+    // tokio takes an accepted stream as readable and writable until the socket says
+    // otherwise, so these non-blocking calls reach the socket without a driver turn.
     if !tls {
         let _ = tcp.try_write(PER_IP_REFUSAL);
     }
