@@ -120,7 +120,7 @@ pub async fn open_backend(
         Err(error) => {
             tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), "{error}");
             gateway.metrics.handshake_failed(error.kind());
-            let kind = if error.is_connect_failure() {
+            let kind = if error.is_reach_failure() {
                 ErrorKind::BackendConnect
             } else {
                 ErrorKind::Handshake
@@ -131,6 +131,10 @@ pub async fn open_backend(
                 .record(kind, Some(&route.name), Some(&backend.url), detail);
             Err(match error {
                 UpstreamError::Refused { response, .. } => *response,
+                // Out of local resources: free again as soon as connections end.
+                other @ UpstreamError::LocalResources { .. } => {
+                    Refusal::plain(other.status(), &other.to_string(), &[("Retry-After", "1")])
+                }
                 other => Refusal::plain(other.status(), &other.to_string(), &[]),
             })
         }

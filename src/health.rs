@@ -20,8 +20,10 @@
 //!
 //! Passive checks skip upstreams with a single backend, which has nothing to hand its
 //! connections to. They count only failures to reach the backend
-//! ([`UpstreamError::is_connect_failure`]): a backend that answers, even with a refusal, is
-//! up. After a back-off the backend is simply eligible again (half-open): the next
+//! ([`UpstreamError::is_reach_failure`]): a backend that answers, even with a refusal, is
+//! up, and so is one whose connection is up but whose answer is slow or wrong (any client can
+//! ask a long-poll path for an upgrade, which a healthy app never answers); the gateway's own
+//! exhaustion (out of descriptors or ports) says nothing about the backend at all. After a back-off the backend is simply eligible again (half-open): the next
 //! connections try it, and one more failure backs off for twice as long (up to
 //! `max_backoff`) while one success resets the doubling.
 
@@ -344,7 +346,8 @@ pub fn observe_connect(
         return;
     }
     match failure {
-        Some(error) if error.is_connect_failure() => {
+        Some(UpstreamError::LocalResources { .. }) => {}
+        Some(error) if error.is_reach_failure() => {
             connect_failed(gateway, upstream, backend, passive, &error.to_string());
         }
         _ => {
@@ -371,7 +374,7 @@ pub fn observe_connect_timeout(
     backend: usize,
     timeout: Duration,
 ) {
-    let error = UpstreamError::Timeout {
+    let error = UpstreamError::ConnectTimeout {
         backend: gateway.upstreams[upstream].balancer.backends()[backend]
             .url
             .clone(),
@@ -527,6 +530,43 @@ mod tests {
         let unchecked = gateway("ws://a:1, ws://b:1", false);
         carry_over(&old, &unchecked);
         assert!(unchecked.upstreams[0].balancer.is_healthy(1));
+    }
+
+    /// EMFILE while connecting to a backend is the gateway's own exhaustion: 503 to the
+    /// client, and the backend stays in rotation (it was never asked anything).
+    #[tokio::test]
+    async fn local_exhaustion_never_counts_against_a_backend() {
+        let yaml = "listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  app:\n    backends: [ws://a:1, ws://b:1]\nroutes:\n  - upstream: app\n";
+        let gateway = Gateway::new(crate::config::from_yaml_str(yaml, "t.yaml").unwrap()).unwrap();
+        let backend = gateway.upstreams[0].balancer.backends()[0].clone();
+        let url = backend.url.clone();
+        let out_of_files = UpstreamError::LocalResources {
+            backend: url.clone(),
+            source: std::io::Error::from_raw_os_error(libc::EMFILE),
+        };
+        assert_eq!(out_of_files.status(), 503);
+        assert!(!out_of_files.is_reach_failure());
+        observe_connect(&gateway, 0, 0, Some(&out_of_files));
+        assert!(gateway.upstreams[0].balancer.is_healthy(0));
+
+        // A connection that is up but never answers is that request's problem.
+        let answer_late = UpstreamError::AnswerTimeout {
+            backend: url.clone(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(answer_late.status(), 504);
+        observe_connect(&gateway, 0, 0, Some(&answer_late));
+        assert!(gateway.upstreams[0].balancer.is_healthy(0));
+
+        let refused = UpstreamError::Connect {
+            backend: url,
+            source: std::io::Error::from_raw_os_error(libc::ECONNREFUSED),
+        };
+        observe_connect(&gateway, 0, 0, Some(&refused));
+        assert!(
+            !gateway.upstreams[0].balancer.is_healthy(0),
+            "refused is a reach failure"
+        );
     }
 
     #[tokio::test]

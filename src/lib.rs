@@ -7,7 +7,8 @@
 //!   [`limits`] (token buckets), [`forwarded`] (the headers a request carries to its backend);
 //! - runtime: [`stream`], [`tls`], [`upstream`] (backend connect + client handshake),
 //!   [`relay`] (the frame pump), [`metrics`] (counters for the admin listener),
-//!   [`recent_errors`] (the dashboard's ring of recent failures);
+//!   [`recent_errors`] (the dashboard's ring of recent failures), [`resources`] (the
+//!   open-file limit and the gateway's own exhaustion);
 //! - wiring: [`gateway`] (compiled config), [`admit`] (origin, limits, sticky pick, backend
 //!   handshake), [`front`] (one client connection up to the relay, or plain HTTP),
 //!   [`session`] (long-polling and resumable sessions), [`health`] (active and passive backend
@@ -26,6 +27,7 @@ pub mod routing;
 pub mod metrics;
 pub mod recent_errors;
 pub mod relay;
+pub mod resources;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

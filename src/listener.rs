@@ -1,20 +1,23 @@
 //! Listening sockets: bind every configured address up front (so a bad address fails at start,
-//! before anything is served), then accept, enforce the global connection limit, terminate TLS
-//! within the handshake timeout, and hand each connection to [`crate::front`].
+//! before anything is served), then accept while a connection slot is free, count the client's
+//! address before any other work, terminate TLS within the handshake timeout, and hand each
+//! connection to [`crate::front`].
 
 use crate::config::Listener;
 use crate::front;
 use crate::gateway::CurrentGateway;
+use crate::resources::{self, OpenFiles};
 use crate::stream::Stream;
 use crate::tls::{self, TlsError};
 use dashmap::DashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,51 +80,95 @@ impl BoundListener {
     }
 }
 
-/// Client connections open across all listeners, against `limits.max_connections`, and per
-/// client IP address when `limits.max_connections_per_ip` is set.
+/// Client connections open across all listeners, against `limits.max_connections` (held to
+/// what the open-file limit can carry), and per client IP address when
+/// `limits.max_connections_per_ip` is set.
 ///
-/// Invariant: every counted connection holds exactly one `ConnectionGuard`, and an address
-/// is in `per_ip` only while it has at least one counted connection.
-#[derive(Debug, Default)]
+/// The total is a semaphore whose permit is taken before `accept`: at the limit the gateway
+/// stops accepting (like HAProxy's `maxconn`), so new connections wait in the kernel's backlog
+/// and are served once a slot frees, instead of being accepted and closed.
+///
+/// Invariant: every counted connection holds exactly one `ConnectionGuard` (which holds its
+/// permit), and an address is in `per_ip` only while it has at least one counted connection.
+#[derive(Debug)]
 pub struct ConnectionCounter {
     total: AtomicU32,
+    slots: Arc<Semaphore>,
+    /// The open-file limit in force, which caps the slots.
+    open_files: Option<OpenFiles>,
+    /// `(configured, slots)`: the configured limit last followed, and the semaphore's size.
+    capacity: Mutex<(u32, u32)>,
+    /// Permits to forget as connections end, after a reload shrank the slots below the
+    /// number in use.
+    owed: AtomicU32,
     per_ip: DashMap<IpAddr, u32>,
 }
 
-/// Why an accepted connection is turned away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OverLimit {
-    Total,
-    PerIp,
-}
-
 impl ConnectionCounter {
+    /// A counter for `max_connections`, held to what `open_files` can carry.
+    pub fn new(max_connections: u32, open_files: Option<OpenFiles>) -> Self {
+        let slots = resources::clamp_connections(max_connections, open_files);
+        Self {
+            total: AtomicU32::new(0),
+            slots: Arc::new(Semaphore::new(slots as usize)),
+            open_files,
+            capacity: Mutex::new((max_connections, slots)),
+            owed: AtomicU32::new(0),
+            per_ip: DashMap::new(),
+        }
+    }
+
+    /// Resizes the slots to a reloaded `limits.max_connections`. Connections open are never
+    /// cut: slots in use over a smaller limit are taken back as those connections end.
+    pub fn follow(&self, configured: u32) {
+        let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        if capacity.0 == configured {
+            return;
+        }
+        let slots = resources::clamp_connections(configured, self.open_files);
+        let before = capacity.1;
+        *capacity = (configured, slots);
+        if slots > before {
+            let grow = slots - before;
+            let owed = self
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                    Some(o.saturating_sub(grow))
+                })
+                .unwrap_or(0);
+            self.slots.add_permits((grow - owed.min(grow)) as usize);
+        } else if slots < before {
+            let shrink = before - slots;
+            let forgotten = self.slots.forget_permits(shrink as usize) as u32;
+            self.owed.fetch_add(shrink - forgotten, Ordering::AcqRel);
+        }
+    }
+
+    /// Counts a connection accepted with `permit` against the limit of its address.
     fn try_enter(
         self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
         ip: IpAddr,
-        max: u32,
         max_per_ip: Option<u32>,
-    ) -> Result<ConnectionGuard, OverLimit> {
-        if self.total.fetch_add(1, Ordering::AcqRel) >= max {
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(OverLimit::Total);
-        }
-        let mut guard = ConnectionGuard {
-            counter: Arc::clone(self),
-            ip: None,
-        };
+    ) -> Option<ConnectionGuard> {
+        let mut counted_ip = None;
         if let Some(max_per_ip) = max_per_ip {
             // The map's shard lock makes the check and the increment one step.
             let mut count = self.per_ip.entry(ip).or_insert(0);
             if *count >= max_per_ip {
                 drop(count);
                 self.per_ip.remove_if(&ip, |_, count| *count == 0);
-                return Err(OverLimit::PerIp);
+                return None;
             }
             *count += 1;
-            guard.ip = Some(ip);
+            counted_ip = Some(ip);
         }
-        Ok(guard)
+        self.total.fetch_add(1, Ordering::AcqRel);
+        Some(ConnectionGuard {
+            counter: Arc::clone(self),
+            ip: counted_ip,
+            permit: Some(permit),
+        })
     }
 
     pub fn current(&self) -> u32 {
@@ -133,19 +180,38 @@ impl ConnectionCounter {
 struct ConnectionGuard {
     counter: Arc<ConnectionCounter>,
     ip: Option<IpAddr>,
+    /// Always `Some` until dropped.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.counter.total.fetch_sub(1, Ordering::AcqRel);
+        let counter = &self.counter;
+        counter.total.fetch_sub(1, Ordering::AcqRel);
         if let Some(ip) = self.ip {
-            if let Some(mut count) = self.counter.per_ip.get_mut(&ip) {
+            if let Some(mut count) = counter.per_ip.get_mut(&ip) {
                 *count = count.saturating_sub(1);
             }
-            self.counter.per_ip.remove_if(&ip, |_, count| *count == 0);
+            counter.per_ip.remove_if(&ip, |_, count| *count == 0);
+        }
+        let owed = counter
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| o.checked_sub(1));
+        if let (Ok(_), Some(permit)) = (owed, self.permit.take()) {
+            permit.forget();
         }
     }
 }
+
+/// How long accepting pauses after the gateway ran out of descriptors or memory: long enough
+/// for connections to end and free some, short enough not to be noticed (tokio's and hyper's
+/// servers wait the same).
+const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// The answer to a client over its address's connection limit, written without waiting.
+const PER_IP_REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
+Content-Type: text/plain; charset=utf-8\r\nContent-Length: 39\r\nConnection: close\r\n\r\n\
+too many connections from this address\n";
 
 /// Accepts on `bound` until `stop` completes.
 pub async fn accept_loop(
@@ -156,35 +222,51 @@ pub async fn accept_loop(
 ) {
     tokio::pin!(stop);
     loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&counter.slots).acquire_owned() => permit,
+            () = &mut stop => return,
+        };
+        // The semaphore is never closed.
+        let Ok(permit) = permit else { return };
         let accepted = tokio::select! {
             accepted = bound.listener.accept() => accepted,
             () = &mut stop => return,
         };
         let (tcp, peer) = match accepted {
             Ok(pair) => pair,
+            Err(error) if resources::is_exhaustion(&error) => {
+                // Out of descriptors or memory: retrying at once would spin; established
+                // connections go on and free some.
+                tracing::warn!(listener = %bound.name, "accept failed: {error}; pausing accepts for {EXHAUSTED_PAUSE:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(EXHAUSTED_PAUSE) => continue,
+                    () = &mut stop => return,
+                }
+            }
             Err(error) => {
-                // EMFILE and friends: back off instead of spinning; established connections go on.
-                tracing::warn!(listener = %bound.name, "accept failed: {error}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // One connection's trouble (reset before it was accepted, ...).
+                tracing::debug!(listener = %bound.name, "accept failed: {error}");
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
         let gateway = current.get();
         let limits = gateway.config.limits;
-        let guard = counter.try_enter(
-            peer.ip(),
-            limits.max_connections,
-            limits.max_connections_per_ip,
-        );
+        // Before anything that costs: a TLS handshake, a task, a buffer.
+        let Some(guard) = counter.try_enter(permit, peer.ip(), limits.max_connections_per_ip)
+        else {
+            gateway.metrics.handshake_failed("per_ip_limit");
+            turn_away(tcp, bound.tls.is_some());
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
         let tls = bound.tls.clone();
         // The task lives as long as the connection, and its future is sized for its largest
-        // state: the TLS handshake and the refusal are boxed so an idle WebSocket's task
-        // carries only the relay.
+        // state: the TLS handshake is boxed so an idle WebSocket's task carries only the relay.
         tokio::spawn(async move {
+            let _guard = guard;
             let handshake_timeout = gateway.config.timeouts.handshake;
             let deadline = tokio::time::Instant::now() + handshake_timeout;
-            let mut stream = match tls {
+            let stream = match tls {
                 None => Stream::Plain(tcp),
                 Some(acceptor) => {
                     let accept = tokio::time::timeout_at(deadline, acceptor.accept(tcp));
@@ -201,22 +283,73 @@ pub async fn accept_loop(
                     }
                 }
             };
-            let over = match guard {
-                Ok(_guard) => return front::serve(gateway, stream, peer, deadline).await,
-                Err(over) => over,
-            };
-            let (label, reason) = match over {
-                OverLimit::Total => ("connection_limit", "gateway is at its connection limit"),
-                OverLimit::PerIp => ("per_ip_limit", "too many connections from this address"),
-            };
-            gateway.metrics.handshake_failed(label);
-            Box::pin(front::refuse(
-                &mut stream,
-                503,
-                reason,
-                &[("Retry-After", "1")],
-            ))
-            .await;
+            front::serve(gateway, stream, peer, deadline).await;
         });
+    }
+}
+
+/// Closes a connection over its address's limit at once, so one address cannot hold more
+/// descriptors than its allowance however many connections it opens. A plain-TCP client gets
+/// its 503 if the socket takes it without waiting; a TLS client cannot be told anything before
+/// a handshake, which is the expensive work the limit exists to avoid.
+fn turn_away(tcp: TcpStream, tls: bool) {
+    // tokio takes an accepted stream as readable and writable until the socket says
+    // otherwise, so these non-blocking calls reach the socket without a driver turn.
+    if !tls {
+        let _ = tcp.try_write(PER_IP_REFUSAL);
+    }
+    // What the client already sent is read off, so the close is a FIN after our answer rather
+    // than a reset that could destroy it.
+    let mut sink = [0u8; 2048];
+    for _ in 0..4 {
+        match tcp.try_read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enter(counter: &Arc<ConnectionCounter>) -> Option<ConnectionGuard> {
+        let permit = Arc::clone(&counter.slots).try_acquire_owned().ok()?;
+        counter.try_enter(permit, IpAddr::from([127, 0, 0, 1]), None)
+    }
+
+    #[test]
+    fn a_reload_resizes_the_slots_without_cutting_open_connections() {
+        let counter = Arc::new(ConnectionCounter::new(3, None));
+        let mut open: Vec<_> = (0..3).map(|_| enter(&counter).unwrap()).collect();
+        assert!(enter(&counter).is_none(), "full at 3");
+
+        counter.follow(1);
+        assert_eq!(counter.current(), 3, "nothing is cut");
+        open.pop();
+        open.pop();
+        assert!(
+            enter(&counter).is_none(),
+            "two ended, one still open: full at 1"
+        );
+        open.pop();
+        let one = enter(&counter).expect("a slot once all ended");
+        assert!(enter(&counter).is_none());
+
+        counter.follow(2);
+        let two = enter(&counter).expect("grown to 2");
+        assert!(enter(&counter).is_none());
+        drop((one, two));
+        assert_eq!(counter.slots.available_permits(), 2);
+    }
+
+    #[test]
+    fn growing_again_before_the_debt_is_paid_nets_out() {
+        let counter = Arc::new(ConnectionCounter::new(4, None));
+        let open: Vec<_> = (0..4).map(|_| enter(&counter).unwrap()).collect();
+        counter.follow(1);
+        counter.follow(4);
+        drop(open);
+        assert_eq!(counter.slots.available_permits(), 4);
     }
 }

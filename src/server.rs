@@ -37,6 +37,7 @@ pub struct Server {
 #[derive(Debug, Clone)]
 pub struct Reloader {
     current: Arc<CurrentGateway>,
+    counter: Arc<ConnectionCounter>,
     health: Arc<Mutex<Option<HealthChecks>>>,
     rebalancer: Arc<Rebalancer>,
 }
@@ -86,6 +87,7 @@ impl Reloader {
         // healthy for a moment, or its keys would move back to it and away again.
         crate::health::carry_over(old, &gateway);
         let health = crate::health::start(&gateway);
+        self.counter.follow(gateway.config.limits.max_connections);
         self.current.replace(gateway);
         // Dropping the old checks stops them; the new ones watch the new backends.
         *self.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(health);
@@ -112,6 +114,10 @@ impl Server {
                 })?),
                 None => None,
             };
+        // Raised once per process (it only ever goes up to the hard limit); the connection
+        // limit is held to what it can carry.
+        let open_files = crate::resources::raise_open_file_limit();
+        let counter = ConnectionCounter::new(config.limits.max_connections, open_files);
         let gateway = Arc::new(Gateway::new(config)?);
         let current = Arc::new(CurrentGateway::new(gateway));
         Ok(Self {
@@ -119,7 +125,7 @@ impl Server {
             current,
             listeners,
             admin,
-            counter: Arc::default(),
+            counter: Arc::new(counter),
             health: Arc::default(),
         })
     }
@@ -146,6 +152,7 @@ impl Server {
     pub fn reloader(&self) -> Reloader {
         Reloader {
             current: Arc::clone(&self.current),
+            counter: Arc::clone(&self.counter),
             health: Arc::clone(&self.health),
             rebalancer: Arc::clone(&self.rebalancer),
         }

@@ -1,12 +1,18 @@
 //! Opening the backend side of a connection: TCP (and TLS for `wss://`), the client handshake,
-//! and the backend's answer, all within the upstream's connect timeout.
+//! and the backend's answer. `connect_timeout` bounds each of the two phases: reaching the
+//! backend, then its answer to the handshake.
 //!
 //! Every failure maps to what the client is told before any 101 is sent: the backend's own
-//! refusal is passed on with its status, an unreachable backend is 502, a slow one 504.
+//! refusal is passed on with its status, an unreachable or misbehaving backend is 502, a slow
+//! one 504, and a gateway out of local resources (descriptors, ports, buffers) 503. Only a
+//! failure to reach the backend ([`UpstreamError::is_reach_failure`]) says anything about the
+//! backend's health: once the connection is up, a slow or wrong answer is that request's
+//! problem (an HTTP long-poll endpoint that ignores `Upgrade` answers nothing, by design).
 
 use crate::config::Backend;
 use crate::proto::handshake::{self, ClientRequest};
 use crate::relay::mask_keys::random_16;
+use crate::resources;
 use crate::stream::Stream;
 use httparse::EMPTY_HEADER;
 use rustls_pki_types::ServerName;
@@ -65,10 +71,19 @@ pub struct Upgraded {
 pub enum UpstreamError {
     #[error("cannot connect to backend {backend}: {source}")]
     Connect { backend: String, source: io::Error },
-    #[error("backend {backend} did not complete the handshake within {timeout:?}")]
-    Timeout { backend: String, timeout: Duration },
+    /// The gateway itself ran out of descriptors, local ports or buffers: nothing is known
+    /// about the backend.
+    #[error("gateway out of resources connecting to backend {backend}: {source}")]
+    LocalResources { backend: String, source: io::Error },
+    #[error("backend {backend} did not accept the connection within {timeout:?}")]
+    ConnectTimeout { backend: String, timeout: Duration },
     #[error("TLS with backend {backend} failed: {source}")]
     Tls { backend: String, source: io::Error },
+    #[error("backend {backend} did not answer the handshake within {timeout:?}")]
+    AnswerTimeout { backend: String, timeout: Duration },
+    /// Reading or writing failed on a connection that was up.
+    #[error("connection to backend {backend} failed during the handshake: {source}")]
+    Io { backend: String, source: io::Error },
     #[error("backend {backend} refused the upgrade with status {status}")]
     Refused {
         backend: String,
@@ -89,7 +104,8 @@ impl UpstreamError {
     /// The status the client receives.
     pub fn status(&self) -> u16 {
         match self {
-            Self::Timeout { .. } => 504,
+            Self::ConnectTimeout { .. } | Self::AnswerTimeout { .. } => 504,
+            Self::LocalResources { .. } => 503,
             Self::Refused { status, .. } => *status,
             _ => 502,
         }
@@ -99,33 +115,63 @@ impl UpstreamError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Connect { .. } => "connect",
-            Self::Timeout { .. } => "timeout",
+            Self::LocalResources { .. } => "local_resources",
+            Self::ConnectTimeout { .. } => "connect_timeout",
             Self::Tls { .. } => "tls",
+            Self::AnswerTimeout { .. } => "answer_timeout",
+            Self::Io { .. } => "io",
             Self::Refused { .. } => "refused",
             Self::Handshake { .. } => "bad_handshake",
             Self::Closed { .. } => "closed",
         }
     }
 
-    /// Whether the backend itself is unreachable (for passive health checks).
-    pub fn is_connect_failure(&self) -> bool {
+    /// Whether the backend could not be reached (TCP refused or unreachable, TCP or TLS
+    /// connect timeout, TLS handshake failure): the only failures passive health checks count.
+    pub fn is_reach_failure(&self) -> bool {
         matches!(
             self,
-            Self::Connect { .. } | Self::Timeout { .. } | Self::Tls { .. }
+            Self::Connect { .. } | Self::ConnectTimeout { .. } | Self::Tls { .. }
         )
+    }
+
+    /// A failed TCP connect, told apart from the gateway's own exhaustion.
+    fn connect(backend: String, source: io::Error) -> Self {
+        if resources::is_exhaustion(&source) {
+            Self::LocalResources { backend, source }
+        } else {
+            Self::Connect { backend, source }
+        }
     }
 }
 
-/// Connects to `backend` and performs the WebSocket handshake, all within `timeout`.
+/// Connects to `backend` (within `timeout`) and performs the WebSocket handshake (the answer
+/// within `timeout` again, counted from the connection being up).
 pub async fn open(
     backend: &Backend,
     tls: Option<&BackendTls>,
     timeout: Duration,
     request: &UpstreamRequest<'_>,
 ) -> Result<Upgraded, UpstreamError> {
-    match tokio::time::timeout(timeout, open_inner(backend, tls, request)).await {
+    let stream = connect_within(backend, tls, timeout).await?;
+    match tokio::time::timeout(timeout, ask_upgrade(backend, stream, request)).await {
         Ok(result) => result,
-        Err(_) => Err(UpstreamError::Timeout {
+        Err(_) => Err(UpstreamError::AnswerTimeout {
+            backend: backend.url.clone(),
+            timeout,
+        }),
+    }
+}
+
+/// [`connect`] within `timeout`; running out of time is a [`UpstreamError::ConnectTimeout`].
+pub async fn connect_within(
+    backend: &Backend,
+    tls: Option<&BackendTls>,
+    timeout: Duration,
+) -> Result<Stream, UpstreamError> {
+    match tokio::time::timeout(timeout, connect(backend, tls)).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::ConnectTimeout {
             backend: backend.url.clone(),
             timeout,
         }),
@@ -138,10 +184,7 @@ pub async fn connect(backend: &Backend, tls: Option<&BackendTls>) -> Result<Stre
     let url = || backend.url.clone();
     let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
         .await
-        .map_err(|source| UpstreamError::Connect {
-            backend: url(),
-            source,
-        })?;
+        .map_err(|source| UpstreamError::connect(url(), source))?;
     // Frames are written whole, one write per batch: Nagle would only add latency.
     let _ = tcp.set_nodelay(true);
     if !backend.secure {
@@ -172,13 +215,12 @@ pub async fn connect(backend: &Backend, tls: Option<&BackendTls>) -> Result<Stre
     Ok(Stream::ClientTls(Box::new(tls_stream)))
 }
 
-async fn open_inner(
+async fn ask_upgrade(
     backend: &Backend,
-    tls: Option<&BackendTls>,
+    mut stream: Stream,
     request: &UpstreamRequest<'_>,
 ) -> Result<Upgraded, UpstreamError> {
     let url = || backend.url.clone();
-    let mut stream = connect(backend, tls).await?;
 
     let key = handshake::key_from_random(random_16());
     let target = if backend.base_path.is_empty() {
@@ -201,7 +243,7 @@ async fn open_inner(
     stream
         .write_all(&head)
         .await
-        .map_err(|source| UpstreamError::Connect {
+        .map_err(|source| UpstreamError::Io {
             backend: url(),
             source,
         })?;
@@ -220,7 +262,7 @@ async fn open_inner(
         }
         if !std::mem::take(&mut parse_first) {
             let n = stream.read_appending(&mut buf, MAX_RESPONSE_HEAD).await;
-            let n = n.map_err(|source| UpstreamError::Connect {
+            let n = n.map_err(|source| UpstreamError::Io {
                 backend: url(),
                 source,
             })?;
@@ -426,5 +468,24 @@ pub fn backend_tls(
     BackendTls {
         connector: TlsConnector::from(config),
         server_name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_the_gateways_problem_not_the_backends() {
+        let local =
+            UpstreamError::connect("ws://b".into(), io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(matches!(local, UpstreamError::LocalResources { .. }));
+        assert_eq!((local.status(), local.is_reach_failure()), (503, false));
+        let refused = UpstreamError::connect(
+            "ws://b".into(),
+            io::Error::from_raw_os_error(libc::ECONNREFUSED),
+        );
+        assert!(matches!(refused, UpstreamError::Connect { .. }));
+        assert_eq!((refused.status(), refused.is_reach_failure()), (502, true));
     }
 }

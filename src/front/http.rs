@@ -408,7 +408,7 @@ async fn proxy(
         let stream = upstream::connect(backend, upstream.tls.as_ref()).await?;
         hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|error| upstream::UpstreamError::Connect {
+            .map_err(|error| upstream::UpstreamError::Io {
                 backend: backend.url.clone(),
                 source: std::io::Error::other(error),
             })
@@ -423,7 +423,7 @@ async fn proxy(
         Ok(Err(error)) => {
             crate::health::observe_connect(gateway, route.upstream, pick.index, Some(&error));
             tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, "{error}");
-            return plain(502, &error.to_string());
+            return plain(error.status(), &error.to_string());
         }
         Err(_) => {
             crate::health::observe_connect_timeout(

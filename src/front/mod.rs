@@ -22,7 +22,7 @@ use crate::session::{
 use crate::stream::Stream;
 use crate::upstream::Refusal;
 use httparse::EMPTY_HEADER;
-pub use respond::refuse;
+use respond::refuse;
 use respond::{HeadRead, finish_with, read_head_bytes};
 use std::net::SocketAddr;
 use std::sync::Arc;
