@@ -7,6 +7,7 @@
 use crate::config::StickyKey;
 use crate::config::{Config, Route};
 use crate::limits::TokenBucket;
+use crate::listener::ConnectionCounter;
 use crate::metrics::Metrics;
 use crate::rebalance::ConnectionRegistry;
 use crate::recent_errors::RecentErrors;
@@ -47,6 +48,9 @@ pub struct Gateway {
     pub errors: Arc<RecentErrors>,
     /// Relayed connections with a sticky key, for rebalancing; shared by every generation.
     pub connections: Arc<ConnectionRegistry>,
+    /// Client connections (and sessions) open, in total and per address; shared by every
+    /// generation, so `limits.max_connections_per_ip` counts sessions as well as sockets.
+    pub clients: Arc<ConnectionCounter>,
     /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
     handshake_bucket: Option<Mutex<TokenBucket>>,
     /// Set when a reload replaced this generation (see [`CurrentGateway::replace`]).
@@ -62,6 +66,7 @@ pub struct Shared {
     pub sessions: Arc<session::Registry>,
     pub errors: Arc<RecentErrors>,
     pub connections: Arc<ConnectionRegistry>,
+    pub clients: Arc<ConnectionCounter>,
 }
 
 impl Default for Shared {
@@ -72,6 +77,7 @@ impl Default for Shared {
             sessions: Arc::default(),
             errors: Arc::default(),
             connections: Arc::default(),
+            clients: Arc::default(),
         }
     }
 }
@@ -96,6 +102,7 @@ impl Gateway {
             sessions,
             errors,
             connections,
+            clients,
         } = shared;
         let handshake_bucket = config
             .limits
@@ -133,6 +140,7 @@ impl Gateway {
             sessions,
             errors,
             connections,
+            clients,
             handshake_bucket,
             superseded: AtomicBool::new(false),
         })
@@ -146,6 +154,7 @@ impl Gateway {
             sessions: Arc::clone(&self.sessions),
             errors: Arc::clone(&self.errors),
             connections: Arc::clone(&self.connections),
+            clients: Arc::clone(&self.clients),
         }
     }
 
@@ -228,6 +237,12 @@ impl Gateway {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         bucket.try_take(Instant::now())
+    }
+
+    /// Whether the route has no connection slot free right now.
+    pub fn route_full(&self, route: usize) -> bool {
+        self.route_active[route].load(Ordering::Relaxed)
+            >= self.config.routes[route].limits.max_connections
     }
 
     /// Takes one of the route's connection slots, if it has one free.

@@ -80,8 +80,8 @@ impl BoundListener {
 /// Client connections open across all listeners, against `limits.max_connections`, and per
 /// client IP address when `limits.max_connections_per_ip` is set.
 ///
-/// Invariant: every counted connection holds exactly one `ConnectionGuard`, and an address
-/// is in `per_ip` only while it has at least one counted connection.
+/// Invariant: every counted connection (and session) holds exactly one `ConnectionGuard`, and
+/// an address is in `per_ip` only while it has at least one counted connection or session.
 #[derive(Debug, Default)]
 pub struct ConnectionCounter {
     total: AtomicU32,
@@ -109,6 +109,7 @@ impl ConnectionCounter {
         let mut guard = ConnectionGuard {
             counter: Arc::clone(self),
             ip: None,
+            socket: true,
         };
         if let Some(max_per_ip) = max_per_ip {
             // The map's shard lock makes the check and the increment one step.
@@ -124,20 +125,51 @@ impl ConnectionCounter {
         Ok(guard)
     }
 
+    /// One more use of `ip`'s `max_per_ip` allowance that is not a socket: a session holds one
+    /// for its whole life, so an address cannot hold more backend connections by sessions
+    /// than by WebSockets. `None` when the address is at its limit.
+    pub fn enter_address(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        max_per_ip: Option<u32>,
+    ) -> Option<ConnectionGuard> {
+        let mut guard = ConnectionGuard {
+            counter: Arc::clone(self),
+            ip: None,
+            socket: false,
+        };
+        if let Some(max_per_ip) = max_per_ip {
+            let mut count = self.per_ip.entry(ip).or_insert(0);
+            if *count >= max_per_ip {
+                drop(count);
+                self.per_ip.remove_if(&ip, |_, count| *count == 0);
+                return None;
+            }
+            *count += 1;
+            guard.ip = Some(ip);
+        }
+        Some(guard)
+    }
+
     pub fn current(&self) -> u32 {
         self.total.load(Ordering::Acquire)
     }
 }
 
+/// A counted connection or session, uncounted when dropped.
 #[derive(Debug)]
-struct ConnectionGuard {
+pub struct ConnectionGuard {
     counter: Arc<ConnectionCounter>,
     ip: Option<IpAddr>,
+    /// Counted in the total of sockets (sessions count per address only).
+    socket: bool,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.counter.total.fetch_sub(1, Ordering::AcqRel);
+        if self.socket {
+            self.counter.total.fetch_sub(1, Ordering::AcqRel);
+        }
         if let Some(ip) = self.ip {
             if let Some(mut count) = self.counter.per_ip.get_mut(&ip) {
                 *count = count.saturating_sub(1);
