@@ -386,3 +386,81 @@ async fn malformed_session_parameters_are_answered_with_cors() {
         assert_cors(&answer);
     }
 }
+
+/// Runs a scenario of `tests/session_client/resume.mjs` (the browser client, as the gateway
+/// serves it, under node) against `gateway`; its stderr on failure. Skips loudly without
+/// node, and fails under `CI=true`, where node must be installed.
+async fn client_scenario(scenario: &str, gateway: SocketAddr) -> Option<Result<(), String>> {
+    use std::process::{Command, Stdio};
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/session_client/resume.mjs"
+    );
+    let spawned = Command::new("node")
+        .args([script, scenario, &gateway.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "the client tests need node (>= 18) on PATH: {e}"
+            );
+            use std::io::Write;
+            let _ = std::io::stderr().write_all(
+                format!("\n*** SKIPPED: {scenario}: `node` is not on PATH ({e}) ***\n").as_bytes(),
+            );
+            return None;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Some(Err(format!("{scenario}: node did not finish within 20 s")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        use std::io::Read;
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    Some(if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{scenario} ({status}): {stderr}"))
+    })
+}
+
+/// The browser client's messages sent right after `reconnect()` on the long-polling transport,
+/// while a send is still in flight, all reach the backend in order (the send pump of the
+/// abandoned transport no longer blocks the next one), and later ones too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_delivers_messages_sent_during_a_resume() {
+    let backend = echo_backend("a").await;
+    let gateway = start_gateway(&config(&backend, "", "")).await;
+    if let Some(outcome) = client_scenario("send-after-reconnect", gateway.addr).await {
+        outcome.unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// A browser client whose network is down retries with capped exponential backoff and jitter
+/// (a fleet of offline clients does not hammer the gateway every 125-250 ms), resumes when the
+/// network is back, and starts the backoff over after a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_backs_off_exponentially_while_offline() {
+    let backend = echo_backend("a").await;
+    let gateway = start_gateway(&config(&backend, "", "")).await;
+    if let Some(outcome) = client_scenario("offline-backoff", gateway.addr).await {
+        outcome.unwrap_or_else(|e| panic!("{e}"));
+    }
+}
