@@ -4,10 +4,9 @@
 
 use crate::config::Listener;
 use crate::front;
-use crate::gateway::CurrentGateway;
+use crate::gateway::{AddressCounts, AddressSlot, CurrentGateway};
 use crate::stream::Stream;
 use crate::tls::{self, TlsError};
-use dashmap::DashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -77,15 +76,14 @@ impl BoundListener {
     }
 }
 
-/// Client connections open across all listeners, against `limits.max_connections`, and per
-/// client IP address when `limits.max_connections_per_ip` is set.
+/// Client connections open across all listeners, against `limits.max_connections`; per
+/// client IP address (with the address's sessions) in the gateway's [`AddressCounts`] when
+/// `limits.max_connections_per_ip` is set.
 ///
-/// Invariant: every counted connection (and session) holds exactly one `ConnectionGuard`, and
-/// an address is in `per_ip` only while it has at least one counted connection or session.
+/// Invariant: every counted connection holds exactly one `ConnectionGuard`.
 #[derive(Debug, Default)]
 pub struct ConnectionCounter {
     total: AtomicU32,
-    per_ip: DashMap<IpAddr, u32>,
 }
 
 /// Why an accepted connection is turned away.
@@ -98,6 +96,7 @@ enum OverLimit {
 impl ConnectionCounter {
     fn try_enter(
         self: &Arc<Self>,
+        addresses: &Arc<AddressCounts>,
         ip: IpAddr,
         max: u32,
         max_per_ip: Option<u32>,
@@ -108,47 +107,16 @@ impl ConnectionCounter {
         }
         let mut guard = ConnectionGuard {
             counter: Arc::clone(self),
-            ip: None,
-            socket: true,
+            _address: None,
         };
         if let Some(max_per_ip) = max_per_ip {
-            // The map's shard lock makes the check and the increment one step.
-            let mut count = self.per_ip.entry(ip).or_insert(0);
-            if *count >= max_per_ip {
-                drop(count);
-                self.per_ip.remove_if(&ip, |_, count| *count == 0);
-                return Err(OverLimit::PerIp);
-            }
-            *count += 1;
-            guard.ip = Some(ip);
+            guard._address = Some(
+                addresses
+                    .try_enter(ip, max_per_ip)
+                    .ok_or(OverLimit::PerIp)?,
+            );
         }
         Ok(guard)
-    }
-
-    /// One more use of `ip`'s `max_per_ip` allowance that is not a socket: a session holds one
-    /// for its whole life, so an address cannot hold more backend connections by sessions
-    /// than by WebSockets. `None` when the address is at its limit.
-    pub fn enter_address(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        max_per_ip: Option<u32>,
-    ) -> Option<ConnectionGuard> {
-        let mut guard = ConnectionGuard {
-            counter: Arc::clone(self),
-            ip: None,
-            socket: false,
-        };
-        if let Some(max_per_ip) = max_per_ip {
-            let mut count = self.per_ip.entry(ip).or_insert(0);
-            if *count >= max_per_ip {
-                drop(count);
-                self.per_ip.remove_if(&ip, |_, count| *count == 0);
-                return None;
-            }
-            *count += 1;
-            guard.ip = Some(ip);
-        }
-        Some(guard)
     }
 
     pub fn current(&self) -> u32 {
@@ -156,26 +124,15 @@ impl ConnectionCounter {
     }
 }
 
-/// A counted connection or session, uncounted when dropped.
 #[derive(Debug)]
-pub struct ConnectionGuard {
+struct ConnectionGuard {
     counter: Arc<ConnectionCounter>,
-    ip: Option<IpAddr>,
-    /// Counted in the total of sockets (sessions count per address only).
-    socket: bool,
+    _address: Option<AddressSlot>,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        if self.socket {
-            self.counter.total.fetch_sub(1, Ordering::AcqRel);
-        }
-        if let Some(ip) = self.ip {
-            if let Some(mut count) = self.counter.per_ip.get_mut(&ip) {
-                *count = count.saturating_sub(1);
-            }
-            self.counter.per_ip.remove_if(&ip, |_, count| *count == 0);
-        }
+        self.counter.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -205,6 +162,7 @@ pub async fn accept_loop(
         let gateway = current.get();
         let limits = gateway.config.limits;
         let guard = counter.try_enter(
+            &gateway.addresses,
             peer.ip(),
             limits.max_connections,
             limits.max_connections_per_ip,

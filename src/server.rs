@@ -113,14 +113,13 @@ impl Server {
                 None => None,
             };
         let gateway = Arc::new(Gateway::new(config)?);
-        let counter = Arc::clone(&gateway.clients);
         let current = Arc::new(CurrentGateway::new(gateway));
         Ok(Self {
             rebalancer: Rebalancer::new(Arc::clone(&current)),
             current,
             listeners,
             admin,
-            counter,
+            counter: Arc::default(),
             health: Arc::default(),
         })
     }

@@ -4,12 +4,11 @@
 
 use super::backend::{BackendTask, Tally};
 use super::id::SessionId;
-use super::registry::{AddressRefusal, AddressSlot, Reservation};
+use super::registry::{AddressRefusal, AddressSession, Reservation};
 use super::socket;
 use super::state::{Limits, Session, Timing};
 use crate::admit::{BackendOffer, OpenedBackend, open_backend, origin_allowed, register_in_room};
-use crate::gateway::Gateway;
-use crate::listener::ConnectionGuard;
+use crate::gateway::{AddressSlot, Gateway};
 use crate::proto::handshake::RequestHead;
 use crate::proto::{DecoderConfig, Role};
 use crate::upstream::Refusal;
@@ -46,8 +45,8 @@ pub struct OpenedSession {
 #[derive(Debug)]
 pub struct Admission {
     _reservation: Reservation,
-    _address: AddressSlot,
-    _connection: ConnectionGuard,
+    _address: AddressSession,
+    _connection: Option<AddressSlot>,
 }
 
 /// The cheap checks a new session passes before anything is read or opened for it: origin,
@@ -91,15 +90,20 @@ pub fn admit(
             );
         }
     };
-    let Some(connection) = gateway
-        .clients
-        .enter_address(peer.ip(), gateway.config.limits.max_connections_per_ip)
-    else {
-        return refuse(
-            "per_ip_limit",
-            429,
-            "too many connections and sessions from this address",
-        );
+    // A session holds a backend connection like a WebSocket does, so it counts as one of its
+    // address's connections.
+    let connection = match gateway.config.limits.max_connections_per_ip {
+        None => None,
+        Some(max) => match gateway.addresses.try_enter(peer.ip(), max) {
+            Some(slot) => Some(slot),
+            None => {
+                return refuse(
+                    "per_ip_limit",
+                    429,
+                    "too many connections and sessions from this address",
+                );
+            }
+        },
     };
     let Some(reservation) = gateway.sessions.reserve(settings.max_sessions) else {
         return refuse(

@@ -38,12 +38,12 @@ pub enum AddressRefusal {
 
 /// One of an address's sessions, given back when dropped.
 #[derive(Debug)]
-pub struct AddressSlot {
+pub struct AddressSession {
     registry: Arc<Registry>,
     ip: IpAddr,
 }
 
-impl Drop for AddressSlot {
+impl Drop for AddressSession {
     fn drop(&mut self) {
         if let Some(mut address) = self.registry.addresses.get_mut(&self.ip) {
             address.open = address.open.saturating_sub(1);
@@ -84,7 +84,7 @@ impl Registry {
         max_open: u32,
         per_second: u32,
         now: Instant,
-    ) -> Result<AddressSlot, AddressRefusal> {
+    ) -> Result<AddressSession, AddressRefusal> {
         self.sweep(now);
         // The entry's shard lock makes the checks and the count one step.
         let mut address = self.addresses.entry(ip).or_insert_with(|| Address {
@@ -98,7 +98,7 @@ impl Registry {
             return Err(AddressRefusal::TooMany);
         }
         address.open += 1;
-        Ok(AddressSlot {
+        Ok(AddressSession {
             registry: Arc::clone(self),
             ip,
         })
@@ -164,7 +164,7 @@ mod tests {
         );
 
         let c = IpAddr::from(Ipv4Addr::new(10, 0, 0, 3));
-        let held: Vec<AddressSlot> = (0..10)
+        let held: Vec<AddressSession> = (0..10)
             .filter_map(|_| registry.enter_address(c, 100, 2, now).ok())
             .collect();
         assert_eq!(held.len(), 4, "bursts of two seconds' worth");
