@@ -154,7 +154,6 @@
       if (this._events) { this._events.close(); this._events = null; }
       if (this._polls) { for (const c of this._polls) c.abort(); }
       this._polls = new Set();
-      this._sending = false;
     }
 
     _established(opened, transport) {
@@ -290,9 +289,9 @@
           if (answer.status !== 200) return this._openRefused(answer);
           this._established(answer.body, transport);
         } else {
+          // A resume proves nothing yet: the backoff is reset by the first answer.
           this.transport = transport;
           this._emit("transport", transport);
-          this._backoff.attempt = 0;
         }
       } catch (e) {
         if (generation === this._generation) { this._emit("error"); this._retry(); }
@@ -309,6 +308,7 @@
       this._events = es;
       let acked = this._received;
       const seq = (e) => Number(e.lastEventId);
+      es.onopen = () => { if (generation === this._generation) this._backoff.attempt = 0; };
       es.addEventListener("text", (e) => this._deliver(seq(e), JSON.parse(e.data)));
       es.addEventListener("binary", (e) => this._deliver(seq(e), fromBase64(e.data)));
       es.addEventListener("close", (e) => {
@@ -328,7 +328,7 @@
         if (generation === this._generation) this._retry();
       };
       this._ackTimer = setInterval(() => {
-        if (this._received !== acked && !this._sending && generation === this._generation) {
+        if (this._received !== acked && this._pumping !== generation && generation === this._generation) {
           acked = this._received;
           this._fetch("POST", this._sessionUrl("send"), { seq: this._nextSeq, messages: [], ack: acked }).catch(() => {});
         }
@@ -357,6 +357,7 @@
         if (answer.status === 410 || answer.status === 403) return this._sessionGone(answer.status === 410 ? CLOSE_GONE : CLOSE_FORBIDDEN, answer.body.error);
         if (answer.status === 409) continue;
         if (answer.status !== 200) return this._retry();
+        this._backoff.attempt = 0;
         for (const event of answer.body.events) {
           if (event.close) {
             this._received = event.seq;
@@ -369,10 +370,13 @@
       }
     }
 
+    // One pump per transport generation: a pump whose generation was abandoned (its request
+    // still in flight during a resume) ends on its own, and never blocks the next one; the
+    // gateway skips anything both sent.
     async _pumpSends() {
-      if (this._sending || !this.transport || this.transport === "websocket" || !this._sid) return;
-      this._sending = true;
+      if (this._pumping === this._generation || !this.transport || this.transport === "websocket" || !this._sid) return;
       const generation = this._generation;
+      this._pumping = generation;
       try {
         while (this._outbox.length && generation === this._generation) {
           const batch = this._outbox.slice(0, 256);
@@ -383,6 +387,7 @@
           };
           const answer = await this._fetch("POST", this._sessionUrl("send"), body);
           if (generation !== this._generation) return;
+          if (answer.status === 200) this._backoff.attempt = 0;
           if (answer.status === 200 || answer.status === 409) this._dropAcked(answer.body.received);
           else if (answer.status === 410) return this._sessionGone(CLOSE_GONE, answer.body.error);
           else if (answer.status === 429) return; // the session's close event follows on the poll
@@ -391,7 +396,7 @@
       } catch (e) {
         if (generation === this._generation) this._retry();
       } finally {
-        if (generation === this._generation) this._sending = false;
+        if (this._pumping === generation) this._pumping = null;
       }
     }
 

@@ -16,6 +16,8 @@ use crate::routing::{
 use crate::session;
 use crate::tls::{self, TlsError};
 use crate::upstream::{BackendTls, backend_tls};
+use dashmap::DashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -47,10 +49,60 @@ pub struct Gateway {
     pub errors: Arc<RecentErrors>,
     /// Relayed connections with a sticky key, for rebalancing; shared by every generation.
     pub connections: Arc<ConnectionRegistry>,
+    /// Client connections and sessions open per client address, against
+    /// `limits.max_connections_per_ip`; shared by every generation.
+    pub addresses: Arc<AddressCounts>,
     /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
     handshake_bucket: Option<Mutex<TokenBucket>>,
     /// Set when a reload replaced this generation (see [`CurrentGateway::replace`]).
     superseded: AtomicBool,
+}
+
+/// What each client address holds against `limits.max_connections_per_ip`: its connections
+/// and its sessions, so an address cannot hold more backend connections by sessions than by
+/// WebSockets.
+///
+/// Invariant: every count is held by exactly one [`AddressSlot`], and an address is in the map
+/// only while it holds at least one.
+#[derive(Debug, Default)]
+pub struct AddressCounts {
+    per_ip: DashMap<IpAddr, u32>,
+}
+
+impl AddressCounts {
+    /// Counts one more connection or session of `ip`; `None` when it holds `max` already.
+    pub fn try_enter(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<AddressSlot> {
+        // The map's shard lock makes the check and the increment one step.
+        let mut count = self.per_ip.entry(ip).or_insert(0);
+        if *count >= max {
+            drop(count);
+            self.per_ip.remove_if(&ip, |_, count| *count == 0);
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            counts: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// One connection or session of an address, uncounted when dropped.
+#[derive(Debug)]
+pub struct AddressSlot {
+    counts: Arc<AddressCounts>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        if let Some(mut count) = self.counts.per_ip.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+        }
+        self.counts
+            .per_ip
+            .remove_if(&self.ip, |_, count| *count == 0);
+    }
 }
 
 /// What lives as long as the process and is handed from one configuration generation to the
@@ -62,6 +114,7 @@ pub struct Shared {
     pub sessions: Arc<session::Registry>,
     pub errors: Arc<RecentErrors>,
     pub connections: Arc<ConnectionRegistry>,
+    pub addresses: Arc<AddressCounts>,
 }
 
 impl Default for Shared {
@@ -72,6 +125,7 @@ impl Default for Shared {
             sessions: Arc::default(),
             errors: Arc::default(),
             connections: Arc::default(),
+            addresses: Arc::default(),
         }
     }
 }
@@ -96,6 +150,7 @@ impl Gateway {
             sessions,
             errors,
             connections,
+            addresses,
         } = shared;
         let handshake_bucket = config
             .limits
@@ -133,6 +188,7 @@ impl Gateway {
             sessions,
             errors,
             connections,
+            addresses,
             handshake_bucket,
             superseded: AtomicBool::new(false),
         })
@@ -146,6 +202,7 @@ impl Gateway {
             sessions: Arc::clone(&self.sessions),
             errors: Arc::clone(&self.errors),
             connections: Arc::clone(&self.connections),
+            addresses: Arc::clone(&self.addresses),
         }
     }
 
@@ -228,6 +285,12 @@ impl Gateway {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         bucket.try_take(Instant::now())
+    }
+
+    /// Whether the route has no connection slot free right now.
+    pub fn route_full(&self, route: usize) -> bool {
+        self.route_active[route].load(Ordering::Relaxed)
+            >= self.config.routes[route].limits.max_connections
     }
 
     /// Takes one of the route's connection slots, if it has one free.

@@ -27,6 +27,13 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket would be full at `now`: it then remembers nothing a fresh one would
+    /// not, and may be forgotten.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.per_second >= self.capacity
+    }
+
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

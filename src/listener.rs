@@ -5,11 +5,10 @@
 
 use crate::config::Listener;
 use crate::front;
-use crate::gateway::CurrentGateway;
+use crate::gateway::{AddressCounts, AddressSlot, CurrentGateway};
 use crate::resources::{self, OpenFiles};
 use crate::stream::Stream;
 use crate::tls::{self, TlsError};
-use dashmap::DashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -86,10 +85,11 @@ impl BoundListener {
 ///
 /// The total is a semaphore whose permit is taken before `accept`: at the limit the gateway
 /// stops accepting (like HAProxy's `maxconn`), so new connections wait in the kernel's backlog
-/// and are served once a slot frees, instead of being accepted and closed.
+/// and are served once a slot frees, instead of being accepted and closed. Per address, the
+/// connections count with the address's sessions in the gateway's [`AddressCounts`].
 ///
 /// Invariant: every counted connection holds exactly one `ConnectionGuard` (which holds its
-/// permit), and an address is in `per_ip` only while it has at least one counted connection.
+/// permit and its address slot).
 #[derive(Debug)]
 pub struct ConnectionCounter {
     total: AtomicU32,
@@ -101,7 +101,6 @@ pub struct ConnectionCounter {
     /// Permits to forget as connections end, after a reload shrank the slots below the
     /// number in use.
     owed: AtomicU32,
-    per_ip: DashMap<IpAddr, u32>,
 }
 
 impl ConnectionCounter {
@@ -114,7 +113,6 @@ impl ConnectionCounter {
             open_files,
             capacity: Mutex::new((max_connections, slots)),
             owed: AtomicU32::new(0),
-            per_ip: DashMap::new(),
         }
     }
 
@@ -148,25 +146,18 @@ impl ConnectionCounter {
     fn try_enter(
         self: &Arc<Self>,
         permit: OwnedSemaphorePermit,
+        addresses: &Arc<AddressCounts>,
         ip: IpAddr,
         max_per_ip: Option<u32>,
     ) -> Option<ConnectionGuard> {
-        let mut counted_ip = None;
-        if let Some(max_per_ip) = max_per_ip {
-            // The map's shard lock makes the check and the increment one step.
-            let mut count = self.per_ip.entry(ip).or_insert(0);
-            if *count >= max_per_ip {
-                drop(count);
-                self.per_ip.remove_if(&ip, |_, count| *count == 0);
-                return None;
-            }
-            *count += 1;
-            counted_ip = Some(ip);
-        }
+        let address = match max_per_ip {
+            Some(max_per_ip) => Some(addresses.try_enter(ip, max_per_ip)?),
+            None => None,
+        };
         self.total.fetch_add(1, Ordering::AcqRel);
         Some(ConnectionGuard {
             counter: Arc::clone(self),
-            ip: counted_ip,
+            _address: address,
             permit: Some(permit),
         })
     }
@@ -179,7 +170,7 @@ impl ConnectionCounter {
 #[derive(Debug)]
 struct ConnectionGuard {
     counter: Arc<ConnectionCounter>,
-    ip: Option<IpAddr>,
+    _address: Option<AddressSlot>,
     /// Always `Some` until dropped.
     permit: Option<OwnedSemaphorePermit>,
 }
@@ -188,12 +179,6 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         let counter = &self.counter;
         counter.total.fetch_sub(1, Ordering::AcqRel);
-        if let Some(ip) = self.ip {
-            if let Some(mut count) = counter.per_ip.get_mut(&ip) {
-                *count = count.saturating_sub(1);
-            }
-            counter.per_ip.remove_if(&ip, |_, count| *count == 0);
-        }
         let owed = counter
             .owed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| o.checked_sub(1));
@@ -252,8 +237,12 @@ pub async fn accept_loop(
         let gateway = current.get();
         let limits = gateway.config.limits;
         // Before anything that costs: a TLS handshake, a task, a buffer.
-        let Some(guard) = counter.try_enter(permit, peer.ip(), limits.max_connections_per_ip)
-        else {
+        let Some(guard) = counter.try_enter(
+            permit,
+            &gateway.addresses,
+            peer.ip(),
+            limits.max_connections_per_ip,
+        ) else {
             gateway.metrics.handshake_failed("per_ip_limit");
             turn_away(tcp, bound.tls.is_some());
             continue;
@@ -315,7 +304,7 @@ mod tests {
 
     fn enter(counter: &Arc<ConnectionCounter>) -> Option<ConnectionGuard> {
         let permit = Arc::clone(&counter.slots).try_acquire_owned().ok()?;
-        counter.try_enter(permit, IpAddr::from([127, 0, 0, 1]), None)
+        counter.try_enter(permit, &Arc::default(), IpAddr::from([127, 0, 0, 1]), None)
     }
 
     #[test]

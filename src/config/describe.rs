@@ -166,13 +166,16 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
     if sessions.enabled {
         writeln!(
             out,
-            "  sessions: instance {}, poll_timeout {}, timeout {}, buffer {}, max_sessions {}, max_batch {}",
+            "  sessions: instance {}, poll_timeout {}, timeout {}, buffer {}, max_sessions {}, max_batch {}, max_sessions_per_ip {}, open_rate {}/s, body_timeout {}",
             sessions.instance,
             format_duration(sessions.poll_timeout),
             format_duration(sessions.timeout),
             format_size(sessions.buffer),
             sessions.max_sessions,
-            format_size(sessions.max_batch)
+            format_size(sessions.max_batch),
+            sessions.max_sessions_per_ip,
+            sessions.open_rate,
+            format_duration(sessions.body_timeout)
         )?;
     } else {
         writeln!(out, "  sessions: off")?;

@@ -303,6 +303,13 @@ pub struct Sessions {
     pub max_sessions: u32,
     /// Largest POST body and (roughly) poll answer, bytes.
     pub max_batch: u64,
+    /// Most sessions one client address holds at once (429 above it). Each session also holds
+    /// one of the address's `limits.max_connections_per_ip` slots for its whole life.
+    pub max_sessions_per_ip: u32,
+    /// New sessions a second per client address, with bursts of two seconds' worth (429 above).
+    pub open_rate: u32,
+    /// How long a session request's body may take to arrive (408 after it).
+    pub body_timeout: Duration,
 }
 
 impl Sessions {
@@ -318,6 +325,14 @@ impl Sessions {
             buffer: 1 << 20,
             max_sessions: 10_000,
             max_batch: 1 << 20,
+            // A page opens one session per tab; a few dozen covers a household or an office
+            // behind one NAT address without letting one address hold a route's backends.
+            max_sessions_per_ip: 32,
+            // Reconnecting clients open a new session at most every few hundred milliseconds.
+            open_rate: 10,
+            // nginx's client_body_timeout is 60 s between reads; a session body is at most
+            // `max_batch` and usually tiny, so a whole body gets less.
+            body_timeout: Duration::from_secs(10),
         }
     }
 }

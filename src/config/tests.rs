@@ -2062,14 +2062,25 @@ fn sessions_default_on_with_documented_limits() {
     assert_eq!(sessions.buffer, 1 << 20);
     assert_eq!(sessions.max_sessions, 10_000);
     assert_eq!(sessions.max_batch, 1 << 20);
+    assert_eq!(sessions.max_sessions_per_ip, 32);
+    assert_eq!(sessions.open_rate, 10);
+    assert_eq!(sessions.body_timeout, Duration::from_secs(10));
 }
 
 #[test]
 fn sessions_are_configurable() {
     let source = format!(
-        "{MINIMAL}sessions:\n  enabled: false\n  instance: gw-2.eu\n  poll_timeout: 10s\n  timeout: 1m\n  buffer: 64KiB\n  max_sessions: 5\n  max_batch: 8KiB\n"
+        "{MINIMAL}sessions:\n  enabled: false\n  instance: gw-2.eu\n  poll_timeout: 10s\n  timeout: 1m\n  buffer: 64KiB\n  max_sessions: 5\n  max_batch: 8KiB\n  max_sessions_per_ip: 3\n  open_rate: 7\n  body_timeout: 2s\n"
     );
     let sessions = ok(&source).sessions;
+    assert_eq!(
+        (
+            sessions.max_sessions_per_ip,
+            sessions.open_rate,
+            sessions.body_timeout
+        ),
+        (3, 7, Duration::from_secs(2))
+    );
     assert!(!sessions.enabled);
     assert_eq!(sessions.instance, "gw-2.eu");
     assert_eq!(sessions.poll_timeout, Duration::from_secs(10));
@@ -2084,7 +2095,7 @@ fn sessions_are_configurable() {
 fn bad_session_settings_are_reported_on_their_lines() {
     let base_lines = MINIMAL.lines().count();
     let source = format!(
-        "{MINIMAL}sessions:\n  instance: \"gw 1\"\n  poll_timeout: off\n  buffer: 1KiB\n  max_sessions: 0\n  colour: blue\n"
+        "{MINIMAL}sessions:\n  instance: \"gw 1\"\n  poll_timeout: off\n  buffer: 1KiB\n  max_sessions: 0\n  colour: blue\n  max_sessions_per_ip: 0\n  open_rate: 0\n  body_timeout: off\n"
     );
     let errors = errs(&source);
     expect(
@@ -2107,6 +2118,24 @@ fn bad_session_settings_are_reported_on_their_lines() {
         &["between 1 and"],
     );
     expect(&errors, base_lines + 6, "sessions.colour", &[]);
+    expect(
+        &errors,
+        base_lines + 7,
+        "sessions.max_sessions_per_ip",
+        &["between 1 and"],
+    );
+    expect(
+        &errors,
+        base_lines + 8,
+        "sessions.open_rate",
+        &["between 1 and"],
+    );
+    expect(
+        &errors,
+        base_lines + 9,
+        "sessions.body_timeout",
+        &["cannot be disabled"],
+    );
 }
 
 #[test]

@@ -113,6 +113,9 @@ const SESSION_KEYS: &[&str] = &[
     "buffer",
     "max_sessions",
     "max_batch",
+    "max_sessions_per_ip",
+    "open_rate",
+    "body_timeout",
 ];
 const DRAIN_KEYS: &[&str] = &["deadline"];
 const REBALANCE_KEYS: &[&str] = &["enabled", "window", "on_health_change"];
@@ -1493,6 +1496,7 @@ impl Cx<'_> {
         };
         timer(self, "poll_timeout", &mut sessions.poll_timeout);
         timer(self, "timeout", &mut sessions.timeout);
+        timer(self, "body_timeout", &mut sessions.body_timeout);
         if let Some((raw, path)) = f.get("buffer") {
             match self.size(raw, &path, 4 << 10, 1 << 30) {
                 Some(bytes) => sessions.buffer = bytes,
@@ -1508,6 +1512,18 @@ impl Cx<'_> {
         if let Some((raw, path)) = f.get("max_sessions") {
             match self.integer(raw, &path, 1, 10_000_000) {
                 Some(n) => sessions.max_sessions = n as u32,
+                None => ok = false,
+            }
+        }
+        if let Some((raw, path)) = f.get("max_sessions_per_ip") {
+            match self.integer(raw, &path, 1, 10_000_000) {
+                Some(n) => sessions.max_sessions_per_ip = n as u32,
+                None => ok = false,
+            }
+        }
+        if let Some((raw, path)) = f.get("open_rate") {
+            match self.integer(raw, &path, 1, 1_000_000) {
+                Some(n) => sessions.open_rate = n as u32,
                 None => ok = false,
             }
         }

@@ -140,7 +140,7 @@ async fn handle(
                     session::http::handle(&gateway, route, query, request, &headers, peer, tls)
                         .await
                 }
-                Err(line) => plain(400, &line),
+                Err(line) => session::http::malformed(&gateway, route, &request, &line),
             }
         }
         Some(route) => routed(&gateway, route, peer, tls, request).await,

@@ -8,8 +8,9 @@
 //! (acknowledged it) or the session timeout passes, so a lost answer carrying the close is
 //! sent again like any other.
 
+use super::open::Admission;
 use super::protocol::{Close, Event, Message};
-use super::registry::{Registry, Reservation};
+use super::registry::Registry;
 use super::socket::{MessageReader, MessageWriter, ReadError, Received};
 use super::state::{Outgoing, Presence, Session};
 use crate::gateway::RouteSlot;
@@ -49,8 +50,8 @@ pub struct BackendTask {
     /// Route and backend connection slots, held for the session's life.
     pub _route_slot: RouteSlot,
     pub _backend_slot: ConnectionSlot,
-    /// This session's place under `sessions.max_sessions`.
-    pub _reservation: Reservation,
+    /// This session's places under `sessions.max_sessions` and its address's limits.
+    pub _admission: Admission,
 }
 
 #[derive(Debug, Default, Clone, Copy)]

@@ -4,7 +4,7 @@
 //! route admits their origin.
 
 use super::id::redact;
-use super::open::{Lookup, OpenSpec, find, open};
+use super::open::{Lookup, OpenSpec, admit, find, open};
 use super::protocol::{
     Close, ErrorBody, Event, Op, OpenRequest, Opened, PollAnswer, SendBatch, SessionQuery,
     backend_target, push_sse_record,
@@ -17,7 +17,7 @@ use crate::proto::handshake::RequestHead;
 use crate::upstream::Refusal;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Frame, Incoming};
+use hyper::body::{Body as _, Bytes, Frame, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use std::convert::Infallible;
@@ -30,6 +30,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest `open` body: a list of subprotocol names, a few hundred bytes in practice. Read
+/// before the session exists, so it is kept far below `max_batch`.
+pub const OPEN_BODY_MAX: u64 = 4 << 10;
+/// Largest `close` body: a code and a reason of at most 123 bytes, JSON-escaped.
+const CLOSE_BODY_MAX: u64 = 4 << 10;
 
 /// An event stream sends a comment this often, so intermediaries do not cut a quiet stream.
 const SSE_HEARTBEAT: Duration = Duration::from_secs(15);
@@ -55,35 +61,35 @@ pub async fn handle(
             response.headers_mut().insert(hyper::header::ALLOW, allow);
         }
         response
+    } else if op == Op::Open {
+        open_session(gateway, route, &query, request, headers, peer, tls).await
+    } else if op == Op::Socket {
+        error(
+            400,
+            "the socket operation is a WebSocket upgrade (Upgrade: websocket)",
+        )
     } else {
-        match op {
-            Op::Open => open_session(gateway, route, &query, request, headers, peer, tls).await,
-            Op::Socket => error(
-                400,
-                "the socket operation is a WebSocket upgrade (Upgrade: websocket)",
+        let sid = query.sid.as_deref().unwrap_or_default();
+        match find(gateway, route, sid, origin.as_deref()) {
+            Err(Lookup::Gone) => error(
+                410,
+                "session not found: it expired, was closed, or never existed; open a new one",
             ),
-            _ => {
-                let sid = query.sid.as_deref().unwrap_or_default();
-                match find(gateway, route, sid, origin.as_deref()) {
-                    Err(Lookup::Gone) => error(
-                        410,
-                        "session not found: it expired, was closed, or never existed; open a new one",
-                    ),
-                    Err(Lookup::Forbidden(why)) => error(403, why),
-                    Ok(session) => {
-                        session.touch();
-                        let response = match op {
-                            Op::Poll => poll(gateway, &session, query.ack).await,
-                            Op::Events => events(&session, query.ack, &request),
-                            Op::Send => send(&session, request).await,
-                            Op::Close => close(&session, request).await,
-                            Op::Open | Op::Socket => unreachable!("handled above"),
-                        };
-                        session.touch();
-                        tracing::debug!(session = %redact(sid), op = op.name(), status = response.status().as_u16(), "session request");
-                        response
-                    }
-                }
+            Err(Lookup::Forbidden(why)) => error(403, why),
+            Ok(session) => {
+                session.touch();
+                let timeout = gateway.config.sessions.body_timeout;
+                let response = match op {
+                    Op::Poll => poll(gateway, &session, query.ack).await,
+                    Op::Events => events(&session, query.ack, &request),
+                    Op::Send => send(&session, request, timeout).await,
+                    Op::Close => close(&session, request, timeout).await,
+                    // Answered above, before a session is looked up.
+                    Op::Open | Op::Socket => error(400, "this operation does not name a session"),
+                };
+                session.touch();
+                tracing::debug!(session = %redact(sid), op = op.name(), status = response.status().as_u16(), "session request");
+                response
             }
         }
     };
@@ -113,7 +119,13 @@ async fn open_session(
     };
     let origin = header(&request, "origin").map(str::to_owned);
     let target = backend_target(request.uri().path(), query.rest.as_deref());
-    let body = match read_body(gateway, request).await {
+    // Before a byte of the body is read: a refused open costs the gateway nothing.
+    let admission = match admit(gateway, route, origin.as_deref(), peer) {
+        Ok(admission) => admission,
+        Err(refusal) => return refusal_response(refusal),
+    };
+    let timeout = gateway.config.sessions.body_timeout;
+    let body = match read_limited(request, OPEN_BODY_MAX, timeout).await {
         Ok(body) => body,
         Err(response) => return *response,
     };
@@ -146,7 +158,7 @@ async fn open_session(
         origin: origin.as_deref(),
         protocols: protocols.as_deref(),
     };
-    match open(gateway, &spec, peer, tls).await {
+    match open(gateway, &spec, admission, peer, tls).await {
         Err(refusal) => refusal_response(refusal),
         Ok(opened) => {
             let session = &opened.session;
@@ -273,8 +285,8 @@ fn events(session: &Arc<Session>, ack: u64, request: &Request<Incoming>) -> Resp
     uncached(200, ChannelBody(receiver).boxed(), "text/event-stream")
 }
 
-async fn send(session: &Session, request: Request<Incoming>) -> Response<Body> {
-    let body = match read_limited(request, session.timing.max_batch).await {
+async fn send(session: &Session, request: Request<Incoming>, timeout: Duration) -> Response<Body> {
+    let body = match read_limited(request, session.timing.max_batch, timeout).await {
         Ok(body) => body,
         Err(response) => return *response,
     };
@@ -308,8 +320,8 @@ async fn send(session: &Session, request: Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn close(session: &Session, request: Request<Incoming>) -> Response<Body> {
-    let body = match read_limited(request, 4096).await {
+async fn close(session: &Session, request: Request<Incoming>, timeout: Duration) -> Response<Body> {
+    let body = match read_limited(request, CLOSE_BODY_MAX, timeout).await {
         Ok(body) => body,
         Err(response) => return *response,
     };
@@ -338,33 +350,69 @@ async fn close(session: &Session, request: Request<Incoming>) -> Response<Body> 
     json(200, &serde_json::json!({ "closed": true }))
 }
 
-async fn read_body(
-    gateway: &Gateway,
+/// Reads a request body of at most `max` bytes within `timeout`. A body announced larger is
+/// refused before any of it is read; either refusal closes the connection, since the rest of
+/// the body is never read.
+async fn read_limited(
     request: Request<Incoming>,
+    max: u64,
+    timeout: Duration,
 ) -> Result<Bytes, Box<Response<Body>>> {
-    read_limited(request, gateway.config.sessions.max_batch).await
-}
-
-async fn read_limited(request: Request<Incoming>, max: u64) -> Result<Bytes, Box<Response<Body>>> {
-    match Limited::new(request.into_body(), max as usize)
-        .collect()
-        .await
-    {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
+    let too_large = || {
+        Box::new(closing(error(
+            413,
+            &format!("the request body is larger than {max} bytes"),
+        )))
+    };
+    if request.body().size_hint().lower() > max {
+        return Err(too_large());
+    }
+    let collect = Limited::new(request.into_body(), max as usize).collect();
+    match tokio::time::timeout(timeout, collect).await {
+        Err(_) => Err(Box::new(closing(error(
+            408,
+            &format!(
+                "the request body did not arrive within {} ms",
+                timeout.as_millis()
+            ),
+        )))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e))
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            Err(Box::new(error(
-                413,
-                &format!("the request body is larger than {max} bytes"),
-            )))
+            Err(too_large())
         }
-        Err(e) => Err(Box::new(error(
+        Ok(Err(e)) => Err(Box::new(closing(error(
             400,
             &format!("the request body could not be read: {e}"),
-        ))),
+        )))),
     }
+}
+
+/// Marks an answer as the connection's last (the request's body was not read to its end).
+fn closing(mut response: Response<Body>) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// The answer to a request whose session parameters cannot be parsed: a 400 in the session
+/// protocol's error format, readable by the route's admitted origins like every session answer.
+pub fn malformed(
+    gateway: &Gateway,
+    route: usize,
+    request: &Request<Incoming>,
+    line: &str,
+) -> Response<Body> {
+    let mut response = error(400, line);
+    allow_origin(
+        gateway.route(route),
+        header(request, "origin"),
+        &mut response,
+    );
+    response
 }
 
 fn header<'r>(request: &'r Request<Incoming>, name: &str) -> Option<&'r str> {

@@ -4,15 +4,17 @@
 
 use super::backend::{BackendTask, Tally};
 use super::id::SessionId;
+use super::registry::{AddressRefusal, AddressSession, Reservation};
 use super::socket;
 use super::state::{Limits, Session, Timing};
-use crate::admit::{BackendOffer, OpenedBackend, open_backend, register_in_room};
-use crate::gateway::Gateway;
+use crate::admit::{BackendOffer, OpenedBackend, open_backend, origin_allowed, register_in_room};
+use crate::gateway::{AddressSlot, Gateway};
 use crate::proto::handshake::RequestHead;
 use crate::proto::{DecoderConfig, Role};
 use crate::upstream::Refusal;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// Client messages waiting for the backend connection's writer, per session: a short queue,
@@ -37,21 +39,98 @@ pub struct OpenedSession {
     pub set_cookie: Option<String>,
 }
 
+/// What a new session holds besides its backend connection, taken before any of the request's
+/// body is read: a place among `sessions.max_sessions`, one of its address's sessions, and one
+/// of its address's `limits.max_connections_per_ip` slots. Given back when the session ends.
+#[derive(Debug)]
+pub struct Admission {
+    _reservation: Reservation,
+    _address: AddressSession,
+    _connection: Option<AddressSlot>,
+}
+
+/// The cheap checks a new session passes before anything is read or opened for it: origin,
+/// the address's open rate and caps, the gateway's session limit and the route's connection
+/// limit (taken for good when the backend is opened).
+pub fn admit(
+    gateway: &Arc<Gateway>,
+    route: usize,
+    origin: Option<&str>,
+    peer: SocketAddr,
+) -> Result<Admission, Refusal> {
+    let settings = &gateway.config.sessions;
+    let route_config = gateway.route(route);
+    let refuse = |label: &str, status: u16, line: &str| {
+        gateway.metrics.handshake_failed(label);
+        Err(Refusal::plain(status, line, &[("Retry-After", "1")]))
+    };
+    if !origin_allowed(route_config, origin) {
+        gateway.metrics.handshake_failed("origin");
+        return Err(Refusal::plain(403, "origin not allowed", &[]));
+    }
+    let address = match gateway.sessions.enter_address(
+        peer.ip(),
+        settings.max_sessions_per_ip,
+        settings.open_rate,
+        Instant::now(),
+    ) {
+        Ok(address) => address,
+        Err(AddressRefusal::TooFast) => {
+            return refuse(
+                "session_open_rate",
+                429,
+                "too many sessions opened from this address; retry shortly",
+            );
+        }
+        Err(AddressRefusal::TooMany) => {
+            return refuse(
+                "session_per_ip_limit",
+                429,
+                "too many sessions open from this address",
+            );
+        }
+    };
+    // A session holds a backend connection like a WebSocket does, so it counts as one of its
+    // address's connections.
+    let connection = match gateway.config.limits.max_connections_per_ip {
+        None => None,
+        Some(max) => match gateway.addresses.try_enter(peer.ip(), max) {
+            Some(slot) => Some(slot),
+            None => {
+                return refuse(
+                    "per_ip_limit",
+                    429,
+                    "too many connections and sessions from this address",
+                );
+            }
+        },
+    };
+    let Some(reservation) = gateway.sessions.reserve(settings.max_sessions) else {
+        return refuse(
+            "session_limit",
+            503,
+            "too many sessions open; retry shortly",
+        );
+    };
+    if gateway.route_full(route) {
+        return refuse("route_limit", 503, "route is at its connection limit");
+    }
+    Ok(Admission {
+        _reservation: reservation,
+        _address: address,
+        _connection: connection,
+    })
+}
+
+/// Opens the backend WebSocket of a session admitted by [`admit`] and starts its task.
 pub async fn open(
     gateway: &Arc<Gateway>,
     spec: &OpenSpec<'_>,
+    admission: Admission,
     peer: SocketAddr,
     tls: bool,
 ) -> Result<OpenedSession, Refusal> {
     let settings = &gateway.config.sessions;
-    let Some(reservation) = gateway.sessions.reserve(settings.max_sessions) else {
-        gateway.metrics.handshake_failed("session_limit");
-        return Err(Refusal::plain(
-            503,
-            "too many sessions open; retry shortly",
-            &[("Retry-After", "1")],
-        ));
-    };
     let offer = BackendOffer {
         route: spec.route,
         host: spec.host,
@@ -121,7 +200,7 @@ pub async fn open(
         close_timeout: route.timeouts.close,
         _route_slot: route_slot,
         _backend_slot: backend_slot,
-        _reservation: reservation,
+        _admission: admission,
     };
     tokio::spawn(task.run());
     Ok(OpenedSession {

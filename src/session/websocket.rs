@@ -13,7 +13,7 @@
 //!
 //! Plain WebSocket clients never come here: only requests with `wsgate=socket` do.
 
-use super::open::{Lookup, OpenSpec, find, open};
+use super::open::{Lookup, OpenSpec, admit, find, open};
 use super::protocol::{
     CLOSE_DETACH, CLOSE_FORBIDDEN, CLOSE_SESSION_GONE, CLOSE_SUPERSEDED, Close, Control, Event,
     Message, Op, Opened, SessionQuery, TAG_CONTROL, TAG_DATA, backend_target, parse_query,
@@ -170,7 +170,8 @@ pub async fn decide(
                 origin: upgrade.origin,
                 protocols: protocols.as_deref(),
             };
-            let opened = open(gateway, &spec, peer, tls).await?;
+            let admission = admit(gateway, route, upgrade.origin, peer)?;
+            let opened = open(gateway, &spec, admission, peer, tls).await?;
             socket.protocol = opened.session.protocol.clone();
             socket.set_cookie = opened.set_cookie;
             socket.start = Start::Attach(opened.session);
@@ -313,11 +314,23 @@ impl SessionSocket {
                 match received {
                     Ok(Received::Message(message)) => match split_tag(message) {
                         Some((TAG_DATA, message)) => {
+                            // Only a delivered message takes a number: the session's
+                            // `received` moves only then.
                             match session.deliver(next, vec![message]).await {
                                 Ok(_) => next += 1,
-                                Err(DeliverError::Gap { .. }) => unreachable!("numbered in order"),
-                                // The session's close is on its way downstream.
-                                Err(DeliverError::Gone | DeliverError::RateExceeded) => next += 1,
+                                // The session's close is on its way downstream; what the
+                                // client sends meanwhile goes nowhere.
+                                Err(DeliverError::Gone) => {}
+                                Err(DeliverError::RateExceeded) => {
+                                    let why = "message rate exceeded";
+                                    return policy_close(&writer, why).await;
+                                }
+                                // Another connection of this session delivered meanwhile:
+                                // this one's numbering no longer holds.
+                                Err(DeliverError::Gap { .. }) => {
+                                    let why = "session messages out of order";
+                                    return policy_close(&writer, why).await;
+                                }
                             }
                         }
                         Some((TAG_CONTROL, Message::Text(json))) => {
