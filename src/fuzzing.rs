@@ -876,3 +876,10 @@ pub fn session(data: &[u8]) {
         let _ = serde_json::from_slice::<Close>(rest);
     }
 }
+
+/// The relay's connection state machine between two scripted peers: arbitrary interleavings of
+/// both peers' frames (valid and invalid), EOFs, resets, stalled readers, timer firings and
+/// stop signals. The checks are in [`crate::relay::simulation`].
+pub fn relay(data: &[u8]) {
+    crate::relay::simulation::fuzz(data);
+}

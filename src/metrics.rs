@@ -160,7 +160,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "WebSocket hops closed, by the close code sent to the hop and who started the end",
+            "WebSocket hops closed, by the close code sent to the hop, who started the end and why",
             metrics.connections_closed.clone(),
         );
         registry.register(

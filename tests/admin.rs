@@ -80,7 +80,7 @@ async fn metrics_count_connections_messages_closes_and_handshake_failures() {
     // The client closed with an empty close frame; the backend's echo went back to it.
     assert!(
         body.contains(&format!(
-            r#"wsgate_connections_closed_total{{route="app",backend="{url}",side="backend",code="1005",initiator="client"}} 1"#
+            r#"wsgate_connections_closed_total{{route="app",backend="{url}",side="backend",code="1005",initiator="client",cause="close_handshake"}} 1"#
         )),
         "{body}"
     );

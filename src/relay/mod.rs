@@ -16,6 +16,8 @@ pub mod ending;
 pub mod hop;
 pub mod mask_keys;
 pub mod outbox;
+#[cfg(any(test, fuzzing))]
+pub mod simulation;
 
 pub use connection::{Connection, RelaySettings, Stop};
 pub use driver::{HopStart, Relay};

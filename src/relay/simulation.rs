@@ -1,0 +1,607 @@
+//! A deterministic world around [`Connection`] for the close-sequence tests and the `relay`
+//! fuzz target: two scripted peers with socket buffers of a fixed size, a virtual clock, and
+//! checks of what each peer received.
+//!
+//! Properties checked after every event (a failed `assert!` is a finding):
+//! - each event settles in a bounded number of driver rounds (no spin);
+//! - every frame a peer receives is valid for its role (masked towards the backend, unmasked
+//!   towards the client), nothing follows a close frame, and at most one close arrives; a
+//!   stream may end half-way through a frame only where the gateway cut that hop's TCP;
+//! - once the peers stop sending, the connection finishes within its timeouts, whether the
+//!   peers keep reading or not.
+
+use super::connection::{Connection, RelaySettings, Stop};
+use super::hop::Side;
+use crate::metrics::RelayCounters;
+use crate::proto::{DecoderConfig, FrameDecoder, Item, OpCode, Role};
+use std::time::{Duration, Instant};
+
+/// Bytes a peer's socket takes before a write to it blocks (its receive buffer).
+const SOCKET_BUFFER: usize = 4096;
+/// Driver rounds an event may take before it counts as a spin.
+const MAX_ROUNDS: usize = 10_000;
+
+/// One peer as the gateway sees it through its socket.
+#[derive(Debug, Default)]
+pub struct Peer {
+    /// Bytes the peer sent that the gateway has not read yet.
+    outgoing: Vec<u8>,
+    /// The peer closed its sending side once `outgoing` is read.
+    eof: bool,
+    /// The next read or write on this socket fails.
+    fail: bool,
+    /// Everything the gateway wrote to the peer, in order.
+    pub received: Vec<u8>,
+    /// Of `received`, what the peer has read out of its socket buffer.
+    consumed: usize,
+    /// The peer reads what arrives (otherwise its socket buffer fills and writes block).
+    pub reading: bool,
+    /// The gateway shut down (FIN) its side towards this peer.
+    pub shut_down: bool,
+}
+
+impl Peer {
+    fn new() -> Self {
+        Self {
+            reading: true,
+            ..Self::default()
+        }
+    }
+
+    fn room(&self) -> usize {
+        SOCKET_BUFFER - (self.received.len() - self.consumed)
+    }
+}
+
+/// A connection between two scripted peers, on a virtual clock.
+#[derive(Debug)]
+pub struct World {
+    pub connection: Connection,
+    pub client: Peer,
+    pub backend: Peer,
+    pub now: Instant,
+    start: Instant,
+    pub settings: RelaySettings,
+    /// Read sizes cycled through by the driver (models short reads).
+    read_sizes: Vec<usize>,
+    read_turn: usize,
+}
+
+impl World {
+    pub fn new(settings: RelaySettings, decoder: DecoderConfig, read_sizes: Vec<usize>) -> Self {
+        let start = Instant::now();
+        let decoders = (
+            FrameDecoder::new(DecoderConfig {
+                role: Role::Server,
+                ..decoder
+            }),
+            FrameDecoder::new(DecoderConfig {
+                role: Role::Client,
+                ..decoder
+            }),
+        );
+        Self {
+            connection: Connection::new(decoders, settings, RelayCounters::default(), true, start),
+            client: Peer::new(),
+            backend: Peer::new(),
+            now: start,
+            start,
+            settings,
+            read_sizes: if read_sizes.is_empty() {
+                vec![usize::MAX]
+            } else {
+                read_sizes
+            },
+            read_turn: 0,
+        }
+    }
+
+    pub fn peer(&mut self, side: Side) -> &mut Peer {
+        match side {
+            Side::Client => &mut self.client,
+            Side::Backend => &mut self.backend,
+        }
+    }
+
+    /// `side` sends `bytes` (they reach the gateway on its next read).
+    pub fn send(&mut self, side: Side, bytes: &[u8]) {
+        let peer = self.peer(side);
+        if !peer.eof {
+            peer.outgoing.extend_from_slice(bytes);
+        }
+        self.settle();
+    }
+
+    /// `side` closes its sending side (FIN after what it sent).
+    pub fn close_tcp(&mut self, side: Side) {
+        self.peer(side).eof = true;
+        self.settle();
+    }
+
+    /// `side`'s socket fails (reset).
+    pub fn reset(&mut self, side: Side) {
+        self.peer(side).fail = true;
+        self.settle();
+    }
+
+    pub fn set_reading(&mut self, side: Side, reading: bool) {
+        self.peer(side).reading = reading;
+        self.settle();
+    }
+
+    pub fn stop(&mut self, stop: Stop) {
+        self.connection.stop(stop, self.now);
+        self.settle();
+    }
+
+    /// Moves the clock by `by`, firing the timer as the driver would on the way.
+    pub fn advance(&mut self, by: Duration) {
+        let until = self.now + by;
+        let mut firings = 0;
+        while let Some(deadline) = self.connection.poll_timeout() {
+            if deadline > until {
+                break;
+            }
+            self.now = self.now.max(deadline);
+            self.connection.on_timeout(self.now);
+            self.settle();
+            firings += 1;
+            assert!(firings < MAX_ROUNDS, "the timer fires without end");
+        }
+        self.now = until;
+        self.settle();
+    }
+
+    /// Time since the connection started.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// Runs driver rounds until nothing moves; asserts it ends and checks what peers hold.
+    pub fn settle(&mut self) {
+        let mut rounds = 0;
+        while self.round() {
+            rounds += 1;
+            assert!(rounds < MAX_ROUNDS, "the connection does not settle (spin)");
+        }
+        self.check_peer(Side::Client);
+        self.check_peer(Side::Backend);
+    }
+
+    /// One round of the driver over both hops: writes, shutdowns, reads.
+    fn round(&mut self) -> bool {
+        let mut progress = false;
+        for side in [Side::Client, Side::Backend] {
+            let now = self.now;
+            let (connection, peer) = match side {
+                Side::Client => (&mut self.connection, &mut self.client),
+                Side::Backend => (&mut self.connection, &mut self.backend),
+            };
+            if peer.reading {
+                peer.consumed = peer.received.len();
+            }
+            while let Some(bytes) = connection.transmit(side) {
+                if peer.fail {
+                    connection.on_write_error(side, now);
+                    progress = true;
+                    break;
+                }
+                let n = bytes.len().min(peer.room());
+                if n == 0 {
+                    break;
+                }
+                assert!(!peer.shut_down, "bytes written after the shutdown");
+                peer.received.extend_from_slice(&bytes[..n]);
+                connection.on_written(side, n, now);
+                progress = true;
+            }
+            if connection.wants_shutdown(side) {
+                peer.shut_down = true;
+                connection.on_shutdown(side, now);
+                progress = true;
+            }
+            let size = self.read_sizes[self.read_turn % self.read_sizes.len()];
+            if let Some(space) = connection.read_space(side) {
+                if peer.fail {
+                    connection.on_read_error(side, now);
+                    progress = true;
+                } else if !peer.outgoing.is_empty() {
+                    let n = space.len().min(peer.outgoing.len()).min(size.max(1));
+                    space[..n].copy_from_slice(&peer.outgoing[..n]);
+                    peer.outgoing.drain(..n);
+                    connection.on_read(side, n, now);
+                    self.read_turn += 1;
+                    progress = true;
+                } else if peer.eof {
+                    connection.on_read(side, 0, now);
+                    progress = true;
+                }
+            }
+        }
+        progress
+    }
+
+    /// Everything `side` received is valid frames for its role, nothing after a close, at most
+    /// one close. Returns the frames: (opcode, payload unmasked, fin).
+    pub fn check_peer(&self, side: Side) -> Vec<(OpCode, Vec<u8>, bool)> {
+        let (received, role) = match side {
+            // The client receives what a server sends; the backend what a client sends.
+            Side::Client => (&self.client.received, Role::Client),
+            Side::Backend => (&self.backend.received, Role::Server),
+        };
+        let mut decoder = FrameDecoder::new(DecoderConfig::new(role));
+        let mut bytes = received.clone();
+        let mut at = 0;
+        let mut frames = Vec::new();
+        let mut current: Option<(OpCode, Vec<u8>, bool)> = None;
+        let mut closes = 0;
+        loop {
+            let decoded = decoder.decode(&mut bytes[at..]);
+            let decoded = match decoded {
+                Ok(Some(decoded)) => decoded,
+                Ok(None) => break,
+                Err(error) => panic!("{side} received an invalid frame: {error:?} at byte {at}"),
+            };
+            assert_eq!(closes, 0, "{side} received a frame after a close");
+            match decoded.item {
+                Item::DataFrame(header) => current = Some((header.opcode, Vec::new(), header.fin)),
+                Item::Payload(piece) => {
+                    if let Some(frame) = &mut current {
+                        frame.1.extend_from_slice(&bytes[at..at + piece.len]);
+                        if piece.frame_end {
+                            frames.extend(current.take());
+                        }
+                    }
+                }
+                Item::Control { header, payload } => {
+                    if header.opcode == OpCode::Close {
+                        closes += 1;
+                    }
+                    let payload = bytes[at + payload.start..at + payload.end].to_vec();
+                    frames.push((header.opcode, payload, true));
+                }
+            }
+            at += decoded.consumed;
+        }
+        frames
+    }
+
+    /// The close code of the close frame `side` received, if any.
+    pub fn close_received_by(&self, side: Side) -> Option<u16> {
+        self.check_peer(side)
+            .into_iter()
+            .find(|(opcode, _, _)| *opcode == OpCode::Close)
+            .map(|(_, payload, _)| match payload.get(..2) {
+                Some(code) => u16::from_be_bytes([code[0], code[1]]),
+                None => 1005,
+            })
+    }
+
+    /// Both peers go quiet (their sends end): the connection must finish within its timeouts.
+    pub fn assert_finishes(&mut self) {
+        let settings = self.settings;
+        let bound = settings.ping_interval.unwrap_or_default()
+            + settings.pong_timeout
+            + settings.idle_timeout.unwrap_or_default()
+            + 4 * settings.close_timeout;
+        let deadline = self.now + bound;
+        while !self.connection.is_finished() {
+            let Some(next) = self.connection.poll_timeout() else {
+                panic!(
+                    "the connection waits with no deadline once the peers are quiet: {:#?}",
+                    self.connection
+                );
+            };
+            assert!(
+                next <= deadline,
+                "the connection outlives its timeouts: next deadline {:?} past the bound {bound:?}",
+                next - self.now
+            );
+            self.advance(next.saturating_duration_since(self.now));
+        }
+    }
+}
+
+/// A frame as a peer would write it (masked when `mask` is given).
+pub fn frame(fin: bool, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![u8::from(fin) << 7 | opcode];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(key) => {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// A close frame's payload.
+pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
+    let mut out = code.to_be_bytes().to_vec();
+    out.extend_from_slice(reason);
+    out
+}
+
+/// Drives a world from fuzz bytes: settings first, then events until the input ends, then the
+/// quiet peers. See the module docs for what is checked.
+#[cfg(fuzzing)]
+pub fn fuzz(data: &[u8]) {
+    let mut input = data.iter().copied();
+    let mut next = move || input.next();
+    let flags = next().unwrap_or(0);
+    let ms = Duration::from_millis;
+    let settings = RelaySettings {
+        ping_interval: (flags & 1 != 0).then(|| ms(1000)),
+        pong_timeout: ms(500),
+        close_timeout: ms(1000),
+        idle_timeout: (flags & 2 != 0).then(|| ms(3000)),
+        ping_passthrough: flags & 4 != 0,
+        message_rate: (flags & 8 != 0).then_some(5),
+    };
+    let decoder = DecoderConfig {
+        max_frame: 1024,
+        max_message: 4096,
+        keep_opaque_masked: flags & 16 != 0,
+        ..DecoderConfig::new(Role::Server)
+    };
+    let read_sizes = (0..(flags >> 5))
+        .map(|_| usize::from(next().unwrap_or(0)) * 7 + 1)
+        .collect();
+    let mut world = World::new(settings, decoder, read_sizes);
+    while let Some(op) = next() {
+        let side = if op & 1 == 0 {
+            Side::Client
+        } else {
+            Side::Backend
+        };
+        let mask = (side == Side::Client).then_some([0x12, 0x34, 0x56, 0x78]);
+        let arg = next().unwrap_or(0);
+        let len = usize::from(arg);
+        let payload: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        match op >> 1 {
+            0 => world.send(side, &frame(true, 0x1, mask, &payload)),
+            1 => world.send(side, &frame(true, 0x2, mask, &payload.repeat(8))),
+            2 => world.send(side, &frame(false, 0x1, mask, &payload)),
+            3 => world.send(side, &frame(arg & 1 != 0, 0x0, mask, &payload)),
+            4 => world.send(side, &frame(true, 0x9, mask, &payload[..len.min(125)])),
+            5 => world.send(side, &frame(true, 0xA, mask, &payload[..len.min(125)])),
+            6 => {
+                let code = [1000, 1001, 4000, 1005, 999, 1015][usize::from(arg) % 6];
+                world.send(side, &frame(true, 0x8, mask, &close_payload(code, b"bye")));
+            }
+            7 => world.send(side, &frame(true, 0x8, mask, &[])),
+            // Invalid from either side: the other masking, a reserved opcode, bad UTF-8, an
+            // oversized control frame, reserved bits.
+            8 => world.send(side, &frame(true, 0x1, mask.xor(Some([1, 2, 3, 4])), b"x")),
+            9 => world.send(side, &frame(true, 0x3 + arg % 5, mask, b"x")),
+            10 => world.send(side, &frame(arg & 1 != 0, 0x1, mask, b"\xce\xff")),
+            11 => world.send(side, &frame(true, 0x9, mask, &[0; 126])),
+            12 => {
+                let mut bytes = frame(true, 0x2, mask, b"rsv");
+                bytes[0] |= 0x40;
+                world.send(side, &bytes);
+            }
+            13 => {
+                let raw: Vec<u8> = (0..len % 16).map(|_| next().unwrap_or(0)).collect();
+                world.send(side, &raw);
+            }
+            14 => world.close_tcp(side),
+            15 => world.reset(side),
+            16 => world.set_reading(side, arg & 1 != 0),
+            17 => world.advance(ms(u64::from(arg) * 20)),
+            18 => world.stop(if arg & 1 == 0 {
+                Stop::Shutdown
+            } else {
+                Stop::Moved
+            }),
+            _ => {}
+        }
+    }
+    if data.last().is_some_and(|b| b & 1 == 0) {
+        world.client.reading = true;
+        world.backend.reading = true;
+    }
+    world.assert_finishes();
+}
+
+#[cfg(test)]
+mod tests {
+    //! The close sequences, on the virtual clock: who closes first, EOFs at each point, silent
+    //! and vanishing peers, with the codes each peer receives and when the connection ends.
+    use super::*;
+
+    const CLIENT_MASK: Option<[u8; 4]> = Some([9, 8, 7, 6]);
+    const MS: Duration = Duration::from_millis(1);
+
+    fn world(settings: impl FnOnce(&mut RelaySettings)) -> World {
+        let mut relay = RelaySettings {
+            ping_interval: None,
+            pong_timeout: 500 * MS,
+            close_timeout: 1000 * MS,
+            idle_timeout: None,
+            ping_passthrough: false,
+            message_rate: None,
+        };
+        settings(&mut relay);
+        World::new(relay, DecoderConfig::new(Role::Server), Vec::new())
+    }
+
+    fn close(side: Side, code: u16) -> Vec<u8> {
+        let mask = (side == Side::Client).then_some(CLIENT_MASK).flatten();
+        frame(true, 0x8, mask, &close_payload(code, b""))
+    }
+
+    fn closes(world: &World) -> (Option<u16>, Option<u16>) {
+        (
+            world.close_received_by(Side::Client),
+            world.close_received_by(Side::Backend),
+        )
+    }
+
+    #[test]
+    fn client_closes_first_backend_answers() {
+        let mut w = world(|_| {});
+        w.send(Side::Client, &close(Side::Client, 4001));
+        assert_eq!(closes(&w), (None, Some(4001)));
+        w.send(Side::Backend, &close(Side::Backend, 4001));
+        assert_eq!(closes(&w), (Some(4001), Some(4001)));
+        assert!(
+            w.client.shut_down,
+            "the server closes the client's TCP first"
+        );
+        w.close_tcp(Side::Backend);
+        assert!(w.connection.is_finished());
+        assert_eq!(w.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn backend_closes_first_client_answers() {
+        let mut w = world(|_| {});
+        w.send(Side::Backend, &close(Side::Backend, 4002));
+        w.send(Side::Client, &close(Side::Client, 4002));
+        assert_eq!(closes(&w), (Some(4002), Some(4002)));
+        assert!(w.client.shut_down);
+        assert!(!w.backend.shut_down, "the backend is let to close first");
+        w.close_tcp(Side::Backend);
+        assert!(w.connection.is_finished());
+    }
+
+    #[test]
+    fn both_close_at_once_each_gets_exactly_one_close() {
+        let mut w = world(|_| {});
+        w.client.outgoing = close(Side::Client, 1000);
+        w.backend.outgoing = close(Side::Backend, 1001);
+        w.settle();
+        assert_eq!(closes(&w), (Some(1001), Some(1000)));
+        w.close_tcp(Side::Backend);
+        assert!(w.connection.is_finished());
+    }
+
+    #[test]
+    fn client_eof_without_close_backend_gets_1001() {
+        let mut w = world(|_| {});
+        w.close_tcp(Side::Client);
+        assert_eq!(closes(&w), (None, Some(1001)));
+        let report = w.connection.report();
+        assert_eq!(
+            report.cause,
+            super::super::Cause::Disconnected(Side::Client)
+        );
+        w.send(Side::Backend, &close(Side::Backend, 1001));
+        w.close_tcp(Side::Backend);
+        assert!(w.connection.is_finished());
+    }
+
+    #[test]
+    fn backend_eof_without_close_client_gets_1014() {
+        let mut w = world(|_| {});
+        w.close_tcp(Side::Backend);
+        assert_eq!(closes(&w), (Some(1014), None));
+        w.send(Side::Client, &close(Side::Client, 1014));
+        w.close_tcp(Side::Client);
+        assert!(w.connection.is_finished());
+    }
+
+    #[test]
+    fn silent_backend_client_gets_its_reply_at_the_close_timeout() {
+        let mut w = world(|_| {});
+        w.send(Side::Client, &close(Side::Client, 1000));
+        w.advance(999 * MS);
+        assert_eq!(closes(&w), (None, Some(1000)));
+        w.advance(MS);
+        assert_eq!(closes(&w), (Some(1000), Some(1000)));
+        w.assert_finishes();
+    }
+
+    #[test]
+    fn backend_vanishing_instead_of_replying_is_answered_at_once() {
+        let mut w = world(|_| {});
+        w.send(Side::Client, &close(Side::Client, 4001));
+        w.close_tcp(Side::Backend);
+        assert_eq!(closes(&w), (Some(4001), Some(4001)));
+        assert_eq!(w.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn violating_client_gone_before_the_backend_answers_settles() {
+        let mut w = world(|_| {});
+        w.send(Side::Client, &frame(true, 0x1, None, b"unmasked"));
+        assert_eq!(closes(&w), (None, Some(1001)));
+        w.close_tcp(Side::Client);
+        w.advance(300 * MS);
+        w.send(Side::Backend, &close(Side::Backend, 1001));
+        w.close_tcp(Side::Backend);
+        w.assert_finishes();
+        let report = w.connection.report();
+        assert!(matches!(
+            report.cause,
+            super::super::Cause::Violation {
+                side: Side::Client,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn violating_client_gets_its_close_after_the_backends_answers() {
+        let mut w = world(|_| {});
+        w.send(Side::Client, &frame(true, 0x1, CLIENT_MASK, b"valid"));
+        w.send(Side::Client, &frame(true, 0x1, CLIENT_MASK, b"\xff"));
+        assert_eq!(closes(&w), (None, Some(1001)));
+        w.send(Side::Backend, &frame(true, 0x1, None, b"echo"));
+        w.send(Side::Backend, &close(Side::Backend, 1001));
+        let frames = w.check_peer(Side::Client);
+        assert_eq!(frames[0].1, b"echo");
+        assert_eq!(w.close_received_by(Side::Client), Some(1007));
+    }
+
+    #[test]
+    fn silent_client_gets_ping_then_1001_and_the_backend_is_told() {
+        let mut w = world(|s| s.ping_interval = Some(1000 * MS));
+        w.advance(1000 * MS);
+        assert_eq!(w.check_peer(Side::Client)[0].0, OpCode::Ping);
+        w.advance(500 * MS);
+        assert_eq!(closes(&w), (Some(1001), Some(1001)));
+        w.assert_finishes();
+    }
+
+    #[test]
+    fn peers_that_close_and_stop_reading_are_let_go_within_two_close_timeouts() {
+        let mut w = world(|_| {});
+        w.client.reading = false;
+        w.backend.reading = false;
+        w.send(Side::Backend, &frame(true, 0x2, None, &[0; 8000]));
+        w.send(Side::Client, &close(Side::Client, 1000));
+        w.send(Side::Backend, &close(Side::Backend, 1000));
+        w.advance(2000 * MS);
+        assert!(w.connection.is_finished());
+    }
+
+    #[test]
+    fn shutdown_and_move_send_their_codes() {
+        let mut w = world(|_| {});
+        w.stop(Stop::Moved);
+        assert_eq!(closes(&w), (Some(1012), Some(1001)));
+        w.assert_finishes();
+        let mut w = world(|_| {});
+        w.stop(Stop::Shutdown);
+        assert_eq!(closes(&w), (Some(1001), Some(1001)));
+        w.send(Side::Client, &close(Side::Client, 1001));
+        w.send(Side::Backend, &close(Side::Backend, 1001));
+        w.close_tcp(Side::Backend);
+        w.close_tcp(Side::Client);
+        assert!(w.connection.is_finished());
+    }
+}
