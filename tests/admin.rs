@@ -93,3 +93,47 @@ async fn metrics_count_connections_messages_closes_and_handshake_failures() {
     assert_eq!(http_get(admin, "/nope").await.0, 404);
     drop(stop);
 }
+
+/// Observed: the access log and the dashboard said `cause=close handshake` for protocol
+/// violations and TCP drops. The ending is typed now: a violation, a vanished client and a
+/// closing handshake are told apart in the metrics.
+#[tokio::test]
+async fn closed_connections_are_labelled_with_their_real_cause() {
+    use tokio::io::AsyncWriteExt;
+    let backend = echo_backend("b1").await;
+    let yaml = format!(
+        "{}admin:\n  address: 127.0.0.2:0\n",
+        simple_config(&[backend.addr], "")
+    );
+    let config = wsgate::config::from_yaml_str(&yaml, "test.yaml").unwrap();
+    let server = Server::bind(config).await.unwrap();
+    let gateway = server.local_addrs()[0];
+    let admin = server.admin_addr().expect("admin bound");
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    let url = format!("ws://{}", backend.addr);
+
+    // An unmasked frame: a protocol violation, 1002 to the client.
+    let mut raw = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    raw.write_all(upgrade_request("/", "").as_bytes())
+        .await
+        .unwrap();
+    raw.write_all(&[0x81, 0x01, b'x']).await.unwrap();
+    wait_for_metric(
+        admin,
+        &format!(r#"wsgate_connections_closed_total{{route="app",backend="{url}",side="client",code="1002",initiator="gateway",cause="protocol_error"}} 1"#),
+    )
+    .await;
+    drop(raw);
+
+    // A client that drops TCP without a close frame.
+    let ws = connect(gateway, "/").await;
+    drop(ws);
+    wait_for_metric(
+        admin,
+        &format!(r#"wsgate_connections_closed_total{{route="app",backend="{url}",side="backend",code="1001",initiator="client",cause="disconnected"}} 1"#),
+    )
+    .await;
+}
