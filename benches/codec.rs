@@ -4,6 +4,9 @@
 //! quicker pass). Each timed closure checks its result where that is cheap, so a benchmark that
 //! silently stopped doing the work would fail instead of getting faster.
 
+// A benchmark's setup fails loudly: a panic on bad input here is the right report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use criterion::{
     BatchSize, BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main,
 };

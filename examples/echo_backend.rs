@@ -7,6 +7,9 @@
 //! let the library answer pings and closes, and lift the message size limits so the suite's
 //! 16 MiB cases pass through.
 
+// A test and benchmark tool, never deployed: failing loudly on a setup error is its report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;

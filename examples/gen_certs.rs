@@ -4,6 +4,9 @@
 //! For development and tests only; see `certs/README.md`. Run with
 //! `cargo run --example gen_certs`.
 
+// A development tool, never deployed: failing loudly on a setup error is its report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::error::Error;
 use std::fs;
 use std::path::Path;

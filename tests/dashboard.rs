@@ -2,6 +2,9 @@
 //! screenshot is kept in `target/test-artifacts/dashboard.png`), and the snapshot stream read
 //! by tokio-tungstenite: its rate (at most one per second) and its fields.
 
+// A test reports a broken assumption by panicking: unwrap, expect and panic! are its asserts.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use futures_util::{SinkExt, StreamExt};

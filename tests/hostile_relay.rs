@@ -3,6 +3,9 @@
 //! reading. Each test asserts what the victims see: the gateway's CPU stays idle, the other
 //! hop gets its close at once, memory stays bounded, other clients are still served.
 
+// A test reports a broken assumption by panicking: unwrap, expect and panic! are its asserts.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[path = "support/peers.rs"]
 mod peers;
 mod support;

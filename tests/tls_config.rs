@@ -3,6 +3,9 @@
 //!
 //! The fixtures are the committed development certificates in `certs/`.
 
+// A test reports a broken assumption by panicking: unwrap, expect and panic! are its asserts.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[path = "support/tls_hello.rs"]
 mod tls_hello;
 

@@ -8,6 +8,9 @@
 //! generator, would be the first thing to saturate. Frame-by-frame echo keeps each frame's
 //! `FIN` and opcode, so a fragmented message comes back fragmented the same way.
 
+// A test and benchmark tool, never deployed: failing loudly on a setup error is its report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[path = "wire.rs"]
 mod wire;
 

@@ -17,6 +17,9 @@
 //! first bytes and a per-connection random filler after them; an echo is accepted only if all
 //! of it comes back unchanged and in order. The client shares no code with wsgate's codec.
 
+// A test and benchmark tool, never deployed: failing loudly on a setup error is its report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[path = "wire.rs"]
 mod wire;
 

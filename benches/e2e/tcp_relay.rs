@@ -9,6 +9,9 @@
 //! of 8 KiB would make 64 KiB messages cost eight reads and writes each; the baseline should be
 //! as fast as a relay can be, not as small).
 
+// A test and benchmark tool, never deployed: failing loudly on a setup error is its report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::io;
 use tokio::net::{TcpListener, TcpStream};
 

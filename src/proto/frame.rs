@@ -242,6 +242,7 @@ impl EncodedHeader {
 pub struct ControlFrame {
     bytes: [u8; Self::CAPACITY],
     len: u8,
+    opcode: OpCode,
 }
 
 impl ControlFrame {
@@ -264,6 +265,7 @@ impl ControlFrame {
         Self {
             bytes,
             len: end as u8,
+            opcode,
         }
     }
 
@@ -272,10 +274,7 @@ impl ControlFrame {
     }
 
     pub fn opcode(&self) -> OpCode {
-        match OpCode::from_bits(self.bytes[0] & 0x0F) {
-            Ok(opcode) => opcode,
-            Err(_) => unreachable!("built from an OpCode"),
-        }
+        self.opcode
     }
 }
 

@@ -29,14 +29,11 @@ pub fn apply_mask(buf: &mut [u8], key: MaskKey) {
         }
     }
     // Every block length is a multiple of 4, so the key phase is still 0 here and below.
-    let mut words = blocks.into_remainder().chunks_exact_mut(8);
-    for chunk in &mut words {
-        let Ok(bytes) = <&mut [u8; 8]>::try_from(chunk) else {
-            unreachable!("chunks_exact_mut(8) yields 8-byte chunks")
-        };
+    let (words, tail) = blocks.into_remainder().as_chunks_mut::<8>();
+    for bytes in words {
         *bytes = (u64::from_ne_bytes(*bytes) ^ word).to_ne_bytes();
     }
-    for (byte, k) in words.into_remainder().iter_mut().zip(key.0.iter().cycle()) {
+    for (byte, k) in tail.iter_mut().zip(key.0.iter().cycle()) {
         *byte ^= k;
     }
 }
