@@ -9,6 +9,8 @@
 //!   stream may end half-way through a frame only where the gateway cut that hop's TCP;
 //! - once the peers stop sending, the connection finishes within its timeouts, whether the
 //!   peers keep reading or not.
+// Compiled for tests and fuzzing only, where a panic is the finding being reported.
+#![allow(clippy::panic)]
 
 use super::connection::{Connection, RelaySettings, Stop};
 use super::hop::Side;
