@@ -108,17 +108,13 @@ fn drive(
                     }
                     Ok(None) => assert_eq!(buf[start..end], unread, "declined but changed bytes"),
                     Err(error) => {
-                        // Shown after the header it belongs to, as `decode` reports it.
-                        let Ok(Some((header, header_len))) = FrameHeader::parse(&unread) else {
-                            panic!("fast path failed without a header");
-                        };
-                        let item = Ok(Some(Decoded {
-                            item: Item::DataFrame(header),
-                            consumed: header_len,
-                        }));
-                        visit(&item, &buf[start..end], offset, [false, false]);
-                        let rest = &buf[start + header_len..end];
-                        visit(&Err(error), rest, offset + header_len, [false, false]);
+                        // At the header, with nothing of the frame returned, as `decode` reports
+                        // an error in a frame it holds whole.
+                        assert!(
+                            matches!(FrameHeader::parse(&unread), Ok(Some(_))),
+                            "fast path failed without a header"
+                        );
+                        visit(&Err(error), &unread, offset, [false, false]);
                         return Some(error);
                     }
                 }
@@ -209,6 +205,7 @@ struct OpenFrame {
 }
 
 /// The message in progress.
+#[derive(Clone)]
 struct OpenMessage {
     /// Uncompressed text: validated by the decoder, so checked here against std.
     text: bool,
@@ -265,7 +262,7 @@ impl Checker<'_> {
             Ok(Some(Decoded { item, consumed })) => {
                 assert!(*consumed <= slice.len());
                 match item {
-                    Item::DataFrame(header) => self.data_frame(header, *consumed),
+                    Item::DataFrame(header) => self.data_frame(header, *consumed, slice, offset),
                     Item::Payload(piece) => {
                         assert_eq!(piece.len, *consumed);
                         self.payload(piece, slice, offset);
@@ -283,7 +280,7 @@ impl Checker<'_> {
                     self.frame.is_none() && self.message.is_none()
                 );
             }
-            Err(error) => self.error(*error, slice),
+            Err(error) => self.error(*error, slice, offset),
         }
     }
 
@@ -299,7 +296,28 @@ impl Checker<'_> {
         assert!(rsv_ok, "reserved bits accepted: {header:?}");
     }
 
-    fn data_frame(&mut self, header: &FrameHeader, consumed: usize) {
+    /// The plain payload of the frame whose header starts at stream offset `offset`, if it is
+    /// all within `slice` (what the decoder held when it decoded that header).
+    fn whole_payload(
+        &self,
+        header: &FrameHeader,
+        header_len: usize,
+        slice: &[u8],
+        offset: usize,
+    ) -> Option<Vec<u8>> {
+        let len = usize::try_from(header.payload_len).ok()?;
+        if slice.len() - header_len < len {
+            return None;
+        }
+        let start = offset + header_len;
+        let mut payload = self.stream[start..start + len].to_vec();
+        if let Some(key) = header.mask {
+            apply_mask_naive(&mut payload, key);
+        }
+        Some(payload)
+    }
+
+    fn data_frame(&mut self, header: &FrameHeader, consumed: usize, slice: &[u8], offset: usize) {
         assert!(self.frame.is_none(), "a data frame began inside another");
         assert!(!header.opcode.is_control());
         self.header_common(header);
@@ -325,10 +343,18 @@ impl Checker<'_> {
                 message.len <= self.config.max_message,
                 "message over the limit"
             );
-            // An empty final frame completes the message with its header alone: a relay that
-            // forwards the header has forwarded the end of the message.
-            if message.text && header.fin && header.payload_len == 0 {
-                assert_eq!(message.push_text(&[]), Ok(true), "incomplete text ended");
+        }
+        // A relay forwards the header at once: a text frame held whole must already be known
+        // valid (with the end of the message, if it ends it), or the relay could not refuse it
+        // cleanly. This covers an empty final frame, whose header alone ends the message.
+        let whole = self.whole_payload(header, consumed, slice, offset);
+        if let (Some(message), Some(payload)) = (&self.message, whole)
+            && message.text
+        {
+            let mut probe = message.clone();
+            match probe.push_text(&payload) {
+                Ok(complete) => assert!(complete || !header.fin, "incomplete text ended"),
+                Err(()) => panic!("the header of a whole invalid text frame was returned"),
             }
         }
         self.frame = Some(OpenFrame {
@@ -391,8 +417,35 @@ impl Checker<'_> {
         }
     }
 
+    /// InvalidUtf8 before a frame's header was returned: only for a text frame held whole that
+    /// is invalid or ends the message inside a character. The slice may be unmasked already,
+    /// so the stream's bytes are judged.
+    fn invalid_utf8_at_header(&self, slice: &[u8], offset: usize) {
+        let Ok(Some((header, header_len))) = FrameHeader::parse(slice) else {
+            panic!("InvalidUtf8 without a header");
+        };
+        let Some(payload) = self.whole_payload(&header, header_len, slice, offset) else {
+            panic!("InvalidUtf8 at the header of a frame not held whole");
+        };
+        let mut message = match (header.opcode, &self.message) {
+            (OpCode::Continuation, Some(open)) => open.clone(),
+            (OpCode::Text, None) if header.rsv & RSV1 == 0 => OpenMessage {
+                text: true,
+                len: 0,
+                bytes: Vec::new(),
+                checked: 0,
+            },
+            _ => panic!("InvalidUtf8 for {header:?} outside a text message"),
+        };
+        assert!(message.text, "opaque payload validated");
+        match message.push_text(&payload) {
+            Err(()) => {}
+            Ok(complete) => assert!(!complete && header.fin, "valid text rejected"),
+        }
+    }
+
     /// An error must be one the bytes justify.
-    fn error(&mut self, error: ProtocolError, slice: &[u8]) {
+    fn error(&mut self, error: ProtocolError, slice: &[u8], offset: usize) {
         match error {
             ProtocolError::FrameTooLarge { len, max } => {
                 assert!(max == self.config.max_frame && len > max)
@@ -403,19 +456,14 @@ impl Checker<'_> {
             ProtocolError::UnmaskedClientFrame => assert_eq!(self.config.role, Role::Server),
             ProtocolError::MaskedServerFrame => assert_eq!(self.config.role, Role::Client),
             ProtocolError::InvalidUtf8 => {
+                let Some(open) = &self.frame else {
+                    self.invalid_utf8_at_header(slice, offset);
+                    return;
+                };
                 let Some(message) = &mut self.message else {
                     panic!("InvalidUtf8 outside a message");
                 };
                 assert!(message.text, "opaque payload validated");
-                let Some(open) = &self.frame else {
-                    // At a header: only an empty final frame, ending the text inside a character.
-                    let Ok(Some((header, _))) = FrameHeader::parse(slice) else {
-                        panic!("InvalidUtf8 without a header");
-                    };
-                    assert!(header.fin && header.payload_len == 0);
-                    assert_eq!(message.push_text(&[]), Ok(false), "valid text rejected");
-                    return;
-                };
                 let remaining = open.header.payload_len - open.received;
                 let len = remaining.min(slice.len() as u64) as usize;
                 let ends_message = remaining == len as u64 && open.header.fin;

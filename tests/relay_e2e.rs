@@ -462,6 +462,52 @@ async fn client_violation_invalid_utf8_in_a_whole_text_frame_gets_1007_backend_g
     .await;
 }
 
+/// Attack: a client opens a text message with a valid fragment and sends, in the same write, a
+/// whole continuation frame holding invalid UTF-8, hoping the gateway forwards the frame's
+/// header before it reads the payload and so leaves the backend inside a cut-off frame. The
+/// frame was read whole, so it is refused before any byte of it goes out: the backend sees the
+/// valid fragment, then a clean 1001 (never the bad frame's header), and the client gets 1007.
+#[tokio::test]
+async fn client_violation_invalid_utf8_in_a_whole_continuation_frame_backend_gets_clean_1001() {
+    let backend = RawBackend::bind().await;
+    let gateway = gateway_to(backend.addr, "").await;
+    let request = upgrade_request("/", "");
+    let (mut client, mut raw) = tokio::join!(
+        raw_client(gateway.addr, request.as_bytes()),
+        backend.accept_ws()
+    );
+    let mut bytes = client_frame(false, op::TEXT, b"hello ");
+    bytes.extend(client_frame(true, op::CONTINUATION, b"w\xc3\x28rld"));
+    client.send(&bytes).await;
+
+    let close = client.close_frame().await.expect("client gets a close");
+    assert_eq!(
+        (close.close_code(), close.close_reason().as_str()),
+        (Some(1007), "invalid UTF-8 in text message")
+    );
+    let first = raw
+        .read_frame()
+        .await
+        .expect("the valid fragment reaches the backend");
+    assert_eq!(
+        (first.fin, first.opcode, first.payload.as_slice()),
+        (false, op::TEXT, &b"hello "[..])
+    );
+    let next = raw
+        .read_frame()
+        .await
+        .expect("the backend gets a frame after the fragment, not a cut connection");
+    assert_eq!(
+        (next.opcode, next.close_code(), next.close_reason().as_str()),
+        (
+            op::CLOSE,
+            Some(1001),
+            "client protocol error: invalid UTF-8 in text message"
+        ),
+        "the backend got {next:?} instead of a clean close"
+    );
+}
+
 /// Invalid UTF-8 is found inside a frame whose header has already been forwarded (the frame
 /// arrives in two reads); a close frame cannot interrupt a frame, so (relay invariant) the
 /// backend's TCP is cut instead of being sent 1001, and the backend never sees the invalid byte.

@@ -17,7 +17,11 @@
 //! - `message_len` never exceeds `max_message`: the limit is checked from the header, before a
 //!   single payload byte of the frame is accepted;
 //! - text payload (of uncompressed messages) is validated as UTF-8 before it is returned, so a
-//!   relay never forwards a byte of an invalid sequence.
+//!   relay never forwards a byte of an invalid sequence;
+//! - a text frame whose payload is entirely in the slice is validated (and unmasked in place)
+//!   before its header is returned, so a relay never forwards the header of a frame it will
+//!   refuse: the other hop stays between frames and can be sent a close frame. Only a frame
+//!   larger than what is buffered streams with its header first.
 
 use super::close::parse_close_payload;
 use super::error::ProtocolError;
@@ -126,7 +130,13 @@ pub struct Decoded {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Header,
-    Payload { header: FrameHeader, received: u64 },
+    Payload {
+        header: FrameHeader,
+        received: u64,
+        /// The rest of the payload was already in the caller's slice when the header was
+        /// decoded, and was unmasked and validated there: it passes without a second pass.
+        checked: bool,
+    },
 }
 
 /// The kind of the message in progress.
@@ -175,14 +185,21 @@ impl FrameDecoder {
     }
 
     /// Decodes the next item from the front of `buf`. Payload bytes are unmasked in place
-    /// (unless kept masked, see [`DecoderConfig::keep_opaque_masked`]).
+    /// (unless kept masked, see [`DecoderConfig::keep_opaque_masked`]). The bytes past
+    /// `consumed` must be passed to the next call as this one left them: when a text frame is
+    /// whole in `buf`, its payload is unmasked and validated before its header is returned,
+    /// and the decoder does not do either again.
     ///
     /// After an error the connection must be failed with `error.close_code()`; the decoder's
     /// state is unspecified.
     pub fn decode(&mut self, buf: &mut [u8]) -> Result<Option<Decoded>, ProtocolError> {
         match self.state {
             State::Header => self.decode_header(buf),
-            State::Payload { header, received } => Ok(self.decode_payload(buf, header, received)?),
+            State::Payload {
+                header,
+                received,
+                checked,
+            } => self.decode_payload(buf, header, received, checked),
         }
     }
 
@@ -294,15 +311,26 @@ impl FrameDecoder {
             }));
         }
         self.start_data_frame(&header)?;
-        if header.fin && header.payload_len == 0 && self.message == Some(Message::Text) {
-            // An empty final frame completes the message with its header alone: an incomplete
-            // character left by earlier frames must fail now, before a relay forwards the
-            // header that would make the invalid message whole on the other side.
-            self.utf8.finish()?;
+        let buffered = (buf.len() - header_len) as u64;
+        let checked = self.message == Some(Message::Text) && buffered >= header.payload_len;
+        if checked {
+            // The whole frame is here: refuse it before its header goes anywhere, so that the
+            // other hop of a relay is still between frames and gets a close frame instead of
+            // a cut-off frame. This covers an empty final frame too, which completes the
+            // message with its header alone. Bounded by `buffered`, so the cast cannot truncate.
+            let payload = &mut buf[header_len..header_len + header.payload_len as usize];
+            if let Some(key) = header.mask {
+                apply_mask(payload, key);
+            }
+            self.utf8.feed(payload)?;
+            if header.fin {
+                self.utf8.finish()?;
+            }
         }
         self.state = State::Payload {
             header,
             received: 0,
+            checked,
         };
         Ok(Some(Decoded {
             item: Item::DataFrame(header),
@@ -369,6 +397,7 @@ impl FrameDecoder {
         buf: &mut [u8],
         header: FrameHeader,
         received: u64,
+        checked: bool,
     ) -> Result<Option<Decoded>, ProtocolError> {
         let remaining = header.payload_len - received;
         if buf.is_empty() && remaining > 0 {
@@ -378,9 +407,13 @@ impl FrameDecoder {
         // in range.
         let len = remaining.min(buf.len() as u64) as usize;
         let piece = &mut buf[..len];
-        let is_text = self.message == Some(Message::Text);
+        // Checked text was unmasked and validated with its header, and the message's end
+        // (if this frame ends it) was checked then too.
+        let is_text = self.message == Some(Message::Text) && !checked;
         let mut mask = header.mask.map(|key| key.rotated(received));
-        if let Some(key) = mask
+        if checked {
+            mask = None;
+        } else if let Some(key) = mask
             && (is_text || !self.config.keep_opaque_masked)
         {
             apply_mask(piece, key);
@@ -401,7 +434,11 @@ impl FrameDecoder {
                 self.message = None;
             }
         } else {
-            self.state = State::Payload { header, received };
+            self.state = State::Payload {
+                header,
+                received,
+                checked,
+            };
         }
         let item = Item::Payload(Payload {
             len,

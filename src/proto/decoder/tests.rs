@@ -43,6 +43,10 @@ fn drive(
 }
 
 /// `drive`, optionally trying the relay's fast path (`decode_whole_message`) at every step.
+///
+/// Also checks what a relay relies on to close cleanly: once the header of a frame that was
+/// whole in the buffer is returned, no error comes before that frame's end (the header was
+/// forwarded, so an error would leave the other hop inside a frame).
 fn drive_with(
     config: DecoderConfig,
     stream: &[u8],
@@ -56,6 +60,7 @@ fn drive_with(
     let mut events = Vec::new();
     let mut message: Option<(OpCode, Vec<u8>)> = None;
     let mut reads = read_sizes.iter().cycle();
+    let mut whole_frame_open = false;
     loop {
         loop {
             if fast && let Some(whole) = decoder.decode_whole_message(&mut buf[start..end])? {
@@ -68,11 +73,17 @@ fn drive_with(
                 start += whole.frame_len();
                 continue;
             }
-            let Some(Decoded { item, consumed }) = decoder.decode(&mut buf[start..end])? else {
+            let decoded = decoder.decode(&mut buf[start..end]);
+            assert!(
+                decoded.is_ok() || !whole_frame_open,
+                "error inside a frame whose header was returned whole: {decoded:?}"
+            );
+            let Some(Decoded { item, consumed }) = decoded? else {
                 break;
             };
             match item {
                 Item::DataFrame(header) => {
+                    whole_frame_open = (end - start - consumed) as u64 >= header.payload_len;
                     if header.opcode != OpCode::Continuation {
                         assert!(message.is_none());
                         message = Some((header.opcode, Vec::new()));
@@ -85,6 +96,9 @@ fn drive_with(
                         apply_mask_naive(&mut bytes, key);
                     }
                     data.extend_from_slice(&bytes);
+                    if piece.frame_end {
+                        whole_frame_open = false;
+                    }
                     if piece.message_end {
                         events.push(Event::Message(*opcode, std::mem::take(data)));
                         message = None;
@@ -342,14 +356,143 @@ fn invalid_utf8_text_closes_with_1007_at_the_first_bad_chunk() {
         .unwrap();
     let mut last = frame(true, OpCode::Continuation, Some(KEY), b"");
     assert_eq!(decoder.decode(&mut last), Err(ProtocolError::InvalidUtf8));
-    // Fail fast: the first fragment is invalid, the error comes before the second frame's header.
+    // Fail fast: a first fragment only partly buffered streams header first, and fails at its
+    // first bad piece, before the rest of the frame arrives.
     let mut decoder = FrameDecoder::new(server());
     let mut first = frame(false, OpCode::Text, Some(KEY), b"\xed\xa0\x80 surrogate");
-    let decoded = decoder.decode(&mut first).unwrap().unwrap();
-    let rest = &mut first[decoded.consumed..];
+    let decoded = decoder.decode(&mut first[..6 + 3]).unwrap().unwrap();
+    assert!(matches!(decoded.item, Item::DataFrame(_)));
+    let rest = &mut first[decoded.consumed..6 + 3];
     assert_eq!(decoder.decode(rest), Err(ProtocolError::InvalidUtf8));
     // Binary is never validated.
     assert!(decode_all(server(), &frame(true, OpCode::Binary, Some(KEY), b"\xff")).is_ok());
+}
+
+/// Decodes one whole frame item by item, returning the payload as the pieces carried it.
+fn decode_frame(decoder: &mut FrameDecoder, mut bytes: Vec<u8>) -> Result<Vec<u8>, ProtocolError> {
+    let Some(Decoded { item, consumed }) = decoder.decode(&mut bytes)? else {
+        panic!("a whole frame needs no more bytes");
+    };
+    assert!(matches!(item, Item::DataFrame(_)), "{item:?}");
+    let mut start = consumed;
+    let mut payload = Vec::new();
+    loop {
+        let Some(Decoded { item, consumed }) = decoder.decode(&mut bytes[start..])? else {
+            panic!("a whole frame needs no more bytes");
+        };
+        let Item::Payload(piece) = item else {
+            panic!("expected payload, got {item:?}");
+        };
+        assert_eq!(piece.mask, None, "text is unmasked");
+        payload.extend_from_slice(&bytes[start..start + piece.len]);
+        start += consumed;
+        if piece.frame_end {
+            assert_eq!(start, bytes.len());
+            return Ok(payload);
+        }
+    }
+}
+
+/// A relay forwards a data frame's header as soon as it is decoded: a text frame read whole
+/// must be refused before that, whether it opens the message or continues it.
+#[test]
+fn a_whole_invalid_text_frame_fails_before_its_header() {
+    let mut decoder = FrameDecoder::new(server());
+    let first = frame(false, OpCode::Text, Some(KEY), b"hello ");
+    assert_eq!(decode_frame(&mut decoder, first).unwrap(), b"hello ");
+    let mut bad = frame(true, OpCode::Continuation, Some(KEY), b"w\xff rld");
+    assert_eq!(decoder.decode(&mut bad), Err(ProtocolError::InvalidUtf8));
+
+    let mut decoder = FrameDecoder::new(server());
+    let mut bad_first = frame(false, OpCode::Text, Some(KEY), b"\xc0\xaf");
+    assert_eq!(
+        decoder.decode(&mut bad_first),
+        Err(ProtocolError::InvalidUtf8)
+    );
+
+    // A final frame that leaves a character incomplete fails at its header too.
+    let mut decoder = FrameDecoder::new(client());
+    let first = frame(false, OpCode::Text, None, b"ok");
+    decode_frame(&mut decoder, first).unwrap();
+    let mut cut = frame(true, OpCode::Continuation, None, b" caf\xc3");
+    assert_eq!(decoder.decode(&mut cut), Err(ProtocolError::InvalidUtf8));
+}
+
+/// A valid frame read whole comes out as before: its header, then its payload unmasked, once.
+#[test]
+fn a_whole_valid_continuation_frame_decodes_as_before() {
+    let mut decoder = FrameDecoder::new(server());
+    let first = frame(false, OpCode::Text, Some(KEY), b"hello ");
+    assert_eq!(decode_frame(&mut decoder, first).unwrap(), b"hello ");
+    let mut last = frame(true, OpCode::Continuation, Some(KEY), b"world");
+    let header = decoder.decode(&mut last).unwrap().unwrap();
+    assert_eq!(header.consumed, 6);
+    let Item::DataFrame(h) = header.item else {
+        panic!("expected a header");
+    };
+    assert_eq!(
+        (h.opcode, h.fin, h.payload_len),
+        (OpCode::Continuation, true, 5)
+    );
+    assert!(!decoder.is_between_frames());
+    let piece = decoder.decode(&mut last[6..]).unwrap().unwrap();
+    assert_eq!(
+        piece.item,
+        Item::Payload(Payload {
+            len: 5,
+            mask: None,
+            frame_end: true,
+            message_end: true,
+        })
+    );
+    assert_eq!(&last[6..], b"world");
+    assert!(decoder.is_between_messages());
+
+    // Handed back in pieces (a relay that moved part of it on), it is still not unmasked twice.
+    let mut decoder = FrameDecoder::new(server());
+    let mut whole = frame(true, OpCode::Text, Some(KEY), "κόσμε".as_bytes());
+    let header = decoder.decode(&mut whole).unwrap().unwrap();
+    let mut start = header.consumed;
+    for end in [start + 3, whole.len()] {
+        let piece = decoder.decode(&mut whole[start..end]).unwrap().unwrap();
+        assert!(matches!(
+            piece.item,
+            Item::Payload(Payload { mask: None, .. })
+        ));
+        start += piece.consumed;
+    }
+    assert_eq!(&whole[header.consumed..], "κόσμε".as_bytes());
+    assert!(decoder.is_between_messages());
+}
+
+/// Whole fragments are validated with the state the previous fragments left: a character
+/// split across them is valid.
+#[test]
+fn a_character_split_across_whole_fragments_is_valid() {
+    let mut decoder = FrameDecoder::new(server());
+    let bytes = "a😀b".as_bytes();
+    let fragments = [&bytes[..2], &bytes[2..3], &bytes[3..5], &bytes[5..]];
+    let mut text = Vec::new();
+    for (i, fragment) in fragments.iter().enumerate() {
+        let opcode = if i == 0 {
+            OpCode::Text
+        } else {
+            OpCode::Continuation
+        };
+        let last = i + 1 == fragments.len();
+        text.extend(decode_frame(&mut decoder, frame(last, opcode, Some(KEY), fragment)).unwrap());
+    }
+    assert_eq!(text, bytes);
+    assert!(decoder.is_between_messages());
+    // An invalid continuation of the split character fails at the fragment's header.
+    let mut decoder = FrameDecoder::new(server());
+    decode_frame(
+        &mut decoder,
+        frame(false, OpCode::Text, Some(KEY), &bytes[..3]),
+    )
+    .unwrap();
+    let mut bad = frame(true, OpCode::Continuation, Some(KEY), b"\x41\x98\x80b");
+    assert_eq!(decoder.decode(&mut bad), Err(ProtocolError::InvalidUtf8));
 }
 
 #[test]
