@@ -24,10 +24,11 @@
 //! - the client hop is shut down first (RFC 6455 §7.1.1: the server closes TCP first); the
 //!   backend is given the chance to close first, so TIME_WAIT stays off the gateway's ports.
 
-use super::buffer::HopBuffer;
+use super::buffer::{BUFFER_LEN, HopBuffer};
 use super::ending::{Cause, HopReport, Initiator, RelayReport};
 use super::hop::{CloseState, Hop, InFrame, Reading, Side, Writing};
 use super::mask_keys;
+use super::outbox::Outbox;
 use crate::limits::TokenBucket;
 use crate::metrics::RelayCounters;
 use crate::proto::{
@@ -197,6 +198,29 @@ impl Connection {
             consider(self.last_data + idle);
         }
         deadline
+    }
+
+    /// Memory the connection holds for bytes in flight: hop buffers and queued control
+    /// frames. Bounded by [`Connection::MAX_BUFFERED_BYTES`] whatever the peers do.
+    pub fn buffered_bytes(&self) -> usize {
+        [&self.client, &self.backend]
+            .into_iter()
+            .map(|hop| {
+                let buffer = if hop.buf.holds_buffer() {
+                    BUFFER_LEN
+                } else {
+                    0
+                };
+                buffer + hop.outbox.held_bytes()
+            })
+            .sum()
+    }
+
+    pub const MAX_BUFFERED_BYTES: usize = 2 * (BUFFER_LEN + Outbox::MAX_HELD_BYTES);
+
+    /// Something has started the connection's end; from here on it always has a deadline.
+    pub fn is_ending(&self) -> bool {
+        self.ending.is_some()
     }
 
     /// Both hops are done: nothing more will be read or written.
@@ -426,6 +450,7 @@ impl Connection {
                 src.buf.discard_unparsed();
             }
         }
+        self.close_behind_settled_hop(now);
         self.deliver_owed_close(now);
         let (close_timeout, at_once) = (self.settings.close_timeout, self.close_client_at_once);
         settle(
@@ -442,6 +467,21 @@ impl Connection {
             close_timeout,
             now,
         );
+    }
+
+    /// A hop whose closing handshake is settled relays nothing more: a close the other hop was
+    /// to get from it (held back while it was half-way through a frame) never comes, and a
+    /// frame it was forwarding never ends. The gateway ends the other hop itself, cutting it
+    /// if that frame stays unfinished.
+    fn close_behind_settled_hop(&mut self, now: Instant) {
+        let deadline = now + self.settings.close_timeout;
+        for side in [Side::Client, Side::Backend] {
+            let (src, dst) = pair(&mut self.client, &mut self.backend, side);
+            let settled = matches!(src.close, CloseState::Settled { .. });
+            if settled && (dst.close == CloseState::Open || src.mid_frame()) {
+                close_other(dst, src.mid_frame(), CloseCode::GOING_AWAY, "", deadline);
+            }
+        }
     }
 
     /// Sends a client its held-back error close once the backend is done sending.
@@ -536,12 +576,13 @@ fn close_other(
     reason: &str,
     deadline: Instant,
 ) {
-    if !other.may_send_close() || !other.can_write() {
+    if !other.can_write() {
         return;
     }
     if peer_mid_frame {
+        // Whatever was queued for it, a close included, would land inside that frame.
         other.cut();
-    } else {
+    } else if other.may_send_close() {
         other.send_close(code, reason, deadline);
     }
 }

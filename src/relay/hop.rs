@@ -270,7 +270,7 @@ impl Hop {
     pub fn cut(&mut self) {
         self.close = CloseState::Settled {
             sent: Some(CloseCode::ABNORMAL),
-            received: None,
+            received: self.close_received(),
         };
         self.outbox.clear();
     }

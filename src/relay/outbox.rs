@@ -93,6 +93,22 @@ impl Outbox {
         }
     }
 
+    /// Memory the queued frames take; at most [`Outbox::MAX_HELD_BYTES`].
+    pub fn held_bytes(&self) -> usize {
+        self.queue.as_ref().map_or(0, |queue| {
+            let frames = queue.pongs.capacity()
+                + usize::from(queue.writing.is_some())
+                + usize::from(queue.ping.is_some())
+                + usize::from(queue.close.is_some());
+            size_of::<Queue>() + frames * size_of::<ControlFrame>()
+        })
+    }
+
+    /// The most an outbox holds: the pongs' ring grown to its limit plus the frame being
+    /// written, a ping and a close.
+    pub const MAX_HELD_BYTES: usize =
+        size_of::<Queue>() + (MAX_PONGS.next_power_of_two() + 3) * size_of::<ControlFrame>();
+
     /// Drops whatever is queued (the hop is gone).
     pub fn clear(&mut self) {
         self.queue = None;
