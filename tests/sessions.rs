@@ -891,3 +891,32 @@ async fn sessions_whose_room_moves_on_a_reload_are_closed_with_1012_and_the_othe
     }
     assert!(moved > 0, "with two backends some of 12 rooms move");
 }
+
+#[tokio::test]
+async fn a_session_backend_that_stops_answering_pings_ends_the_session_with_1001() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        // Holds the connection and never reads from it again: no ping is answered.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(ws);
+    });
+    let yaml = simple_config(
+        &[addr],
+        "timeouts:\n  ping_interval: 1s\n  pong_timeout: 1s\n",
+    );
+    let gateway = start_gateway(&yaml).await;
+    let mut poller = Poller::open(gateway.addr, "/").await;
+    let started = Instant::now();
+    let events = poller.receive(1).await;
+    assert_eq!(
+        events[0]["close"],
+        json!({ "code": 1001, "reason": "backend did not answer ping in time" })
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "ended by keepalive, not by a later timeout"
+    );
+}

@@ -30,6 +30,26 @@ impl CloseCode {
     pub const fn is_valid_on_wire(self) -> bool {
         matches!(self.0, 1000..=1003 | 1007..=1014 | 3000..=4999)
     }
+
+    /// The code of the reply to a close that carried this one: echoed (§5.5.1), or 1000 for a
+    /// close that carried none.
+    pub const fn reply(self) -> CloseCode {
+        if self.0 == Self::NO_STATUS.0 {
+            Self::NORMAL
+        } else {
+            self
+        }
+    }
+
+    /// This code if a close frame may carry it, else 1000 (1005, 1006 and 1015 only report
+    /// what happened; they never go on the wire).
+    pub const fn or_normal_on_wire(self) -> CloseCode {
+        if self.is_valid_on_wire() {
+            self
+        } else {
+            Self::NORMAL
+        }
+    }
 }
 
 /// Longest close reason: a control payload is at most 125 bytes and the code takes 2.

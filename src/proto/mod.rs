@@ -1,8 +1,8 @@
 //! RFC 6455, sans I/O: frames, masking, UTF-8, close codes and the opening handshakes.
 //!
 //! Nothing in this module touches a socket, a clock or the gateway's configuration: it turns
-//! bytes into values and values into bytes, so the relay, the fuzz targets and the benchmarks
-//! all drive the same code. Sections covered: §4 (handshakes), §5.1-5.5 (framing, masking,
+//! bytes into values and values into bytes (time, where a rule needs it, is passed in), so the
+//! relay, the sessions, the fuzz targets and the benchmarks all drive the same code. Sections covered: §4 (handshakes), §5.1-5.5 (framing, masking,
 //! fragmentation, control frames), §7.4 (close codes), §8.1 (UTF-8), and the RSV1 rule of
 //! RFC 7692 when permessage-deflate is passed through.
 
@@ -11,6 +11,7 @@ pub mod decoder;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod keepalive;
 pub mod mask;
 pub mod utf8;
 
@@ -20,5 +21,6 @@ pub use decoder::{
 };
 pub use error::ProtocolError;
 pub use frame::{ControlFrame, FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, MaskKey, OpCode};
+pub use keepalive::{Keepalive, KeepaliveDue, PING_PAYLOAD};
 pub use mask::{apply_mask, remask};
 pub use utf8::Utf8Validator;

@@ -32,8 +32,8 @@ use super::outbox::Outbox;
 use crate::limits::TokenBucket;
 use crate::metrics::RelayCounters;
 use crate::proto::{
-    CloseCode, ControlFrame, Decoded, FrameDecoder, FrameHeader, Item, OpCode, ProtocolError,
-    apply_mask, parse_close_payload, remask,
+    CloseCode, ControlFrame, Decoded, FrameDecoder, FrameHeader, Item, Keepalive, KeepaliveDue,
+    OpCode, PING_PAYLOAD, ProtocolError, apply_mask, parse_close_payload, remask,
 };
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -59,9 +59,6 @@ pub enum Stop {
     /// the client, so it reconnects to the new owner, and 1001 to the backend.
     Moved,
 }
-
-/// Ping payloads carry nothing the peer needs; a fixed tag makes them recognisable in captures.
-const KEEPALIVE_PAYLOAD: &[u8] = b"wsgate";
 
 /// One relayed connection's state between its two hops.
 #[derive(Debug)]
@@ -93,16 +90,17 @@ impl Connection {
             backend_messages,
             backend_bytes,
         } = counters;
+        let keepalive = Keepalive::new(settings.ping_interval, settings.pong_timeout, now);
         let mut client = Hop::new(
             Side::Client,
             client_decoder,
-            now,
+            keepalive,
             (client_messages, client_bytes),
         );
         let backend = Hop::new(
             Side::Backend,
             backend_decoder,
-            now,
+            keepalive,
             (backend_messages, backend_bytes),
         );
         client.message_rate = settings
@@ -175,10 +173,7 @@ impl Connection {
             if let CloseState::Sent { deadline, .. } = hop.close {
                 consider(deadline);
             }
-            for d in [hop.drain_deadline, hop.pong_deadline]
-                .into_iter()
-                .flatten()
-            {
+            if let Some(d) = hop.drain_deadline {
                 consider(d);
             }
             if let Some(d) = hop.finish_deadline
@@ -186,10 +181,10 @@ impl Connection {
             {
                 consider(d);
             }
-            if let Some(interval) = self.settings.ping_interval
-                && keepalive_applies(hop)
+            if keepalive_applies(hop)
+                && let Some(d) = hop.keepalive.poll_timeout()
             {
-                consider(hop.last_heard + interval);
+                consider(d);
             }
         }
         if let Some(idle) = self.settings.idle_timeout
@@ -284,7 +279,7 @@ impl Connection {
             on_eof(src, dst, now, &settings, &mut self.ending);
         } else {
             src.buf.filled += n;
-            src.last_heard = now;
+            src.keepalive.on_heard(now);
             match src.reading {
                 Reading::Frames => {
                     decode(
@@ -367,31 +362,34 @@ impl Connection {
         }
         for side in [Side::Client, Side::Backend] {
             let (hop, other) = pair(&mut self.client, &mut self.backend, side);
-            if hop.pong_deadline.is_some_and(|d| now >= d) {
-                hop.pong_deadline = None;
-                let cause = Cause::PingTimeout(side);
-                note_ending(&mut self.ending, Initiator::Gateway, cause);
-                hop.send_close(CloseCode::GOING_AWAY, "ping timeout", close_deadline);
-                hop.give_up();
-                let reason = match side {
-                    Side::Client => "client did not answer ping in time",
-                    Side::Backend => "backend did not answer ping in time",
-                };
-                close_other(
-                    other,
-                    hop.mid_frame(),
-                    CloseCode::GOING_AWAY,
-                    reason,
-                    close_deadline,
-                );
-            }
-            if let Some(interval) = settings.ping_interval
-                && keepalive_applies(hop)
-                && now >= hop.last_heard + interval
-            {
-                let ping = ControlFrame::new(OpCode::Ping, KEEPALIVE_PAYLOAD, hop.outgoing_mask());
-                hop.send_control(ping);
-                hop.pong_deadline = Some(now + settings.pong_timeout);
+            let due = if keepalive_applies(hop) {
+                hop.keepalive.on_timeout(now)
+            } else {
+                None
+            };
+            match due {
+                Some(KeepaliveDue::Ping) => {
+                    let ping = ControlFrame::new(OpCode::Ping, PING_PAYLOAD, hop.outgoing_mask());
+                    hop.send_control(ping);
+                }
+                Some(KeepaliveDue::Unresponsive) => {
+                    let cause = Cause::PingTimeout(side);
+                    note_ending(&mut self.ending, Initiator::Gateway, cause);
+                    hop.send_close(CloseCode::GOING_AWAY, "ping timeout", close_deadline);
+                    hop.give_up();
+                    let reason = match side {
+                        Side::Client => "client did not answer ping in time",
+                        Side::Backend => "backend did not answer ping in time",
+                    };
+                    close_other(
+                        other,
+                        hop.mid_frame(),
+                        CloseCode::GOING_AWAY,
+                        reason,
+                        close_deadline,
+                    );
+                }
+                None => {}
             }
             if let CloseState::Sent { deadline, .. } = hop.close
                 && now >= deadline
@@ -536,11 +534,11 @@ fn pair<'a>(client: &'a mut Hop, backend: &'a mut Hop, side: Side) -> (&'a mut H
     }
 }
 
+/// Keepalive runs while the hop is open both ways: an outstanding ping's deadline still
+/// counts once the hop is closing, since that ends it sooner.
 fn keepalive_applies(hop: &Hop) -> bool {
-    hop.pong_deadline.is_none()
-        && hop.reading == Reading::Frames
-        && hop.close == CloseState::Open
-        && hop.can_write()
+    hop.keepalive.awaiting_pong()
+        || (hop.reading == Reading::Frames && hop.close == CloseState::Open && hop.can_write())
 }
 
 fn note_ending(ending: &mut Option<(Initiator, Cause)>, initiator: Initiator, cause: Cause) {
@@ -549,21 +547,11 @@ fn note_ending(ending: &mut Option<(Initiator, Cause)>, initiator: Initiator, ca
     }
 }
 
-/// The code of a close reply: the received one echoed (RFC 6455 §5.5.1), or 1000 for a close
-/// that carried none.
-fn reply_code(received: CloseCode) -> CloseCode {
-    if received == CloseCode::NO_STATUS {
-        CloseCode::NORMAL
-    } else {
-        received
-    }
-}
-
 /// A hop whose close arrived and waits for the reply the gateway was relaying from the other
 /// hop is answered by the gateway: that reply will not come.
 fn answer_waiting_close(hop: &mut Hop, deadline: Instant) {
     if let CloseState::Received(code) = hop.close {
-        hop.send_close(reply_code(code), "", deadline);
+        hop.send_close(code.reply(), "", deadline);
     }
 }
 
@@ -832,7 +820,7 @@ fn on_control(
         }
     };
     if header.opcode == OpCode::Pong {
-        src.pong_deadline = None;
+        src.keepalive.on_pong(now);
     }
     if forward {
         if src.side == Side::Client {
@@ -958,7 +946,7 @@ fn lose(
         && other.close == CloseState::Open
     {
         // The hop's close was received but not yet passed on.
-        other.send_close(reply_code(code), "", now + settings.close_timeout);
+        other.send_close(code.reply(), "", now + settings.close_timeout);
     }
 }
 

@@ -6,7 +6,7 @@ use super::buffer::HopBuffer;
 use super::mask_keys::next_mask_key;
 use super::outbox::Outbox;
 use crate::limits::TokenBucket;
-use crate::proto::{CloseCode, ControlFrame, FrameDecoder, MaskKey, close_frame};
+use crate::proto::{CloseCode, ControlFrame, FrameDecoder, Keepalive, MaskKey, close_frame};
 use prometheus_client::metrics::counter::Counter;
 use std::fmt;
 use std::time::Instant;
@@ -108,10 +108,7 @@ pub struct Hop {
     /// stops reading cannot hold the connection by leaving our close or its reply unwritten).
     pub finish_deadline: Option<Instant>,
 
-    /// The last time any byte arrived from this hop.
-    pub last_heard: Instant,
-    /// A keepalive ping is outstanding and must be answered by then.
-    pub pong_deadline: Option<Instant>,
+    pub keepalive: Keepalive,
 
     pub bytes_in: u64,
     pub messages_in: u64,
@@ -126,7 +123,7 @@ impl Hop {
     pub fn new(
         side: Side,
         decoder: FrameDecoder,
-        now: Instant,
+        keepalive: Keepalive,
         (messages_counter, bytes_counter): (Counter, Counter),
     ) -> Self {
         Self {
@@ -140,8 +137,7 @@ impl Hop {
             close: CloseState::Open,
             drain_deadline: None,
             finish_deadline: None,
-            last_heard: now,
-            pong_deadline: None,
+            keepalive,
             bytes_in: 0,
             messages_in: 0,
             messages_counter,

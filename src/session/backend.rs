@@ -13,9 +13,10 @@ use super::protocol::{Close, Event, Message};
 use super::registry::Registry;
 use super::socket::{MessageReader, MessageWriter, ReadError, Received};
 use super::state::{Outgoing, Presence, Session};
+use super::until;
 use crate::gateway::RouteSlot;
 use crate::metrics::{Metrics, RelayCounters, RouteBackend, RouteLabel, SessionEnd};
-use crate::proto::CloseCode;
+use crate::proto::{CloseCode, Keepalive, KeepaliveDue};
 use crate::rebalance::Registration;
 use crate::routing::ConnectionSlot;
 use prometheus_client::metrics::gauge::Gauge;
@@ -24,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-/// How often presence, expiry and keepalive are checked.
+/// How often presence and expiry are checked.
 const TICK: Duration = Duration::from_secs(1);
 
 /// The backend side of a session, and what it holds until the session ends.
@@ -158,8 +159,12 @@ impl BackendTask {
     async fn connected(&mut self) -> Ending {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
-        let mut ping_sent: Option<Instant> = None;
+        let mut keepalive = Keepalive::new(
+            self.ping_interval,
+            self.pong_timeout,
+            Instant::now().into_std(),
+        );
+        let mut reading_paused = false;
         let mut draining = *self.drain.borrow();
         loop {
             if draining {
@@ -172,6 +177,12 @@ impl BackendTask {
                 return Ending::Shutdown;
             }
             let full = self.session.is_full();
+            // While the buffer is full the backend is not read, so its silence (or its pong
+            // waiting unread) proves nothing: keepalive pauses and starts over afterwards.
+            if full != reading_paused {
+                reading_paused = full;
+                keepalive.restart(Instant::now().into_std());
+            }
             tokio::select! {
                 () = moved(self.registration.as_ref()) => {
                     // As for a relayed connection: 1012 to the client (which reconnects, to
@@ -188,8 +199,7 @@ impl BackendTask {
                     draining = changed.is_err() || *self.drain.borrow();
                 }
                 received = self.reader.next(), if !full => {
-                    last_heard = Instant::now();
-                    ping_sent = None;
+                    keepalive.on_heard(Instant::now().into_std());
                     match received {
                         Ok(Received::Message(message)) => {
                             self.counters.backend_messages.inc();
@@ -202,18 +212,13 @@ impl BackendTask {
                                 return self.lost("backend connection lost");
                             }
                         }
-                        Ok(Received::Pong) => {}
+                        Ok(Received::Pong) => keepalive.on_pong(Instant::now().into_std()),
                         Ok(Received::Close(close)) => {
                             let close = close.unwrap_or(Close {
                                 code: CloseCode::NO_STATUS.0,
                                 reason: String::new(),
                             });
-                            let echo = if close.code == CloseCode::NO_STATUS.0 {
-                                CloseCode::NORMAL
-                            } else {
-                                CloseCode(close.code)
-                            };
-                            let _ = self.writer.close(echo, "").await;
+                            let _ = self.writer.close(CloseCode(close.code).reply(), "").await;
                             self.session.push(Event::Close(close));
                             return Ending::BackendClosed;
                         }
@@ -276,22 +281,21 @@ impl BackendTask {
                         }
                         _ => {}
                     }
-                    if let Some(sent) = ping_sent {
-                        if now.duration_since(sent) >= self.pong_timeout {
-                            let _ = self.writer.close(CloseCode::GOING_AWAY, "keepalive timeout").await;
+                }
+                () = until(keepalive.poll_timeout()), if !full => {
+                    match keepalive.on_timeout(Instant::now().into_std()) {
+                        Some(KeepaliveDue::Ping) if self.writer.ping().await.is_err() => {
+                            return self.lost("backend connection lost");
+                        }
+                        Some(KeepaliveDue::Unresponsive) => {
+                            let _ = self.writer.close(CloseCode::GOING_AWAY, "ping timeout").await;
                             self.session.push(Event::Close(Close {
                                 code: CloseCode::GOING_AWAY.0,
-                                reason: "backend did not answer keepalive pings".to_owned(),
+                                reason: "backend did not answer ping in time".to_owned(),
                             }));
                             return Ending::BackendLost;
                         }
-                    } else if let Some(interval) = self.ping_interval
-                        && now.duration_since(last_heard) >= interval
-                    {
-                        if self.writer.ping().await.is_err() {
-                            return self.lost("backend connection lost");
-                        }
-                        ping_sent = Some(now);
+                        Some(KeepaliveDue::Ping) | None => {}
                     }
                 }
             }

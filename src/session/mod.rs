@@ -29,3 +29,11 @@ pub use id::SessionId;
 pub const CLIENT_JS: &str = include_str!("../../client/wsgate.js");
 pub const CLIENT_PATH: &str = "/.wsgate/client.js";
 pub use registry::Registry;
+
+/// Completes at `deadline` (never without one): the timer of a sans-I/O deadline.
+async fn until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -9,7 +9,7 @@
 use super::protocol::{Close, Message};
 use crate::proto::{
     CloseCode, ControlFrame, DecoderConfig, FrameDecoder, FrameHeader, Item, MIN_BUFFER_LEN,
-    OpCode, ProtocolError, Role, apply_mask, close_frame, parse_close_payload,
+    OpCode, PING_PAYLOAD, ProtocolError, Role, apply_mask, close_frame, parse_close_payload,
 };
 use crate::relay::mask_keys::next_mask_key;
 use crate::stream::Stream;
@@ -240,7 +240,7 @@ impl MessageWriter {
     }
 
     pub async fn ping(&mut self) -> io::Result<()> {
-        let frame = ControlFrame::new(OpCode::Ping, b"wsgate", self.masked.then(next_mask_key));
+        let frame = ControlFrame::new(OpCode::Ping, PING_PAYLOAD, self.masked.then(next_mask_key));
         self.io.write_all(frame.as_bytes()).await
     }
 

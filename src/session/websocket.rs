@@ -20,10 +20,11 @@ use super::protocol::{
 };
 use super::socket::{self, MessageWriter, ReadError, Received, encode_message};
 use super::state::{DeliverError, Session};
+use super::until;
 use crate::admit::switching_protocols;
 use crate::gateway::Gateway;
 use crate::proto::handshake::{self, RequestHead};
-use crate::proto::{CloseCode, DecoderConfig, Role};
+use crate::proto::{CloseCode, DecoderConfig, Keepalive, KeepaliveDue, Role};
 use crate::stream::Stream;
 use crate::upstream::Refusal;
 use std::net::SocketAddr;
@@ -48,12 +49,12 @@ pub struct SessionSocket {
     ack: u64,
     instance: String,
     limits: (u64, u64),
-    keepalive: Keepalive,
+    timers: Timers,
 }
 
 /// The route's keepalive and close timers, applied to the client's session WebSocket.
 #[derive(Debug, Clone, Copy)]
-struct Keepalive {
+struct Timers {
     ping_interval: Option<Duration>,
     pong_timeout: Duration,
     close: Duration,
@@ -117,17 +118,14 @@ pub async fn decide(
         Refusal::plain(error.status(), &error.to_string(), error.extra_headers())
     })?;
     let offered: Vec<&str> = handshake::server::offered_protocols(head.headers).collect();
-    let (limits, keepalive) = {
+    let (limits, timers) = {
         let route = gateway.route(route);
-        let keepalive = Keepalive {
+        let timers = Timers {
             ping_interval: route.timeouts.ping_interval,
             pong_timeout: route.timeouts.pong_timeout,
             close: route.timeouts.close,
         };
-        (
-            (route.limits.max_frame, route.limits.max_message),
-            keepalive,
-        )
+        ((route.limits.max_frame, route.limits.max_message), timers)
     };
     let mut socket = SessionSocket {
         accept: handshake::accept_key(upgrade.key),
@@ -137,7 +135,7 @@ pub async fn decide(
         ack: query.ack,
         instance: gateway.config.sessions.instance.clone(),
         limits,
-        keepalive,
+        timers,
     };
     match query.sid.as_deref() {
         Some(sid) => match find(gateway, route, sid, upgrade.origin) {
@@ -232,7 +230,12 @@ impl SessionSocket {
             return;
         }
         let close_sent = AtomicBool::new(false);
-        let last_heard = std::sync::Mutex::new(Instant::now());
+        let keepalive = std::sync::Mutex::new(Keepalive::new(
+            self.timers.ping_interval,
+            self.timers.pong_timeout,
+            Instant::now().into_std(),
+        ));
+        let keepalive = || keepalive.lock().unwrap_or_else(|p| p.into_inner());
         let downstream = async {
             let mut sent = self.ack;
             let mut acked_to_client = received;
@@ -272,7 +275,7 @@ impl SessionSocket {
                 }
                 if let Some(close) = close {
                     close_sent.store(true, Ordering::Release);
-                    let code = wire_close_code(close.code);
+                    let code = CloseCode(close.code).or_normal_on_wire();
                     if writer
                         .lock()
                         .await
@@ -284,7 +287,7 @@ impl SessionSocket {
                     }
                     // The client's close reply (read by the upstream half) ends the transport;
                     // a client that never replies is let go after the close timeout.
-                    tokio::time::sleep(self.keepalive.close).await;
+                    tokio::time::sleep(self.timers.close).await;
                     return;
                 }
                 if last != sent {
@@ -310,7 +313,7 @@ impl SessionSocket {
             let mut next = received + 1;
             loop {
                 let received = reader.next().await;
-                *last_heard.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                keepalive().on_heard(Instant::now().into_std());
                 match received {
                     Ok(Received::Message(message)) => match split_tag(message) {
                         Some((TAG_DATA, message)) => {
@@ -355,7 +358,7 @@ impl SessionSocket {
                     Ok(Received::Ping(payload)) => {
                         let _ = writer.lock().await.pong(&payload).await;
                     }
-                    Ok(Received::Pong) => {}
+                    Ok(Received::Pong) => keepalive().on_pong(Instant::now().into_std()),
                     Ok(Received::Close(Some(close))) if close.code == CLOSE_DETACH => {
                         // This connection ends; the session waits for a resume.
                         let _ = writer.lock().await.close(CloseCode(CLOSE_DETACH), "").await;
@@ -393,31 +396,22 @@ impl SessionSocket {
         // buffer filling) forever: ping it, and let it go when it stays silent. This runs beside
         // the two halves, so it also frees a writer stuck on a dead socket.
         let watchdog = async {
-            let Some(interval) = self.keepalive.ping_interval else {
-                return std::future::pending().await;
-            };
-            let mut tick = tokio::time::interval(interval.min(Duration::from_secs(1)));
-            let mut pinged = false;
             loop {
-                tick.tick().await;
-                let silent = last_heard
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .elapsed();
-                if silent >= interval + self.keepalive.pong_timeout {
-                    return;
-                }
-                if silent >= interval && !pinged {
-                    pinged = true;
-                    let ping = async { writer.lock().await.ping().await };
-                    if tokio::time::timeout(self.keepalive.pong_timeout, ping)
-                        .await
-                        .is_err()
-                    {
-                        return;
+                let deadline = keepalive().poll_timeout();
+                until(deadline).await;
+                let due = keepalive().on_timeout(Instant::now().into_std());
+                match due {
+                    Some(KeepaliveDue::Ping) => {
+                        let ping = async { writer.lock().await.ping().await };
+                        if tokio::time::timeout(self.timers.pong_timeout, ping)
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
-                } else if silent < interval {
-                    pinged = false;
+                    Some(KeepaliveDue::Unresponsive) => return,
+                    None => {}
                 }
             }
         };
@@ -430,21 +424,10 @@ impl SessionSocket {
         }
         // Detached before the shutdown, which a dead socket may stall.
         drop(attachment);
-        let _ = tokio::time::timeout(self.keepalive.close, async {
+        let _ = tokio::time::timeout(self.timers.close, async {
             writer.lock().await.shutdown().await;
         })
         .await;
-    }
-}
-
-/// Codes that may not appear in a close frame (1005, 1006, 1015) are reported as 1000 with
-/// the reason kept.
-fn wire_close_code(code: u16) -> CloseCode {
-    let code = CloseCode(code);
-    if code.is_valid_on_wire() {
-        code
-    } else {
-        CloseCode::NORMAL
     }
 }
 
