@@ -21,7 +21,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, LazyLock, PoisonError, RwLock};
+
+/// Bytes of relay buffers in memory, lent to connections or pooled for reuse. Process-wide
+/// because buffers are allocated and freed on worker threads that hold no `Metrics`; it moves
+/// only when the pool allocates or frees, never per message.
+pub static RELAY_BUFFER_BYTES: LazyLock<Gauge> = LazyLock::new(Gauge::default);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteBackend {
@@ -204,6 +209,11 @@ impl Metrics {
             "rebalanced_connections",
             "WebSocket connections closed with 1012 because their sticky key moved to another backend, per route",
             metrics.rebalanced_connections.clone(),
+        );
+        registry.register(
+            "relay_buffer_bytes",
+            "Memory of the relay's read buffers, held by busy connections or pooled per worker thread",
+            RELAY_BUFFER_BYTES.clone(),
         );
         Self {
             registry,

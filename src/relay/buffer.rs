@@ -12,6 +12,7 @@
 //! When `start == filled` the buffer holds nothing and goes back to the pool, so an idle
 //! connection owns no buffer at all; that is what keeps idle connections small.
 
+use crate::metrics::RELAY_BUFFER_BYTES;
 use std::cell::RefCell;
 
 /// 64 KiB: four TLS records, and a 64 KiB message moves in one read and one write per hop
@@ -23,22 +24,47 @@ pub const BUFFER_LEN: usize = 64 * 1024;
 /// on one thread, small enough (1 MiB) not to show in the memory of idle connections.
 const POOL_LIMIT: usize = 16;
 
+/// The buffers of one thread not lent to a connection. Every buffer in memory is either in a
+/// pool or in a [`HopBuffer`], and [`RELAY_BUFFER_BYTES`] counts both: it goes up when
+/// [`take_buffer`] allocates and down when a buffer is freed (pool full, or thread gone).
+#[derive(Default)]
+struct Pool(Vec<Box<[u8]>>);
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        RELAY_BUFFER_BYTES.dec_by((self.0.len() * BUFFER_LEN) as i64);
+    }
+}
+
 thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static POOL: RefCell<Pool> = RefCell::default();
 }
 
 fn take_buffer() -> Box<[u8]> {
-    POOL.with(|pool| pool.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0u8; BUFFER_LEN].into_boxed_slice())
+    let pooled = POOL
+        .try_with(|pool| pool.borrow_mut().0.pop())
+        .ok()
+        .flatten();
+    pooled.unwrap_or_else(|| {
+        RELAY_BUFFER_BYTES.inc_by(BUFFER_LEN as i64);
+        vec![0u8; BUFFER_LEN].into_boxed_slice()
+    })
 }
 
 fn give_back(buffer: Box<[u8]>) {
-    POOL.with(|pool| {
+    let mut spare = Some(buffer);
+    // A thread being torn down has no pool left: its buffer is simply freed.
+    let _ = POOL.try_with(|pool| {
         let mut pool = pool.borrow_mut();
-        if pool.len() < POOL_LIMIT {
-            pool.push(buffer);
+        if pool.0.len() < POOL_LIMIT
+            && let Some(buffer) = spare.take()
+        {
+            pool.0.push(buffer);
         }
     });
+    if spare.is_some() {
+        RELAY_BUFFER_BYTES.dec_by(BUFFER_LEN as i64);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +168,14 @@ impl HopBuffer {
 
     pub fn holds_buffer(&self) -> bool {
         self.bytes.is_some()
+    }
+}
+
+impl Drop for HopBuffer {
+    fn drop(&mut self) {
+        if let Some(bytes) = self.bytes.take() {
+            give_back(bytes);
+        }
     }
 }
 

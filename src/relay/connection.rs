@@ -271,6 +271,23 @@ impl Connection {
         }
     }
 
+    /// The read into [`Connection::read_space`] found nothing to read yet. The buffer it
+    /// offered goes back to the pool unless it holds bytes: an idle connection waits for data
+    /// owning no buffer.
+    pub fn on_read_blocked(&mut self, side: Side) {
+        let (src, _) = pair(&mut self.client, &mut self.backend, side);
+        src.buf.release_if_empty();
+    }
+
+    /// Whether a hop holds a buffer with no bytes in it: true only between
+    /// [`Connection::read_space`] and the read's outcome.
+    #[cfg(any(test, fuzzing))]
+    pub fn holds_empty_buffer(&self) -> bool {
+        [&self.client, &self.backend]
+            .into_iter()
+            .any(|hop| hop.buf.holds_buffer() && hop.buf.start == hop.buf.filled)
+    }
+
     /// `n` bytes were read from `side` into [`Connection::read_space`]; 0 is end of stream.
     pub fn on_read(&mut self, side: Side, n: usize, now: Instant) {
         let settings = self.settings;

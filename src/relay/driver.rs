@@ -169,7 +169,10 @@ impl Relay {
                         connection.on_read_error(side, now);
                         progress = true;
                     }
-                    Poll::Pending => blocked.read = true,
+                    Poll::Pending => {
+                        blocked.read = true;
+                        connection.on_read_blocked(side);
+                    }
                 }
             }
         }

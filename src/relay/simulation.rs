@@ -175,6 +175,10 @@ impl World {
                 "the connection holds {buffered} bytes, over its bound"
             );
         }
+        assert!(
+            !self.connection.holds_empty_buffer(),
+            "a settled connection holds a buffer with nothing in it (idle memory)"
+        );
         self.check_peer(Side::Client);
         self.check_peer(Side::Backend);
     }
@@ -226,6 +230,8 @@ impl World {
                 } else if peer.eof {
                     connection.on_read(side, 0, now);
                     progress = true;
+                } else {
+                    connection.on_read_blocked(side);
                 }
             }
         }
