@@ -15,7 +15,7 @@
 //!   atomically, and only the setter goes on), and ended by the one timer that setter starts;
 //!   so failures of connections already under way neither stack timers nor double the
 //!   back-off again;
-//! - every task started here ends when the gateway drains (`Gateway::drain` turns true); the
+//! - every task started here ends when the gateway drains (`Gateway::drain` starts closing connections; until then the gateway may still accept); the
 //!   active checks also end when their [`HealthChecks`] handle is dropped.
 //!
 //! Passive checks skip upstreams with a single backend, which has nothing to hand its
@@ -28,6 +28,7 @@
 //! `max_backoff`) while one success resets the doubling.
 
 use crate::config::{Backend, HealthCheck, HealthCheckKind, PassiveHealth};
+use crate::drain::Phase;
 use crate::gateway::Gateway;
 use crate::proto::{CloseCode, FrameHeader, OpCode, close_frame};
 use crate::relay::mask_keys::next_mask_key;
@@ -80,7 +81,7 @@ async fn run_checks(gateway: Arc<Gateway>, upstream: usize, check: HealthCheck) 
     let mut drain = gateway.drain.subscribe();
     tokio::select! {
         // An error means the gateway is gone, which ends the checks just as well.
-        _ = drain.wait_for(|draining| *draining) => {}
+        _ = drain.wait_for(|phase| matches!(phase, Phase::Closing(_))) => {}
         () = check_forever(&gateway, upstream, &check) => {}
     }
 }
@@ -411,7 +412,7 @@ fn connect_failed(
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             // Draining: no new connections will be chosen, so the back-off may stay.
-            _ = drain.wait_for(|draining| *draining) => return,
+            _ = drain.wait_for(|phase| matches!(phase, Phase::Closing(_))) => return,
         }
         if balancer.end_backoff(backend) {
             tracing::info!(

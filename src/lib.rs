@@ -34,6 +34,7 @@ pub mod upstream;
 
 pub mod admin;
 pub mod admit;
+pub mod drain;
 pub mod front;
 pub mod gateway;
 pub mod health;

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use wsgate::config::{self, Config};
 use wsgate::server::{Reloader, Server};
 
@@ -244,7 +245,17 @@ async fn serve(
     if let Some(path) = reload_from {
         tokio::spawn(watch_for_reloads(server.reloader(), path));
     }
-    server.run(shutdown_signal()).await;
+    let drain = Arc::clone(&server.gateway().drain);
+    server
+        .run(async move {
+            shutdown_signal().await;
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::warn!("second shutdown signal: closing every connection now");
+                drain.close(std::time::Duration::ZERO);
+            });
+        })
+        .await;
     tracing::info!("stopped; exiting");
     ExitCode::SUCCESS
 }

@@ -2,6 +2,7 @@
 //! stop. `main` and the integration tests start the gateway the same way.
 
 use crate::config::Config;
+use crate::drain::Phase;
 use crate::gateway::{CurrentGateway, Gateway, GatewayError};
 use crate::health::HealthChecks;
 use crate::listener::{BindError, BoundListener, ConnectionCounter, accept_loop};
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -158,9 +160,19 @@ impl Server {
         }
     }
 
-    /// Accepts on every listener until `stop` completes, then drains: every open connection is
-    /// closed gracefully (WebSockets with 1001), waiting at most `drain.deadline` of the
-    /// configuration in force (the last one reloaded).
+    /// Accepts on every listener until `stop` completes (or something starts the gateway's
+    /// [`Drain`](crate::drain::Drain): the admin API), then drains in phases, with the
+    /// `drain` settings of the configuration in force (the last one reloaded):
+    ///
+    /// 1. for `readiness_delay`, `/readyz` answers 503 while everything is still accepted
+    ///    and served, so load balancers stop sending clients before any is refused;
+    /// 2. the listeners close and every connection is asked to close: WebSockets and sessions
+    ///    with 1001, spread evenly over `spread` (a room's members at one instant), HTTP
+    ///    clients after their current request;
+    /// 3. it returns when none is left, or at `deadline` from the start of the drain.
+    ///
+    /// A hurry (`Drain::close` with a shorter spread, as a second shutdown signal does) skips
+    /// what remains of the readiness delay and brings every close forward.
     pub async fn run(mut self, stop: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut loops = Vec::new();
@@ -187,31 +199,51 @@ impl Server {
             Some(crate::health::start(&self.current.get()));
         // Moves connections whose sticky key changed backend; ends when the drain starts.
         let _rebalancing = self.rebalancer.start();
-        stop.await;
+        let drain = Arc::clone(&self.current.get().drain);
+        let mut phase = drain.subscribe();
+        tokio::select! {
+            () = stop => {}
+            // Started from elsewhere (the admin API); a dropped sender cannot happen while
+            // `drain` is held here.
+            _ = phase.wait_for(|phase| !matches!(phase, Phase::Serving)) => {}
+        }
+        let started = Instant::now();
+        let settings = self.current.get().config.drain;
+        drain.leave();
+        tracing::info!(
+            "draining: out of rotation for {:?}, then closing connections over {:?} (deadline {:?})",
+            settings.readiness_delay,
+            settings.spread,
+            settings.deadline
+        );
+        tokio::select! {
+            () = tokio::time::sleep(settings.readiness_delay) => {}
+            _ = phase.wait_for(|phase| matches!(phase, Phase::Closing(_))) => {}
+        }
         let _ = stop_tx.send(true);
         for accept in loops {
             let _ = accept.await;
         }
-        self.drain().await;
+        drain.close(settings.spread);
+        self.wait_for_connections(started + settings.deadline).await;
         self.health.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(admin) = admin {
             admin.abort();
         }
     }
 
-    /// Asks every connection to close (1001 to WebSocket clients and backends, `Connection:
-    /// close` to HTTP clients) and waits for them, at most `drain.deadline`.
-    async fn drain(&self) {
-        let gateway = self.current.get();
-        // One signal reaches every configuration generation still holding connections.
-        let _ = gateway.drain.send(true);
-        let deadline = tokio::time::Instant::now() + gateway.config.drain.deadline;
-        while self.counter.current() > 0 && tokio::time::Instant::now() < deadline {
+    /// Waits until every connection and session has closed, at most until `deadline`.
+    async fn wait_for_connections(&self, deadline: Instant) {
+        let sessions = Arc::clone(&self.current.get().sessions);
+        let open = || (self.counter.current(), sessions.open());
+        while open() != (0, 0) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let left = self.counter.current();
-        if left > 0 {
-            tracing::warn!("{left} connections still open after the drain deadline; closing them");
+        let (connections, sessions) = open();
+        if connections + sessions > 0 {
+            tracing::warn!(
+                "{connections} connections and {sessions} sessions still open at the drain deadline; closing them"
+            );
         }
     }
 }

@@ -78,7 +78,7 @@ fn respond(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Byte
         "/dashboard" => Dashboard::page(),
         "/healthz" => text(StatusCode::OK, "ok"),
         "/readyz" => {
-            if *gateway.drain.borrow() {
+            if !gateway.drain.is_serving() {
                 return text(StatusCode::SERVICE_UNAVAILABLE, "draining");
             }
             let empty: Vec<&str> = gateway

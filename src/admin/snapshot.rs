@@ -243,7 +243,7 @@ impl Sampler {
         Snapshot {
             at_ms: unix_ms(wall),
             interval_s: rates.seconds,
-            draining: *gateway.drain.borrow(),
+            draining: !gateway.drain.is_serving(),
             routes,
             upstreams,
             errors,

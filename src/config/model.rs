@@ -145,9 +145,20 @@ pub struct Route {
     pub compression: Compression,
     /// Forward pings and pongs end to end instead of answering them per hop.
     pub ping_passthrough: bool,
+    /// When the chosen backend cannot be reached (refused, TCP or TLS connect timeout), how
+    /// many other backends are tried, each the key's next choice, before answering 502/504.
+    /// Only WebSocket upgrades, sessions and idempotent HTTP requests are retried.
+    pub connect_retries: u8,
     /// Route-level values, already merged over the gateway-wide defaults.
     pub timeouts: Timeouts,
     pub limits: Limits,
+}
+
+impl Route {
+    /// One more backend, like HAProxy's `retries 1` with `option redispatch`.
+    pub const DEFAULT_CONNECT_RETRIES: u8 = 1;
+    /// Each attempt may wait up to the connect timeout: a bound on what one client costs.
+    pub const MAX_CONNECT_RETRIES: u8 = 3;
 }
 
 /// Where a route's sticky key comes from.
@@ -230,15 +241,27 @@ pub struct Limits {
 /// waits for the closing handshakes at most `deadline` before it exits anyway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drain {
-    /// 0 exits as soon as the close frames are written.
+    /// From the shutdown signal, how long `/readyz` answers 503 while everything is still
+    /// accepted and served, so that load balancers take the instance out of rotation first.
+    pub readiness_delay: Duration,
+    /// Then, with the listeners closed, how long WebSocket connections and sessions take to
+    /// close: each room at one instant, the instants spread evenly, so clients do not all
+    /// reconnect in the same second. 0 closes everything at once.
+    pub spread: Duration,
+    /// From the shutdown signal, when the process exits whatever is still open; at least
+    /// `readiness_delay + spread`. 0 exits as soon as the close frames are written.
     pub deadline: Duration,
 }
 
 impl Drain {
+    /// Fits a Kubernetes rolling update with the default `terminationGracePeriodSeconds` of
+    /// 30 s: 5 s for the endpoint removal to reach the load balancers, 15 s of spread closes,
+    /// then up to 5 s for the last closing handshakes (the close timeout), and 5 s to spare
+    /// before SIGKILL.
     pub const DEFAULT: Drain = Drain {
-        // The close timeout (5 s by default) plus room for a backend that answers slowly, and
-        // well inside the 30 s an orchestrator usually allows between SIGTERM and SIGKILL.
-        deadline: Duration::from_secs(10),
+        readiness_delay: Duration::from_secs(5),
+        spread: Duration::from_secs(15),
+        deadline: Duration::from_secs(25),
     };
 }
 

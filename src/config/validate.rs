@@ -78,6 +78,7 @@ const ROUTE_KEYS: &[&str] = &[
     "allowed_origins",
     "compression",
     "ping_passthrough",
+    "connect_retries",
     "timeouts",
     "limits",
 ];
@@ -117,7 +118,7 @@ const SESSION_KEYS: &[&str] = &[
     "open_rate",
     "body_timeout",
 ];
-const DRAIN_KEYS: &[&str] = &["deadline"];
+const DRAIN_KEYS: &[&str] = &["readiness_delay", "spread", "deadline"];
 const REBALANCE_KEYS: &[&str] = &["enabled", "window", "on_health_change"];
 
 const ADDRESS_FORM: &str = "an address such as 127.0.0.1:8080 or [::1]:8080";
@@ -1266,6 +1267,12 @@ impl Cx<'_> {
             None => Some(false),
             Some((raw, path)) => self.boolean(raw, &path),
         };
+        let connect_retries = match f.get("connect_retries") {
+            None => Some(Route::DEFAULT_CONNECT_RETRIES),
+            Some((raw, path)) => self
+                .integer(raw, &path, 0, i128::from(Route::MAX_CONNECT_RETRIES))
+                .and_then(|n| u8::try_from(n).ok()),
+        };
         let timeouts = match f.get("timeouts") {
             None => Some(base_timeouts),
             Some((raw, path)) => self
@@ -1291,6 +1298,7 @@ impl Cx<'_> {
             allowed_origins: allowed_origins?,
             compression: compression?,
             ping_passthrough: ping_passthrough?,
+            connect_retries: connect_retries?,
             timeouts: timeouts?,
             limits: limits?,
         })
@@ -1538,17 +1546,46 @@ impl Cx<'_> {
     }
 
     fn drain(&mut self, raw: &Raw, path: &YamlPath) -> Option<Drain> {
-        let f = self.fields(raw, path, "a mapping with a deadline", DRAIN_KEYS)?;
+        let f = self.fields(
+            raw,
+            path,
+            "a mapping with readiness_delay, spread and deadline",
+            DRAIN_KEYS,
+        )?;
         let mut drain = Drain::DEFAULT;
-        if let Some((raw, path)) = f.get("deadline") {
-            let rule = TimerRule {
-                disableable: false,
-                zero_ok: true,
-                max: MAX_TIMER,
-            };
-            drain.deadline = self.timer(raw, &path, rule)??;
+        let mut ok = true;
+        let rule = TimerRule {
+            disableable: false,
+            zero_ok: true,
+            max: MAX_TIMER,
+        };
+        for (key, field) in [
+            ("readiness_delay", &mut drain.readiness_delay),
+            ("spread", &mut drain.spread),
+            ("deadline", &mut drain.deadline),
+        ] {
+            if let Some((raw, path)) = f.get(key) {
+                match self.timer(raw, &path, rule) {
+                    Some(Some(value)) => *field = value,
+                    _ => ok = false,
+                }
+            }
         }
-        Some(drain)
+        if ok && drain.readiness_delay + drain.spread > drain.deadline {
+            self.err(
+                path,
+                format!(
+                    "readiness_delay ({}) plus spread ({}) exceed the deadline ({}): the last \
+                     connections would be cut instead of closed; raise the deadline (and the \
+                     orchestrator's grace period above it) or shorten the others",
+                    format_duration(drain.readiness_delay),
+                    format_duration(drain.spread),
+                    format_duration(drain.deadline),
+                ),
+            );
+            ok = false;
+        }
+        ok.then_some(drain)
     }
 
     fn rebalance(&mut self, raw: &Raw, path: &YamlPath) -> Option<Rebalance> {

@@ -33,6 +33,7 @@
 
 pub mod registry;
 
+use crate::drain::Phase;
 use crate::gateway::{CurrentGateway, Gateway};
 use crate::metrics::RouteLabel;
 pub use registry::{ConnectionRegistry, Member, Registration, Room, Ticket};
@@ -114,7 +115,7 @@ impl Rebalancer {
                 () = self.reloaded.notified() => {}
                 _ = ticks.tick() => {}
                 // An error means the gateway is gone, which ends the watch just as well.
-                _ = drain.wait_for(|draining| *draining) => return,
+                _ = drain.wait_for(|phase| !matches!(phase, Phase::Serving)) => return,
             }
             let now = Look::of(self.current.get());
             let cause = if !Arc::ptr_eq(&now.gateway, &last.gateway) {
@@ -155,7 +156,7 @@ fn plan(
     rooms: Vec<(Room, Vec<Member>)>,
 ) {
     let settings = gateway.config.rebalance;
-    if !settings.enabled || *gateway.drain.borrow() {
+    if !settings.enabled || !gateway.drain.is_serving() {
         return;
     }
     let mut schedule = Vec::new();
@@ -185,7 +186,7 @@ fn plan(
         for (delay, room) in schedule {
             tokio::time::sleep_until(start + delay).await;
             let gateway = current.get();
-            if !gateway.config.rebalance.enabled || *gateway.drain.borrow() {
+            if !gateway.config.rebalance.enabled || !gateway.drain.is_serving() {
                 return;
             }
             let moved = gateway

@@ -105,9 +105,17 @@ impl UpstreamBalancer {
     /// backend for it; without, the healthy backend with the fewest connections per unit of
     /// weight. `None` when no backend is healthy.
     pub fn choose(&self, key: Option<&str>) -> Option<usize> {
+        self.choose_other(key, &[])
+    }
+
+    /// [`choose`](Self::choose) among the backends not in `tried`: for a key, its next choice
+    /// in rendezvous order (where the key goes if the tried ones go down, so a retried
+    /// connection lands where its room is about to move).
+    pub fn choose_other(&self, key: Option<&str>, tried: &[usize]) -> Option<usize> {
+        let available = |index: usize| self.is_healthy(index) && !tried.contains(&index);
         match key {
-            Some(key) => hash::pick(&self.backends, key, |index| self.is_healthy(index)),
-            None => self.least_connections(),
+            Some(key) => hash::pick(&self.backends, key, available),
+            None => self.least_connections(available),
         }
     }
 
@@ -272,7 +280,7 @@ impl UpstreamBalancer {
         self.cookie_tokens.iter().position(|&known| known == token)
     }
 
-    fn least_connections(&self) -> Option<usize> {
+    fn least_connections(&self, available: impl Fn(usize) -> bool) -> Option<usize> {
         let count = self.backends.len();
         if count == 0 {
             return None;
@@ -280,7 +288,7 @@ impl UpstreamBalancer {
         let start = self.next_start.fetch_add(1, Ordering::Relaxed) % count;
         let mut best: Option<(usize, u64, u64)> = None;
         for index in (start..count).chain(0..start) {
-            if !self.is_healthy(index) {
+            if !available(index) {
                 continue;
             }
             let connections = u64::from(self.active(index));
@@ -404,6 +412,28 @@ mod tests {
             (100, 300, 200)
         );
         drop(slots);
+    }
+
+    #[test]
+    fn another_choice_skips_the_tried_backends_in_rendezvous_order() {
+        let balancer = UpstreamBalancer::new(&equal_backends(4));
+        for n in 0..100 {
+            let key = n.to_string();
+            let order = hash::rank(balancer.backends(), &key);
+            assert_eq!(
+                balancer.choose_other(Some(&key), &order[..1]),
+                Some(order[1])
+            );
+            assert_eq!(
+                balancer.choose_other(Some(&key), &order[..3]),
+                Some(order[3])
+            );
+            assert_eq!(balancer.choose_other(Some(&key), &order), None);
+        }
+        for _ in 0..10 {
+            let other = balancer.choose_other(None, &[0, 2]);
+            assert!(matches!(other, Some(1 | 3)), "{other:?}");
+        }
     }
 
     #[test]
