@@ -119,6 +119,12 @@ pub struct Retry {
     pub result: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminAction {
+    /// drain, restore, drain_instance, unauthorized or bad_request.
+    pub action: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -136,6 +142,7 @@ pub struct Metrics {
     pub session_requests: Family<SessionRequest, Counter>,
     pub rebalanced_connections: Family<RouteLabel, Counter>,
     pub connect_retries: Family<Retry, Counter>,
+    pub admin_actions: Family<AdminAction, Counter>,
 }
 
 impl Default for Metrics {
@@ -161,6 +168,7 @@ impl Metrics {
             session_requests: Family::default(),
             rebalanced_connections: Family::default(),
             connect_retries: Family::default(),
+            admin_actions: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -224,6 +232,11 @@ impl Metrics {
             "connect_retries",
             "Connections and requests retried on another backend after theirs could not be reached, per route and result",
             metrics.connect_retries.clone(),
+        );
+        registry.register(
+            "admin_actions",
+            "Admin API requests, by action (refused ones as unauthorized or bad_request)",
+            metrics.admin_actions.clone(),
         );
         registry.register(
             "relay_buffer_bytes",

@@ -1,6 +1,7 @@
 //! A whole gateway process in one value: bind from a configuration, then serve until told to
 //! stop. `main` and the integration tests start the gateway the same way.
 
+use crate::admin::AdminListener;
 use crate::config::Config;
 use crate::drain::Phase;
 use crate::gateway::{CurrentGateway, Gateway, GatewayError};
@@ -12,7 +13,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -28,7 +28,7 @@ pub enum StartError {
 pub struct Server {
     current: Arc<CurrentGateway>,
     listeners: Vec<BoundListener>,
-    admin: Option<TcpListener>,
+    admin: Option<AdminListener>,
     counter: Arc<ConnectionCounter>,
     /// The active health checks of the current configuration.
     health: Arc<Mutex<Option<HealthChecks>>>,
@@ -81,7 +81,12 @@ impl Reloader {
     }
 
     fn apply(&self, old: &Arc<Gateway>, config: Config) -> Result<(), ReloadError> {
-        if config.listeners != old.config.listeners || config.admin != old.config.admin {
+        let admin_same = match (&config.admin, &old.config.admin) {
+            (Some(new), Some(old)) => new.listener_eq(old),
+            (None, None) => true,
+            _ => false,
+        };
+        if config.listeners != old.config.listeners || !admin_same {
             return Err(ReloadError::ListenersChanged);
         }
         let gateway = Arc::new(Gateway::with_shared(config, old.shared())?);
@@ -105,17 +110,10 @@ impl Server {
         for listener in &config.listeners {
             listeners.push(BoundListener::bind(listener).await?);
         }
-        let admin =
-            match &config.admin {
-                Some(admin) => Some(TcpListener::bind(admin.address).await.map_err(|source| {
-                    BindError::Bind {
-                        name: "admin".to_owned(),
-                        address: admin.address,
-                        source,
-                    }
-                })?),
-                None => None,
-            };
+        let admin = match &config.admin {
+            Some(admin) => Some(AdminListener::bind(admin).await?),
+            None => None,
+        };
         // Raised once per process (it only ever goes up to the hard limit); the connection
         // limit is held to what it can carry.
         let open_files = crate::resources::raise_open_file_limit();

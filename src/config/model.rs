@@ -304,6 +304,57 @@ impl Default for Rebalance {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     pub address: SocketAddr,
+    /// The bearer token of the admin API (`/api/...`); without one the API is off. The
+    /// other admin endpoints (metrics, health, dashboard) need none.
+    pub token: Option<AdminToken>,
+    pub tls: Option<ServerTls>,
+}
+
+impl Admin {
+    /// What a reload cannot change: the socket and how it is served. The token may change.
+    pub fn listener_eq(&self, other: &Admin) -> bool {
+        self.address == other.address && self.tls == other.tls
+    }
+}
+
+/// A secret: never printed, compared in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Shorter tokens can be guessed by anyone who can reach the admin listener.
+    pub const MIN_LEN: usize = 16;
+
+    pub fn new(token: &str) -> Result<Self, String> {
+        if token.len() < Self::MIN_LEN {
+            return Err(format!(
+                "the admin token must be at least {} characters (it has {})",
+                Self::MIN_LEN,
+                token.len()
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the admin token must be printable ASCII without spaces".to_owned());
+        }
+        Ok(Self(token.to_owned()))
+    }
+
+    /// Whether `offered` is this token, in time that depends only on its length.
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        expected.len() == offered.len()
+            && expected
+                .iter()
+                .zip(offered)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
 }
 
 /// The session layer: long-polling fallback and resumable sessions (docs/sessions.md).

@@ -212,7 +212,9 @@ admin:
     assert_eq!(
         config.admin,
         Some(Admin {
-            address: "127.0.0.1:9090".parse().unwrap()
+            address: "127.0.0.1:9090".parse().unwrap(),
+            token: None,
+            tls: None,
         })
     );
 }
@@ -2232,4 +2234,34 @@ fn connect_retries_default_to_one_and_are_bounded() {
         "routes[0].connect_retries",
         &["between 0 and 3"],
     );
+}
+
+#[test]
+fn admin_token_is_long_enough_from_the_file_or_the_environment() {
+    let with = |admin: &str| format!("{MINIMAL}admin:\n  address: 127.0.0.1:9090\n{admin}");
+    let config = ok(&with("  token: abcdefghijklmnop\n"));
+    let admin = config.admin.unwrap();
+    assert!(admin.token.unwrap().matches(b"abcdefghijklmnop"));
+    assert!(ok(&with("")).admin.unwrap().token.is_none());
+    single(
+        &with("  token: short\n"),
+        11,
+        "admin.token",
+        &["at least 16 characters"],
+    );
+    single(
+        &with("  token: abcdefghijklmnop\n  token_env: HOME\n"),
+        12,
+        "admin.token_env",
+        &["not both"],
+    );
+    single(
+        &with("  token_env: WSGATE_TEST_UNSET_VARIABLE_7c1\n"),
+        11,
+        "admin.token_env",
+        &["WSGATE_TEST_UNSET_VARIABLE_7c1 is not set"],
+    );
+    // The token never shows in a printed configuration.
+    let printed = format!("{:?}", ok(&with("  token: abcdefghijklmnop\n")));
+    assert!(!printed.contains("abcdefghijklmnop"), "{printed}");
 }

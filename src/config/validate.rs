@@ -105,7 +105,7 @@ const LIMIT_KEYS: &[&str] = &[
 ];
 /// Limits that only make sense for the whole gateway.
 const TOP_LEVEL_ONLY_LIMITS: &[&str] = &["max_connections_per_ip", "handshake_rate"];
-const ADMIN_KEYS: &[&str] = &["address"];
+const ADMIN_KEYS: &[&str] = &["address", "token", "token_env", "tls"];
 const SESSION_KEYS: &[&str] = &[
     "enabled",
     "instance",
@@ -1539,10 +1539,48 @@ impl Cx<'_> {
     }
 
     fn admin(&mut self, raw: &Raw, path: &YamlPath) -> Option<Admin> {
-        let f = self.fields(raw, path, "a mapping with an address", ADMIN_KEYS)?;
-        let (raw, path) = f.required(self, "address", ADDRESS_FORM)?;
-        let address = self.socket_addr(raw, &path)?;
-        Some(Admin { address })
+        let f = self.fields(
+            raw,
+            path,
+            "a mapping with an address, and token or token_env, tls",
+            ADMIN_KEYS,
+        )?;
+        let address = f
+            .required(self, "address", ADDRESS_FORM)
+            .and_then(|(raw, path)| self.socket_addr(raw, &path));
+        let token = match (f.get("token"), f.get("token_env")) {
+            (None, None) => Some(None),
+            (Some(_), Some((_, env_path))) => {
+                self.err(&env_path, "give token or token_env, not both");
+                None
+            }
+            (Some((raw, path)), None) => self
+                .string(raw, &path, "the admin API's bearer token")
+                .and_then(|token| {
+                    let checked = AdminToken::new(token);
+                    self.checked(&path, checked)
+                })
+                .map(Some),
+            (None, Some((raw, path))) => self
+                .string(raw, &path, "the name of an environment variable")
+                .and_then(|name| {
+                    let checked = match std::env::var(name) {
+                        Ok(token) => AdminToken::new(&token),
+                        Err(_) => Err(format!("environment variable {name} is not set")),
+                    };
+                    self.checked(&path, checked)
+                })
+                .map(Some),
+        };
+        let tls = match f.get("tls") {
+            None => Some(None),
+            Some((raw, path)) => self.server_tls(raw, &path).map(Some),
+        };
+        Some(Admin {
+            address: address?,
+            token: token?,
+            tls: tls?,
+        })
     }
 
     fn drain(&mut self, raw: &Raw, path: &YamlPath) -> Option<Drain> {

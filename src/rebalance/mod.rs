@@ -27,6 +27,9 @@
 //! limits rebalancing to reloads, as HAProxy and Envoy do (they never move established
 //! connections at all).
 //!
+//! An operator draining a backend (the admin API) moves its keys the same way, whatever
+//! `on_health_change` says: that is what draining a backend means.
+//!
 //! Health is noticed by polling the balancers' health bits every [`HEALTH_POLL`]: changes
 //! come from probes, back-off timers and the connection path, and a few loads four times a
 //! second catch all of them without a notifier threaded through each.
@@ -69,21 +72,31 @@ struct Look {
     gateway: Arc<Gateway>,
     /// Per upstream, per backend: healthy.
     health: Vec<Vec<bool>>,
+    /// Per upstream, per backend: taken out by an operator.
+    drained: Vec<Vec<bool>>,
 }
 
 impl Look {
     fn of(gateway: Arc<Gateway>) -> Self {
-        let health = gateway
-            .upstreams
-            .iter()
-            .map(|upstream| {
-                let balancer = &upstream.balancer;
-                (0..balancer.backends().len())
-                    .map(|index| balancer.is_healthy(index))
-                    .collect()
-            })
-            .collect();
-        Self { gateway, health }
+        let bits = |bit: fn(&crate::routing::UpstreamBalancer, usize) -> bool| {
+            gateway
+                .upstreams
+                .iter()
+                .map(|upstream| {
+                    let balancer = &upstream.balancer;
+                    (0..balancer.backends().len())
+                        .map(|index| bit(balancer, index))
+                        .collect()
+                })
+                .collect()
+        };
+        let health = bits(crate::routing::UpstreamBalancer::is_healthy);
+        let drained = bits(crate::routing::UpstreamBalancer::is_drained);
+        Self {
+            gateway,
+            health,
+            drained,
+        }
     }
 }
 
@@ -120,6 +133,10 @@ impl Rebalancer {
             let now = Look::of(self.current.get());
             let cause = if !Arc::ptr_eq(&now.gateway, &last.gateway) {
                 Some("configuration reloaded")
+            } else if now.drained != last.drained {
+                // An operator's decision, not a health event: moves even where health
+                // changes do not.
+                Some("backend drained or put back by an operator")
             } else if now.health != last.health && now.gateway.config.rebalance.on_health_change {
                 Some("backend health changed")
             } else {
