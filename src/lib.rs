@@ -24,6 +24,7 @@ pub mod limits;
 pub mod proto;
 pub mod routing;
 
+pub mod handover;
 pub mod metrics;
 pub mod recent_errors;
 pub mod relay;

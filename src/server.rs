@@ -5,6 +5,7 @@ use crate::admin::AdminListener;
 use crate::config::Config;
 use crate::drain::Phase;
 use crate::gateway::{CurrentGateway, Gateway, GatewayError};
+use crate::handover::{self, Inherited};
 use crate::health::HealthChecks;
 use crate::listener::{BindError, BoundListener, ConnectionCounter, accept_loop};
 use crate::metrics::Outcome;
@@ -13,7 +14,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,7 @@ pub struct Server {
     /// The active health checks of the current configuration.
     health: Arc<Mutex<Option<HealthChecks>>>,
     rebalancer: Arc<Rebalancer>,
+    handed_over: Arc<Notify>,
 }
 
 /// Applies new configurations to a running server (SIGHUP, a changed file, tests).
@@ -106,12 +108,21 @@ impl Reloader {
 impl Server {
     /// Compiles the configuration and binds every listener; nothing is accepted yet.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
+        Self::bind_inheriting(config, None).await
+    }
+
+    /// [`bind`](Self::bind), taking the listening sockets a predecessor handed over where
+    /// their addresses are still configured, and binding the others.
+    pub async fn bind_inheriting(
+        config: Config,
+        mut inherited: Option<&mut Inherited>,
+    ) -> Result<Self, StartError> {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for listener in &config.listeners {
-            listeners.push(BoundListener::bind(listener).await?);
+            listeners.push(BoundListener::bind(listener, inherited.as_deref_mut()).await?);
         }
         let admin = match &config.admin {
-            Some(admin) => Some(AdminListener::bind(admin).await?),
+            Some(admin) => Some(AdminListener::bind(admin, inherited).await?),
             None => None,
         };
         // Raised once per process (it only ever goes up to the hard limit); the connection
@@ -127,7 +138,27 @@ impl Server {
             admin,
             counter: Arc::new(counter),
             health: Arc::default(),
+            handed_over: Arc::default(),
         })
+    }
+
+    /// Second descriptors of every listening socket, for a successor (see [`handover`]).
+    pub fn handover_sockets(&self) -> std::io::Result<Vec<handover::Socket>> {
+        let mut sockets = self
+            .listeners
+            .iter()
+            .map(BoundListener::handover_socket)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        if let Some(admin) = &self.admin {
+            sockets.push(admin.handover_socket()?);
+        }
+        Ok(sockets)
+    }
+
+    /// Notified once a successor has taken the listening sockets: the server then stops
+    /// accepting and drains without the readiness delay (the successor is in rotation).
+    pub fn handed_over(&self) -> Arc<Notify> {
+        Arc::clone(&self.handed_over)
     }
 
     /// The admin listener's bound address, if one is configured.
@@ -199,29 +230,46 @@ impl Server {
         let _rebalancing = self.rebalancer.start();
         let drain = Arc::clone(&self.current.get().drain);
         let mut phase = drain.subscribe();
-        tokio::select! {
-            () = stop => {}
+        let handed_over = tokio::select! {
+            () = stop => false,
             // Started from elsewhere (the admin API); a dropped sender cannot happen while
             // `drain` is held here.
-            _ = phase.wait_for(|phase| !matches!(phase, Phase::Serving)) => {}
-        }
+            _ = phase.wait_for(|phase| !matches!(phase, Phase::Serving)) => false,
+            () = self.handed_over.notified() => true,
+        };
         let started = Instant::now();
         let settings = self.current.get().config.drain;
         drain.leave();
-        tracing::info!(
-            "draining: out of rotation for {:?}, then closing connections over {:?} (deadline {:?})",
-            settings.readiness_delay,
-            settings.spread,
-            settings.deadline
-        );
-        tokio::select! {
-            () = tokio::time::sleep(settings.readiness_delay) => {}
-            _ = phase.wait_for(|phase| matches!(phase, Phase::Closing(_))) => {}
+        if handed_over {
+            tracing::info!(
+                "handed over: closing connections over {:?} (deadline {:?})",
+                settings.spread,
+                settings.deadline
+            );
+        } else {
+            tracing::info!(
+                "draining: out of rotation for {:?}, then closing connections over {:?} (deadline {:?})",
+                settings.readiness_delay,
+                settings.spread,
+                settings.deadline
+            );
+            tokio::select! {
+                () = tokio::time::sleep(settings.readiness_delay) => {}
+                _ = phase.wait_for(|phase| matches!(phase, Phase::Closing(_))) => {}
+            }
         }
         let _ = stop_tx.send(true);
         for accept in loops {
             let _ = accept.await;
         }
+        // The successor answers on the admin address now; this process's copy closes.
+        let admin = match admin {
+            Some(admin) if handed_over => {
+                admin.abort();
+                None
+            }
+            admin => admin,
+        };
         drain.close(settings.spread);
         self.wait_for_connections(started + settings.deadline).await;
         self.health.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -14,6 +14,7 @@ pub use snapshot::Snapshot;
 
 use crate::config::Admin;
 use crate::gateway::{CurrentGateway, Gateway};
+use crate::handover::{self, Inherited, Role};
 use crate::listener::BindError;
 use crate::metrics::UpstreamBackend;
 use crate::stream::Stream;
@@ -25,6 +26,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -52,7 +54,11 @@ impl std::fmt::Debug for AdminListener {
 }
 
 impl AdminListener {
-    pub async fn bind(config: &Admin) -> Result<Self, BindError> {
+    /// Binds `config.address`, or takes the socket a predecessor handed over for it.
+    pub async fn bind(
+        config: &Admin,
+        inherited: Option<&mut Inherited>,
+    ) -> Result<Self, BindError> {
         let tls = match &config.tls {
             Some(tls) => Some(TlsAcceptor::from(tls::server_config(tls).map_err(
                 |source| BindError::Tls {
@@ -62,19 +68,31 @@ impl AdminListener {
             )?)),
             None => None,
         };
-        let listener =
-            TcpListener::bind(config.address)
+        let bind_error = |source| BindError::Bind {
+            name: "admin".to_owned(),
+            address: config.address,
+            source,
+        };
+        let listener = match inherited.and_then(|i| i.take(Role::Admin, config.address)) {
+            Some(socket) => TcpListener::from_std(socket).map_err(bind_error)?,
+            None => TcpListener::bind(config.address)
                 .await
-                .map_err(|source| BindError::Bind {
-                    name: "admin".to_owned(),
-                    address: config.address,
-                    source,
-                })?;
+                .map_err(bind_error)?,
+        };
         Ok(Self { listener, tls })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// A second descriptor of the listening socket, for handing it to a successor.
+    pub fn handover_socket(&self) -> std::io::Result<handover::Socket> {
+        Ok(handover::Socket {
+            role: Role::Admin,
+            address: self.listener.local_addr()?,
+            fd: self.listener.as_fd().try_clone_to_owned()?,
+        })
     }
 }
 
