@@ -7,6 +7,7 @@
 use crate::config::Route;
 use crate::forwarded::ForwardedHeaders;
 use crate::gateway::{Gateway, RouteSlot};
+use crate::metrics::UpstreamLabel;
 use crate::proto::handshake::{self, RequestHead};
 use crate::rebalance::{Member, Registration, Room, Ticket};
 use crate::recent_errors::ErrorKind;
@@ -51,13 +52,13 @@ pub async fn open_backend(
     tls: bool,
 ) -> Result<OpenedBackend, Refusal> {
     let route = gateway.route(offer.route);
-    let refuse = |reason: &str, status, line: &str, extra: &[(&str, &str)]| {
+    let refuse = |reason: &'static str, status, line: &str, extra: &[(&str, &str)]| {
         gateway.metrics.handshake_failed(reason);
         let detail = format!("{peer}: {status} {line}");
         gateway
             .errors
             .record(ErrorKind::Handshake, Some(&route.name), None, detail);
-        Refusal::plain(status, line, extra)
+        Refusal::plain(status, line, extra).by_rule(reason)
     };
     if !origin_allowed(route, offer.origin) {
         return Err(refuse("origin", 403, "origin not allowed", &[]));
@@ -108,8 +109,18 @@ pub async fn open_backend(
     loop {
         let backend_slot = upstream.balancer.acquire(pick.index);
         let backend = &upstream.balancer.backends()[pick.index];
+        let connecting = std::time::Instant::now();
         let opened =
             upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request).await;
+        if opened.is_ok() {
+            gateway
+                .metrics
+                .backend_connect_seconds
+                .get_or_create(&UpstreamLabel {
+                    upstream: upstream.name.clone(),
+                })
+                .observe(connecting.elapsed().as_secs_f64());
+        }
         crate::health::observe_connect(gateway, route.upstream, pick.index, opened.as_ref().err());
         if attempts > 0 {
             gateway.metrics.retried(&route.name, opened.is_ok());

@@ -8,8 +8,9 @@ use crate::config::{Backend, StickyCookie, StickyKey};
 use crate::config::{Config, Route};
 use crate::drain::Drain;
 use crate::limits::TokenBucket;
-use crate::metrics::Metrics;
+use crate::metrics::{CloseCodeLabel, Metrics, Refused};
 use crate::rebalance::ConnectionRegistry;
+use crate::recent_errors::ErrorKind;
 use crate::recent_errors::RecentErrors;
 use crate::routing::{
     HeaderField, RequestParts, RouteTable, UpstreamBalancer, cookie_value, extract_key,
@@ -18,7 +19,7 @@ use crate::session;
 use crate::tls::{self, TlsError};
 use crate::upstream::{BackendTls, backend_tls};
 use dashmap::DashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -268,6 +269,51 @@ impl Gateway {
             set_cookie,
             key: previous.key.clone(),
         })
+    }
+
+    /// A client answered by the gateway itself before any backend was involved: counted per
+    /// listener, status and reason, and kept among the recent errors, so a slowloris or a
+    /// header flood is visible.
+    pub fn refused(
+        &self,
+        listener: usize,
+        status: Option<u16>,
+        reason: &'static str,
+        peer: SocketAddr,
+        line: &str,
+    ) {
+        let name = self.count_refused(listener, status, reason);
+        let status = status.map_or_else(|| "closed".to_owned(), |s| s.to_string());
+        self.errors.record(
+            ErrorKind::Refused,
+            None,
+            None,
+            format!("{peer} on {name}: {status} {line}"),
+        );
+    }
+
+    /// Counts a refusal in `wsgate_refused_total` only (for those already among the recent
+    /// errors); returns the listener's name.
+    pub fn count_refused(
+        &self,
+        listener: usize,
+        status: Option<u16>,
+        reason: &'static str,
+    ) -> &str {
+        let name = self
+            .config
+            .listeners
+            .get(listener)
+            .map_or("unknown", |l| l.name.as_str());
+        self.metrics
+            .refused
+            .get_or_create(&Refused {
+                listener: name.to_owned(),
+                status: CloseCodeLabel(status),
+                reason,
+            })
+            .inc();
+        name
     }
 
     /// Whether a reload has replaced this generation: connections still being set up with it

@@ -36,6 +36,8 @@ pub enum BindError {
 /// A bound listening socket and how to accept on it.
 pub struct BoundListener {
     pub name: String,
+    /// Position in the configuration's listeners (which a reload cannot change).
+    index: usize,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
 }
@@ -54,6 +56,7 @@ impl BoundListener {
     /// Binds `config.address`, or takes the socket a predecessor handed over for it.
     pub async fn bind(
         config: &Listener,
+        index: usize,
         inherited: Option<&mut Inherited>,
     ) -> Result<Self, BindError> {
         let tls = match &config.tls {
@@ -78,6 +81,7 @@ impl BoundListener {
         };
         Ok(Self {
             name: config.name.clone(),
+            index,
             listener,
             tls,
         })
@@ -262,11 +266,13 @@ pub async fn accept_loop(
             limits.max_connections_per_ip,
         ) else {
             gateway.metrics.handshake_failed("per_ip_limit");
+            gateway.count_refused(bound.index, None, "per_ip_limit");
             turn_away(tcp, bound.tls.is_some());
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let tls = bound.tls.clone();
+        let listener = bound.index;
         // The task lives as long as the connection, and its future is sized for its largest
         // state: the TLS handshake is boxed so an idle WebSocket's task carries only the relay.
         tokio::spawn(async move {
@@ -281,16 +287,20 @@ pub async fn accept_loop(
                         Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
                         Ok(Err(error)) => {
                             tracing::debug!(client = %peer, "TLS handshake failed: {error}");
+                            let line = format!("TLS handshake failed: {error}");
+                            gateway.refused(listener, None, "tls_handshake", peer, &line);
                             return;
                         }
                         Err(_) => {
                             tracing::debug!(client = %peer, "TLS handshake timed out");
+                            let line = "TLS handshake not done in time";
+                            gateway.refused(listener, None, "tls_timeout", peer, line);
                             return;
                         }
                     }
                 }
             };
-            front::serve(gateway, stream, peer, deadline).await;
+            front::serve(gateway, stream, peer, listener, deadline).await;
         });
     }
 }

@@ -19,6 +19,7 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, PoisonError, RwLock};
@@ -49,7 +50,7 @@ pub struct Closed {
     pub cause: &'static str,
 }
 
-/// The close code sent on a hop, or "none" when the hop was cut without one.
+/// A close code or HTTP status, or "none" when there was none.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub struct CloseCodeLabel(pub Option<u16>);
 
@@ -119,6 +120,44 @@ pub struct Retry {
     pub result: &'static str,
 }
 
+/// A client the gateway answered itself before any backend was involved.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refused {
+    pub listener: String,
+    /// The HTTP status answered, or "none" when the connection was closed without one (a
+    /// failed TLS handshake, an address over its limit).
+    pub status: CloseCodeLabel,
+    /// One of a fixed set: head_timeout, head_too_large, malformed, framing, path, the
+    /// handshake error labels,
+    /// per_ip_limit, tls_handshake, tls_timeout, and the rules of `handshake_failures`
+    /// (origin, route_limit, no_route, key, ...) for upgrades the gateway refused itself.
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// The session operation (open, poll, send, close, events).
+    pub op: &'static str,
+}
+
+/// Histograms per label set, with the buckets of their quantity.
+pub type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// From 1 ms to about 16 s: connects, handshakes, request latencies.
+fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// From 1 s to about 1.5 days: how long WebSocket connections live.
+fn duration_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 4.0, 10))
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdminAction {
     /// drain, restore, drain_instance, unauthorized or bad_request.
@@ -135,6 +174,8 @@ pub struct Metrics {
     /// Messages and payload bytes per route, backend and direction.
     pub flows: Arc<Flows>,
     pub backend_healthy: Family<UpstreamBackend, Gauge>,
+    /// The `backend_healthy` series set at the last scrape, to drop those of removed backends.
+    pub backend_health_series: std::sync::Mutex<Vec<UpstreamBackend>>,
     pub config_reloads: Family<Outcome, Counter>,
     pub http_requests: Family<HttpRequest, Counter>,
     pub sessions_active: Family<RouteLabel, Gauge>,
@@ -143,6 +184,19 @@ pub struct Metrics {
     pub rebalanced_connections: Family<RouteLabel, Counter>,
     pub connect_retries: Family<Retry, Counter>,
     pub admin_actions: Family<AdminAction, Counter>,
+    pub refused: Family<Refused, Counter>,
+    /// Opening a backend connection: TCP, TLS and the backend's handshake (or, for plain
+    /// HTTP, its connection), per upstream.
+    pub backend_connect_seconds: Histograms<UpstreamLabel>,
+    /// From a client's complete request head to the 101 sent, per route.
+    pub handshake_seconds: Histograms<RouteLabel>,
+    pub session_request_seconds: Histograms<OpLabel>,
+    /// How long relayed WebSocket connections lived, per route.
+    pub connection_duration_seconds: Histograms<RouteLabel>,
+    /// 1 for the configuration loaded at start, one more per applied reload.
+    pub config_generation: Gauge,
+    /// When the configuration in force was applied (start or reload), Unix seconds.
+    pub config_applied_timestamp_seconds: Gauge,
 }
 
 impl Default for Metrics {
@@ -161,6 +215,7 @@ impl Metrics {
             handshake_failures: Family::default(),
             flows: Arc::default(),
             backend_healthy: Family::default(),
+            backend_health_series: std::sync::Mutex::default(),
             config_reloads: Family::default(),
             http_requests: Family::default(),
             sessions_active: Family::default(),
@@ -169,6 +224,13 @@ impl Metrics {
             rebalanced_connections: Family::default(),
             connect_retries: Family::default(),
             admin_actions: Family::default(),
+            refused: Family::default(),
+            backend_connect_seconds: Family::new_with_constructor(latency_buckets),
+            handshake_seconds: Family::new_with_constructor(latency_buckets),
+            session_request_seconds: Family::new_with_constructor(latency_buckets),
+            connection_duration_seconds: Family::new_with_constructor(duration_buckets),
+            config_generation: Gauge::default(),
+            config_applied_timestamp_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -234,6 +296,41 @@ impl Metrics {
             metrics.connect_retries.clone(),
         );
         registry.register(
+            "backend_connect_seconds",
+            "Time to open a backend connection (TCP, TLS, the backend's handshake), per upstream",
+            metrics.backend_connect_seconds.clone(),
+        );
+        registry.register(
+            "handshake_seconds",
+            "Time from a client's complete request head to its 101, per route",
+            metrics.handshake_seconds.clone(),
+        );
+        registry.register(
+            "session_request_seconds",
+            "Session request latency, per operation (a poll is held until events or its timeout)",
+            metrics.session_request_seconds.clone(),
+        );
+        registry.register(
+            "connection_duration_seconds",
+            "How long relayed WebSocket connections lived, per route",
+            metrics.connection_duration_seconds.clone(),
+        );
+        registry.register(
+            "config_generation",
+            "1 for the configuration loaded at start, one more per applied reload",
+            metrics.config_generation.clone(),
+        );
+        registry.register(
+            "config_applied_timestamp_seconds",
+            "When the configuration in force was applied (start or last successful reload)",
+            metrics.config_applied_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "refused",
+            "Clients answered by the gateway itself before any backend was involved (a slowloris shows as head_timeout), per listener, status and reason",
+            metrics.refused.clone(),
+        );
+        registry.register(
             "admin_actions",
             "Admin API requests, by action (refused ones as unauthorized or bad_request)",
             metrics.admin_actions.clone(),
@@ -260,6 +357,16 @@ impl Metrics {
     /// The per-message counters of one connection on `route` to `backend`.
     pub fn relay_counters(&self, route: &str, backend: &str) -> RelayCounters {
         self.flows.counters(route, backend)
+    }
+
+    /// The configuration in force changed (start, or an applied reload).
+    pub fn config_applied(&self) {
+        self.config_generation.inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        self.config_applied_timestamp_seconds
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
     pub fn retried(&self, route: &str, connected: bool) {

@@ -24,6 +24,9 @@ pub const CAPACITY: usize = 64;
 pub enum ErrorKind {
     /// An upgrade refused before the 101 (bad request, no route, limits, ...).
     Handshake,
+    /// A client answered by the gateway itself before any routing: a head too slow or too
+    /// large, a malformed request, an address over its limit, a failed TLS handshake.
+    Refused,
     /// The backend could not be reached or did not complete its handshake in time.
     BackendConnect,
     /// A hop broke RFC 6455 (close 1002, 1007 or 1009 sent to it).
@@ -40,6 +43,7 @@ impl ErrorKind {
     pub fn name(self) -> &'static str {
         match self {
             ErrorKind::Handshake => "handshake",
+            ErrorKind::Refused => "refused",
             ErrorKind::BackendConnect => "backend_connect",
             ErrorKind::Protocol => "protocol",
             ErrorKind::Policy => "policy",

@@ -63,6 +63,9 @@ impl Reloader {
         let old = self.current.get();
         let result = self.apply(&old, config);
         self.count(if result.is_ok() { "applied" } else { "refused" });
+        if result.is_ok() {
+            old.metrics.config_applied();
+        }
         result
     }
 
@@ -118,8 +121,8 @@ impl Server {
         mut inherited: Option<&mut Inherited>,
     ) -> Result<Self, StartError> {
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        for listener in &config.listeners {
-            listeners.push(BoundListener::bind(listener, inherited.as_deref_mut()).await?);
+        for (index, listener) in config.listeners.iter().enumerate() {
+            listeners.push(BoundListener::bind(listener, index, inherited.as_deref_mut()).await?);
         }
         let admin = match &config.admin {
             Some(admin) => Some(AdminListener::bind(admin, inherited).await?),
@@ -130,6 +133,7 @@ impl Server {
         let open_files = crate::resources::raise_open_file_limit();
         let counter = ConnectionCounter::new(config.limits.max_connections, open_files);
         let gateway = Arc::new(Gateway::new(config)?);
+        gateway.metrics.config_applied();
         let current = Arc::new(CurrentGateway::new(gateway));
         Ok(Self {
             rebalancer: Rebalancer::new(Arc::clone(&current)),

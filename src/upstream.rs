@@ -399,6 +399,7 @@ async fn refusal_response(
         reason: response.reason.to_owned(),
         headers,
         body,
+        rule: None,
     }
 }
 
@@ -411,9 +412,21 @@ pub struct Refusal {
     /// End-to-end headers, without Content-Length and Connection (added when written).
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
+    /// The gateway's own rule that refused the client (a fixed label: origin, route_limit,
+    /// key, ...); `None` when the answer is about the backend (its refusal passed on, or a
+    /// failure to reach it).
+    pub rule: Option<&'static str>,
 }
 
 impl Refusal {
+    /// Marks this refusal as the gateway's own rule `rule`.
+    pub fn by_rule(self, rule: &'static str) -> Self {
+        Self {
+            rule: Some(rule),
+            ..self
+        }
+    }
+
     /// The gateway's own refusal: `status`, a one-line plain-text body, and `extra` headers.
     pub fn plain(status: u16, line: &str, extra: &[(&str, &str)]) -> Self {
         let mut headers: Vec<(String, Vec<u8>)> = extra
@@ -429,6 +442,7 @@ impl Refusal {
             reason: handshake::server::reason_phrase(status).to_owned(),
             headers,
             body: format!("{line}\n").into_bytes(),
+            rule: None,
         }
     }
 

@@ -41,6 +41,7 @@ async fn a_connection_future_stays_small() {
         gateway,
         Stream::Plain(server),
         peer,
+        0,
         tokio::time::Instant::now(),
     );
     let size = std::mem::size_of_val(&future);

@@ -27,7 +27,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -205,8 +205,16 @@ fn respond(gateway: &Gateway, request: &Request<Incoming>) -> Response<Full<Byte
     }
 }
 
-/// Health is state, not an event: the gauge is set from the balancers at every scrape.
+/// Health is state, not an event: the gauge is set from the balancers at every scrape, and
+/// the series of backends a reload removed are dropped, so an alert on a backend that is gone
+/// clears instead of holding its last value forever.
 fn refresh_backend_health(gateway: &Gateway) {
+    let mut published = gateway
+        .metrics
+        .backend_health_series
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let mut now = Vec::new();
     for upstream in &gateway.upstreams {
         for (index, backend) in upstream.balancer.backends().iter().enumerate() {
             let labels = UpstreamBackend {
@@ -219,8 +227,13 @@ fn refresh_backend_health(gateway: &Gateway) {
                 .backend_healthy
                 .get_or_create(&labels)
                 .set(healthy);
+            now.push(labels);
         }
     }
+    for gone in published.iter().filter(|labels| !now.contains(labels)) {
+        gateway.metrics.backend_healthy.remove(gone);
+    }
+    *published = now;
 }
 
 fn text(status: StatusCode, line: &str) -> Response<Full<Bytes>> {

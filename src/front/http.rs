@@ -11,7 +11,7 @@ use crate::config::Route;
 use crate::drain::Phase;
 use crate::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
 use crate::gateway::Gateway;
-use crate::metrics::HttpRequest;
+use crate::metrics::{HttpRequest, UpstreamLabel};
 use crate::proto::handshake::{self, RequestHead};
 use crate::routing::{self, RequestParts};
 use crate::session::{
@@ -396,6 +396,7 @@ async fn proxy(
         // long downloads and held long-polls as the busy connections they are.
         let backend_slot = upstream.balancer.acquire(pick.index);
         let backend = &upstream.balancer.backends()[pick.index];
+        let connecting = Instant::now();
         let connected = tokio::time::timeout(connect_timeout, async {
             let stream = upstream::connect(backend, upstream.tls.as_ref()).await?;
             hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -409,6 +410,13 @@ async fn proxy(
         let failure = match connected {
             Ok(Ok((sender, connection))) => {
                 crate::health::observe_connect(gateway, route.upstream, pick.index, None);
+                gateway
+                    .metrics
+                    .backend_connect_seconds
+                    .get_or_create(&UpstreamLabel {
+                        upstream: upstream.name.clone(),
+                    })
+                    .observe(connecting.elapsed().as_secs_f64());
                 if attempts > 0 {
                     gateway.metrics.retried(&route.name, true);
                 }

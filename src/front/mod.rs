@@ -13,6 +13,7 @@ mod respond;
 mod websocket;
 
 use crate::gateway::Gateway;
+use crate::metrics::RouteLabel;
 use crate::proto::handshake::{self, HandshakeError, RequestHead};
 use crate::routing;
 use crate::session::{
@@ -32,6 +33,15 @@ use websocket::{Acceptance, Decision};
 
 /// Header fields a request head may carry. More is refused with 431.
 pub const MAX_HEADERS: usize = 96;
+
+/// Who is asking, for routing, forwarding and counting refusals.
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    peer: SocketAddr,
+    /// Index into the configuration's listeners.
+    listener: usize,
+    tls: bool,
+}
 
 /// What follows the first request.
 enum Next {
@@ -56,6 +66,7 @@ pub fn serve(
     gateway: Arc<Gateway>,
     stream: Stream,
     peer: SocketAddr,
+    listener: usize,
     deadline: Instant,
 ) -> impl Future<Output = ()> {
     async move {
@@ -65,7 +76,12 @@ pub fn serve(
         // Boxed so that the head buffer and header table are freed before the long relay
         // phase: an idle WebSocket's task then holds only the relay's small state. The other
         // long phases are boxed for the same reason: this future is sized for its largest state.
-        let next = Box::pin(first_request(&gateway, &mut stream, peer, tls, deadline)).await;
+        let client = Client {
+            peer,
+            listener,
+            tls,
+        };
+        let next = Box::pin(first_request(&gateway, &mut stream, client, deadline)).await;
         match next {
             Next::Done => {}
             Next::Relay(acceptance, early) => acceptance.relay(stream, &early, started).await,
@@ -89,10 +105,13 @@ fn head_ended(buf: &[u8]) -> bool {
 async fn first_request(
     gateway: &Arc<Gateway>,
     stream: &mut Stream,
-    peer: SocketAddr,
-    tls: bool,
+    client: Client,
     deadline: Instant,
 ) -> Next {
+    let Client { peer, tls, .. } = client;
+    let refused = |status: u16, reason: &'static str, line: &str| {
+        gateway.refused(client.listener, Some(status), reason, peer, line);
+    };
     let limits = gateway.config.limits;
     let mut buf = Vec::new();
     loop {
@@ -100,13 +119,16 @@ async fn first_request(
             HeadRead::More => {}
             HeadRead::Closed => return Next::Done,
             HeadRead::TimedOut => {
-                refuse(stream, 408, "request head not received in time", &[]).await;
+                let line = "request head not received in time";
+                refused(408, "head_timeout", line);
+                refuse(stream, 408, line, &[]).await;
                 return Next::Done;
             }
             HeadRead::TooLarge => {
                 let error = HandshakeError::HeadTooLarge {
                     max: limits.max_header_bytes,
                 };
+                refused(error.status(), "head_too_large", &error.to_string());
                 refuse_handshake(stream, &error).await;
                 return Next::Done;
             }
@@ -123,20 +145,24 @@ async fn first_request(
             Ok(Some(_)) => break,
             Ok(None) => {}
             Err(error) => {
+                refused(error.status(), error.label(), &error.to_string());
                 refuse_handshake(stream, &error).await;
                 return Next::Done;
             }
         }
     }
+    let head_complete = Instant::now();
     let mut storage = [EMPTY_HEADER; MAX_HEADERS];
     let (head, head_len) = match handshake::parse_request(&buf, &mut storage) {
         Ok(Some(parsed)) => parsed,
         // Not expected once the blank line is there; answered rather than trusted.
         Ok(None) => {
+            refused(400, "malformed", "malformed request head");
             refuse(stream, 400, "malformed request head", &[]).await;
             return Next::Done;
         }
         Err(error) => {
+            refused(error.status(), error.label(), &error.to_string());
             refuse_handshake(stream, &error).await;
             return Next::Done;
         }
@@ -144,6 +170,7 @@ async fn first_request(
     // Checked here for the first request because hyper, which reads the later ones, quietly
     // accepts Content-Length with Transfer-Encoding (dropping the length).
     if let Err((status, line)) = handshake::headers::check_framing(head.headers) {
+        refused(status, "framing", line);
         refuse(stream, status, line, &[]).await;
         return Next::Done;
     }
@@ -153,6 +180,7 @@ async fn first_request(
     let target = match routing::path::normalise_target(head.target) {
         Ok(target) => target,
         Err(error) => {
+            refused(400, "path", &error.to_string());
             refuse(stream, 400, &error.to_string(), &[]).await;
             return Next::Done;
         }
@@ -165,6 +193,7 @@ async fn first_request(
     match session::websocket::classify(gateway, &head) {
         UpgradeKind::Plain => {}
         UpgradeKind::Invalid(line) => {
+            refused(400, "session_request", &line);
             finish_with(stream, &Refusal::plain(400, &line, &[]).to_bytes()).await;
             return Next::Done;
         }
@@ -172,6 +201,9 @@ async fn first_request(
             return match session::websocket::decide(gateway, route, &head, &query, peer, tls).await
             {
                 Err(refusal) => {
+                    if let Some(rule) = refusal.rule {
+                        gateway.count_refused(client.listener, Some(refusal.status), rule);
+                    }
                     finish_with(stream, &refusal.to_bytes()).await;
                     Next::Done
                 }
@@ -186,6 +218,9 @@ async fn first_request(
     }
     match websocket::decide(gateway, &head, peer, tls).await {
         Decision::Refuse(refusal) => {
+            if let Some(rule) = refusal.rule {
+                gateway.count_refused(client.listener, Some(refusal.status), rule);
+            }
             finish_with(stream, &refusal.to_bytes()).await;
             Next::Done
         }
@@ -193,6 +228,13 @@ async fn first_request(
             if stream.write_all(&acceptance.response_head()).await.is_err() {
                 return Next::Done;
             }
+            gateway
+                .metrics
+                .handshake_seconds
+                .get_or_create(&RouteLabel {
+                    route: acceptance.route_name().to_owned(),
+                })
+                .observe(head_complete.elapsed().as_secs_f64());
             Next::Relay(acceptance, buf[head_len..].to_vec())
         }
     }

@@ -12,7 +12,7 @@ use crate::admit::{
 use crate::config::Compression;
 use crate::drain::depart;
 use crate::gateway::{Gateway, RouteSlot};
-use crate::metrics::{CloseCodeLabel, Closed, RouteBackend};
+use crate::metrics::{CloseCodeLabel, Closed, RouteBackend, RouteLabel};
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{DecoderConfig, FrameDecoder, Role};
 use crate::rebalance::Registration;
@@ -73,13 +73,13 @@ pub async fn decide(
     tls: bool,
 ) -> Decision {
     // `reason` labels the handshake-failure metric; it is one of a fixed set of words.
-    let refuse = |reason: &str, status, line: &str, extra: &[(&str, &str)]| {
+    let refuse = |reason: &'static str, status, line: &str, extra: &[(&str, &str)]| {
         gateway.metrics.handshake_failed(reason);
         let detail = format!("{peer}: {status} {line}");
         gateway
             .errors
             .record(ErrorKind::Handshake, None, None, detail);
-        Decision::Refuse(Refusal::plain(status, line, extra))
+        Decision::Refuse(Refusal::plain(status, line, extra).by_rule(reason))
     };
     let upgrade = match handshake::validate_upgrade(head) {
         Ok(upgrade) => upgrade,
@@ -188,6 +188,11 @@ pub async fn decide(
 }
 
 impl Acceptance {
+    /// The name of the route the connection took.
+    pub fn route_name(&self) -> &str {
+        &self.log.gateway.route(self.log.route).name
+    }
+
     /// The 101 response head for the client.
     pub fn response_head(&self) -> Vec<u8> {
         switching_protocols(
@@ -259,6 +264,13 @@ impl AccessContext {
     fn write(&self, report: &RelayReport, duration: Duration) {
         let route = &self.gateway.route(self.route).name;
         self.active.dec();
+        self.gateway
+            .metrics
+            .connection_duration_seconds
+            .get_or_create(&RouteLabel {
+                route: route.clone(),
+            })
+            .observe(duration.as_secs_f64());
         for (side, hop) in [("client", &report.client), ("backend", &report.backend)] {
             let closed = Closed {
                 route: route.clone(),

@@ -12,7 +12,7 @@ use super::protocol::{
 use super::state::{DeliverError, Session};
 use crate::admit::origin_allowed;
 use crate::gateway::Gateway;
-use crate::metrics::SessionRequest;
+use crate::metrics::{OpLabel, SessionRequest};
 use crate::proto::handshake::RequestHead;
 use crate::upstream::Refusal;
 use http_body_util::combinators::BoxBody;
@@ -50,6 +50,7 @@ pub async fn handle(
     peer: SocketAddr,
     tls: bool,
 ) -> Response<Body> {
+    let started = tokio::time::Instant::now();
     let op = query.op;
     let origin = header(&request, "origin").map(str::to_owned);
     let mut response = if request.method().as_str() != op.method() {
@@ -102,6 +103,11 @@ pub async fn handle(
             status: response.status().as_u16().to_string(),
         })
         .inc();
+    gateway
+        .metrics
+        .session_request_seconds
+        .get_or_create(&OpLabel { op: op.name() })
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 

@@ -61,13 +61,13 @@ pub fn admit(
 ) -> Result<Admission, Refusal> {
     let settings = &gateway.config.sessions;
     let route_config = gateway.route(route);
-    let refuse = |label: &str, status: u16, line: &str| {
+    let refuse = |label: &'static str, status: u16, line: &str| {
         gateway.metrics.handshake_failed(label);
-        Err(Refusal::plain(status, line, &[("Retry-After", "1")]))
+        Err(Refusal::plain(status, line, &[("Retry-After", "1")]).by_rule(label))
     };
     if !origin_allowed(route_config, origin) {
         gateway.metrics.handshake_failed("origin");
-        return Err(Refusal::plain(403, "origin not allowed", &[]));
+        return Err(Refusal::plain(403, "origin not allowed", &[]).by_rule("origin"));
     }
     let address = match gateway.sessions.enter_address(
         peer.ip(),

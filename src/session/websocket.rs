@@ -116,6 +116,7 @@ pub async fn decide(
     let upgrade = handshake::validate_upgrade(head).map_err(|error| {
         gateway.metrics.handshake_failed(error.label());
         Refusal::plain(error.status(), &error.to_string(), error.extra_headers())
+            .by_rule(error.label())
     })?;
     let offered: Vec<&str> = handshake::server::offered_protocols(head.headers).collect();
     let (limits, timers) = {
