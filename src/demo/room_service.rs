@@ -747,13 +747,12 @@ async fn read_control(reader: &mut Reader, peer: &Peer) {
             }
         };
         match frame.opcode {
-            OpCode::Ping => {
+            OpCode::Ping
                 if !peer
                     .send(Outbound::Pong(Bytes::copy_from_slice(&frame.payload)))
-                    .await
-                {
-                    return;
-                }
+                    .await =>
+            {
+                return;
             }
             OpCode::Close => {
                 peer.send(Outbound::Close(close_reply(&frame.payload), ""))
