@@ -20,8 +20,8 @@
 //!   is dropped and logged.
 //!
 //! What an outage loses (the README says the same): events published while Redis is
-//! unreachable, or while this instance's subscription is down, never reach the other
-//! instances' members (they do reach this instance's members, and messages are still written to
+//! unreachable, or while this instance's subscription is down (the publishing connection is
+//! renewed whenever the subscription is), never reach the other instances' members (they do reach this instance's members, and messages are still written to
 //! the history database). After the subscription comes back, every room's history is read
 //! again from the database on the next join, so late joiners see what live members missed.
 
