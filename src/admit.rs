@@ -186,9 +186,14 @@ pub fn switching_protocols(
     protocol: Option<&str>,
     extensions: Option<&str>,
     set_cookie: Option<&str>,
+    backend_headers: &[(String, String)],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    let extra: Vec<(&str, &str)> = set_cookie.iter().map(|v| ("Set-Cookie", *v)).collect();
+    let extra: Vec<(&str, &str)> = backend_headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .chain(set_cookie.iter().map(|v| ("Set-Cookie", *v)))
+        .collect();
     handshake::server::write_switching_protocols(&mut out, accept, protocol, extensions, &extra);
     out
 }

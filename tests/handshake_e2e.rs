@@ -426,3 +426,45 @@ routes:
     echo(&mut next, "next").await;
     drop(others);
 }
+
+/// A tokio-tungstenite backend whose 101 carries a cookie, an application header and a
+/// hop-by-hop header; it closes each WebSocket right after the handshake.
+async fn backend_with_101_headers() -> std::net::SocketAddr {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            #[allow(clippy::result_large_err)] // tungstenite's callback contract
+            let callback = |_: &Request, mut response: Response| {
+                let headers = response.headers_mut();
+                headers.append("set-cookie", "sid=abc; Path=/; HttpOnly".parse().unwrap());
+                headers.append("x-app-version", "7".parse().unwrap());
+                headers.append("keep-alive", "timeout=5".parse().unwrap());
+                Ok(response)
+            };
+            if let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await {
+                let _ = ws.close(None).await;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_backends_end_to_end_101_headers_reach_the_client() {
+    let backend = backend_with_101_headers().await;
+    let gateway = start_gateway(&simple_config(&[backend], "")).await;
+    let (_ws, response) = tokio_tungstenite::connect_async(format!("ws://{}/", gateway.addr))
+        .await
+        .unwrap();
+    let headers = response.headers();
+    assert_eq!(headers["set-cookie"], "sid=abc; Path=/; HttpOnly");
+    assert_eq!(headers["x-app-version"], "7");
+    assert!(
+        headers.get("keep-alive").is_none(),
+        "hop-by-hop: {headers:?}"
+    );
+    assert_eq!(headers.get_all("sec-websocket-accept").iter().count(), 1);
+    assert_eq!(headers.get_all("upgrade").iter().count(), 1);
+}

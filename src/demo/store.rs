@@ -244,8 +244,10 @@ async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
+    // Silences the notice that the table exists, which every start but the first would log.
     tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS room_service_migrations (\
+        "SET LOCAL client_min_messages = warning; \
+         CREATE TABLE IF NOT EXISTS room_service_migrations (\
          version integer PRIMARY KEY, name text NOT NULL, \
          applied_at timestamptz NOT NULL DEFAULT now())",
     )
