@@ -84,7 +84,7 @@ pub async fn open_backend(
         headers: head.headers,
         client_ip: peer.ip(),
     };
-    let Some(pick) = gateway.pick_backend(offer.route, &parts) else {
+    let Some(pick) = gateway.pick_backend(offer.route, &parts, tls) else {
         return Err(refuse(
             "no_healthy_backend",
             503,

@@ -219,6 +219,7 @@ impl Gateway {
         &self,
         route: usize,
         request: &RequestParts<'a, H>,
+        tls: bool,
     ) -> Option<BackendPick> {
         let route = &self.config.routes[route];
         let balancer = &self.upstreams[route.upstream].balancer;
@@ -254,10 +255,14 @@ impl Gateway {
         }
         let index = balancer.choose(None)?;
         let mut value = format!(
-            "{}={}; Path=/; HttpOnly; SameSite=Lax",
+            "{}={}; Path=/; HttpOnly; SameSite={}",
             cookie.name,
-            cookie_value(&balancer.backends()[index])
+            cookie_value(&balancer.backends()[index]),
+            cookie.same_site.as_str()
         );
+        if cookie.is_secure(tls) {
+            value.push_str("; Secure");
+        }
         if let Some(max_age) = cookie.max_age {
             value.push_str(&format!("; Max-Age={}", max_age.as_secs()));
         }

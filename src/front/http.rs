@@ -365,7 +365,7 @@ async fn proxy(
         headers: head.headers,
         client_ip: peer.ip(),
     };
-    let Some(pick) = gateway.pick_backend(route_index, &parts) else {
+    let Some(pick) = gateway.pick_backend(route_index, &parts, tls) else {
         return plain(503, "no healthy backend for this route");
     };
     // Held until the client has read the whole response, so least-connections counts long
