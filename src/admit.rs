@@ -118,7 +118,8 @@ pub async fn open_backend(
             backend_slot,
         }),
         Err(error) => {
-            tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), "{error}");
+            let request_id = crate::incident::request_id();
+            tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), %request_id, "{error}");
             gateway.metrics.handshake_failed(error.kind());
             let kind = if error.is_reach_failure() {
                 ErrorKind::BackendConnect
@@ -131,11 +132,7 @@ pub async fn open_backend(
                 .record(kind, Some(&route.name), Some(&backend.url), detail);
             Err(match error {
                 UpstreamError::Refused { response, .. } => *response,
-                // Out of local resources: free again as soon as connections end.
-                other @ UpstreamError::LocalResources { .. } => {
-                    Refusal::plain(other.status(), &other.to_string(), &[("Retry-After", "1")])
-                }
-                other => Refusal::plain(other.status(), &other.to_string(), &[]),
+                other => crate::incident::refusal(other.status(), &request_id),
             })
         }
     }

@@ -37,6 +37,7 @@ pub mod admit;
 pub mod front;
 pub mod gateway;
 pub mod health;
+pub mod incident;
 pub mod listener;
 pub mod rebalance;
 pub mod server;

@@ -422,8 +422,7 @@ async fn proxy(
         }
         Ok(Err(error)) => {
             crate::health::observe_connect(gateway, route.upstream, pick.index, Some(&error));
-            tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, "{error}");
-            return plain(error.status(), &error.to_string());
+            return backend_failure(error.status(), peer, route, &backend.url, &error);
         }
         Err(_) => {
             crate::health::observe_connect_timeout(
@@ -432,13 +431,8 @@ async fn proxy(
                 pick.index,
                 connect_timeout,
             );
-            return plain(
-                504,
-                &format!(
-                    "backend {} did not accept the connection in time",
-                    backend.url
-                ),
-            );
+            let why = "did not accept the connection in time";
+            return backend_failure(504, peer, route, &backend.url, &why);
         }
     };
     // A long-poll may legitimately be held by the backend; only the route's idle timeout, when
@@ -454,10 +448,8 @@ async fn proxy(
             tokio::select! {
                 result = sent => result,
                 () = silence => {
-                    return plain(
-                        504,
-                        &format!("backend {} did not answer in time", backend.url),
-                    );
+                    let why = "did not answer in time";
+                    return backend_failure(504, peer, route, &backend.url, &why);
                 }
             }
         }
@@ -478,23 +470,19 @@ async fn proxy(
                     closing(400, "malformed request body")
                 }
                 None => {
-                    tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, "backend request failed: {error}");
-                    plain(502, &format!("backend {} failed: {error}", backend.url))
+                    let why = format!("request failed: {error}");
+                    backend_failure(502, peer, route, &backend.url, &why)
                 }
             };
         }
     };
     if response.status().is_informational() {
         // hyper passes a 101 on as a final answer; this request asked for no upgrade.
-        tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, status = response.status().as_u16(), "backend switched protocols unasked");
-        return plain(
-            502,
-            &format!(
-                "backend {} answered {} to a request that asked for no upgrade",
-                backend.url,
-                response.status().as_u16()
-            ),
+        let why = format!(
+            "answered {} to a request that asked for no upgrade",
+            response.status().as_u16()
         );
+        return backend_failure(502, peer, route, &backend.url, &why);
     }
     let (mut parts, body) = response.into_parts();
     let listed: Vec<String> = parts
@@ -538,6 +526,20 @@ fn closing(status: u16, line: &str) -> Response<Body> {
         .headers_mut()
         .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+/// A backend's failure: the details to the log, a generic answer with the same request id to
+/// the client (see [`crate::incident`]).
+fn backend_failure(
+    status: u16,
+    peer: SocketAddr,
+    route: &crate::config::Route,
+    backend: &str,
+    why: &dyn std::fmt::Display,
+) -> Response<Body> {
+    let request_id = crate::incident::request_id();
+    tracing::warn!(client = %peer, route = %route.name, %backend, %request_id, "backend: {why}");
+    refusal_response(crate::incident::refusal(status, &request_id))
 }
 
 fn plain(status: u16, line: &str) -> Response<Body> {
