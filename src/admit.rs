@@ -84,7 +84,7 @@ pub async fn open_backend(
         headers: head.headers,
         client_ip: peer.ip(),
     };
-    let Some(pick) = gateway.pick_backend(offer.route, &parts, tls) else {
+    let Some(mut pick) = gateway.pick_backend(offer.route, &parts, tls) else {
         return Err(refuse(
             "no_healthy_backend",
             503,
@@ -93,9 +93,6 @@ pub async fn open_backend(
         ));
     };
     let upstream = &gateway.upstreams[route.upstream];
-    let backend_slot = upstream.balancer.acquire(pick.index);
-    let backend = &upstream.balancer.backends()[pick.index];
-
     let forwarded = ForwardedHeaders::new(head, peer, tls);
     let extra = forwarded.fields(head, true);
     let request = UpstreamRequest {
@@ -106,35 +103,58 @@ pub async fn open_backend(
         extra: &extra,
     };
     let connect_timeout = gateway.config.upstreams[route.upstream].connect_timeout;
-    let opened = upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request).await;
-    crate::health::observe_connect(gateway, route.upstream, pick.index, opened.as_ref().err());
-    match opened {
-        Ok(upgraded) => Ok(OpenedBackend {
-            upgraded,
-            set_cookie: pick.set_cookie,
-            sticky_key: pick.key,
-            backend_url: backend.url.clone(),
-            route_slot,
-            backend_slot,
-        }),
-        Err(error) => {
-            let request_id = crate::incident::request_id();
-            tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), %request_id, "{error}");
-            gateway.metrics.handshake_failed(error.kind());
-            let kind = if error.is_reach_failure() {
-                ErrorKind::BackendConnect
-            } else {
-                ErrorKind::Handshake
-            };
-            let detail = format!("{peer}: {error}");
-            gateway
-                .errors
-                .record(kind, Some(&route.name), Some(&backend.url), detail);
-            Err(match error {
-                UpstreamError::Refused { response, .. } => *response,
-                other => crate::incident::refusal(other.status(), &request_id),
-            })
+    let mut tried = [0usize; Route::MAX_CONNECT_RETRIES as usize + 1];
+    let mut attempts = 0;
+    loop {
+        let backend_slot = upstream.balancer.acquire(pick.index);
+        let backend = &upstream.balancer.backends()[pick.index];
+        let opened =
+            upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request).await;
+        crate::health::observe_connect(gateway, route.upstream, pick.index, opened.as_ref().err());
+        if attempts > 0 {
+            gateway.metrics.retried(&route.name, opened.is_ok());
         }
+        let error = match opened {
+            Ok(upgraded) => {
+                return Ok(OpenedBackend {
+                    upgraded,
+                    set_cookie: pick.set_cookie,
+                    sticky_key: pick.key,
+                    backend_url: backend.url.clone(),
+                    route_slot,
+                    backend_slot,
+                });
+            }
+            Err(error) => error,
+        };
+        let request_id = crate::incident::request_id();
+        tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), %request_id, "{error}");
+        gateway.metrics.handshake_failed(error.kind());
+        let kind = if error.is_reach_failure() {
+            ErrorKind::BackendConnect
+        } else {
+            ErrorKind::Handshake
+        };
+        let detail = format!("{peer}: {error}");
+        gateway
+            .errors
+            .record(kind, Some(&route.name), Some(&backend.url), detail);
+        tried[attempts] = pick.index;
+        attempts += 1;
+        // Only a backend that could not be reached: one that answered has seen the request.
+        let retry = error.is_reach_failure() && attempts <= usize::from(route.connect_retries);
+        if let Some(next) = retry
+            .then(|| gateway.repick_backend(offer.route, &pick, &tried[..attempts], tls))
+            .flatten()
+        {
+            tracing::info!(client = %peer, route = %route.name, from = %backend.url, "retrying on another backend");
+            pick = next;
+            continue;
+        }
+        return Err(match error {
+            UpstreamError::Refused { response, .. } => *response,
+            other => crate::incident::refusal(other.status(), &request_id),
+        });
     }
 }
 

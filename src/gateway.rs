@@ -4,8 +4,9 @@
 //! Built once per configuration; connections hold an `Arc` to the one they started with, so a
 //! later reload never changes a connection in flight.
 
-use crate::config::StickyKey;
+use crate::config::{Backend, StickyCookie, StickyKey};
 use crate::config::{Config, Route};
+use crate::drain::Drain;
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::rebalance::ConnectionRegistry;
@@ -21,7 +22,6 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::watch;
 
 #[derive(Debug)]
 pub struct UpstreamRuntime {
@@ -38,9 +38,9 @@ pub struct Gateway {
     pub upstreams: Vec<UpstreamRuntime>,
     /// Client connections open per route.
     pub route_active: Vec<AtomicU32>,
-    /// Turns true when the gateway shuts down: every connection then closes with 1001. Shared
-    /// by every configuration generation, so connections opened before a reload drain too.
-    pub drain: Arc<watch::Sender<bool>>,
+    /// The shutdown's phase; shared by every configuration generation, so connections opened
+    /// before a reload drain too.
+    pub drain: Arc<Drain>,
     /// Shared by every configuration the process runs, so counters survive reloads.
     pub metrics: Arc<Metrics>,
     /// Open sessions; shared by every configuration generation, so a reload keeps them.
@@ -107,27 +107,14 @@ impl Drop for AddressSlot {
 
 /// What lives as long as the process and is handed from one configuration generation to the
 /// next: the drain signal, the open sessions, and everything that counts or remembers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Shared {
     pub metrics: Arc<Metrics>,
-    pub drain: Arc<watch::Sender<bool>>,
+    pub drain: Arc<Drain>,
     pub sessions: Arc<session::Registry>,
     pub errors: Arc<RecentErrors>,
     pub connections: Arc<ConnectionRegistry>,
     pub addresses: Arc<AddressCounts>,
-}
-
-impl Default for Shared {
-    fn default() -> Self {
-        Self {
-            metrics: Arc::default(),
-            drain: Arc::new(watch::Sender::new(false)),
-            sessions: Arc::default(),
-            errors: Arc::default(),
-            connections: Arc::default(),
-            addresses: Arc::default(),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,22 +241,34 @@ impl Gateway {
             });
         }
         let index = balancer.choose(None)?;
-        let mut value = format!(
-            "{}={}; Path=/; HttpOnly; SameSite={}",
-            cookie.name,
-            cookie_value(&balancer.backends()[index]),
-            cookie.same_site.as_str()
-        );
-        if cookie.is_secure(tls) {
-            value.push_str("; Secure");
-        }
-        if let Some(max_age) = cookie.max_age {
-            value.push_str(&format!("; Max-Age={}", max_age.as_secs()));
-        }
         Some(BackendPick {
             index,
-            set_cookie: Some(value),
+            set_cookie: Some(affinity_cookie(cookie, &balancer.backends()[index], tls)),
             key: None,
+        })
+    }
+
+    /// Another backend for a connection whose `tried` backends could not be reached: the
+    /// key's next choice, or the least busy other backend (with a new affinity cookie when
+    /// the route pins clients by cookie). `None` when no other backend is healthy.
+    pub fn repick_backend(
+        &self,
+        route: usize,
+        previous: &BackendPick,
+        tried: &[usize],
+        tls: bool,
+    ) -> Option<BackendPick> {
+        let route = &self.config.routes[route];
+        let balancer = &self.upstreams[route.upstream].balancer;
+        let index = balancer.choose_other(previous.key.as_deref(), tried)?;
+        let set_cookie = match (&previous.key, &route.sticky_cookie) {
+            (None, Some(cookie)) => Some(affinity_cookie(cookie, &balancer.backends()[index], tls)),
+            _ => None,
+        };
+        Some(BackendPick {
+            index,
+            set_cookie,
+            key: previous.key.clone(),
         })
     }
 
@@ -377,4 +376,21 @@ impl CurrentGateway {
         old.superseded.store(true, Ordering::SeqCst);
         old
     }
+}
+
+/// The `Set-Cookie` value pinning a client to `backend`.
+fn affinity_cookie(cookie: &StickyCookie, backend: &Backend, tls: bool) -> String {
+    let mut value = format!(
+        "{}={}; Path=/; HttpOnly; SameSite={}",
+        cookie.name,
+        cookie_value(backend),
+        cookie.same_site.as_str()
+    );
+    if cookie.is_secure(tls) {
+        value.push_str("; Secure");
+    }
+    if let Some(max_age) = cookie.max_age {
+        value.push_str(&format!("; Max-Age={}", max_age.as_secs()));
+    }
+    value
 }

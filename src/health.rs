@@ -15,7 +15,7 @@
 //!   atomically, and only the setter goes on), and ended by the one timer that setter starts;
 //!   so failures of connections already under way neither stack timers nor double the
 //!   back-off again;
-//! - every task started here ends when the gateway drains (`Gateway::drain` turns true); the
+//! - every task started here ends when the gateway drains (`Gateway::drain` starts closing connections; until then the gateway may still accept); the
 //!   active checks also end when their [`HealthChecks`] handle is dropped.
 //!
 //! Passive checks skip upstreams with a single backend, which has nothing to hand its
@@ -28,6 +28,7 @@
 //! `max_backoff`) while one success resets the doubling.
 
 use crate::config::{Backend, HealthCheck, HealthCheckKind, PassiveHealth};
+use crate::drain::Phase;
 use crate::gateway::Gateway;
 use crate::proto::{CloseCode, FrameHeader, OpCode, close_frame};
 use crate::relay::mask_keys::next_mask_key;
@@ -80,7 +81,7 @@ async fn run_checks(gateway: Arc<Gateway>, upstream: usize, check: HealthCheck) 
     let mut drain = gateway.drain.subscribe();
     tokio::select! {
         // An error means the gateway is gone, which ends the checks just as well.
-        _ = drain.wait_for(|draining| *draining) => {}
+        _ = drain.wait_for(|phase| matches!(phase, Phase::Closing(_))) => {}
         () = check_forever(&gateway, upstream, &check) => {}
     }
 }
@@ -301,24 +302,27 @@ async fn await_close_reply(stream: &mut (impl AsyncRead + Unpin), mut buf: Vec<u
 /// pass it, instead of looking healthy for a moment after every reload. Only where the new
 /// upstream has active checks, since nothing else would ever bring it back. Passive back-offs
 /// are not carried: their timers belong to the old configuration, and a backend still
-/// unreachable is taken out again by its next failed connect.
+/// unreachable is taken out again by its next failed connect. An operator's drain is carried
+/// when the backend's configuration is unchanged.
 pub fn carry_over(old: &Gateway, new: &Gateway) {
     for (upstream, config) in new.upstreams.iter().zip(&new.config.upstreams) {
-        if config.health_check.is_none() {
-            continue;
-        }
         let Some(before) = old.upstreams.iter().find(|u| u.name == upstream.name) else {
             continue;
         };
         for (index, backend) in upstream.balancer.backends().iter().enumerate() {
-            let was = before
+            let Some(was) = before
                 .balancer
                 .backends()
                 .iter()
-                .position(|b| b.url == backend.url);
-            if let Some(was) = was
-                && before.balancer.checks_down(was)
-            {
+                .position(|b| b.url == backend.url)
+            else {
+                continue;
+            };
+            // An operator's drain lasts until a reload changes that backend.
+            if before.balancer.is_drained(was) && before.balancer.backends()[was] == *backend {
+                upstream.balancer.set_drained(index, true);
+            }
+            if config.health_check.is_some() && before.balancer.checks_down(was) {
                 upstream.balancer.set_healthy(index, false);
                 if let Some((at, why)) = before.balancer.last_change(was) {
                     upstream.balancer.record_change(index, at, why);
@@ -411,7 +415,7 @@ fn connect_failed(
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             // Draining: no new connections will be chosen, so the back-off may stay.
-            _ = drain.wait_for(|draining| *draining) => return,
+            _ = drain.wait_for(|phase| matches!(phase, Phase::Closing(_))) => return,
         }
         if balancer.end_backoff(backend) {
             tracing::info!(
@@ -530,6 +534,26 @@ mod tests {
         let unchecked = gateway("ws://a:1, ws://b:1", false);
         carry_over(&old, &unchecked);
         assert!(unchecked.upstreams[0].balancer.is_healthy(1));
+    }
+
+    #[test]
+    fn a_reload_keeps_an_operators_drain_until_it_changes_that_backend() {
+        let gateway = |backends: &str| {
+            let yaml = format!(
+                "listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  app:\n    backends: [{backends}]\nroutes:\n  - upstream: app\n"
+            );
+            Gateway::new(crate::config::from_yaml_str(&yaml, "t.yaml").unwrap()).unwrap()
+        };
+        let old = gateway("ws://a:1, ws://b:1");
+        old.upstreams[0].balancer.set_drained(0, true);
+        old.upstreams[0].balancer.set_drained(1, true);
+        // a unchanged (and moved), b's weight changed: only a stays drained.
+        let new = gateway("ws://c:1, {url: ws://b:1, weight: 2}, ws://a:1");
+        carry_over(&old, &new);
+        let balancer = &new.upstreams[0].balancer;
+        assert!(balancer.is_drained(2), "a, unchanged, stays drained");
+        assert!(!balancer.is_drained(1), "b changed: the reload decides");
+        assert!(!balancer.is_drained(0));
     }
 
     /// EMFILE while connecting to a backend is the gateway's own exhaustion: 503 to the

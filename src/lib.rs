@@ -24,6 +24,7 @@ pub mod limits;
 pub mod proto;
 pub mod routing;
 
+pub mod handover;
 pub mod metrics;
 pub mod recent_errors;
 pub mod relay;
@@ -34,6 +35,7 @@ pub mod upstream;
 
 pub mod admin;
 pub mod admit;
+pub mod drain;
 pub mod front;
 pub mod gateway;
 pub mod health;

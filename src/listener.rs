@@ -6,12 +6,14 @@
 use crate::config::Listener;
 use crate::front;
 use crate::gateway::{AddressCounts, AddressSlot, CurrentGateway};
+use crate::handover::{self, Inherited, Role};
 use crate::resources::{self, OpenFiles};
 use crate::stream::Stream;
 use crate::tls::{self, TlsError};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,7 +51,11 @@ impl std::fmt::Debug for BoundListener {
 }
 
 impl BoundListener {
-    pub async fn bind(config: &Listener) -> Result<Self, BindError> {
+    /// Binds `config.address`, or takes the socket a predecessor handed over for it.
+    pub async fn bind(
+        config: &Listener,
+        inherited: Option<&mut Inherited>,
+    ) -> Result<Self, BindError> {
         let tls = match &config.tls {
             Some(tls) => Some(TlsAcceptor::from(tls::server_config(tls).map_err(
                 |source| BindError::Tls {
@@ -59,14 +65,17 @@ impl BoundListener {
             )?)),
             None => None,
         };
-        let listener =
-            TcpListener::bind(config.address)
+        let bind_error = |source| BindError::Bind {
+            name: config.name.clone(),
+            address: config.address,
+            source,
+        };
+        let listener = match inherited.and_then(|i| i.take(Role::Listener, config.address)) {
+            Some(socket) => TcpListener::from_std(socket).map_err(bind_error)?,
+            None => TcpListener::bind(config.address)
                 .await
-                .map_err(|source| BindError::Bind {
-                    name: config.name.clone(),
-                    address: config.address,
-                    source,
-                })?;
+                .map_err(bind_error)?,
+        };
         Ok(Self {
             name: config.name.clone(),
             listener,
@@ -76,6 +85,15 @@ impl BoundListener {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// A second descriptor of the listening socket, for handing it to a successor.
+    pub fn handover_socket(&self) -> io::Result<handover::Socket> {
+        Ok(handover::Socket {
+            role: Role::Listener,
+            address: self.listener.local_addr()?,
+            fd: self.listener.as_fd().try_clone_to_owned()?,
+        })
     }
 }
 

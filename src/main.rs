@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use wsgate::config::{self, Config};
 use wsgate::server::{Reloader, Server};
 
@@ -25,6 +26,11 @@ enum Command {
     Run {
         #[arg(short, long, default_value = "config/wsgate.yaml")]
         config: PathBuf,
+        /// Unix socket for binary upgrades without a dropped connection: a wsgate serving
+        /// hand-overs there gives this one its listening sockets and drains; this one then
+        /// serves the next hand-over there.
+        #[arg(long, value_name = "PATH")]
+        handover: Option<PathBuf>,
     },
     /// Run the demo: two chat-room services and the gateway in front of them (open
     /// http://127.0.0.1:8080/ in two tabs).
@@ -80,8 +86,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config: path } => match config::load(&path) {
-            Ok(config) => run(config, Some(path), cli.threads),
+        Command::Run {
+            config: path,
+            handover,
+        } => match config::load(&path) {
+            Ok(config) => run(config, Some(path), cli.threads, handover),
             Err(errors) => {
                 eprintln!("{errors}");
                 ExitCode::FAILURE
@@ -96,7 +105,7 @@ fn main() -> ExitCode {
                 }
             };
             match config::from_yaml_str(&yaml, "<command line>") {
-                Ok(config) => run(config, None, cli.threads),
+                Ok(config) => run(config, None, cli.threads, None),
                 Err(errors) => {
                     eprintln!("{errors}");
                     ExitCode::FAILURE
@@ -220,7 +229,7 @@ fn demo(config: Config, threads: usize) -> ExitCode {
                 },
             ));
         }
-        let status = serve(config, None, |addr| {
+        let status = serve(config, None, None, |addr| {
             tracing::info!("demo chat: open http://{addr}/ in two browser tabs");
         })
         .await;
@@ -230,11 +239,16 @@ fn demo(config: Config, threads: usize) -> ExitCode {
 }
 
 /// Runs `config`; with `reload_from`, SIGHUP or a change of that file reloads it.
-fn run(config: Config, reload_from: Option<PathBuf>, threads: usize) -> ExitCode {
+fn run(
+    config: Config,
+    reload_from: Option<PathBuf>,
+    threads: usize,
+    handover: Option<PathBuf>,
+) -> ExitCode {
     let Some(runtime) = runtime(threads) else {
         return ExitCode::FAILURE;
     };
-    runtime.block_on(serve(config, reload_from, |addr| {
+    runtime.block_on(serve(config, reload_from, handover, |addr| {
         tracing::info!("listening on {addr}")
     }))
 }
@@ -243,9 +257,20 @@ fn run(config: Config, reload_from: Option<PathBuf>, threads: usize) -> ExitCode
 async fn serve(
     config: Config,
     reload_from: Option<PathBuf>,
+    handover: Option<PathBuf>,
     announce: impl Fn(std::net::SocketAddr),
 ) -> ExitCode {
-    let server = match Server::bind(config).await {
+    let mut inherited = match &handover {
+        Some(path) => match wsgate::handover::take_over(path).await {
+            Ok(inherited) => inherited,
+            Err(error) => {
+                eprintln!("wsgate: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let server = match Server::bind_inheriting(config, inherited.as_mut()).await {
         Ok(server) => server,
         Err(error) => {
             eprintln!("wsgate: {error}");
@@ -253,10 +278,48 @@ async fn serve(
         }
     };
     server.local_addrs().into_iter().for_each(announce);
+    if let Some(path) = handover {
+        let sockets = match server.handover_sockets() {
+            Ok(sockets) => sockets,
+            Err(error) => {
+                eprintln!("wsgate: cannot prepare the listening sockets for hand-over: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let handed_over = server.handed_over();
+        tokio::spawn(async move {
+            if let Some(inherited) = inherited {
+                for address in inherited.unused() {
+                    tracing::info!("{address} is no longer configured: closing that listener");
+                }
+                match inherited.confirm().await {
+                    Ok(()) => tracing::info!(
+                        "took over the listening sockets; the previous wsgate drains"
+                    ),
+                    Err(error) => {
+                        tracing::warn!("the previous wsgate did not confirm the hand-over: {error}")
+                    }
+                }
+            }
+            if let Err(error) = wsgate::handover::serve(path, sockets, handed_over).await {
+                tracing::error!("cannot serve hand-overs: {error}");
+            }
+        });
+    }
     if let Some(path) = reload_from {
         tokio::spawn(watch_for_reloads(server.reloader(), path));
     }
-    server.run(shutdown_signal()).await;
+    let drain = Arc::clone(&server.gateway().drain);
+    server
+        .run(async move {
+            shutdown_signal().await;
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::warn!("second shutdown signal: closing every connection now");
+                drain.close(std::time::Duration::ZERO);
+            });
+        })
+        .await;
     tracing::info!("stopped; exiting");
     ExitCode::SUCCESS
 }

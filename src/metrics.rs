@@ -111,6 +111,20 @@ pub struct SessionRequest {
     pub status: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Retry {
+    pub route: String,
+    /// "connected": the other backend took the connection; "failed": it could not be reached
+    /// either.
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminAction {
+    /// drain, restore, drain_instance, unauthorized or bad_request.
+    pub action: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -127,6 +141,8 @@ pub struct Metrics {
     pub sessions_ended: Family<SessionEnd, Counter>,
     pub session_requests: Family<SessionRequest, Counter>,
     pub rebalanced_connections: Family<RouteLabel, Counter>,
+    pub connect_retries: Family<Retry, Counter>,
+    pub admin_actions: Family<AdminAction, Counter>,
 }
 
 impl Default for Metrics {
@@ -151,6 +167,8 @@ impl Metrics {
             sessions_ended: Family::default(),
             session_requests: Family::default(),
             rebalanced_connections: Family::default(),
+            connect_retries: Family::default(),
+            admin_actions: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -211,6 +229,16 @@ impl Metrics {
             metrics.rebalanced_connections.clone(),
         );
         registry.register(
+            "connect_retries",
+            "Connections and requests retried on another backend after theirs could not be reached, per route and result",
+            metrics.connect_retries.clone(),
+        );
+        registry.register(
+            "admin_actions",
+            "Admin API requests, by action (refused ones as unauthorized or bad_request)",
+            metrics.admin_actions.clone(),
+        );
+        registry.register(
             "relay_buffer_bytes",
             "Memory of the relay's read buffers, held by busy connections or pooled per worker thread",
             RELAY_BUFFER_BYTES.clone(),
@@ -232,6 +260,15 @@ impl Metrics {
     /// The per-message counters of one connection on `route` to `backend`.
     pub fn relay_counters(&self, route: &str, backend: &str) -> RelayCounters {
         self.flows.counters(route, backend)
+    }
+
+    pub fn retried(&self, route: &str, connected: bool) {
+        self.connect_retries
+            .get_or_create(&Retry {
+                route: route.to_owned(),
+                result: if connected { "connected" } else { "failed" },
+            })
+            .inc();
     }
 
     pub fn handshake_failed(&self, reason: &str) {

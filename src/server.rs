@@ -1,8 +1,11 @@
 //! A whole gateway process in one value: bind from a configuration, then serve until told to
 //! stop. `main` and the integration tests start the gateway the same way.
 
+use crate::admin::AdminListener;
 use crate::config::Config;
+use crate::drain::Phase;
 use crate::gateway::{CurrentGateway, Gateway, GatewayError};
+use crate::handover::{self, Inherited};
 use crate::health::HealthChecks;
 use crate::listener::{BindError, BoundListener, ConnectionCounter, accept_loop};
 use crate::metrics::Outcome;
@@ -11,8 +14,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -26,11 +29,12 @@ pub enum StartError {
 pub struct Server {
     current: Arc<CurrentGateway>,
     listeners: Vec<BoundListener>,
-    admin: Option<TcpListener>,
+    admin: Option<AdminListener>,
     counter: Arc<ConnectionCounter>,
     /// The active health checks of the current configuration.
     health: Arc<Mutex<Option<HealthChecks>>>,
     rebalancer: Arc<Rebalancer>,
+    handed_over: Arc<Notify>,
 }
 
 /// Applies new configurations to a running server (SIGHUP, a changed file, tests).
@@ -79,7 +83,12 @@ impl Reloader {
     }
 
     fn apply(&self, old: &Arc<Gateway>, config: Config) -> Result<(), ReloadError> {
-        if config.listeners != old.config.listeners || config.admin != old.config.admin {
+        let admin_same = match (&config.admin, &old.config.admin) {
+            (Some(new), Some(old)) => new.listener_eq(old),
+            (None, None) => true,
+            _ => false,
+        };
+        if config.listeners != old.config.listeners || !admin_same {
             return Err(ReloadError::ListenersChanged);
         }
         let gateway = Arc::new(Gateway::with_shared(config, old.shared())?);
@@ -99,21 +108,23 @@ impl Reloader {
 impl Server {
     /// Compiles the configuration and binds every listener; nothing is accepted yet.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
+        Self::bind_inheriting(config, None).await
+    }
+
+    /// [`bind`](Self::bind), taking the listening sockets a predecessor handed over where
+    /// their addresses are still configured, and binding the others.
+    pub async fn bind_inheriting(
+        config: Config,
+        mut inherited: Option<&mut Inherited>,
+    ) -> Result<Self, StartError> {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for listener in &config.listeners {
-            listeners.push(BoundListener::bind(listener).await?);
+            listeners.push(BoundListener::bind(listener, inherited.as_deref_mut()).await?);
         }
-        let admin =
-            match &config.admin {
-                Some(admin) => Some(TcpListener::bind(admin.address).await.map_err(|source| {
-                    BindError::Bind {
-                        name: "admin".to_owned(),
-                        address: admin.address,
-                        source,
-                    }
-                })?),
-                None => None,
-            };
+        let admin = match &config.admin {
+            Some(admin) => Some(AdminListener::bind(admin, inherited).await?),
+            None => None,
+        };
         // Raised once per process (it only ever goes up to the hard limit); the connection
         // limit is held to what it can carry.
         let open_files = crate::resources::raise_open_file_limit();
@@ -127,7 +138,27 @@ impl Server {
             admin,
             counter: Arc::new(counter),
             health: Arc::default(),
+            handed_over: Arc::default(),
         })
+    }
+
+    /// Second descriptors of every listening socket, for a successor (see [`handover`]).
+    pub fn handover_sockets(&self) -> std::io::Result<Vec<handover::Socket>> {
+        let mut sockets = self
+            .listeners
+            .iter()
+            .map(BoundListener::handover_socket)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        if let Some(admin) = &self.admin {
+            sockets.push(admin.handover_socket()?);
+        }
+        Ok(sockets)
+    }
+
+    /// Notified once a successor has taken the listening sockets: the server then stops
+    /// accepting and drains without the readiness delay (the successor is in rotation).
+    pub fn handed_over(&self) -> Arc<Notify> {
+        Arc::clone(&self.handed_over)
     }
 
     /// The admin listener's bound address, if one is configured.
@@ -158,9 +189,19 @@ impl Server {
         }
     }
 
-    /// Accepts on every listener until `stop` completes, then drains: every open connection is
-    /// closed gracefully (WebSockets with 1001), waiting at most `drain.deadline` of the
-    /// configuration in force (the last one reloaded).
+    /// Accepts on every listener until `stop` completes (or something starts the gateway's
+    /// [`Drain`](crate::drain::Drain): the admin API), then drains in phases, with the
+    /// `drain` settings of the configuration in force (the last one reloaded):
+    ///
+    /// 1. for `readiness_delay`, `/readyz` answers 503 while everything is still accepted
+    ///    and served, so load balancers stop sending clients before any is refused;
+    /// 2. the listeners close and every connection is asked to close: WebSockets and sessions
+    ///    with 1001, spread evenly over `spread` (a room's members at one instant), HTTP
+    ///    clients after their current request;
+    /// 3. it returns when none is left, or at `deadline` from the start of the drain.
+    ///
+    /// A hurry (`Drain::close` with a shorter spread, as a second shutdown signal does) skips
+    /// what remains of the readiness delay and brings every close forward.
     pub async fn run(mut self, stop: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut loops = Vec::new();
@@ -187,31 +228,68 @@ impl Server {
             Some(crate::health::start(&self.current.get()));
         // Moves connections whose sticky key changed backend; ends when the drain starts.
         let _rebalancing = self.rebalancer.start();
-        stop.await;
+        let drain = Arc::clone(&self.current.get().drain);
+        let mut phase = drain.subscribe();
+        let handed_over = tokio::select! {
+            () = stop => false,
+            // Started from elsewhere (the admin API); a dropped sender cannot happen while
+            // `drain` is held here.
+            _ = phase.wait_for(|phase| !matches!(phase, Phase::Serving)) => false,
+            () = self.handed_over.notified() => true,
+        };
+        let started = Instant::now();
+        let settings = self.current.get().config.drain;
+        drain.leave();
+        if handed_over {
+            tracing::info!(
+                "handed over: closing connections over {:?} (deadline {:?})",
+                settings.spread,
+                settings.deadline
+            );
+        } else {
+            tracing::info!(
+                "draining: out of rotation for {:?}, then closing connections over {:?} (deadline {:?})",
+                settings.readiness_delay,
+                settings.spread,
+                settings.deadline
+            );
+            tokio::select! {
+                () = tokio::time::sleep(settings.readiness_delay) => {}
+                _ = phase.wait_for(|phase| matches!(phase, Phase::Closing(_))) => {}
+            }
+        }
         let _ = stop_tx.send(true);
         for accept in loops {
             let _ = accept.await;
         }
-        self.drain().await;
+        // The successor answers on the admin address now; this process's copy closes.
+        let admin = match admin {
+            Some(admin) if handed_over => {
+                admin.abort();
+                None
+            }
+            admin => admin,
+        };
+        drain.close(settings.spread);
+        self.wait_for_connections(started + settings.deadline).await;
         self.health.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(admin) = admin {
             admin.abort();
         }
     }
 
-    /// Asks every connection to close (1001 to WebSocket clients and backends, `Connection:
-    /// close` to HTTP clients) and waits for them, at most `drain.deadline`.
-    async fn drain(&self) {
-        let gateway = self.current.get();
-        // One signal reaches every configuration generation still holding connections.
-        let _ = gateway.drain.send(true);
-        let deadline = tokio::time::Instant::now() + gateway.config.drain.deadline;
-        while self.counter.current() > 0 && tokio::time::Instant::now() < deadline {
+    /// Waits until every connection and session has closed, at most until `deadline`.
+    async fn wait_for_connections(&self, deadline: Instant) {
+        let sessions = Arc::clone(&self.current.get().sessions);
+        let open = || (self.counter.current(), sessions.open());
+        while open() != (0, 0) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let left = self.counter.current();
-        if left > 0 {
-            tracing::warn!("{left} connections still open after the drain deadline; closing them");
+        let (connections, sessions) = open();
+        if connections + sessions > 0 {
+            tracing::warn!(
+                "{connections} connections and {sessions} sessions still open at the drain deadline; closing them"
+            );
         }
     }
 }

@@ -367,3 +367,76 @@ async fn proxy_sticky_path_keeps_each_room_on_one_backend() {
     }
     assert_eq!(names.len(), 2, "16 rooms should use both backends");
 }
+
+/// SIGTERM starts a spread drain (the first turn is at once, the second 61.8 % into the
+/// spread); a second SIGTERM closes what is left at once, and the process exits 0.
+#[tokio::test]
+async fn a_second_sigterm_hurries_the_drain_and_the_exit_code_is_0() {
+    use futures_util::StreamExt;
+    let backend = echo_backend("drained").await;
+    let listen = free_port();
+    let config = TempFile::new(
+        "drain.yaml",
+        &format!(
+            "listeners:\n  - address: {listen}\nupstreams:\n  app:\n    backends:\n      - ws://{}\n\
+             routes:\n  - upstream: app\ndrain:\n  readiness_delay: 0s\n  spread: 60s\n  deadline: 2m\n",
+            backend.addr
+        ),
+    );
+    let mut gateway = Spawned::start(&["run", "-c", config.path()], "drain.log");
+    gateway.wait_listening(listen).await;
+    let (mut first, _) = open(listen, "ws://localhost/", &[]).await;
+    let (mut second, _) = open(listen, "ws://localhost/", &[]).await;
+    echo(&mut first, "one").await;
+    echo(&mut second, "two").await;
+    let sigterm = || {
+        let status = Command::new("kill")
+            .args(["-TERM", &gateway.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    sigterm();
+    let started = Instant::now();
+    // One of the two has the first turn, at once; the other's is 37 s away.
+    let (closed, mut closed_one, mut open_one) = tokio::select! {
+        frame = first.next() => (frame, first, second),
+        frame = second.next() => (frame, second, first),
+    };
+    assert!(
+        matches!(closed, Some(Ok(ref message)) if message.is_close()),
+        "{closed:?}"
+    );
+    // Polling on sends tungstenite's close reply, so the gateway need not wait for it.
+    while let Some(Ok(_)) = closed_one.next().await {}
+    let still_open = tokio::time::timeout(Duration::from_millis(500), open_one.next()).await;
+    assert!(still_open.is_err(), "both closed at once: {still_open:?}");
+    sigterm();
+    let hurried = tokio::time::timeout(STEP, open_one.next())
+        .await
+        .expect("closed after the second signal");
+    assert!(
+        matches!(hurried, Some(Ok(ref message)) if message.is_close()),
+        "{hurried:?}"
+    );
+    while let Some(Ok(_)) = open_one.next().await {}
+    let deadline = Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = gateway.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running:\n{}",
+            gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", gateway.log());
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        gateway.log().contains("second shutdown signal"),
+        "{}",
+        gateway.log()
+    );
+}

@@ -1188,3 +1188,104 @@ async fn plain_request_without_route_gets_404_and_connection_stays_usable() {
     let response = exchange(&mut stream, &mut buf, &raw_get("/info")).await;
     assert_eq!(response.info().name, "alpha");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Retry on another backend
+
+/// A key of the route's sticky `room` query whose first choice among `backends` is the first.
+fn key_first_on_the_first(yaml: &str, prefix: &str) -> String {
+    let config = wsgate::config::from_yaml_str(yaml, "t.yaml").unwrap();
+    let backends = &config.upstreams[0].backends;
+    (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|key| wsgate::routing::rank(backends, key)[0] == 0)
+        .unwrap()
+}
+
+/// A gateway with an admin listener, for reading its metrics.
+async fn gateway_with_admin(
+    yaml: &str,
+) -> (SocketAddr, SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let yaml = format!("{yaml}admin:\n  address: 127.0.0.2:0\n");
+    let config = wsgate::config::from_yaml_str(&yaml, "t.yaml").unwrap();
+    let server = wsgate::server::Server::bind(config).await.unwrap();
+    let (gateway, admin) = (server.local_addrs()[0], server.admin_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    (gateway, admin, stop)
+}
+
+/// Like HAProxy's `option redispatch`: a backend that cannot be reached costs the client
+/// nothing when another one can take it. Passive health is off so that every request below
+/// tries the dead backend first.
+#[tokio::test]
+async fn a_backend_that_cannot_be_reached_is_retried_on_the_keys_next_choice() {
+    let dead = closed_port().await;
+    let alive = http_backend("alive").await;
+    let yaml = config(
+        &[ws_url(dead), ws_url(alive.addr)],
+        "passive_health: off",
+        "sticky:\n  query: room",
+    );
+    let http_key = key_first_on_the_first(&yaml, "http-");
+    let ws_key = key_first_on_the_first(&yaml, "ws-");
+    let (gateway, admin, _stop) = gateway_with_admin(&yaml).await;
+
+    let answer = get(gateway, &format!("/info?room={http_key}")).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.header("x-backend"), Some("alive"));
+
+    let (name, _) = ws_whoami(gateway, &format!("/ws?room={ws_key}"), None).await;
+    assert_eq!(name, "alive");
+
+    // Not idempotent: a POST is answered 502, never sent twice.
+    let post = request(
+        Method::POST,
+        &format!("/echo?room={http_key}"),
+        bytes_body("x"),
+    );
+    let answer = send(&mut open(gateway).await, post).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.text());
+
+    let (_, metrics) = support::http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains(r#"wsgate_connect_retries_total{route="app",result="connected"} 2"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn connect_retries_0_answers_502_at_the_first_unreachable_backend() {
+    let dead = closed_port().await;
+    let alive = http_backend("alive").await;
+    let yaml = config(
+        &[ws_url(dead), ws_url(alive.addr)],
+        "passive_health: off",
+        "sticky:\n  query: room\nconnect_retries: 0",
+    );
+    let key = key_first_on_the_first(&yaml, "k");
+    let gateway = start_gateway(&yaml).await;
+    let answer = get(gateway.addr, &format!("/info?room={key}")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.text());
+    assert_eq!(alive.connections.load(Ordering::SeqCst), 0);
+}
+
+/// A backend that answered, whatever it answered, has seen the request: never retried.
+#[tokio::test]
+async fn a_backend_that_answered_is_not_retried() {
+    let answering = http_backend("answering").await;
+    let other = http_backend("other").await;
+    let yaml = config(
+        &[ws_url(answering.addr), ws_url(other.addr)],
+        "",
+        "sticky:\n  query: room",
+    );
+    let key = key_first_on_the_first(&yaml, "k");
+    let gateway = start_gateway(&yaml).await;
+    let answer = get(gateway.addr, &format!("/status?code=503&room={key}")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.header("x-backend"), Some("answering"));
+    assert_eq!(other.connections.load(Ordering::SeqCst), 0);
+}

@@ -34,6 +34,7 @@ fn route(host: Option<&str>, path_prefix: &str, sticky: Option<StickyKey>) -> Ro
         allowed_origins: Vec::new(),
         compression: Compression::Strip,
         ping_passthrough: false,
+        connect_retries: 0,
         timeouts: Timeouts::DEFAULT,
         limits: Limits::DEFAULT,
     }

@@ -80,7 +80,8 @@ pub struct BackendStats {
     pub weight: u32,
     /// New connections may go to it.
     pub healthy: bool,
-    /// "up", "down" (active checks) or "backoff" (passive), or "down, backoff".
+    /// "up", or what keeps it out: "drained" (an operator), "down" (active checks),
+    /// "backoff" (passive), comma-separated.
     pub state: String,
     /// Connections open to it over every route using its upstream.
     pub active: i64,
@@ -203,18 +204,11 @@ impl Sampler {
                             .get(backend.url.as_str())
                             .copied()
                             .unwrap_or_default();
-                        let state = match (balancer.checks_down(index), balancer.in_backoff(index))
-                        {
-                            (false, false) => "up",
-                            (true, false) => "down",
-                            (false, true) => "backoff",
-                            (true, true) => "down, backoff",
-                        };
                         BackendStats {
                             url: backend.url.clone(),
                             weight: backend.weight,
                             healthy: balancer.is_healthy(index),
-                            state: state.to_owned(),
+                            state: balancer.state_label(index),
                             active,
                             opened_per_s,
                             messages_per_s: (messages_per_s * 100.0).round() / 100.0,
@@ -243,7 +237,7 @@ impl Sampler {
         Snapshot {
             at_ms: unix_ms(wall),
             interval_s: rates.seconds,
-            draining: *gateway.drain.borrow(),
+            draining: !gateway.drain.is_serving(),
             routes,
             upstreams,
             errors,

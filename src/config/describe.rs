@@ -135,6 +135,11 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
                 "answered per hop"
             }
         )?;
+        writeln!(
+            out,
+            "      connect retries: {} (another backend when one cannot be reached)",
+            route.connect_retries
+        )?;
         writeln!(out, "      timeouts: {}", timeouts(&route.timeouts))?;
         writeln!(out, "      limits: {}", limits(&route.limits))?;
     }
@@ -144,7 +149,9 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
     writeln!(out, "  limits: {}", limits(&config.limits))?;
     writeln!(
         out,
-        "  drain: deadline {}",
+        "  drain: readiness_delay {}, spread {}, deadline {}",
+        format_duration(config.drain.readiness_delay),
+        format_duration(config.drain.spread),
         format_duration(config.drain.deadline)
     )?;
     let rebalance = &config.rebalance;

@@ -145,9 +145,20 @@ pub struct Route {
     pub compression: Compression,
     /// Forward pings and pongs end to end instead of answering them per hop.
     pub ping_passthrough: bool,
+    /// When the chosen backend cannot be reached (refused, TCP or TLS connect timeout), how
+    /// many other backends are tried, each the key's next choice, before answering 502/504.
+    /// Only WebSocket upgrades, sessions and idempotent HTTP requests are retried.
+    pub connect_retries: u8,
     /// Route-level values, already merged over the gateway-wide defaults.
     pub timeouts: Timeouts,
     pub limits: Limits,
+}
+
+impl Route {
+    /// One more backend, like HAProxy's `retries 1` with `option redispatch`.
+    pub const DEFAULT_CONNECT_RETRIES: u8 = 1;
+    /// Each attempt may wait up to the connect timeout: a bound on what one client costs.
+    pub const MAX_CONNECT_RETRIES: u8 = 3;
 }
 
 /// Where a route's sticky key comes from.
@@ -261,15 +272,27 @@ pub struct Limits {
 /// waits for the closing handshakes at most `deadline` before it exits anyway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drain {
-    /// 0 exits as soon as the close frames are written.
+    /// From the shutdown signal, how long `/readyz` answers 503 while everything is still
+    /// accepted and served, so that load balancers take the instance out of rotation first.
+    pub readiness_delay: Duration,
+    /// Then, with the listeners closed, how long WebSocket connections and sessions take to
+    /// close: each room at one instant, the instants spread evenly, so clients do not all
+    /// reconnect in the same second. 0 closes everything at once.
+    pub spread: Duration,
+    /// From the shutdown signal, when the process exits whatever is still open; at least
+    /// `readiness_delay + spread`. 0 exits as soon as the close frames are written.
     pub deadline: Duration,
 }
 
 impl Drain {
+    /// Fits a Kubernetes rolling update with the default `terminationGracePeriodSeconds` of
+    /// 30 s: 5 s for the endpoint removal to reach the load balancers, 15 s of spread closes,
+    /// then up to 5 s for the last closing handshakes (the close timeout), and 5 s to spare
+    /// before SIGKILL.
     pub const DEFAULT: Drain = Drain {
-        // The close timeout (5 s by default) plus room for a backend that answers slowly, and
-        // well inside the 30 s an orchestrator usually allows between SIGTERM and SIGKILL.
-        deadline: Duration::from_secs(10),
+        readiness_delay: Duration::from_secs(5),
+        spread: Duration::from_secs(15),
+        deadline: Duration::from_secs(25),
     };
 }
 
@@ -312,6 +335,57 @@ impl Default for Rebalance {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     pub address: SocketAddr,
+    /// The bearer token of the admin API (`/api/...`); without one the API is off. The
+    /// other admin endpoints (metrics, health, dashboard) need none.
+    pub token: Option<AdminToken>,
+    pub tls: Option<ServerTls>,
+}
+
+impl Admin {
+    /// What a reload cannot change: the socket and how it is served. The token may change.
+    pub fn listener_eq(&self, other: &Admin) -> bool {
+        self.address == other.address && self.tls == other.tls
+    }
+}
+
+/// A secret: never printed, compared in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Shorter tokens can be guessed by anyone who can reach the admin listener.
+    pub const MIN_LEN: usize = 16;
+
+    pub fn new(token: &str) -> Result<Self, String> {
+        if token.len() < Self::MIN_LEN {
+            return Err(format!(
+                "the admin token must be at least {} characters (it has {})",
+                Self::MIN_LEN,
+                token.len()
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the admin token must be printable ASCII without spaces".to_owned());
+        }
+        Ok(Self(token.to_owned()))
+    }
+
+    /// Whether `offered` is this token, in time that depends only on its length.
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        expected.len() == offered.len()
+            && expected
+                .iter()
+                .zip(offered)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
 }
 
 /// The session layer: long-polling fallback and resumable sessions (docs/sessions.md).

@@ -103,7 +103,7 @@ fn minimal_file_gets_every_default() {
     assert_eq!(config.rebalance, Rebalance::DEFAULT);
     assert!(config.rebalance.enabled && config.rebalance.on_health_change);
     assert_eq!(config.rebalance.window, Duration::from_secs(10));
-    assert_eq!(config.drain.deadline, Duration::from_secs(10));
+    assert_eq!(config.drain.deadline, Duration::from_secs(25));
 }
 
 #[test]
@@ -214,7 +214,9 @@ admin:
     assert_eq!(
         config.admin,
         Some(Admin {
-            address: "127.0.0.1:9090".parse().unwrap()
+            address: "127.0.0.1:9090".parse().unwrap(),
+            token: None,
+            tls: None,
         })
     );
 }
@@ -1914,7 +1916,7 @@ admin: {address: 127.0.0.1:9090}
         "handshake 10s, idle off, ping_interval 30s, pong_timeout 10s, close 5s, body 1m, body_total off",
         "limits: max_frame 16MiB, max_message 64MiB, max_connections 9000, max_header_bytes 16KiB",
         "admin: 127.0.0.1:9090",
-        "drain: deadline 10s",
+        "drain: readiness_delay 5s, spread 15s, deadline 25s",
         "rebalance: moved sticky keys closed with 1012 over 10s after reloads and health changes",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
@@ -2059,7 +2061,7 @@ fn errors_in_the_full_example_land_on_the_right_line() {
             "address: 0.0.0.0:8080",
             "admin.address",
         ),
-        ("deadline: 10s", "deadline: 10", "drain.deadline"),
+        ("deadline: 25s", "deadline: 25", "drain.deadline"),
         (
             "enabled: true\n  # Optional: moved keys",
             "enabled: yes please\n  # Optional: moved keys",
@@ -2174,15 +2176,35 @@ fn bad_session_settings_are_reported_on_their_lines() {
 }
 
 #[test]
-fn drain_deadline_accepts_zero_and_refuses_off() {
-    let with = |value: &str| format!("{MINIMAL}drain:\n  deadline: {value}\n");
+fn drain_settings_parse_and_must_fit_the_deadline() {
+    let with = |value: &str| {
+        format!("{MINIMAL}drain:\n  readiness_delay: 0s\n  spread: 0s\n  deadline: {value}\n")
+    };
     assert_eq!(ok(&with("30s")).drain.deadline, Duration::from_secs(30));
     assert_eq!(ok(&with("0")).drain.deadline, Duration::ZERO);
     assert_eq!(ok(&with("\"0s\"")).drain.deadline, Duration::ZERO);
     assert_eq!(ok(&format!("{MINIMAL}drain: {{}}\n")).drain, Drain::DEFAULT);
-    single(&with("off"), 10, "drain.deadline", &["cannot be disabled"]);
-    single(&with("25h"), 10, "drain.deadline", &["at most 1d"]);
-    single(&with("10"), 10, "drain.deadline", &["needs a unit"]);
+    let drain = ok(&format!(
+        "{MINIMAL}drain:\n  readiness_delay: 10s\n  spread: 1m\n  deadline: 90s\n"
+    ))
+    .drain;
+    assert_eq!(
+        (drain.readiness_delay, drain.spread, drain.deadline),
+        (
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            Duration::from_secs(90)
+        )
+    );
+    single(&with("off"), 12, "drain.deadline", &["cannot be disabled"]);
+    single(&with("25h"), 12, "drain.deadline", &["at most 1d"]);
+    single(&with("10"), 12, "drain.deadline", &["needs a unit"]);
+    single(
+        &format!("{MINIMAL}drain:\n  spread: 5m\n"),
+        9,
+        "drain",
+        &["readiness_delay (5s) plus spread (5m) exceed the deadline (25s)"],
+    );
     single(
         &format!("{MINIMAL}drain:\n  deadlin: 5s\n"),
         10,
@@ -2193,7 +2215,7 @@ fn drain_deadline_accepts_zero_and_refuses_off() {
         &format!("{MINIMAL}drain: 5s\n"),
         9,
         "drain",
-        &["expected a mapping with a deadline"],
+        &["expected a mapping with readiness_delay, spread and deadline"],
     );
 }
 
@@ -2223,4 +2245,58 @@ fn rebalance_settings_parse_and_errors_name_their_key() {
     expect(&errors, 11, "rebalance.window", &["cannot be disabled"]);
     expect(&errors, 12, "rebalance.jitter", &["unknown key"]);
     assert_eq!(errors.len(), 3, "{errors:#?}");
+}
+
+#[test]
+fn connect_retries_default_to_one_and_are_bounded() {
+    let with = |extra: &str| {
+        format!(
+            "listeners:\n  - address: 127.0.0.1:8080\nupstreams:\n  app:\n    backends: [ws://127.0.0.1:9000]\nroutes:\n  - upstream: app\n{extra}"
+        )
+    };
+    assert_eq!(ok(&with("")).routes[0].connect_retries, 1);
+    assert_eq!(
+        ok(&with("    connect_retries: 0\n")).routes[0].connect_retries,
+        0
+    );
+    assert_eq!(
+        ok(&with("    connect_retries: 3\n")).routes[0].connect_retries,
+        3
+    );
+    single(
+        &with("    connect_retries: 4\n"),
+        8,
+        "routes[0].connect_retries",
+        &["between 0 and 3"],
+    );
+}
+
+#[test]
+fn admin_token_is_long_enough_from_the_file_or_the_environment() {
+    let with = |admin: &str| format!("{MINIMAL}admin:\n  address: 127.0.0.1:9090\n{admin}");
+    let config = ok(&with("  token: abcdefghijklmnop\n"));
+    let admin = config.admin.unwrap();
+    assert!(admin.token.unwrap().matches(b"abcdefghijklmnop"));
+    assert!(ok(&with("")).admin.unwrap().token.is_none());
+    single(
+        &with("  token: short\n"),
+        11,
+        "admin.token",
+        &["at least 16 characters"],
+    );
+    single(
+        &with("  token: abcdefghijklmnop\n  token_env: HOME\n"),
+        12,
+        "admin.token_env",
+        &["not both"],
+    );
+    single(
+        &with("  token_env: WSGATE_TEST_UNSET_VARIABLE_7c1\n"),
+        11,
+        "admin.token_env",
+        &["WSGATE_TEST_UNSET_VARIABLE_7c1 is not set"],
+    );
+    // The token never shows in a printed configuration.
+    let printed = format!("{:?}", ok(&with("  token: abcdefghijklmnop\n")));
+    assert!(!printed.contains("abcdefghijklmnop"), "{printed}");
 }

@@ -78,6 +78,7 @@ const ROUTE_KEYS: &[&str] = &[
     "allowed_origins",
     "compression",
     "ping_passthrough",
+    "connect_retries",
     "timeouts",
     "limits",
 ];
@@ -104,7 +105,7 @@ const LIMIT_KEYS: &[&str] = &[
 ];
 /// Limits that only make sense for the whole gateway.
 const TOP_LEVEL_ONLY_LIMITS: &[&str] = &["max_connections_per_ip", "handshake_rate"];
-const ADMIN_KEYS: &[&str] = &["address"];
+const ADMIN_KEYS: &[&str] = &["address", "token", "token_env", "tls"];
 const SESSION_KEYS: &[&str] = &[
     "enabled",
     "instance",
@@ -117,7 +118,7 @@ const SESSION_KEYS: &[&str] = &[
     "open_rate",
     "body_timeout",
 ];
-const DRAIN_KEYS: &[&str] = &["deadline"];
+const DRAIN_KEYS: &[&str] = &["readiness_delay", "spread", "deadline"];
 const REBALANCE_KEYS: &[&str] = &["enabled", "window", "on_health_change"];
 
 const ADDRESS_FORM: &str = "an address such as 127.0.0.1:8080 or [::1]:8080";
@@ -1266,6 +1267,12 @@ impl Cx<'_> {
             None => Some(false),
             Some((raw, path)) => self.boolean(raw, &path),
         };
+        let connect_retries = match f.get("connect_retries") {
+            None => Some(Route::DEFAULT_CONNECT_RETRIES),
+            Some((raw, path)) => self
+                .integer(raw, &path, 0, i128::from(Route::MAX_CONNECT_RETRIES))
+                .and_then(|n| u8::try_from(n).ok()),
+        };
         let timeouts = match f.get("timeouts") {
             None => Some(base_timeouts),
             Some((raw, path)) => self
@@ -1291,6 +1298,7 @@ impl Cx<'_> {
             allowed_origins: allowed_origins?,
             compression: compression?,
             ping_passthrough: ping_passthrough?,
+            connect_retries: connect_retries?,
             timeouts: timeouts?,
             limits: limits?,
         })
@@ -1561,24 +1569,91 @@ impl Cx<'_> {
     }
 
     fn admin(&mut self, raw: &Raw, path: &YamlPath) -> Option<Admin> {
-        let f = self.fields(raw, path, "a mapping with an address", ADMIN_KEYS)?;
-        let (raw, path) = f.required(self, "address", ADDRESS_FORM)?;
-        let address = self.socket_addr(raw, &path)?;
-        Some(Admin { address })
+        let f = self.fields(
+            raw,
+            path,
+            "a mapping with an address, and token or token_env, tls",
+            ADMIN_KEYS,
+        )?;
+        let address = f
+            .required(self, "address", ADDRESS_FORM)
+            .and_then(|(raw, path)| self.socket_addr(raw, &path));
+        let token = match (f.get("token"), f.get("token_env")) {
+            (None, None) => Some(None),
+            (Some(_), Some((_, env_path))) => {
+                self.err(&env_path, "give token or token_env, not both");
+                None
+            }
+            (Some((raw, path)), None) => self
+                .string(raw, &path, "the admin API's bearer token")
+                .and_then(|token| {
+                    let checked = AdminToken::new(token);
+                    self.checked(&path, checked)
+                })
+                .map(Some),
+            (None, Some((raw, path))) => self
+                .string(raw, &path, "the name of an environment variable")
+                .and_then(|name| {
+                    let checked = match std::env::var(name) {
+                        Ok(token) => AdminToken::new(&token),
+                        Err(_) => Err(format!("environment variable {name} is not set")),
+                    };
+                    self.checked(&path, checked)
+                })
+                .map(Some),
+        };
+        let tls = match f.get("tls") {
+            None => Some(None),
+            Some((raw, path)) => self.server_tls(raw, &path).map(Some),
+        };
+        Some(Admin {
+            address: address?,
+            token: token?,
+            tls: tls?,
+        })
     }
 
     fn drain(&mut self, raw: &Raw, path: &YamlPath) -> Option<Drain> {
-        let f = self.fields(raw, path, "a mapping with a deadline", DRAIN_KEYS)?;
+        let f = self.fields(
+            raw,
+            path,
+            "a mapping with readiness_delay, spread and deadline",
+            DRAIN_KEYS,
+        )?;
         let mut drain = Drain::DEFAULT;
-        if let Some((raw, path)) = f.get("deadline") {
-            let rule = TimerRule {
-                disableable: false,
-                zero_ok: true,
-                max: MAX_TIMER,
-            };
-            drain.deadline = self.timer(raw, &path, rule)??;
+        let mut ok = true;
+        let rule = TimerRule {
+            disableable: false,
+            zero_ok: true,
+            max: MAX_TIMER,
+        };
+        for (key, field) in [
+            ("readiness_delay", &mut drain.readiness_delay),
+            ("spread", &mut drain.spread),
+            ("deadline", &mut drain.deadline),
+        ] {
+            if let Some((raw, path)) = f.get(key) {
+                match self.timer(raw, &path, rule) {
+                    Some(Some(value)) => *field = value,
+                    _ => ok = false,
+                }
+            }
         }
-        Some(drain)
+        if ok && drain.readiness_delay + drain.spread > drain.deadline {
+            self.err(
+                path,
+                format!(
+                    "readiness_delay ({}) plus spread ({}) exceed the deadline ({}): the last \
+                     connections would be cut instead of closed; raise the deadline (and the \
+                     orchestrator's grace period above it) or shorten the others",
+                    format_duration(drain.readiness_delay),
+                    format_duration(drain.spread),
+                    format_duration(drain.deadline),
+                ),
+            );
+            ok = false;
+        }
+        ok.then_some(drain)
     }
 
     fn rebalance(&mut self, raw: &Raw, path: &YamlPath) -> Option<Rebalance> {

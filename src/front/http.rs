@@ -7,6 +7,8 @@
 
 use super::body::{BodyFault, ClientBody, Tracked};
 use super::websocket::{self, Acceptance, Decision};
+use crate::config::Route;
+use crate::drain::Phase;
 use crate::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
 use crate::gateway::Gateway;
 use crate::metrics::HttpRequest;
@@ -23,7 +25,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::http::uri::PathAndQuery;
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -75,7 +77,9 @@ pub async fn serve(
     let mut drain = gateway.drain.subscribe();
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        true = async { drain.wait_for(|draining| *draining).await.is_ok() } => {
+        true = async {
+            drain.wait_for(|phase| matches!(phase, Phase::Closing(_))).await.is_ok()
+        } => {
             // Finish the request in flight, then close instead of keeping the connection alive.
             connection.as_mut().graceful_shutdown();
             connection.await
@@ -343,6 +347,15 @@ async fn session_upgrade(
     )
 }
 
+/// RFC 9110 §9.2.2: a request that may be sent twice. Only these are retried, although a
+/// backend that could not be reached has seen nothing of any request.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
 async fn proxy(
     gateway: &Arc<Gateway>,
     route_index: usize,
@@ -365,12 +378,77 @@ async fn proxy(
         headers: head.headers,
         client_ip: peer.ip(),
     };
-    let Some(pick) = gateway.pick_backend(route_index, &parts, tls) else {
+    let Some(mut pick) = gateway.pick_backend(route_index, &parts, tls) else {
         return plain(503, "no healthy backend for this route");
     };
-    // Held until the client has read the whole response, so least-connections counts long
-    // downloads and held long-polls as the busy connections they are.
-    let backend_slot = upstream.balancer.acquire(pick.index);
+    // Connected before the request is built: nothing of it, body included, is consumed until
+    // a backend is reached, so another backend can be tried.
+    let retries = if is_idempotent(request.method()) {
+        usize::from(route.connect_retries)
+    } else {
+        0
+    };
+    let connect_timeout = gateway.config.upstreams[route.upstream].connect_timeout;
+    let mut tried = [0usize; Route::MAX_CONNECT_RETRIES as usize + 1];
+    let mut attempts = 0;
+    let (mut sender, backend_slot) = loop {
+        // Held until the client has read the whole response, so least-connections counts
+        // long downloads and held long-polls as the busy connections they are.
+        let backend_slot = upstream.balancer.acquire(pick.index);
+        let backend = &upstream.balancer.backends()[pick.index];
+        let connected = tokio::time::timeout(connect_timeout, async {
+            let stream = upstream::connect(backend, upstream.tls.as_ref()).await?;
+            hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|error| upstream::UpstreamError::Io {
+                    backend: backend.url.clone(),
+                    source: std::io::Error::other(error),
+                })
+        })
+        .await;
+        let failure = match connected {
+            Ok(Ok((sender, connection))) => {
+                crate::health::observe_connect(gateway, route.upstream, pick.index, None);
+                if attempts > 0 {
+                    gateway.metrics.retried(&route.name, true);
+                }
+                tokio::spawn(connection);
+                break (sender, backend_slot);
+            }
+            Ok(Err(error)) => {
+                crate::health::observe_connect(gateway, route.upstream, pick.index, Some(&error));
+                let reach = error.is_reach_failure();
+                let answer = backend_failure(error.status(), peer, route, &backend.url, &error);
+                (reach, answer)
+            }
+            Err(_) => {
+                crate::health::observe_connect_timeout(
+                    gateway,
+                    route.upstream,
+                    pick.index,
+                    connect_timeout,
+                );
+                let why = "did not accept the connection in time";
+                (true, backend_failure(504, peer, route, &backend.url, &why))
+            }
+        };
+        if attempts > 0 {
+            gateway.metrics.retried(&route.name, false);
+        }
+        let (reach_failure, answer) = failure;
+        tried[attempts] = pick.index;
+        attempts += 1;
+        let next = (reach_failure && attempts <= retries)
+            .then(|| gateway.repick_backend(route_index, &pick, &tried[..attempts], tls))
+            .flatten();
+        match next {
+            Some(next) => {
+                tracing::info!(client = %peer, route = %route.name, from = %backend.url, "retrying on another backend");
+                pick = next;
+            }
+            None => return answer,
+        }
+    };
     let backend = &upstream.balancer.backends()[pick.index];
 
     // Everything the outgoing request needs is copied out, so the body can be moved.
@@ -403,38 +481,6 @@ async fn proxy(
         Err(error) => return plain(400, &format!("cannot forward this request: {error}")),
     };
 
-    let connect_timeout = gateway.config.upstreams[route.upstream].connect_timeout;
-    let connected = tokio::time::timeout(connect_timeout, async {
-        let stream = upstream::connect(backend, upstream.tls.as_ref()).await?;
-        hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|error| upstream::UpstreamError::Io {
-                backend: backend.url.clone(),
-                source: std::io::Error::other(error),
-            })
-    })
-    .await;
-    let mut sender = match connected {
-        Ok(Ok((sender, connection))) => {
-            crate::health::observe_connect(gateway, route.upstream, pick.index, None);
-            tokio::spawn(connection);
-            sender
-        }
-        Ok(Err(error)) => {
-            crate::health::observe_connect(gateway, route.upstream, pick.index, Some(&error));
-            return backend_failure(error.status(), peer, route, &backend.url, &error);
-        }
-        Err(_) => {
-            crate::health::observe_connect_timeout(
-                gateway,
-                route.upstream,
-                pick.index,
-                connect_timeout,
-            );
-            let why = "did not accept the connection in time";
-            return backend_failure(504, peer, route, &backend.url, &why);
-        }
-    };
     // A long-poll may legitimately be held by the backend; only the route's idle timeout, when
     // set, bounds the wait for the response head, counted from the end of the request body so
     // a slow upload is not mistaken for a silent backend.

@@ -10,6 +10,7 @@ use crate::admit::{
     BackendOffer, OpenedBackend, open_backend, register_in_room, switching_protocols,
 };
 use crate::config::Compression;
+use crate::drain::depart;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{CloseCodeLabel, Closed, RouteBackend};
 use crate::proto::handshake::{self, RequestHead};
@@ -238,10 +239,10 @@ impl Acceptance {
             counters,
         );
         drop(backend_early);
-        let mut drain = log.gateway.drain.subscribe();
         // The stop future owns the registration: the connection leaves the rebalancing
         // registry when the relay stops listening for moves (at its end, or once told to stop).
         let registration = log.registration.take();
+        let drain = log.gateway.drain.subscribe();
         let stop = move || async move {
             let moved = async {
                 match &registration {
@@ -250,8 +251,7 @@ impl Acceptance {
                 }
             };
             tokio::select! {
-                // A dropped sender means nobody will ever ask for a drain.
-                Ok(_) = drain.wait_for(|draining| *draining) => Stop::Shutdown,
+                () = depart(drain, registration.as_ref().map(Registration::room)) => Stop::Shutdown,
                 () = moved => Stop::Moved,
             }
         };

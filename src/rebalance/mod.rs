@@ -27,12 +27,16 @@
 //! limits rebalancing to reloads, as HAProxy and Envoy do (they never move established
 //! connections at all).
 //!
+//! An operator draining a backend (the admin API) moves its keys the same way, whatever
+//! `on_health_change` says: that is what draining a backend means.
+//!
 //! Health is noticed by polling the balancers' health bits every [`HEALTH_POLL`]: changes
 //! come from probes, back-off timers and the connection path, and a few loads four times a
 //! second catch all of them without a notifier threaded through each.
 
 pub mod registry;
 
+use crate::drain::Phase;
 use crate::gateway::{CurrentGateway, Gateway};
 use crate::metrics::RouteLabel;
 pub use registry::{ConnectionRegistry, Member, Registration, Room, Ticket};
@@ -68,21 +72,31 @@ struct Look {
     gateway: Arc<Gateway>,
     /// Per upstream, per backend: healthy.
     health: Vec<Vec<bool>>,
+    /// Per upstream, per backend: taken out by an operator.
+    drained: Vec<Vec<bool>>,
 }
 
 impl Look {
     fn of(gateway: Arc<Gateway>) -> Self {
-        let health = gateway
-            .upstreams
-            .iter()
-            .map(|upstream| {
-                let balancer = &upstream.balancer;
-                (0..balancer.backends().len())
-                    .map(|index| balancer.is_healthy(index))
-                    .collect()
-            })
-            .collect();
-        Self { gateway, health }
+        let bits = |bit: fn(&crate::routing::UpstreamBalancer, usize) -> bool| {
+            gateway
+                .upstreams
+                .iter()
+                .map(|upstream| {
+                    let balancer = &upstream.balancer;
+                    (0..balancer.backends().len())
+                        .map(|index| bit(balancer, index))
+                        .collect()
+                })
+                .collect()
+        };
+        let health = bits(crate::routing::UpstreamBalancer::is_healthy);
+        let drained = bits(crate::routing::UpstreamBalancer::is_drained);
+        Self {
+            gateway,
+            health,
+            drained,
+        }
     }
 }
 
@@ -114,11 +128,15 @@ impl Rebalancer {
                 () = self.reloaded.notified() => {}
                 _ = ticks.tick() => {}
                 // An error means the gateway is gone, which ends the watch just as well.
-                _ = drain.wait_for(|draining| *draining) => return,
+                _ = drain.wait_for(|phase| !matches!(phase, Phase::Serving)) => return,
             }
             let now = Look::of(self.current.get());
             let cause = if !Arc::ptr_eq(&now.gateway, &last.gateway) {
                 Some("configuration reloaded")
+            } else if now.drained != last.drained {
+                // An operator's decision, not a health event: moves even where health
+                // changes do not.
+                Some("backend drained or put back by an operator")
             } else if now.health != last.health && now.gateway.config.rebalance.on_health_change {
                 Some("backend health changed")
             } else {
@@ -155,7 +173,7 @@ fn plan(
     rooms: Vec<(Room, Vec<Member>)>,
 ) {
     let settings = gateway.config.rebalance;
-    if !settings.enabled || *gateway.drain.borrow() {
+    if !settings.enabled || !gateway.drain.is_serving() {
         return;
     }
     let mut schedule = Vec::new();
@@ -185,7 +203,7 @@ fn plan(
         for (delay, room) in schedule {
             tokio::time::sleep_until(start + delay).await;
             let gateway = current.get();
-            if !gateway.config.rebalance.enabled || *gateway.drain.borrow() {
+            if !gateway.config.rebalance.enabled || !gateway.drain.is_serving() {
                 return;
             }
             let moved = gateway

@@ -72,6 +72,10 @@ pub struct Registration {
 }
 
 impl Registration {
+    pub fn room(&self) -> &Room {
+        &self.room
+    }
+
     /// Completes when the connection's key has moved to another backend and the connection
     /// should end so that its client reconnects there.
     pub async fn moved(&self) {

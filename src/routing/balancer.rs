@@ -28,6 +28,8 @@ use crate::config::Backend;
 const CHECKS_DOWN: u8 = 1;
 /// Health bit: a passive back-off is in effect after a failed connect.
 const BACKOFF: u8 = 2;
+/// Taken out by an operator (the admin API) until put back or a reload changes the backend.
+const DRAINED: u8 = 4;
 
 /// Live state for the backends of one upstream.
 #[derive(Debug)]
@@ -45,7 +47,7 @@ pub struct UpstreamBalancer {
 
 #[derive(Debug, Default)]
 struct BackendHealth {
-    /// [`CHECKS_DOWN`] | [`BACKOFF`]; zero is healthy.
+    /// [`CHECKS_DOWN`] | [`BACKOFF`] | [`DRAINED`]; zero is healthy.
     down: AtomicU8,
     /// Consecutive failed connects that started a back-off, since the last connect that
     /// worked: how many times the back-off has doubled, plus one.
@@ -105,9 +107,17 @@ impl UpstreamBalancer {
     /// backend for it; without, the healthy backend with the fewest connections per unit of
     /// weight. `None` when no backend is healthy.
     pub fn choose(&self, key: Option<&str>) -> Option<usize> {
+        self.choose_other(key, &[])
+    }
+
+    /// [`choose`](Self::choose) among the backends not in `tried`: for a key, its next choice
+    /// in rendezvous order (where the key goes if the tried ones go down, so a retried
+    /// connection lands where its room is about to move).
+    pub fn choose_other(&self, key: Option<&str>, tried: &[usize]) -> Option<usize> {
+        let available = |index: usize| self.is_healthy(index) && !tried.contains(&index);
         match key {
-            Some(key) => hash::pick(&self.backends, key, |index| self.is_healthy(index)),
-            None => self.least_connections(),
+            Some(key) => hash::pick(&self.backends, key, available),
+            None => self.least_connections(available),
         }
     }
 
@@ -160,6 +170,52 @@ impl UpstreamBalancer {
             down.fetch_or(CHECKS_DOWN, Ordering::Relaxed)
         };
         (before & CHECKS_DOWN == 0) != healthy
+    }
+
+    /// Takes `backend` out of (or puts it back into) every choice on an operator's word,
+    /// whatever its health. Returns whether that changed anything.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn set_drained(&self, backend: usize, drained: bool) -> bool {
+        let down = &self.health[backend].down;
+        let before = if drained {
+            down.fetch_or(DRAINED, Ordering::Relaxed)
+        } else {
+            down.fetch_and(!DRAINED, Ordering::Relaxed)
+        };
+        (before & DRAINED != 0) != drained
+    }
+
+    /// Whether an operator took `backend` out.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn is_drained(&self, backend: usize) -> bool {
+        self.health[backend].down.load(Ordering::Relaxed) & DRAINED != 0
+    }
+
+    /// What keeps `backend` out of new connections, for people: "up", or the reasons among
+    /// "drained" (an operator), "down" (active checks) and "backoff" (a failed connect).
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn state_label(&self, backend: usize) -> String {
+        let down = self.health[backend].down.load(Ordering::Relaxed);
+        let reasons: Vec<&str> = [
+            (DRAINED, "drained"),
+            (CHECKS_DOWN, "down"),
+            (BACKOFF, "backoff"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| down & bit != 0)
+        .map(|(_, name)| name)
+        .collect();
+        if reasons.is_empty() {
+            "up".to_owned()
+        } else {
+            reasons.join(", ")
+        }
     }
 
     /// Whether the active checks hold `backend` down (whatever the passive state).
@@ -272,7 +328,7 @@ impl UpstreamBalancer {
         self.cookie_tokens.iter().position(|&known| known == token)
     }
 
-    fn least_connections(&self) -> Option<usize> {
+    fn least_connections(&self, available: impl Fn(usize) -> bool) -> Option<usize> {
         let count = self.backends.len();
         if count == 0 {
             return None;
@@ -280,7 +336,7 @@ impl UpstreamBalancer {
         let start = self.next_start.fetch_add(1, Ordering::Relaxed) % count;
         let mut best: Option<(usize, u64, u64)> = None;
         for index in (start..count).chain(0..start) {
-            if !self.is_healthy(index) {
+            if !available(index) {
                 continue;
             }
             let connections = u64::from(self.active(index));
@@ -404,6 +460,50 @@ mod tests {
             (100, 300, 200)
         );
         drop(slots);
+    }
+
+    #[test]
+    fn another_choice_skips_the_tried_backends_in_rendezvous_order() {
+        let balancer = UpstreamBalancer::new(&equal_backends(4));
+        for n in 0..100 {
+            let key = n.to_string();
+            let order = hash::rank(balancer.backends(), &key);
+            assert_eq!(
+                balancer.choose_other(Some(&key), &order[..1]),
+                Some(order[1])
+            );
+            assert_eq!(
+                balancer.choose_other(Some(&key), &order[..3]),
+                Some(order[3])
+            );
+            assert_eq!(balancer.choose_other(Some(&key), &order), None);
+        }
+        for _ in 0..10 {
+            let other = balancer.choose_other(None, &[0, 2]);
+            assert!(matches!(other, Some(1 | 3)), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_drained_backend_is_skipped_whatever_its_health_until_put_back() {
+        let balancer = UpstreamBalancer::new(&equal_backends(2));
+        assert!(balancer.set_drained(0, true));
+        assert!(!balancer.set_drained(0, true), "once");
+        assert!(!balancer.is_healthy(0) && balancer.is_drained(0));
+        // The checks' verdict does not put it back.
+        balancer.set_healthy(0, true);
+        balancer.end_backoff(0);
+        assert_eq!(balancer.state_label(0), "drained");
+        for n in 0..50 {
+            assert_eq!(balancer.choose(Some(&n.to_string())), Some(1));
+        }
+        balancer.set_healthy(0, false);
+        assert_eq!(balancer.state_label(0), "drained, down");
+        assert!(balancer.set_drained(0, false));
+        assert_eq!(balancer.state_label(0), "down");
+        balancer.set_healthy(0, true);
+        assert_eq!(balancer.state_label(0), "up");
+        assert!(balancer.is_healthy(0));
     }
 
     #[test]

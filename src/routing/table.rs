@@ -127,6 +127,7 @@ mod tests {
             allowed_origins: Vec::new(),
             compression: Compression::Strip,
             ping_passthrough: false,
+            connect_retries: 0,
             timeouts: Timeouts::DEFAULT,
             limits: Limits::DEFAULT,
         }

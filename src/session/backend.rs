@@ -14,6 +14,7 @@ use super::registry::Registry;
 use super::socket::{MessageReader, MessageWriter, ReadError, Received};
 use super::state::{Outgoing, Presence, Session};
 use super::until;
+use crate::drain::Departure;
 use crate::gateway::RouteSlot;
 use crate::metrics::{Metrics, RelayCounters, RouteBackend, RouteLabel, SessionEnd};
 use crate::proto::{CloseCode, Keepalive, KeepaliveDue};
@@ -22,7 +23,7 @@ use crate::routing::ConnectionSlot;
 use prometheus_client::metrics::gauge::Gauge;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
 /// How often presence and expiry are checked.
@@ -36,7 +37,8 @@ pub struct BackendTask {
     pub writer: MessageWriter,
     pub outgoing: mpsc::Receiver<Outgoing>,
     pub registry: Arc<Registry>,
-    pub drain: watch::Receiver<bool>,
+    /// When the gateway drains: this session's turn to close.
+    pub departure: Departure,
     pub metrics: Arc<Metrics>,
     /// The route's message and byte counters, shared with its relayed connections.
     pub counters: RelayCounters,
@@ -165,17 +167,7 @@ impl BackendTask {
             Instant::now().into_std(),
         );
         let mut reading_paused = false;
-        let mut draining = *self.drain.borrow();
         loop {
-            if draining {
-                let close = Close {
-                    code: CloseCode::GOING_AWAY.0,
-                    reason: "gateway shutting down".to_owned(),
-                };
-                self.end_both(CloseCode::GOING_AWAY, "gateway shutting down", close)
-                    .await;
-                return Ending::Shutdown;
-            }
             let full = self.session.is_full();
             // While the buffer is full the backend is not read, so its silence (or its pong
             // waiting unread) proves nothing: keepalive pauses and starts over afterwards.
@@ -195,8 +187,14 @@ impl BackendTask {
                         .await;
                     return Ending::Moved;
                 }
-                changed = self.drain.changed() => {
-                    draining = changed.is_err() || *self.drain.borrow();
+                () = self.departure.wait(self.registration.as_ref().map(Registration::room)) => {
+                    let close = Close {
+                        code: CloseCode::GOING_AWAY.0,
+                        reason: "gateway shutting down".to_owned(),
+                    };
+                    self.end_both(CloseCode::GOING_AWAY, "gateway shutting down", close)
+                        .await;
+                    return Ending::Shutdown;
                 }
                 received = self.reader.next(), if !full => {
                     keepalive.on_heard(Instant::now().into_std());
@@ -360,7 +358,7 @@ impl BackendTask {
     /// gone too. On shutdown, only briefly: the process is about to exit.
     async fn await_collection(&mut self) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let give_up = if *self.drain.borrow() {
+        let give_up = if self.departure.is_closing() {
             Instant::now() + Duration::from_secs(2)
         } else {
             Instant::now() + self.session.timing.timeout + self.session.timing.poll_timeout

@@ -8,6 +8,7 @@ use super::registry::{AddressRefusal, AddressSession, Reservation};
 use super::socket;
 use super::state::{Limits, Session, Timing};
 use crate::admit::{BackendOffer, OpenedBackend, open_backend, origin_allowed, register_in_room};
+use crate::drain::Departure;
 use crate::gateway::{AddressSlot, Gateway};
 use crate::proto::handshake::RequestHead;
 use crate::proto::{DecoderConfig, Role};
@@ -189,7 +190,7 @@ pub async fn open(
         writer,
         outgoing,
         registry: Arc::clone(&gateway.sessions),
-        drain: gateway.drain.subscribe(),
+        departure: Departure::new(&gateway.drain),
         metrics: Arc::clone(&gateway.metrics),
         counters: gateway.metrics.relay_counters(&route.name, &backend_url),
         tally: Tally::default(),

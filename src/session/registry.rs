@@ -119,6 +119,11 @@ impl Registry {
         );
     }
 
+    /// Sessions open or being opened.
+    pub fn open(&self) -> u32 {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
     pub fn insert(&self, session: Arc<Session>) {
         self.sessions
             .insert(session.id.as_str().to_owned(), session);

@@ -1,0 +1,246 @@
+//! The operator's API on the admin listener, under `/api/`: list upstreams and their backends,
+//! drain a backend and put it back, start the gradual drain of the whole instance.
+//!
+//! Invariants:
+//! - every request carries `Authorization: Bearer <admin.token>` (compared in constant time);
+//!   without a configured token the API answers 404 and changes nothing;
+//! - an action changes runtime state only (a backend's drained bit, the drain phase), never
+//!   the configuration: a backend stays drained until it is put back or a reload changes that
+//!   backend's configuration;
+//! - every action is logged (target `wsgate::admin`) and counted
+//!   (`wsgate_admin_actions_total{action}`), refused ones included.
+
+use crate::gateway::Gateway;
+use crate::metrics::AdminAction;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use std::borrow::Cow;
+
+#[derive(Serialize)]
+struct Upstreams<'a> {
+    /// The instance is draining (out of rotation, or closing its connections).
+    draining: bool,
+    upstreams: Vec<UpstreamState<'a>>,
+}
+
+#[derive(Serialize)]
+struct UpstreamState<'a> {
+    name: &'a str,
+    backends: Vec<BackendState<'a>>,
+}
+
+#[derive(Serialize)]
+struct BackendState<'a> {
+    url: &'a str,
+    weight: u32,
+    /// "up", or what keeps it out: "drained", "down", "backoff" (comma-separated).
+    state: String,
+    drained: bool,
+    /// Connections and requests open to it now.
+    active: u32,
+}
+
+/// Answers a request under `/api/`.
+pub fn respond<B>(gateway: &Gateway, request: &Request<B>) -> Response<Full<Bytes>> {
+    let Some(token) = gateway.config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "the admin API is off: set admin.token or admin.token_env",
+        );
+    };
+    let offered = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
+    if !offered.is_some_and(|offered| token.matches(offered)) {
+        count(gateway, "unauthorized");
+        tracing::warn!(target: "wsgate::admin", "admin API request refused: missing or wrong bearer token");
+        let mut response = text(StatusCode::UNAUTHORIZED, "a valid bearer token is needed");
+        response.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"wsgate-admin\""),
+        );
+        return response;
+    }
+    let path = request.uri().path();
+    let query = request.uri().query().unwrap_or("");
+    match (request.method(), path) {
+        (&Method::GET, "/api/upstreams") => list(gateway),
+        (&Method::POST, "/api/backends/drain") => set_drained(gateway, query, true),
+        (&Method::POST, "/api/backends/restore") => set_drained(gateway, query, false),
+        (&Method::POST, "/api/drain") => drain_instance(gateway),
+        (_, "/api/upstreams") => not_allowed("GET"),
+        (_, "/api/backends/drain" | "/api/backends/restore" | "/api/drain") => not_allowed("POST"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "unknown API path: GET /api/upstreams, POST /api/backends/drain, \
+             POST /api/backends/restore, POST /api/drain",
+        ),
+    }
+}
+
+fn list(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let upstreams = gateway
+        .upstreams
+        .iter()
+        .map(|upstream| {
+            let balancer = &upstream.balancer;
+            let backends = balancer
+                .backends()
+                .iter()
+                .enumerate()
+                .map(|(index, backend)| BackendState {
+                    url: &backend.url,
+                    weight: backend.weight,
+                    state: balancer.state_label(index),
+                    drained: balancer.is_drained(index),
+                    active: balancer.active(index),
+                })
+                .collect();
+            UpstreamState {
+                name: &upstream.name,
+                backends,
+            }
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &Upstreams {
+            draining: !gateway.drain.is_serving(),
+            upstreams,
+        },
+    )
+}
+
+/// `?upstream=NAME&backend=URL` (the URL as in the configuration, percent-encoded or not).
+fn set_drained(gateway: &Gateway, query: &str, drained: bool) -> Response<Full<Bytes>> {
+    let action = if drained { "drain" } else { "restore" };
+    let (upstream_name, backend_url) = (param(query, "upstream"), param(query, "backend"));
+    let (Some(upstream_name), Some(backend_url)) = (upstream_name, backend_url) else {
+        count(gateway, "bad_request");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "name the backend: ?upstream=NAME&backend=URL",
+        );
+    };
+    let Some(upstream) = gateway.upstreams.iter().find(|u| u.name == upstream_name) else {
+        count(gateway, "bad_request");
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!("no upstream named {upstream_name:?}"),
+        );
+    };
+    let balancer = &upstream.balancer;
+    let Some(index) = balancer
+        .backends()
+        .iter()
+        .position(|backend| backend.url == backend_url)
+    else {
+        count(gateway, "bad_request");
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!("upstream {upstream_name} has no backend {backend_url:?}"),
+        );
+    };
+    let changed = balancer.set_drained(index, drained);
+    if changed {
+        let why = if drained {
+            "drained by an operator"
+        } else {
+            "put back by an operator"
+        };
+        balancer.record_change(index, std::time::SystemTime::now(), why.to_owned());
+    }
+    count(gateway, action);
+    tracing::warn!(
+        target: "wsgate::admin",
+        upstream = %upstream_name,
+        backend = %backend_url,
+        changed,
+        "admin API: {action} backend"
+    );
+    let state = if drained {
+        "drained: no new connections; its sticky keys move within the rebalance window"
+    } else {
+        "back in service"
+    };
+    let line = if changed {
+        format!("{backend_url} {state}")
+    } else {
+        format!(
+            "{backend_url} was already {}",
+            if drained { "drained" } else { "in service" }
+        )
+    };
+    text(StatusCode::OK, &line)
+}
+
+fn drain_instance(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let started = gateway.drain.leave();
+    count(gateway, "drain_instance");
+    tracing::warn!(target: "wsgate::admin", started, "admin API: drain the instance");
+    let line = if started {
+        "draining: out of rotation now, then connections close spread over drain.spread"
+    } else {
+        "already draining"
+    };
+    text(StatusCode::ACCEPTED, line)
+}
+
+fn param<'q>(query: &'q str, name: &str) -> Option<Cow<'q, str>> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .and_then(|(_, value)| {
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .ok()
+        })
+}
+
+fn count(gateway: &Gateway, action: &'static str) {
+    gateway
+        .metrics
+        .admin_actions
+        .get_or_create(&AdminAction { action })
+        .inc();
+}
+
+fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, &format!("use {allow}"));
+    response
+        .headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(error) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot encode the answer: {error}"),
+        ),
+    }
+}
+
+fn text(status: StatusCode, line: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{line}\n"))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
