@@ -85,7 +85,7 @@ pub async fn open_backend(
         headers: head.headers,
         client_ip: peer.ip(),
     };
-    let Some(mut pick) = gateway.pick_backend(offer.route, &parts) else {
+    let Some(mut pick) = gateway.pick_backend(offer.route, &parts, tls) else {
         return Err(refuse(
             "no_healthy_backend",
             503,
@@ -138,7 +138,8 @@ pub async fn open_backend(
             }
             Err(error) => error,
         };
-        tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), "{error}");
+        let request_id = crate::incident::request_id();
+        tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, kind = error.kind(), %request_id, "{error}");
         gateway.metrics.handshake_failed(error.kind());
         let kind = if error.is_reach_failure() {
             ErrorKind::BackendConnect
@@ -154,7 +155,7 @@ pub async fn open_backend(
         // Only a backend that could not be reached: one that answered has seen the request.
         let retry = error.is_reach_failure() && attempts <= usize::from(route.connect_retries);
         if let Some(next) = retry
-            .then(|| gateway.repick_backend(offer.route, &pick, &tried[..attempts]))
+            .then(|| gateway.repick_backend(offer.route, &pick, &tried[..attempts], tls))
             .flatten()
         {
             tracing::info!(client = %peer, route = %route.name, from = %backend.url, "retrying on another backend");
@@ -163,11 +164,7 @@ pub async fn open_backend(
         }
         return Err(match error {
             UpstreamError::Refused { response, .. } => *response,
-            // Out of local resources: free again as soon as connections end.
-            other @ UpstreamError::LocalResources { .. } => {
-                Refusal::plain(other.status(), &other.to_string(), &[("Retry-After", "1")])
-            }
-            other => Refusal::plain(other.status(), &other.to_string(), &[]),
+            other => crate::incident::refusal(other.status(), &request_id),
         });
     }
 }
@@ -217,9 +214,14 @@ pub fn switching_protocols(
     protocol: Option<&str>,
     extensions: Option<&str>,
     set_cookie: Option<&str>,
+    backend_headers: &[(String, String)],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    let extra: Vec<(&str, &str)> = set_cookie.iter().map(|v| ("Set-Cookie", *v)).collect();
+    let extra: Vec<(&str, &str)> = backend_headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .chain(set_cookie.iter().map(|v| ("Set-Cookie", *v)))
+        .collect();
     handshake::server::write_switching_protocols(&mut out, accept, protocol, extensions, &extra);
     out
 }

@@ -207,6 +207,7 @@ impl Gateway {
         &self,
         route: usize,
         request: &RequestParts<'a, H>,
+        tls: bool,
     ) -> Option<BackendPick> {
         let route = &self.config.routes[route];
         let balancer = &self.upstreams[route.upstream].balancer;
@@ -243,7 +244,7 @@ impl Gateway {
         let index = balancer.choose(None)?;
         Some(BackendPick {
             index,
-            set_cookie: Some(affinity_cookie(cookie, &balancer.backends()[index])),
+            set_cookie: Some(affinity_cookie(cookie, &balancer.backends()[index], tls)),
             key: None,
         })
     }
@@ -256,12 +257,13 @@ impl Gateway {
         route: usize,
         previous: &BackendPick,
         tried: &[usize],
+        tls: bool,
     ) -> Option<BackendPick> {
         let route = &self.config.routes[route];
         let balancer = &self.upstreams[route.upstream].balancer;
         let index = balancer.choose_other(previous.key.as_deref(), tried)?;
         let set_cookie = match (&previous.key, &route.sticky_cookie) {
-            (None, Some(cookie)) => Some(affinity_cookie(cookie, &balancer.backends()[index])),
+            (None, Some(cookie)) => Some(affinity_cookie(cookie, &balancer.backends()[index], tls)),
             _ => None,
         };
         Some(BackendPick {
@@ -423,12 +425,16 @@ impl CurrentGateway {
 }
 
 /// The `Set-Cookie` value pinning a client to `backend`.
-fn affinity_cookie(cookie: &StickyCookie, backend: &Backend) -> String {
+fn affinity_cookie(cookie: &StickyCookie, backend: &Backend, tls: bool) -> String {
     let mut value = format!(
-        "{}={}; Path=/; HttpOnly; SameSite=Lax",
+        "{}={}; Path=/; HttpOnly; SameSite={}",
         cookie.name,
-        cookie_value(backend)
+        cookie_value(backend),
+        cookie.same_site.as_str()
     );
+    if cookie.is_secure(tls) {
+        value.push_str("; Secure");
+    }
     if let Some(max_age) = cookie.max_age {
         value.push_str(&format!("; Max-Age={}", max_age.as_secs()));
     }

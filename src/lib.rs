@@ -39,6 +39,7 @@ pub mod drain;
 pub mod front;
 pub mod gateway;
 pub mod health;
+pub mod incident;
 pub mod listener;
 pub mod rebalance;
 pub mod server;

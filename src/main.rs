@@ -35,8 +35,10 @@ enum Command {
     /// Run the demo: two chat-room services and the gateway in front of them (open
     /// http://127.0.0.1:8080/ in two tabs).
     Demo {
-        #[arg(short, long, default_value = "config/wsgate.yaml")]
-        config: PathBuf,
+        /// A configuration with an upstream named "rooms". Default: the built-in demo
+        /// configuration (config/wsgate.yaml as shipped), so the demo runs from any directory.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// Validate a configuration file and print the resolved routes.
     Check {
@@ -77,7 +79,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Demo { config } => match config::load(&config) {
+        Command::Demo { config } => match demo_config(config.as_deref()) {
             Ok(config) => demo(config, cli.threads),
             Err(errors) => {
                 eprintln!("{errors}");
@@ -173,6 +175,16 @@ fn runtime(threads: usize) -> Option<tokio::runtime::Runtime> {
             eprintln!("wsgate: cannot start the runtime: {error}");
             None
         }
+    }
+}
+
+/// The demo's built-in configuration, compiled in so an installed binary needs no files.
+const DEMO_CONFIG: &str = include_str!("../config/wsgate.yaml");
+
+fn demo_config(path: Option<&std::path::Path>) -> Result<Config, config::ConfigErrors> {
+    match path {
+        Some(path) => config::load(path),
+        None => config::from_yaml_str(DEMO_CONFIG, "<built-in demo config>"),
     }
 }
 

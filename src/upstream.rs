@@ -65,6 +65,8 @@ pub struct Upgraded {
     pub extensions: Option<String>,
     /// Bytes the backend sent after its 101 head: the start of its frame stream.
     pub early: Vec<u8>,
+    /// The 101's end-to-end headers (`Set-Cookie`, the application's), for the client's 101.
+    pub headers: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -297,6 +299,7 @@ async fn ask_upgrade(
                 protocol: negotiated.protocol.map(str::to_owned),
                 extensions: negotiated.extensions.map(str::to_owned),
                 early: buf[head_len..].to_vec(),
+                headers: handshake::end_to_end_headers(response.headers),
                 stream,
             }),
             Err(handshake::ClientHandshakeError::Rejected { status }) => {

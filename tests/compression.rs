@@ -722,11 +722,13 @@ fn node_peers_present() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success());
-    let ws = peers_dir().join("node_modules/ws/package.json").is_file();
-    let missing = match (node, ws) {
-        (true, true) => return true,
-        (false, _) => "`node` is not on PATH",
-        (true, false) => "tests/autobahn/compression-backend/node_modules is not installed",
+    let ws = node.then(|| support::npm::ensure_installed(&peers_dir(), &["ws"]));
+    let missing = match ws {
+        Some(Ok(())) => return true,
+        None => "`node` is not on PATH".to_owned(),
+        Some(Err(why)) => {
+            format!("tests/autobahn/compression-backend/node_modules is not installed: {why}")
+        }
     };
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!(

@@ -202,3 +202,44 @@ async fn demo_two_clients_in_a_room_talk_and_another_room_hears_nothing() {
     assert_eq!(texts, ["hello bob", "hi alice"]);
     assert_eq!(history["server"], heard["server"], "one room, one backend");
 }
+
+#[test]
+fn demo_without_a_config_file_runs_from_any_directory() {
+    let dir = std::env::temp_dir().join(format!("wsgate-demo-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .arg("demo")
+        .current_dir(&dir)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wsgate demo starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The built-in config's fixed ports may be taken on a shared machine: failing to bind them
+    // still shows the configuration was loaded, which is what a missing file prevents.
+    let mut seen = Vec::new();
+    let verdict = loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("demo chat: open http://127.0.0.1:8080/") => break Ok(()),
+            Ok(line) if line.contains("cannot listen") || line.contains("in use") => {
+                break Ok(());
+            }
+            Ok(line) => seen.push(line),
+            Err(_) => break Err(seen.join("\n")),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir(&dir);
+    if let Err(output) = verdict {
+        panic!("wsgate demo did not start from another directory:\n{output}");
+    }
+}

@@ -639,10 +639,7 @@ async fn long_poll_held_past_route_idle_timeout_gets_504() {
         "{}",
         answer.text()
     );
-    assert_eq!(
-        answer.text(),
-        format!("backend ws://{} did not answer in time\n", backend.addr)
-    );
+    assert_generic(&answer, "the backend did not answer in time");
     assert!(
         elapsed >= Duration::from_millis(500) && elapsed < Duration::from_millis(2500),
         "504 after {elapsed:?}"
@@ -818,6 +815,14 @@ async fn plain_http11_request_without_host_gets_400_not_forwarded() {
 // 5. Backend errors
 
 /// A one-line plain-text body: exactly one line, ending in a newline.
+/// A backend failure's answer: a generic `reason` and a request id (repeated in
+/// `X-Request-Id`), and nothing else: not the backend's address, not an OS error.
+fn assert_generic(answer: &Answer, reason: &str) {
+    let id = answer.header("x-request-id").expect("a request id header");
+    assert_eq!(id.len(), 16, "{id}");
+    assert_eq!(answer.text(), format!("{reason} (request id {id})\n"));
+}
+
 fn assert_one_line(answer: &Answer) {
     let text = answer.text();
     assert!(
@@ -837,12 +842,9 @@ async fn unreachable_backend_gets_502_naming_it() {
     let answer = get(gateway.addr, "/info").await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.text());
     assert_one_line(&answer);
-    assert!(
-        answer
-            .text()
-            .starts_with(&format!("cannot connect to backend ws://{port}: ")),
-        "{}",
-        answer.text()
+    assert_generic(
+        &answer,
+        "the backend could not be reached or failed to answer",
     );
 }
 
@@ -867,10 +869,7 @@ async fn tls_backend_accepting_tcp_but_silent_gets_504_after_connect_timeout() {
         answer.text()
     );
     assert_one_line(&answer);
-    assert_eq!(
-        answer.text(),
-        format!("backend wss://{silent} did not accept the connection in time\n")
-    );
+    assert_generic(&answer, "the backend did not answer in time");
     assert!(*accepted.borrow() >= 1, "TCP was accepted");
     assert!(
         elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(5),
@@ -914,10 +913,7 @@ async fn plain_backend_accepting_tcp_but_silent_is_waited_for_like_a_long_poll()
         "{}",
         answer.text()
     );
-    assert_eq!(
-        answer.text(),
-        format!("backend ws://{silent} did not answer in time\n")
-    );
+    assert_generic(&answer, "the backend did not answer in time");
 }
 
 #[tokio::test]
@@ -927,12 +923,9 @@ async fn backend_dropping_connection_before_answering_gets_502() {
     let answer = get(gateway.addr, "/drop-before").await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.text());
     assert_one_line(&answer);
-    assert!(
-        answer
-            .text()
-            .starts_with(&format!("backend ws://{} failed: ", backend.addr)),
-        "{}",
-        answer.text()
+    assert_generic(
+        &answer,
+        "the backend could not be reached or failed to answer",
     );
 }
 

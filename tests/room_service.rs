@@ -412,3 +412,55 @@ async fn fragmented_messages_are_joined_and_bounded() {
     }
     service.stop.send(()).unwrap();
 }
+
+#[tokio::test]
+async fn the_dashboard_pushes_batched_counters_once_per_second_at_most() {
+    let service = start("d").await;
+    let addr = service.addr;
+    let (status, head, body) = http_get(addr, "/dashboard").await;
+    assert_eq!(status, 200);
+    assert!(head.to_ascii_lowercase().contains("text/html"), "{head}");
+    assert_eq!(body, wsgate::demo::DASHBOARD_HTML);
+
+    let mut dashboard = connect(addr, "/dashboard/ws").await;
+    let first = recv(&mut dashboard).await;
+    assert_eq!(first["server"], "d");
+    assert_eq!(first["broker"], "off");
+    assert_eq!(first["history"], "off");
+    let mut last_at = tokio::time::Instant::now();
+
+    let (mut alice, _) = join(addr, "A", "alice").await;
+    for i in 0..20 {
+        send(
+            &mut alice,
+            json!({"type": "message", "text": format!("m{i}")}),
+        )
+        .await;
+    }
+    for _ in 0..20 {
+        assert_eq!(recv(&mut alice).await["type"], "sent");
+    }
+    // Twenty messages reach the viewer as totals in a frame or two, a window apart.
+    let mut snapshots = 0;
+    let latest = loop {
+        let snapshot = recv(&mut dashboard).await;
+        let gap = last_at.elapsed();
+        last_at = tokio::time::Instant::now();
+        snapshots += 1;
+        assert!(gap >= Duration::from_millis(500), "snapshots {gap:?} apart");
+        if snapshot["messages_posted"] == 20 {
+            break snapshot;
+        }
+    };
+    assert!(snapshots <= 3, "{snapshots} snapshots for one burst");
+    assert_eq!(latest["connections"], 1);
+    assert_eq!(latest["rooms"], 1);
+    assert_eq!(latest["window_ms"], 1000);
+
+    let (status, _, body) = http_get(addr, "/stats").await;
+    assert_eq!(status, 200);
+    let stats: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["messages_posted"], 20);
+    assert_eq!(stats["connections"], 1);
+    service.stop.send(()).unwrap();
+}

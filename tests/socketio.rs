@@ -51,14 +51,12 @@ fn prerequisites_present() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success());
-    let modules = app_dir().join("node_modules");
-    let packages = ["socket.io", "socket.io-client"]
-        .iter()
-        .all(|package| modules.join(package).join("package.json").is_file());
-    let missing = match (node, packages) {
-        (true, true) => return true,
-        (false, _) => "`node` is not on PATH",
-        (true, false) => "tests/socketio/node_modules is not installed",
+    let packages = node
+        .then(|| support::npm::ensure_installed(&app_dir(), &["socket.io", "socket.io-client"]));
+    let missing = match packages {
+        Some(Ok(())) => return true,
+        None => "`node` is not on PATH".to_owned(),
+        Some(Err(why)) => format!("tests/socketio/node_modules is not installed: {why}"),
     };
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!(

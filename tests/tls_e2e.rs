@@ -60,7 +60,16 @@ fn dev_client(versions: &[&'static SupportedProtocolVersion]) -> Arc<ClientConfi
 /// certs/example-test.* (for example.test and *.example.test by SNI), one route to `backend` (plain
 /// ws), plus top-level YAML `extra`.
 async fn tls_gateway(backend: SocketAddr, extra: &str) -> support::Gateway {
-    let plain = simple_config(&[backend], "");
+    tls_gateway_with_route(backend, "", extra).await
+}
+
+/// [`tls_gateway`] with extra keys on its route.
+async fn tls_gateway_with_route(
+    backend: SocketAddr,
+    route_extra: &str,
+    extra: &str,
+) -> support::Gateway {
+    let plain = simple_config(&[backend], route_extra);
     let tls = format!(
         "listeners:
   - address: 127.0.0.1:0
@@ -404,11 +413,51 @@ async fn wss_backend_untrusted_502() {
     ] {
         let gateway = start_gateway(&wss_upstream_yaml(&url, &tls)).await;
         let response = exchange(gateway.addr, upgrade_request("/secure", "").as_bytes()).await;
-        response.assert_refusal(502, "TLS");
+        // Why (TLS) is in the log only.
+        response.assert_refusal(502, "could not be reached");
     }
     assert_eq!(
         upgrades.load(Ordering::SeqCst),
         0,
         "an untrusted backend completed a WebSocket handshake"
     );
+}
+
+/// The affinity cookie's `Set-Cookie` on a 101 from `url`.
+async fn affinity_set_cookie(url: &str, tls: Option<Arc<ClientConfig>>) -> String {
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(
+        url,
+        None,
+        true,
+        tls.map(Connector::Rustls),
+    );
+    let (_ws, response) = within(&format!("handshake with {url}"), connecting)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_affinity_cookie_is_secure_on_tls_listeners_only_unless_configured() {
+    let backend = echo_backend("b").await;
+    let route = "sticky_cookie:\n  name: aff";
+    let tls = tls_gateway_with_route(backend.addr, route, "").await;
+    let url = format!("wss://localhost:{}/", tls.addr.port());
+    let cookie = affinity_set_cookie(&url, Some(dev_client(rustls::ALL_VERSIONS))).await;
+    assert!(
+        cookie.ends_with("; HttpOnly; SameSite=Lax; Secure"),
+        "{cookie}"
+    );
+
+    let plain = start_gateway(&simple_config(&[backend.addr], route)).await;
+    let cookie = affinity_set_cookie(&format!("ws://{}/", plain.addr), None).await;
+    assert!(cookie.ends_with("; HttpOnly; SameSite=Lax"), "{cookie}");
+
+    let configured = "sticky_cookie:\n  name: aff\n  same_site: strict\n  secure: true";
+    let plain = start_gateway(&simple_config(&[backend.addr], configured)).await;
+    let cookie = affinity_set_cookie(&format!("ws://{}/", plain.addr), None).await;
+    assert!(cookie.ends_with("; SameSite=Strict; Secure"), "{cookie}");
 }

@@ -184,6 +184,37 @@ pub struct StickyCookie {
     pub name: String,
     /// `None`: a session cookie.
     pub max_age: Option<Duration>,
+    pub same_site: SameSite,
+    /// `Secure`: `None` sets it on TLS listeners only. `SameSite=None` always has it, since
+    /// browsers refuse such a cookie without it.
+    pub secure: Option<bool>,
+}
+
+impl StickyCookie {
+    /// Whether the cookie carries `Secure` when set on a connection that is (or is not) TLS.
+    pub fn is_secure(&self, tls: bool) -> bool {
+        self.same_site == SameSite::None || self.secure.unwrap_or(tls)
+    }
+}
+
+/// The affinity cookie's `SameSite` attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SameSite {
+    Strict,
+    /// Sent on top-level navigations from other sites, not on their subrequests.
+    #[default]
+    Lax,
+    None,
+}
+
+impl SameSite {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "Strict",
+            Self::Lax => "Lax",
+            Self::None => "None",
+        }
+    }
 }
 
 /// permessage-deflate handling.

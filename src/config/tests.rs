@@ -206,7 +206,9 @@ admin:
         r[4].sticky_cookie,
         Some(StickyCookie {
             name: "aff".into(),
-            max_age: None
+            max_age: None,
+            same_site: SameSite::Lax,
+            secure: None,
         })
     );
     assert_eq!(
@@ -957,6 +959,39 @@ fn sticky_cookie_checks() {
             None
         );
     }
+}
+
+#[test]
+fn sticky_cookie_same_site_and_secure() {
+    let cookie = |extra: &str| {
+        ok(&format!("{MINIMAL}    sticky_cookie: {{name: c{extra}}}\n")).routes[0]
+            .sticky_cookie
+            .clone()
+            .unwrap()
+    };
+    let default = cookie("");
+    assert_eq!((default.same_site, default.secure), (SameSite::Lax, None));
+    assert!(
+        default.is_secure(true) && !default.is_secure(false),
+        "Secure on TLS only"
+    );
+    let strict = cookie(", same_site: Strict, secure: true");
+    assert_eq!(strict.same_site, SameSite::Strict);
+    assert!(strict.is_secure(false));
+    assert!(!cookie(", secure: false").is_secure(true));
+    let none = cookie(", same_site: none");
+    assert!(none.is_secure(false), "SameSite=None always has Secure");
+    let errors = errors_of(&format!(
+        "{MINIMAL}    sticky_cookie: {{name: c, same_site: none, secure: false}}\n"
+    ));
+    assert!(errors.contains("same_site: none needs secure"), "{errors}");
+    let errors = errors_of(&format!(
+        "{MINIMAL}    sticky_cookie: {{name: c, same_site: loose}}\n"
+    ));
+    assert!(
+        errors.contains("expected strict, lax or none, got \"loose\""),
+        "{errors}"
+    );
 }
 
 #[test]

@@ -84,7 +84,7 @@ const ROUTE_KEYS: &[&str] = &[
 ];
 const MATCH_KEYS: &[&str] = &["host", "path_prefix"];
 const STICKY_KEYS: &[&str] = &["path", "query", "header", "cookie", "client_ip"];
-const STICKY_COOKIE_KEYS: &[&str] = &["name", "max_age"];
+const STICKY_COOKIE_KEYS: &[&str] = &["name", "max_age", "same_site", "secure"];
 const TIMEOUT_KEYS: &[&str] = &[
     "handshake",
     "idle",
@@ -1423,7 +1423,7 @@ impl Cx<'_> {
         let f = self.fields(
             raw,
             path,
-            "a mapping with name and optionally max_age",
+            "a mapping with name and optionally max_age, same_site and secure",
             STICKY_COOKIE_KEYS,
         )?;
         let name = f
@@ -1445,9 +1445,39 @@ impl Cx<'_> {
                 },
             ),
         };
+        let same_site = match f.get("same_site") {
+            None => Some(SameSite::default()),
+            Some((raw, path)) => {
+                let text = self.string(raw, &path, "strict, lax or none")?;
+                let parsed = match text.to_ascii_lowercase().as_str() {
+                    "strict" => Ok(SameSite::Strict),
+                    "lax" => Ok(SameSite::Lax),
+                    "none" => Ok(SameSite::None),
+                    _ => Err(format!("expected strict, lax or none, got {text:?}")),
+                };
+                self.checked(&path, parsed)
+            }
+        };
+        let secure = match f.get("secure") {
+            None => Some(None),
+            Some((raw, path)) => {
+                let secure = self.boolean(raw, &path)?;
+                let checked = if !secure && same_site == Some(SameSite::None) {
+                    Err(
+                        "same_site: none needs secure: browsers refuse the cookie without it"
+                            .to_owned(),
+                    )
+                } else {
+                    Ok(Some(secure))
+                };
+                self.checked(&path, checked)
+            }
+        };
         Some(StickyCookie {
             name: name?,
             max_age: max_age?,
+            same_site: same_site?,
+            secure: secure?,
         })
     }
 

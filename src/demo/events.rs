@@ -53,6 +53,10 @@ pub(crate) struct ChatMessage {
     #[serde(serialize_with = "shared_str")]
     pub(crate) server: Arc<str>,
     pub(crate) seq: u64,
+    /// The process that accepted the message (random per start): with `seq`, what identifies a
+    /// message across instances, restarts and the history database. Never sent to clients.
+    #[serde(skip)]
+    pub(crate) origin: u64,
 }
 
 // serde serialises `Arc<str>` only with its `rc` feature, which this crate does not enable.
@@ -196,6 +200,7 @@ mod tests {
             text: "hi".into(),
             server: "a".into(),
             seq: 7,
+            origin: 1,
         };
         let history = ServerEvent::History {
             room: "r",

@@ -3,6 +3,11 @@
 //! HTTP surface:
 //! - `GET /` and `GET /rooms/<room>` serve the chat page;
 //! - `GET /health` answers `200 ok`;
+//! - `GET /stats` answers the instance's counters as JSON (see [`super::stats`]);
+//! - `GET /dashboard` serves a page of those numbers, pushed over a WebSocket on
+//!   `/dashboard/ws` once per second at most: one ticker per instance takes a snapshot each
+//!   second and every dashboard socket sends the latest one, so a slow viewer skips snapshots
+//!   instead of queueing them;
 //! - a WebSocket upgrade on `/rooms/<room>[?user=<name>]` joins `<room>` and speaks the chat
 //!   protocol; an upgrade anywhere else is a 404.
 //!
@@ -15,17 +20,25 @@
 //!   `{"type":"message","room","user","text","seq"}`, the sender `{"type":"sent","room","seq"}`;
 //! - anything else gets `{"type":"error","error":"..."}` and the connection stays open.
 //!
-//! Every event the service sends also carries `"server": <name>`. `seq` counts per room.
+//! Every event the service sends also carries `"server": <name>`. `seq` counts per room and
+//! instance: with a broker, `(server, seq)` tells messages of several instances apart.
+//!
+//! Scaling out ([`Options`]): with a broker, rooms span instances (see [`super::broker`]); with
+//! a history database, history is shared and survives restarts (see [`super::store`]). Without
+//! them everything stays in this process.
 //!
 //! Invariants: nothing a peer sends can end the process or another connection; a connection
 //! whose client does not read is closed with 1008 once its queue is full (see the hub), and a
 //! write that makes no progress for [`WRITE_TIMEOUT`] ends it, so no connection is held forever
 //! by a stalled peer once shutdown starts.
 
-use super::CHAT_HTML;
+use super::broker::{self, BrokerUrl};
 use super::events::{ClientEvent, MAX_TEXT_LEN, ServerEvent, clean_user, query_param, valid_room};
 use super::halves::{ReadOnly, WriteOnly};
-use super::hub::{Hub, Limits, Mailbox, Outbound, Peer};
+use super::hub::{Hub, Limits, Mailbox, Outbound, Outlets, Peer};
+use super::stats::{Snapshot, Stats};
+use super::store::{self, HistoryUrl, Store};
+use super::{CHAT_HTML, DASHBOARD_HTML};
 use bytes::Bytes;
 use fastwebsockets::{CloseCode, Frame, OpCode, Payload, WebSocket, WebSocketError};
 use http::{Method, Request, Response, StatusCode, header};
@@ -57,6 +70,30 @@ const MAX_MESSAGE_SIZE: usize = 64 * 1024;
 const MAX_ROOMS_PER_CONNECTION: usize = 32;
 /// Time allowed for a client to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The dashboard's window: one snapshot per second at most, however busy the rooms are.
+pub const DASHBOARD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How one instance runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Reported in every event (`"server"`).
+    pub name: String,
+    /// Share rooms with other instances through Redis; `None`: rooms are this process's.
+    pub broker: Option<BrokerUrl>,
+    /// Keep history in PostgreSQL; `None`: in memory.
+    pub history: Option<HistoryUrl>,
+}
+
+impl Options {
+    /// A stand-alone instance: in-process rooms, history in memory.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            broker: None,
+            history: None,
+        }
+    }
+}
 
 type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 type Body = Full<Bytes>;
@@ -70,10 +107,66 @@ pub async fn serve(
     name: impl Into<String>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let name = name.into();
+    serve_with(listener, Options::new(name), shutdown).await;
+}
+
+/// [`serve`] with a broker and a history database, as `options` say. Connecting to them
+/// happens in the background and is retried: the service accepts clients at once, and its
+/// rooms work within this instance while either is unreachable.
+///
+/// On shutdown, after the last connection is gone, queued history writes are flushed (at most
+/// [`store::FLUSH_DEADLINE`]).
+pub async fn serve_with(
+    listener: TcpListener,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) {
+    let name = options.name;
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
+    // Background tasks stop only after the connections, so their last messages are published
+    // and written.
+    let (background_stop, background) = watch::channel(false);
+    let stats = Arc::new(Stats::default());
+    let limits = Limits::default();
+    let mut outlets = Outlets::default();
+    let broker_rx = options.broker.as_ref().map(|_| {
+        let (tx, rx) = mpsc::channel(broker::QUEUE);
+        outlets.broker = Some(tx);
+        rx
+    });
+    let store_rx = options.history.as_ref().map(|_| {
+        let (tx, rx) = mpsc::channel(store::QUEUE);
+        outlets.store = Some(tx);
+        rx
+    });
+    let origin = rand::random::<u64>();
+    let hub = Arc::new(Hub::with_outlets(
+        &name,
+        origin,
+        limits,
+        outlets,
+        Arc::clone(&stats),
+    ));
+    let (store, writer) = match (&options.history, store_rx) {
+        (Some(url), Some(rx)) => {
+            let (store, writer) = store::spawn(url, Arc::clone(&stats), rx, background.clone());
+            (Some(store), Some(writer))
+        }
+        _ => (None, None),
+    };
+    if let (Some(url), Some(rx)) = (&options.broker, broker_rx) {
+        broker::spawn(url, Arc::clone(&hub), rx, background.clone());
+    }
+    let (dashboard_tx, dashboard) = watch::channel(Bytes::new());
+    tokio::spawn(tick_dashboard(
+        Arc::clone(&hub),
+        dashboard_tx,
+        background.clone(),
+    ));
     let ctx = Arc::new(Context {
-        hub: Hub::new(&name, Limits::default()),
+        hub,
+        store,
+        dashboard,
         stop: watch::channel(false).0,
         _drain: drain_tx,
     });
@@ -102,6 +195,55 @@ pub async fn serve(
     ctx.stop.send_replace(true);
     drop(ctx);
     let _ = drain_rx.recv().await;
+    background_stop.send_replace(true);
+    if let Some(writer) = writer {
+        let _ = timeout(store::FLUSH_DEADLINE + Duration::from_secs(1), writer).await;
+    }
+}
+
+/// Takes a snapshot of the counters every [`DASHBOARD_INTERVAL`] for the dashboards.
+async fn tick_dashboard(
+    hub: Arc<Hub>,
+    snapshots: watch::Sender<Bytes>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(DASHBOARD_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_messages = 0;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        let snapshot = hub.stats().snapshot(hub.server(), hub.room_count());
+        let messages = snapshot.messages_posted + snapshot.broker_received;
+        let frame = Dashboard {
+            per_second: messages.saturating_sub(last_messages),
+            window_ms: DASHBOARD_INTERVAL.as_millis(),
+            stats: snapshot,
+        }
+        .encode();
+        last_messages = messages;
+        snapshots.send_replace(frame);
+    }
+}
+
+/// One dashboard update: the counters and what happened in the last window.
+#[derive(serde::Serialize)]
+struct Dashboard<'a> {
+    /// Chat messages seen by this instance (posted here or delivered from others).
+    per_second: u64,
+    window_ms: u128,
+    #[serde(flatten)]
+    stats: Snapshot<'a>,
+}
+
+impl Dashboard<'_> {
+    // As `ServerEvent::encode`: string fields and integers only, so serialising cannot fail.
+    #[allow(clippy::expect_used)]
+    fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("dashboard snapshots always serialise"))
+    }
 }
 
 /// Completes once the service shuts down (or, which cannot happen while a connection holds the
@@ -113,7 +255,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// What every connection of one instance shares.
 struct Context {
-    hub: Hub,
+    hub: Arc<Hub>,
+    store: Option<Store>,
+    /// The latest dashboard snapshot.
+    dashboard: watch::Receiver<Bytes>,
     /// Becomes `true` when the service shuts down.
     stop: watch::Sender<bool>,
     /// Never sent on: every connection task holds the `Context`, so the receiver sees the
@@ -159,13 +304,18 @@ fn route(mut request: Request<Incoming>, ctx: &Arc<Context>) -> Response<Body> {
         .map(str::to_owned);
     let page = path == "/" || room.is_some();
     if fastwebsockets::upgrade::is_upgrade_request(&request) {
-        return match room {
-            Some(room) if request.method() == Method::GET => upgrade(&mut request, room, ctx),
-            Some(_) => plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
-            None => plain(StatusCode::NOT_FOUND, "not found\n"),
+        let target = match room {
+            Some(room) => Socket::Chat(room),
+            None if path == "/dashboard/ws" => Socket::Dashboard,
+            None => return plain(StatusCode::NOT_FOUND, "not found\n"),
+        };
+        return if request.method() == Method::GET {
+            upgrade(&mut request, target, ctx)
+        } else {
+            plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
         };
     }
-    if !page && path != "/health" {
+    if !page && !matches!(path, "/health" | "/stats" | "/dashboard") {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -175,14 +325,32 @@ fn route(mut request: Request<Incoming>, ctx: &Arc<Context>) -> Response<Body> {
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return response;
     }
-    if page {
-        respond(StatusCode::OK, "text/html; charset=utf-8", CHAT_HTML.into())
-    } else {
-        plain(StatusCode::OK, "ok")
+    match path {
+        "/health" => plain(StatusCode::OK, "ok"),
+        "/stats" => {
+            let hub = &ctx.hub;
+            let snapshot = hub.stats().snapshot(hub.server(), hub.room_count());
+            match serde_json::to_vec(&snapshot) {
+                Ok(json) => respond(StatusCode::OK, "application/json", json.into()),
+                Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "no stats\n"),
+            }
+        }
+        "/dashboard" => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            DASHBOARD_HTML.into(),
+        ),
+        _ => respond(StatusCode::OK, "text/html; charset=utf-8", CHAT_HTML.into()),
     }
 }
 
-fn upgrade(request: &mut Request<Incoming>, room: String, ctx: &Arc<Context>) -> Response<Body> {
+/// What an upgraded connection is for.
+enum Socket {
+    Chat(String),
+    Dashboard,
+}
+
+fn upgrade(request: &mut Request<Incoming>, target: Socket, ctx: &Arc<Context>) -> Response<Body> {
     let user = match request.uri().query().and_then(|q| query_param(q, "user")) {
         None => None,
         Some(user) => match clean_user(&user) {
@@ -196,9 +364,10 @@ fn upgrade(request: &mut Request<Incoming>, room: String, ctx: &Arc<Context>) ->
     };
     let ctx = Arc::clone(ctx);
     tokio::spawn(async move {
-        match socket.await {
-            Ok(socket) => run_socket(socket, &ctx, room, user).await,
-            Err(error) => tracing::debug!(%error, "websocket upgrade failed"),
+        match (socket.await, target) {
+            (Ok(socket), Socket::Chat(room)) => run_socket(socket, &ctx, room, user).await,
+            (Ok(socket), Socket::Dashboard) => run_dashboard(socket, &ctx).await,
+            (Err(error), _) => tracing::debug!(%error, "websocket upgrade failed"),
         }
     });
     response.map(|_| Full::new(Bytes::new()))
@@ -234,12 +403,8 @@ struct Session {
 type Reader = WebSocket<ReadOnly<ReadHalf<Upgraded>>>;
 type Writer = WebSocket<WriteOnly<WriteHalf<Upgraded>>>;
 
-async fn run_socket(
-    socket: WebSocket<Upgraded>,
-    ctx: &Context,
-    room: String,
-    user: Option<Arc<str>>,
-) {
+/// Splits an upgraded socket into a reader that never writes and a writer.
+fn split(socket: WebSocket<Upgraded>) -> (Reader, Writer) {
     let (read, write) = tokio::io::split(socket.into_inner());
     let mut reader = WebSocket::after_handshake(ReadOnly(read), fastwebsockets::Role::Server);
     // The reader cannot write: pongs and close replies go through the writer's queue.
@@ -248,11 +413,55 @@ async fn run_socket(
     // fastwebsockets refuses frames of at least its limit; ours is inclusive.
     reader.set_max_message_size(MAX_MESSAGE_SIZE + 1);
     let writer = WebSocket::after_handshake(WriteOnly(write), fastwebsockets::Role::Server);
+    (reader, writer)
+}
 
+/// Counts an open chat connection for as long as it lives.
+struct Counted<'a>(&'a Stats);
+
+impl<'a> Counted<'a> {
+    fn new(stats: &'a Stats) -> Self {
+        Stats::add(&stats.connections, 1);
+        Self(stats)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        Stats::sub(&self.0.connections, 1);
+    }
+}
+
+/// Reads `room`'s history from the database before its first join here (or the first after a
+/// broker outage). A failure is counted and logged, and the joiner gets this instance's memory.
+async fn load_history(ctx: &Context, room: &str) {
     let hub = &ctx.hub;
+    let Some(store) = &ctx.store else { return };
+    if !hub.needs_history(room) {
+        return;
+    }
+    match store.recent(room, hub.limits().history).await {
+        Ok(messages) => hub.seed(room, messages),
+        Err(error) => {
+            Stats::add(&hub.stats().history_read_failures, 1);
+            tracing::warn!(room, %error, "history: read failed; replaying this instance's memory");
+        }
+    }
+}
+
+async fn run_socket(
+    socket: WebSocket<Upgraded>,
+    ctx: &Context,
+    room: String,
+    user: Option<Arc<str>>,
+) {
+    let (mut reader, writer) = split(socket);
+    let hub = &ctx.hub;
+    let _counted = Counted::new(hub.stats());
     let (peer, mailbox) = hub.connect();
     let user = user.unwrap_or_else(|| format!("guest-{}", peer.id).into());
     tracing::debug!(conn = peer.id, %room, %user, "websocket open");
+    load_history(ctx, &room).await;
     // The queue is new and empty, so this does not wait.
     if let Some(reply) = peer.reserve().await {
         hub.join(&peer, reply, &room, &user);
@@ -265,7 +474,7 @@ async fn run_socket(
 
     let mut write_loop = pin!(write_loop(writer, mailbox, ctx.stop.subscribe()));
     let writer_finished = {
-        let mut read_loop = pin!(read_loop(&mut reader, &peer, hub, &mut session));
+        let mut read_loop = pin!(read_loop(&mut reader, &peer, ctx, &mut session));
         tokio::select! {
             () = read_loop.as_mut() => false,
             () = write_loop.as_mut() => {
@@ -286,7 +495,8 @@ async fn run_socket(
 }
 
 /// Reads client frames until the client closes, the connection fails, or the writer is gone.
-async fn read_loop(reader: &mut Reader, peer: &Peer, hub: &Hub, session: &mut Session) {
+async fn read_loop(reader: &mut Reader, peer: &Peer, ctx: &Context, session: &mut Session) {
+    let hub = &ctx.hub;
     let mut reassembly = Reassembly::default();
     loop {
         let frame = match reader.read_frame().await {
@@ -327,7 +537,7 @@ async fn read_loop(reader: &mut Reader, peer: &Peer, hub: &Hub, session: &mut Se
         };
         let replied = match opcode {
             OpCode::Text => match std::str::from_utf8(&payload) {
-                Ok(text) => handle_event(text, peer, hub, session).await,
+                Ok(text) => handle_event(text, peer, ctx, session).await,
                 Err(_) => {
                     peer.try_send(Outbound::Close(1007, "invalid UTF-8"));
                     return;
@@ -411,7 +621,8 @@ fn close_reply(payload: &[u8]) -> u16 {
 }
 
 /// Handles one chat event; `false` once the connection's writer is gone.
-async fn handle_event(text: &str, peer: &Peer, hub: &Hub, session: &mut Session) -> bool {
+async fn handle_event(text: &str, peer: &Peer, ctx: &Context, session: &mut Session) -> bool {
+    let hub = &ctx.hub;
     let event = match ClientEvent::parse(text) {
         Ok(event) => event,
         Err(message) => return error(peer, hub, &message).await,
@@ -421,7 +632,7 @@ async fn handle_event(text: &str, peer: &Peer, hub: &Hub, session: &mut Session)
         return false;
     };
     let result = match event {
-        ClientEvent::Join { room, user } => join(peer, reply, hub, session, room, user),
+        ClientEvent::Join { room, user } => join(peer, reply, ctx, session, room, user).await,
         ClientEvent::Leave { room } => {
             let room = room.unwrap_or_else(|| session.home.clone());
             session.rooms.remove(&room);
@@ -445,14 +656,15 @@ async fn handle_event(text: &str, peer: &Peer, hub: &Hub, session: &mut Session)
     }
 }
 
-fn join(
+async fn join(
     peer: &Peer,
     reply: Permit<'_, Outbound>,
-    hub: &Hub,
+    ctx: &Context,
     session: &mut Session,
     room: Option<String>,
     user: Option<String>,
 ) -> Result<(), String> {
+    let hub = &ctx.hub;
     let room = room.unwrap_or_else(|| session.home.clone());
     if !valid_room(&room) {
         return Err("room names are 1 to 64 of A-Z a-z 0-9 - _ .".to_owned());
@@ -473,6 +685,7 @@ fn join(
             "at most {MAX_ROOMS_PER_CONNECTION} rooms per connection"
         ));
     }
+    load_history(ctx, &room).await;
     hub.join(peer, reply, &room, &session.user);
     session.rooms.insert(room);
     Ok(())
@@ -485,6 +698,70 @@ async fn error(peer: &Peer, hub: &Hub, message: &str) -> bool {
     }
     .encode();
     peer.send(Outbound::Text(frame)).await
+}
+
+/// A dashboard viewer: gets the latest snapshot now and each new one (one per
+/// [`DASHBOARD_INTERVAL`] at most); what it sends is ignored but pings and closes.
+async fn run_dashboard(socket: WebSocket<Upgraded>, ctx: &Context) {
+    let (mut reader, writer) = split(socket);
+    let (peer, mailbox) = ctx.hub.connect();
+    let mut snapshots = ctx.dashboard.clone();
+    snapshots.mark_changed();
+    let feed = async {
+        while snapshots.changed().await.is_ok() {
+            let snapshot = snapshots.borrow_and_update().clone();
+            // A viewer that does not read misses snapshots; the next one supersedes them.
+            if !snapshot.is_empty() {
+                peer.try_send(Outbound::Text(snapshot));
+            }
+        }
+    };
+    let mut write_loop = pin!(write_loop(writer, mailbox, ctx.stop.subscribe()));
+    let writer_finished = {
+        let mut read_loop = pin!(read_control(&mut reader, &peer));
+        tokio::select! {
+            () = read_loop.as_mut() => false,
+            () = feed => false,
+            () = write_loop.as_mut() => {
+                let _ = timeout(CLOSE_GRACE, read_loop).await;
+                true
+            }
+        }
+    };
+    drop(peer);
+    if !writer_finished {
+        let _ = timeout(CLOSE_GRACE, write_loop).await;
+    }
+}
+
+/// Answers pings and closes, ignoring data, until the client closes or the connection fails.
+async fn read_control(reader: &mut Reader, peer: &Peer) {
+    loop {
+        let frame = match reader.read_frame().await {
+            Ok(frame) => frame,
+            Err(error) => {
+                if let Some(close) = close_for(&error) {
+                    peer.try_send(close);
+                }
+                return;
+            }
+        };
+        match frame.opcode {
+            OpCode::Ping
+                if !peer
+                    .send(Outbound::Pong(Bytes::copy_from_slice(&frame.payload)))
+                    .await =>
+            {
+                return;
+            }
+            OpCode::Close => {
+                peer.send(Outbound::Close(close_reply(&frame.payload), ""))
+                    .await;
+                return;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Writes queued frames until a close frame has been sent, the queue closes, or a write fails.

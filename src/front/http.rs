@@ -378,7 +378,7 @@ async fn proxy(
         headers: head.headers,
         client_ip: peer.ip(),
     };
-    let Some(mut pick) = gateway.pick_backend(route_index, &parts) else {
+    let Some(mut pick) = gateway.pick_backend(route_index, &parts, tls) else {
         return plain(503, "no healthy backend for this route");
     };
     // Connected before the request is built: nothing of it, body included, is consumed until
@@ -425,9 +425,9 @@ async fn proxy(
             }
             Ok(Err(error)) => {
                 crate::health::observe_connect(gateway, route.upstream, pick.index, Some(&error));
-                tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, "{error}");
                 let reach = error.is_reach_failure();
-                (reach, plain(error.status(), &error.to_string()))
+                let answer = backend_failure(error.status(), peer, route, &backend.url, &error);
+                (reach, answer)
             }
             Err(_) => {
                 crate::health::observe_connect_timeout(
@@ -436,11 +436,8 @@ async fn proxy(
                     pick.index,
                     connect_timeout,
                 );
-                let line = format!(
-                    "backend {} did not accept the connection in time",
-                    backend.url
-                );
-                (true, plain(504, &line))
+                let why = "did not accept the connection in time";
+                (true, backend_failure(504, peer, route, &backend.url, &why))
             }
         };
         if attempts > 0 {
@@ -450,7 +447,7 @@ async fn proxy(
         tried[attempts] = pick.index;
         attempts += 1;
         let next = (reach_failure && attempts <= retries)
-            .then(|| gateway.repick_backend(route_index, &pick, &tried[..attempts]))
+            .then(|| gateway.repick_backend(route_index, &pick, &tried[..attempts], tls))
             .flatten();
         match next {
             Some(next) => {
@@ -505,10 +502,8 @@ async fn proxy(
             tokio::select! {
                 result = sent => result,
                 () = silence => {
-                    return plain(
-                        504,
-                        &format!("backend {} did not answer in time", backend.url),
-                    );
+                    let why = "did not answer in time";
+                    return backend_failure(504, peer, route, &backend.url, &why);
                 }
             }
         }
@@ -529,23 +524,19 @@ async fn proxy(
                     closing(400, "malformed request body")
                 }
                 None => {
-                    tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, "backend request failed: {error}");
-                    plain(502, &format!("backend {} failed: {error}", backend.url))
+                    let why = format!("request failed: {error}");
+                    backend_failure(502, peer, route, &backend.url, &why)
                 }
             };
         }
     };
     if response.status().is_informational() {
         // hyper passes a 101 on as a final answer; this request asked for no upgrade.
-        tracing::warn!(client = %peer, route = %route.name, backend = %backend.url, status = response.status().as_u16(), "backend switched protocols unasked");
-        return plain(
-            502,
-            &format!(
-                "backend {} answered {} to a request that asked for no upgrade",
-                backend.url,
-                response.status().as_u16()
-            ),
+        let why = format!(
+            "answered {} to a request that asked for no upgrade",
+            response.status().as_u16()
         );
+        return backend_failure(502, peer, route, &backend.url, &why);
     }
     let (mut parts, body) = response.into_parts();
     let listed: Vec<String> = parts
@@ -589,6 +580,20 @@ fn closing(status: u16, line: &str) -> Response<Body> {
         .headers_mut()
         .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+/// A backend's failure: the details to the log, a generic answer with the same request id to
+/// the client (see [`crate::incident`]).
+fn backend_failure(
+    status: u16,
+    peer: SocketAddr,
+    route: &crate::config::Route,
+    backend: &str,
+    why: &dyn std::fmt::Display,
+) -> Response<Body> {
+    let request_id = crate::incident::request_id();
+    tracing::warn!(client = %peer, route = %route.name, %backend, %request_id, "backend: {why}");
+    refusal_response(crate::incident::refusal(status, &request_id))
 }
 
 fn plain(status: u16, line: &str) -> Response<Body> {

@@ -41,6 +41,8 @@ pub struct Acceptance {
     pub protocol: Option<String>,
     pub extensions: Option<String>,
     pub set_cookie: Option<String>,
+    /// The backend's end-to-end 101 headers, repeated to the client.
+    backend_headers: Vec<(String, String)>,
     backend: Stream,
     backend_early: Vec<u8>,
     decoders: (FrameDecoder, FrameDecoder),
@@ -162,6 +164,7 @@ pub async fn decide(
         protocol: upgraded.protocol,
         extensions: upgraded.extensions,
         set_cookie,
+        backend_headers: upgraded.headers,
         backend: upgraded.stream,
         backend_early: upgraded.early,
         decoders: (decoder(Role::Server), decoder(Role::Client)),
@@ -200,6 +203,7 @@ impl Acceptance {
             self.protocol.as_deref(),
             self.extensions.as_deref(),
             self.set_cookie.as_deref(),
+            &self.backend_headers,
         )
     }
 

@@ -186,6 +186,8 @@ impl SessionSocket {
             self.protocol.as_deref(),
             None,
             self.set_cookie.as_deref(),
+            // A session outlives its backend's handshake, which was not the client's.
+            &[],
         )
     }
 

@@ -5,6 +5,8 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod browser;
+pub mod npm;
+pub mod servers;
 
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;

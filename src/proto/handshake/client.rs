@@ -141,6 +141,46 @@ impl fmt::Display for ClientHandshakeError {
 
 impl std::error::Error for ClientHandshakeError {}
 
+/// Headers of a backend's 101 that belong to the client too, in order: everything but the
+/// hop-by-hop headers (RFC 9110 §7.6.1: `Connection`, those it names, and the classic list),
+/// the WebSocket handshake's own (the gateway answers the client's handshake itself), and
+/// framing headers. Values that are not UTF-8 are dropped rather than altered.
+pub fn end_to_end_headers(headers: &[Header<'_>]) -> Vec<(String, String)> {
+    const NOT_END_TO_END: &[&str] = &[
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    ];
+    let named_by_connection = |name: &str| {
+        headers::values(headers, "connection")
+            .filter_map(|value| std::str::from_utf8(value).ok())
+            .flat_map(headers::split_list)
+            .any(|token| token.eq_ignore_ascii_case(name))
+    };
+    headers
+        .iter()
+        .filter(|header| {
+            let name = header.name;
+            !NOT_END_TO_END.iter().any(|n| n.eq_ignore_ascii_case(name))
+                && !name
+                    .get(..14)
+                    .is_some_and(|prefix| prefix.eq_ignore_ascii_case("sec-websocket-"))
+                && !named_by_connection(name)
+        })
+        .filter_map(|header| {
+            let value = std::str::from_utf8(header.value).ok()?;
+            Some((header.name.to_owned(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
 /// Validates a backend's response to a request sent with `key` (§4.1, the client's checks).
 pub fn validate_response<'b>(
     response: &ResponseHead<'_, 'b>,

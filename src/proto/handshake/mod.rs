@@ -6,8 +6,8 @@ pub mod headers;
 pub mod server;
 
 pub use client::{
-    ClientHandshakeError, ClientRequest, Negotiated, ResponseHead, key_from_random, parse_response,
-    validate_response, write_request,
+    ClientHandshakeError, ClientRequest, Negotiated, ResponseHead, end_to_end_headers,
+    key_from_random, parse_response, validate_response, write_request,
 };
 pub use headers::Extension;
 pub use server::{

@@ -303,3 +303,25 @@ fn client_request_is_a_valid_upgrade() {
         ["chat", "v2"]
     );
 }
+
+#[test]
+fn a_101s_end_to_end_headers_pass_and_hop_by_hop_and_handshake_headers_do_not() {
+    let text =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\n\
+        Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n\
+        Set-Cookie: sid=1; HttpOnly\r\nX-Hop: per hop\r\nKeep-Alive: timeout=5\r\n\
+        Transfer-Encoding: chunked\r\nContent-Length: 0\r\nset-cookie: theme=dark\r\n\
+        X-App: v2 \r\nSEC-WEBSOCKET-EXTENSIONS: permessage-deflate\r\nX-Bin: \xff\r\n\r\n";
+    let mut storage = [EMPTY_HEADER; 32];
+    let (head, _) = parse_response(text, &mut storage).unwrap().unwrap();
+    let kept = end_to_end_headers(head.headers);
+    let kept: Vec<(&str, &str)> = kept.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    assert_eq!(
+        kept,
+        [
+            ("Set-Cookie", "sid=1; HttpOnly"),
+            ("set-cookie", "theme=dark"),
+            ("X-App", "v2"),
+        ]
+    );
+}
