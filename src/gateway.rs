@@ -4,8 +4,10 @@
 //! Built once per configuration; connections hold an `Arc` to the one they started with, so a
 //! later reload never changes a connection in flight.
 
+use crate::auth::forward::ForwardClient;
+use crate::auth::{KeyError, RouteAuth, SubjectCounts};
 use crate::config::StickyKey;
-use crate::config::{Config, Route};
+use crate::config::{Auth, Config, Route};
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::rebalance::ConnectionRegistry;
@@ -38,6 +40,12 @@ pub struct Gateway {
     pub upstreams: Vec<UpstreamRuntime>,
     /// Client connections open per route.
     pub route_active: Vec<AtomicU32>,
+    /// Each route's compiled `auth.jwt`, by route index.
+    pub auth: Vec<Option<Arc<RouteAuth>>>,
+    /// Each route's `auth.forward` client (with its cache), by route index.
+    pub forward_auth: Vec<Option<Arc<ForwardClient>>>,
+    /// Connections open per authenticated subject; shared by every generation.
+    pub subjects: Arc<SubjectCounts>,
     /// Turns true when the gateway shuts down: every connection then closes with 1001. Shared
     /// by every configuration generation, so connections opened before a reload drain too.
     pub drain: Arc<watch::Sender<bool>>,
@@ -115,6 +123,7 @@ pub struct Shared {
     pub errors: Arc<RecentErrors>,
     pub connections: Arc<ConnectionRegistry>,
     pub addresses: Arc<AddressCounts>,
+    pub subjects: Arc<SubjectCounts>,
 }
 
 impl Default for Shared {
@@ -126,6 +135,7 @@ impl Default for Shared {
             errors: Arc::default(),
             connections: Arc::default(),
             addresses: Arc::default(),
+            subjects: Arc::default(),
         }
     }
 }
@@ -134,6 +144,10 @@ impl Default for Shared {
 pub enum GatewayError {
     #[error("upstream {upstream}: {source}")]
     UpstreamTls { upstream: String, source: TlsError },
+    #[error("route {route}: auth.jwt: {source}")]
+    AuthKeys { route: String, source: KeyError },
+    #[error("route {route}: auth.forward: {source}")]
+    ForwardTls { route: String, source: TlsError },
 }
 
 impl Gateway {
@@ -151,6 +165,7 @@ impl Gateway {
             errors,
             connections,
             addresses,
+            subjects,
         } = shared;
         let handshake_bucket = config
             .limits
@@ -178,7 +193,37 @@ impl Gateway {
                 tls,
             });
         }
+        let mut auth = Vec::with_capacity(config.routes.len());
+        let mut forward_auth = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
+            let (jwt, forward) = match &route.auth {
+                Some(Auth::Jwt(jwt)) => {
+                    let compiled = RouteAuth::new(jwt).map_err(|source| {
+                        GatewayError::AuthKeys {
+                            route: route.name.clone(),
+                            source,
+                        }
+                    })?;
+                    (Some(Arc::new(compiled)), None)
+                }
+                Some(Auth::Forward(forward)) => {
+                    let client = ForwardClient::new(forward).map_err(|source| {
+                        GatewayError::ForwardTls {
+                            route: route.name.clone(),
+                            source,
+                        }
+                    })?;
+                    (None, Some(Arc::new(client)))
+                }
+                None => (None, None),
+            };
+            auth.push(jwt);
+            forward_auth.push(forward);
+        }
         Ok(Self {
+            auth,
+            forward_auth,
+            subjects,
             routes: RouteTable::new(&config.routes),
             route_active: config.routes.iter().map(|_| AtomicU32::new(0)).collect(),
             upstreams,
@@ -203,6 +248,7 @@ impl Gateway {
             errors: Arc::clone(&self.errors),
             connections: Arc::clone(&self.connections),
             addresses: Arc::clone(&self.addresses),
+            subjects: Arc::clone(&self.subjects),
         }
     }
 

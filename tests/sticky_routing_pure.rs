@@ -36,6 +36,7 @@ fn route(host: Option<&str>, path_prefix: &str, sticky: Option<StickyKey>) -> Ro
         ping_passthrough: false,
         timeouts: Timeouts::DEFAULT,
         limits: Limits::DEFAULT,
+        auth: None,
     }
 }
 

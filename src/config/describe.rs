@@ -195,6 +195,7 @@ fn sticky_key(key: &StickyKey) -> String {
         StickyKey::Header(name) => format!("header {name}"),
         StickyKey::Cookie(name) => format!("cookie {name}"),
         StickyKey::ClientIp => "client IP".to_owned(),
+        StickyKey::Claim { claim, .. } => format!("token claim {claim}"),
     }
 }
 

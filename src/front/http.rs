@@ -216,7 +216,10 @@ async fn routed(
     tls: bool,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    let response = proxy(gateway, route, peer, tls, request).await;
+    let response = match crate::authorize::unauthenticated(gateway, route, peer) {
+        Some(refusal) => refusal_response(refusal),
+        None => proxy(gateway, route, peer, tls, request).await,
+    };
     let labels = HttpRequest {
         route: gateway.route(route).name.clone(),
         status: response.status().as_u16().to_string(),

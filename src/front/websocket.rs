@@ -9,6 +9,8 @@
 use crate::admit::{
     BackendOffer, OpenedBackend, open_backend, register_in_room, switching_protocols,
 };
+use crate::auth::SubjectSlot;
+use crate::authorize::{Expiry, authorize};
 use crate::config::Compression;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{CloseCodeLabel, Closed, RouteBackend};
@@ -44,6 +46,8 @@ pub struct Acceptance {
     backend_early: Vec<u8>,
     decoders: (FrameDecoder, FrameDecoder),
     settings: RelaySettings,
+    /// When the client's token expires, on routes with `auth`.
+    expiry: Option<Expiry>,
     log: AccessContext,
 }
 
@@ -59,6 +63,7 @@ struct AccessContext {
     active: Gauge,
     /// Present for connections routed by a sticky key: they move when its owner changes.
     registration: Option<Registration>,
+    _subject_slot: Option<SubjectSlot>,
     _route_slot: RouteSlot,
     _backend_slot: ConnectionSlot,
 }
@@ -91,7 +96,35 @@ pub async fn decide(
         return refuse("no_route", 404, "no route for this host and path", &[]);
     };
     let route = gateway.route(route_index);
-    let protocols = join(handshake::server::offered_protocols(head.headers));
+    // Before anything is spent on a backend; an origin the route refuses is refused by
+    // `open_backend` without a look at the credentials.
+    let mut authorized = if crate::admit::origin_allowed(route, upgrade.origin) {
+        match authorize(gateway, route_index, head, peer, tls).await {
+            Ok(authorized) => authorized,
+            Err(refusal) => return Decision::Refuse(refusal),
+        }
+    } else {
+        None
+    };
+    let expiry = authorized.as_ref().and_then(|a| a.expiry());
+    let subject_slot = authorized.as_mut().and_then(|a| a.subject_slot.take());
+    // The request as the backend sees it: the token out of the URL and the offer, the
+    // identity headers in.
+    let backend_headers = authorized.as_ref().map(|a| a.backend_headers(head.headers));
+    let backend_head = match (&authorized, &backend_headers) {
+        (Some(a), Some(headers)) => RequestHead {
+            method: head.method,
+            target: a.target.as_deref().unwrap_or(head.target),
+            version: head.version,
+            headers,
+        },
+        _ => *head,
+    };
+    let head = &backend_head;
+    let protocols = match authorized.as_ref().and_then(|a| a.protocols.clone()) {
+        Some(without_token) => without_token,
+        None => join(handshake::server::offered_protocols(head.headers)),
+    };
     let extensions = match route.compression {
         Compression::Passthrough => join(
             handshake::headers::values(head.headers, "sec-websocket-extensions")
@@ -172,6 +205,7 @@ pub async fn decide(
             ping_passthrough: route.ping_passthrough,
             message_rate: route.limits.message_rate,
         },
+        expiry,
         log: AccessContext {
             gateway: Arc::clone(gateway),
             route: route_index,
@@ -180,6 +214,7 @@ pub async fn decide(
             peer,
             active,
             registration,
+            _subject_slot: subject_slot,
             _route_slot: route_slot,
             _backend_slot: backend_slot,
         },
@@ -214,6 +249,7 @@ impl Acceptance {
             backend_early,
             decoders: (client_decoder, backend_decoder),
             settings,
+            expiry,
             mut log,
             ..
         } = self;
@@ -245,10 +281,20 @@ impl Acceptance {
                     None => std::future::pending().await,
                 }
             };
+            let expired = async {
+                match expiry {
+                    Some(expiry) => {
+                        tokio::time::sleep_until(expiry.at).await;
+                        expiry.code
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 // A dropped sender means nobody will ever ask for a drain.
                 Ok(_) = drain.wait_for(|draining| *draining) => Stop::Shutdown,
                 () = moved => Stop::Moved,
+                code = expired => Stop::Expired { code },
             }
         };
         relay.run(stop, move |report| log.write(&report, started.elapsed()))
@@ -318,7 +364,8 @@ fn failure(report: &RelayReport) -> Option<(ErrorKind, String)> {
         | Cause::IoError(Side::Client)
         | Cause::IdleTimeout
         | Cause::Shutdown
-        | Cause::Moved => return None,
+        | Cause::Moved
+        | Cause::Expired => return None,
     };
     Some((kind, report.cause.to_string()))
 }

@@ -129,6 +129,7 @@ mod tests {
             ping_passthrough: false,
             timeouts: Timeouts::DEFAULT,
             limits: Limits::DEFAULT,
+            auth: None,
         }
     }
 

@@ -68,6 +68,9 @@ pub fn admit(
         gateway.metrics.handshake_failed("origin");
         return Err(Refusal::plain(403, "origin not allowed", &[]));
     }
+    if let Some(refusal) = crate::authorize::unauthenticated(gateway, route, peer) {
+        return Err(refusal);
+    }
     let address = match gateway.sessions.enter_address(
         peer.ip(),
         settings.max_sessions_per_ip,
