@@ -1,6 +1,6 @@
-//! Authentication at the edge: a route's `auth.jwt` checked on the handshake, before any
-//! backend is contacted, and the identity it establishes carried to the backend and enforced
-//! for the life of the connection.
+//! Authentication at the edge: a route's `auth` (a JWT, or an auth service's verdict) checked
+//! on the handshake, before any backend is contacted, and the identity it establishes carried
+//! to the backend and, for a token's expiry, enforced for the life of the connection.
 //!
 //! - `jwt`: verifying a token (keys, algorithms, claims), pure, the time passed in;
 //! - `token`: where a token is found in the request, and the request without it, pure;
@@ -10,8 +10,8 @@
 //! - `subjects`: connections open per subject, against `max_connections_per_subject`.
 //!
 //! Invariants:
-//! - a request on a route with `auth` reaches a backend only with a verified token; every
-//!   refusal happens before [`crate::admit::open_backend`] is called;
+//! - a request on a route with `auth` reaches a backend only with a verified token (or the auth
+//!   service's 2xx); every refusal happens before [`crate::admit::open_backend`] is called;
 //! - the backend never sees the token in the URL or in the subprotocol offer when it came
 //!   from there, and never sees a client's own copy of a header the gateway sets from claims;
 //! - tokens are never logged, nor echoed in a response: refusals carry fixed descriptions.
