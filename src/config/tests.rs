@@ -2195,7 +2195,8 @@ fn rebalance_settings_parse_and_errors_name_their_key() {
 #[test]
 fn auth_jwt_is_converted_with_defaults_and_every_key() {
     let config = ok(&format!(
-        "{MINIMAL}    auth:
+        "{MINIMAL}    match: {{path_prefix: /a}}
+    auth:
       jwt:
         keys:
           - pem: keys/ec.pem
@@ -2289,13 +2290,13 @@ fn auth_errors_name_their_line() {
         headers: {{Host: sub}}
 "
     ));
-    expect(&errors, 15, "routes[0].auth.jwt.keys[0].algorithms[0]", &["one of HS256", "the string \"none\""]);
-    expect(&errors, 16, "routes[0].auth.jwt.keys[1].algorithms", &["required key is missing"]);
-    expect(&errors, 17, "routes[0].auth.jwt.keys[2]", &["exactly one of", "pem and secret_file"]);
-    expect(&errors, 21, "routes[0].auth.jwt.keys[3].algorithms", &["HS256, HS384 or HS512 only"]);
-    expect(&errors, 23, "routes[0].auth.jwt.keys[4].algorithms", &["one kind only"]);
-    expect(&errors, 24, "routes[0].auth.jwt.expired_close_code", &["1005 cannot be sent"]);
-    expect(&errors, 25, "routes[0].auth.jwt.headers.Host", &["the gateway sets or removes itself"]);
+    expect(&errors, 14, "routes[0].auth.jwt.keys[0].algorithms[0]", &["one of HS256", "the string \"none\""]);
+    expect(&errors, 15, "routes[0].auth.jwt.keys[1].algorithms", &["required key is missing"]);
+    expect(&errors, 16, "routes[0].auth.jwt.keys[2]", &["exactly one of", "pem and secret_file"]);
+    expect(&errors, 20, "routes[0].auth.jwt.keys[3].algorithms", &["HS256, HS384 or HS512 only"]);
+    expect(&errors, 22, "routes[0].auth.jwt.keys[4].algorithms", &["one kind only"]);
+    expect(&errors, 23, "routes[0].auth.jwt.expired_close_code", &["1005 cannot be sent"]);
+    expect(&errors, 24, "routes[0].auth.jwt.headers.Host", &["the gateway sets or removes itself"]);
     assert_eq!(errors.len(), 7, "{errors:#?}");
 }
 
@@ -2311,13 +2312,13 @@ fn a_claim_sticky_key_needs_the_claim_mapped_to_a_header() {
             algorithms: [EdDSA]
 "
         ),
-        10,
+        9,
         "routes[0].sticky.claim",
         &["needs auth.jwt", "X-User-Id: sub"],
     );
     single(
         &format!("{MINIMAL}    sticky: {{claim: sub}}\n"),
-        10,
+        9,
         "routes[0].sticky.claim",
         &["needs auth.jwt"],
     );
@@ -2366,9 +2367,9 @@ fn a_jwks_url_is_https_with_bounded_timers() {
             refresh: 1m
 "
     ));
-    expect(&errors, 13, "routes[0].auth.jwt.keys[0].jwks_url", &["https:// only"]);
-    expect(&errors, 15, "routes[0].auth.jwt.keys[1].cooldown", &["at least 100ms"]);
-    expect(&errors, 18, "routes[0].auth.jwt.keys[2].refresh", &["jwks_url only"]);
+    expect(&errors, 12, "routes[0].auth.jwt.keys[0].jwks_url", &["https:// only"]);
+    expect(&errors, 14, "routes[0].auth.jwt.keys[1].cooldown", &["at least 100ms"]);
+    expect(&errors, 17, "routes[0].auth.jwt.keys[2].refresh", &["jwks_url only"]);
     assert_eq!(errors.len(), 3, "{errors:#?}");
 }
 
@@ -2405,5 +2406,5 @@ fn auth_forward_is_converted_and_takes_no_jwt_beside_it() {
         keys: []
 "
     ));
-    expect(&errors, 11, "routes[0].auth.forward", &["either jwt or forward"]);
+    expect(&errors, 10, "routes[0].auth.forward", &["either jwt or forward"]);
 }
