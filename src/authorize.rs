@@ -6,9 +6,9 @@
 //! Called before [`crate::admit::open_backend`], so a refused client never costs a backend
 //! connection, and never logs a token: only fixed reasons are rendered.
 
+use crate::auth::forward::{ForwardClient, Verdict};
 use crate::auth::jwt::Rejection;
 use crate::auth::remote::FetchError;
-use crate::auth::forward::{ForwardClient, Verdict};
 use crate::auth::{self, Failure, RouteAuth, SubjectSlot};
 use crate::gateway::Gateway;
 use crate::proto::CloseCode;
@@ -85,7 +85,9 @@ pub async fn authorize(
     tls: bool,
 ) -> Result<Option<Authorized>, Refusal> {
     if let Some(forward) = gateway.forward_auth.get(route).and_then(Option::as_ref) {
-        return forwarded(gateway, route, forward, head, peer, tls).await.map(Some);
+        return forwarded(gateway, route, forward, head, peer, tls)
+            .await
+            .map(Some);
     }
     let Some(route_auth) = gateway.auth.get(route).and_then(Option::as_ref) else {
         return Ok(None);
@@ -127,7 +129,11 @@ pub async fn authorize(
         target,
         protocols: admitted.protocols,
         identity: admitted.identity,
-        replaced: config.headers.iter().map(|(name, _)| name.clone()).collect(),
+        replaced: config
+            .headers
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect(),
         valid_until: admitted.verified.valid_until,
         expired_close_code: config.expired_close_code,
         subject_slot,
@@ -172,15 +178,23 @@ async fn forwarded(
                 "forward_403"
             });
             let detail = format!("{peer}: {} from the auth service", refusal.status);
-            gateway.errors.record(ErrorKind::Auth, Some(name), None, detail);
+            gateway
+                .errors
+                .record(ErrorKind::Auth, Some(name), None, detail);
             Err(refusal)
         }
         Verdict::Unavailable(why) => {
             count("forward_unavailable");
             tracing::warn!(client = %peer, route = %name, "{why}");
             let detail = format!("{peer}: 503 {why}");
-            gateway.errors.record(ErrorKind::Auth, Some(name), None, detail);
-            Err(Refusal::plain(503, "authentication is unavailable", &[("Retry-After", "1")]))
+            gateway
+                .errors
+                .record(ErrorKind::Auth, Some(name), None, detail);
+            Err(Refusal::plain(
+                503,
+                "authentication is unavailable",
+                &[("Retry-After", "1")],
+            ))
         }
     }
 }
@@ -241,12 +255,10 @@ pub fn record(gateway: &Gateway, route: usize, peer: SocketAddr, failure: Failur
         })
         .inc();
     gateway.metrics.handshake_failed("auth");
-    let detail = format!(
-        "{peer}: {} {}",
-        failure.status(),
-        failure.description()
-    );
-    gateway.errors.record(ErrorKind::Auth, Some(name), None, detail);
+    let detail = format!("{peer}: {} {}", failure.status(), failure.description());
+    gateway
+        .errors
+        .record(ErrorKind::Auth, Some(name), None, detail);
     tracing::info!(client = %peer, route = %name, reason = failure.label(), "auth refused");
 }
 
@@ -264,8 +276,11 @@ pub fn unauthenticated(gateway: &Gateway, route: usize, peer: SocketAddr) -> Opt
         })
         .inc();
     let line = "this route admits authenticated WebSocket upgrades only";
-    gateway
-        .errors
-        .record(ErrorKind::Auth, Some(name), None, format!("{peer}: 403 {line}"));
+    gateway.errors.record(
+        ErrorKind::Auth,
+        Some(name),
+        None,
+        format!("{peer}: 403 {line}"),
+    );
     Some(Refusal::plain(403, line, &[]))
 }

@@ -198,21 +198,19 @@ impl Gateway {
         for route in &config.routes {
             let (jwt, forward) = match &route.auth {
                 Some(Auth::Jwt(jwt)) => {
-                    let compiled = RouteAuth::new(jwt).map_err(|source| {
-                        GatewayError::AuthKeys {
+                    let compiled =
+                        RouteAuth::new(jwt).map_err(|source| GatewayError::AuthKeys {
                             route: route.name.clone(),
                             source,
-                        }
-                    })?;
+                        })?;
                     (Some(Arc::new(compiled)), None)
                 }
                 Some(Auth::Forward(forward)) => {
-                    let client = ForwardClient::new(forward).map_err(|source| {
-                        GatewayError::ForwardTls {
+                    let client =
+                        ForwardClient::new(forward).map_err(|source| GatewayError::ForwardTls {
                             route: route.name.clone(),
                             source,
-                        }
-                    })?;
+                        })?;
                     (None, Some(Arc::new(client)))
                 }
                 None => (None, None),

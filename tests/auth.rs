@@ -81,7 +81,9 @@ async fn connect_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(Client, tungstenite::handshake::client::Response), tungstenite::Error> {
-    let mut request = format!("ws://{gateway}{path}").into_client_request().unwrap();
+    let mut request = format!("ws://{gateway}{path}")
+        .into_client_request()
+        .unwrap();
     for (name, value) in headers {
         request.headers_mut().append(
             http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
@@ -94,7 +96,11 @@ async fn connect_with(
 #[tokio::test]
 async fn refusals_are_401_or_403_and_no_backend_is_contacted() {
     let (backend, connections) = counting_backend().await;
-    let gateway = start_gateway(&simple_config(&[backend], &auth("require: [role]\nleeway: 0"))).await;
+    let gateway = start_gateway(&simple_config(
+        &[backend],
+        &auth("require: [role]\nleeway: 0"),
+    ))
+    .await;
 
     let (status, head) = answer(gateway.addr, "/", "").await;
     assert!(head.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{head}");
@@ -114,29 +120,45 @@ async fn refusals_are_401_or_403_and_no_backend_is_contacted() {
         ),
         "{head}"
     );
-    assert!(!head.contains(&expired), "the token is never echoed: {head}");
+    assert!(
+        !head.contains(&expired),
+        "the token is never echoed: {head}"
+    );
 
     // Alice's signature on a payload that names someone else.
     let forged = {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let mut parts: Vec<String> = alice().split('.').map(str::to_owned).collect();
-        parts[1] = b64.encode(json!({"sub": "mallory", "role": "x", "exp": now() + 60}).to_string());
+        parts[1] =
+            b64.encode(json!({"sub": "mallory", "role": "x", "exp": now() + 60}).to_string());
         parts.join(".")
     };
-    let (status, head) =
-        answer(gateway.addr, "/", &format!("Authorization: Bearer {forged}\r\n")).await;
+    let (status, head) = answer(
+        gateway.addr,
+        "/",
+        &format!("Authorization: Bearer {forged}\r\n"),
+    )
+    .await;
     assert_eq!(status, 401, "{head}");
     assert!(head.contains("signature is invalid"), "{head}");
 
     let no_role = token(json!({"sub": "alice", "exp": now() + 60}));
-    let (status, head) =
-        answer(gateway.addr, "/", &format!("Authorization: Bearer {no_role}\r\n")).await;
+    let (status, head) = answer(
+        gateway.addr,
+        "/",
+        &format!("Authorization: Bearer {no_role}\r\n"),
+    )
+    .await;
     assert_eq!(status, 403, "{head}");
     assert!(head.contains("error=\"insufficient_scope\""), "{head}");
 
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(connections.load(Ordering::SeqCst), 0, "no backend connection");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "no backend connection"
+    );
 }
 
 #[tokio::test]
@@ -200,7 +222,10 @@ async fn a_token_in_the_subprotocol_offer_is_taken_out_of_it() {
 #[tokio::test]
 async fn the_connection_is_closed_when_the_token_expires() {
     let mut backend = peers::recording_backend(peers::Script::Echo).await;
-    let config = simple_config(&[backend.addr], &auth("leeway: 0\nexpired_close_code: 4401"));
+    let config = simple_config(
+        &[backend.addr],
+        &auth("leeway: 0\nexpired_close_code: 4401"),
+    );
     let gateway = start_gateway(&config).await;
     let exp = now() + 2;
     let short = token(json!({"sub": "alice", "exp": exp}));
@@ -216,7 +241,10 @@ async fn the_connection_is_closed_when_the_token_expires() {
     assert_eq!(u16::from(frame.code), 4401);
     assert_eq!(frame.reason.as_str(), "token expired");
     // Closed at exp: not before it, and not long after.
-    assert!(unix_at_close >= Duration::from_secs(exp), "{unix_at_close:?} < {exp}");
+    assert!(
+        unix_at_close >= Duration::from_secs(exp),
+        "{unix_at_close:?} < {exp}"
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
     let (code, _) = backend.close_received().await.unwrap();
     assert_eq!(code, 1001);
@@ -259,7 +287,11 @@ async fn a_subject_holds_at_most_its_connections() {
 
 #[tokio::test]
 async fn one_subjects_connections_meet_on_one_backend() {
-    let backends = [echo_backend("b1").await, echo_backend("b2").await, echo_backend("b3").await];
+    let backends = [
+        echo_backend("b1").await,
+        echo_backend("b2").await,
+        echo_backend("b3").await,
+    ];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let config = simple_config(
         &addrs,
@@ -330,7 +362,10 @@ async fn an_unreadable_key_file_stops_the_gateway_from_starting() {
     let config = wsgate::config::from_yaml_str(&yaml, "test.yaml").unwrap();
     let error = wsgate::server::Server::bind(config).await.err().unwrap();
     let text = error.to_string();
-    assert!(text.contains("route app") && text.contains("/nonexistent/key.pem"), "{text}");
+    assert!(
+        text.contains("route app") && text.contains("/nonexistent/key.pem"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -347,12 +382,18 @@ async fn sessions_and_plain_http_cannot_bypass_a_routes_auth() {
         assert!(text.starts_with("HTTP/1.1 403"), "{method} {path}: {text}");
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(connections.load(Ordering::SeqCst), 0, "no backend connection");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "no backend connection"
+    );
 }
 
 /// An HTTPS server (certs/localhost.crt) answering every request with the status and body
 /// in `answer` at that moment; counts requests.
-async fn jwks_server(answer: Arc<std::sync::Mutex<(u16, String)>>) -> (SocketAddr, Arc<AtomicUsize>) {
+async fn jwks_server(
+    answer: Arc<std::sync::Mutex<(u16, String)>>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     use http_body_util::Full;
     use hyper_util::rt::TokioIo;
     use rustls_pki_types::pem::PemObject;
@@ -411,7 +452,10 @@ fn ec_key(kid: &str) -> (EncodingKey, Value) {
     let point = pair.public_key_raw();
     let jwk = json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
         "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..65])});
-    (EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(), jwk)
+    (
+        EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+        jwk,
+    )
 }
 
 fn ec_token(kid: &str, key: &EncodingKey) -> String {
@@ -440,7 +484,9 @@ async fn a_jwks_url_is_fetched_over_https_rotated_by_kid_and_kept_when_the_issue
         let addr = gateway.addr;
         async move {
             let bearer = format!("Bearer {token}");
-            connect_with(addr, "/", &[("Authorization", &bearer)]).await.is_ok()
+            connect_with(addr, "/", &[("Authorization", &bearer)])
+                .await
+                .is_ok()
         }
     };
 
@@ -452,8 +498,14 @@ async fn a_jwks_url_is_fetched_over_https_rotated_by_kid_and_kept_when_the_issue
     // Rotation: the issuer publishes a new key beside the old one (after the cooldown).
     tokio::time::sleep(Duration::from_millis(150)).await;
     answer.lock().unwrap().1 = json!({"keys": [old_jwk, new_jwk.clone()]}).to_string();
-    assert!(admitted(ec_token("new", &new_key)).await, "unknown kid fetches again");
-    assert!(admitted(ec_token("old", &old_key)).await, "old key valid until removed");
+    assert!(
+        admitted(ec_token("new", &new_key)).await,
+        "unknown kid fetches again"
+    );
+    assert!(
+        admitted(ec_token("old", &old_key)).await,
+        "old key valid until removed"
+    );
     let after_rotation = fetches.load(Ordering::SeqCst);
     assert_eq!(after_rotation, 2);
 
@@ -464,13 +516,19 @@ async fn a_jwks_url_is_fetched_over_https_rotated_by_kid_and_kept_when_the_issue
     }
     let allowed = 1 + started.elapsed().as_millis() / 100;
     let made_up = fetches.load(Ordering::SeqCst) - after_rotation;
-    assert!(made_up as u128 <= allowed, "{made_up} fetches, {allowed} allowed");
+    assert!(
+        made_up as u128 <= allowed,
+        "{made_up} fetches, {allowed} allowed"
+    );
 
     // The issuer fails: the last good set stays in use.
     *answer.lock().unwrap() = (500, "down".to_owned());
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for _ in 0..3 {
-        assert!(admitted(ec_token("new", &new_key)).await, "last good set kept");
+        assert!(
+            admitted(ec_token("new", &new_key)).await,
+            "last good set kept"
+        );
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 
@@ -478,7 +536,10 @@ async fn a_jwks_url_is_fetched_over_https_rotated_by_kid_and_kept_when_the_issue
     *answer.lock().unwrap() = (200, json!({"keys": [new_jwk]}).to_string());
     let deadline = Instant::now() + Duration::from_secs(5);
     while admitted(ec_token("old", &old_key)).await {
-        assert!(Instant::now() < deadline, "the removed key was never dropped");
+        assert!(
+            Instant::now() < deadline,
+            "the removed key was never dropped"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(admitted(ec_token("new", &new_key)).await);
@@ -487,7 +548,11 @@ async fn a_jwks_url_is_fetched_over_https_rotated_by_kid_and_kept_when_the_issue
 /// A plain-HTTP auth service: `Bearer good` is admitted as user 7, `Bearer broken` is a 500,
 /// `Bearer slow` answers after 3 s, anything else is a 401 with a body. Counts calls and
 /// keeps the last request's headers.
-async fn auth_service() -> (SocketAddr, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+async fn auth_service() -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
     use http_body_util::Full;
     use hyper_util::rt::TokioIo;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -550,7 +615,9 @@ async fn forward_auth_admits_refuses_and_caches_by_credentials() {
 
     // Admitted: the service's X-User-Id replaces the client's; other service headers stay.
     let headers = [("Authorization", "Bearer good"), ("X-User-Id", "spoofed")];
-    let (mut ws, _) = connect_with(gateway.addr, "/room?x=1", &headers).await.unwrap();
+    let (mut ws, _) = connect_with(gateway.addr, "/room?x=1", &headers)
+        .await
+        .unwrap();
     ws.send(Message::text("hi")).await.unwrap();
     assert_eq!(next_message(&mut ws).await, Message::text("hi"));
     let seen = echo.seen.lock().unwrap()[0].clone();
@@ -563,7 +630,12 @@ async fn forward_auth_admits_refuses_and_caches_by_credentials() {
     assert_eq!(ids, ["7"]);
     assert_eq!(seen.header("x-secret"), None);
     let asked = last.lock().unwrap().clone();
-    let asked_for = |name: &str| asked.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    let asked_for = |name: &str| {
+        asked
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
     assert_eq!(asked_for("x-forwarded-uri").as_deref(), Some("/room?x=1"));
     assert_eq!(asked_for("x-forwarded-method").as_deref(), Some("GET"));
     assert_eq!(asked_for("authorization").as_deref(), Some("Bearer good"));
@@ -585,11 +657,22 @@ async fn forward_auth_admits_refuses_and_caches_by_credentials() {
     // A failing or slow service is a 503, never an admission, and is not cached.
     for token in ["broken", "broken", "slow"] {
         let started = Instant::now();
-        let (status, head) =
-            answer(gateway.addr, "/", &format!("Authorization: Bearer {token}\r\n")).await;
+        let (status, head) = answer(
+            gateway.addr,
+            "/",
+            &format!("Authorization: Bearer {token}\r\n"),
+        )
+        .await;
         assert_eq!(status, 503, "{token}: {head}");
-        assert!(started.elapsed() < Duration::from_secs(2), "bounded by the timeout");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "bounded by the timeout"
+        );
     }
     assert_eq!(calls.load(Ordering::SeqCst), 5);
-    assert_eq!(echo.seen.lock().unwrap().len(), 2, "refusals never reach the backend");
+    assert_eq!(
+        echo.seen.lock().unwrap().len(),
+        2,
+        "refusals never reach the backend"
+    );
 }

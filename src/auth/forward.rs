@@ -92,18 +92,15 @@ impl ForwardClient {
         if let Some(verdict) = self.cached(&key, Instant::now()) {
             return verdict;
         }
-        let verdict = match tokio::time::timeout(
-            self.config.timeout,
-            self.ask(head, &sent, peer, tls),
-        )
-        .await
-        {
-            Ok(verdict) => verdict,
-            Err(_) => Verdict::Unavailable(format!(
-                "auth service did not answer within {} ms",
-                self.config.timeout.as_millis()
-            )),
-        };
+        let verdict =
+            match tokio::time::timeout(self.config.timeout, self.ask(head, &sent, peer, tls)).await
+            {
+                Ok(verdict) => verdict,
+                Err(_) => Verdict::Unavailable(format!(
+                    "auth service did not answer within {} ms",
+                    self.config.timeout.as_millis()
+                )),
+            };
         self.remember(key, &verdict, Instant::now());
         verdict
     }
@@ -178,7 +175,10 @@ impl ForwardClient {
             .header("x-forwarded-method", head.method)
             .header("x-forwarded-uri", head.target)
             .header("x-forwarded-host", head.header("host").unwrap_or(""))
-            .header("x-forwarded-proto", if client_tls { "https" } else { "http" })
+            .header(
+                "x-forwarded-proto",
+                if client_tls { "https" } else { "http" },
+            )
             .header("x-forwarded-for", peer.ip().to_string());
         for (name, value) in sent {
             request = request.header(*name, *value);

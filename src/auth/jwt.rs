@@ -139,7 +139,9 @@ pub const fn algorithm(a: JwtAlgorithm) -> Algorithm {
 
 /// Ours for a jsonwebtoken algorithm.
 pub fn from_algorithm(a: Algorithm) -> Option<JwtAlgorithm> {
-    JwtAlgorithm::ALL.into_iter().find(|ours| algorithm(*ours) == a)
+    JwtAlgorithm::ALL
+        .into_iter()
+        .find(|ours| algorithm(*ours) == a)
 }
 
 /// Verifies `token` with `keys` under `rules` at `now` (seconds since the Unix epoch).
@@ -215,7 +217,11 @@ fn validation(alg: JwtAlgorithm, rules: &Rules) -> Validation {
     validation
 }
 
-fn check_claims(claims: Map<String, Value>, rules: &Rules, now: u64) -> Result<Verified, Rejection> {
+fn check_claims(
+    claims: Map<String, Value>,
+    rules: &Rules,
+    now: u64,
+) -> Result<Verified, Rejection> {
     let exp = numeric_date(claims.get("exp"))?;
     let nbf = numeric_date(claims.get("nbf"))?;
     let valid_until = exp.map(|exp| exp.saturating_add(rules.leeway));
@@ -226,7 +232,11 @@ fn check_claims(claims: Map<String, Value>, rules: &Rules, now: u64) -> Result<V
     if nbf.is_some_and(|nbf| now.saturating_add(rules.leeway) < nbf) {
         return Err(Rejection::NotYetValid);
     }
-    if rules.require.iter().any(|claim| !claims.contains_key(claim)) {
+    if rules
+        .require
+        .iter()
+        .any(|claim| !claims.contains_key(claim))
+    {
         return Err(Rejection::MissingClaim);
     }
     let subject = claims.get("sub").and_then(Value::as_str).map(str::to_owned);

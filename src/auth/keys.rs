@@ -39,12 +39,14 @@ pub fn load(config: &[JwtKey]) -> Result<Vec<Key>, KeyError> {
         match &key.source {
             JwtKeySource::Pem(path) => {
                 let pem = read_capped(path)?;
-                keys.push(pem_key(&pem, &key.algorithms, key.kid.clone()).map_err(|why| {
-                    KeyError::Invalid {
-                        path: path.clone(),
-                        why,
-                    }
-                })?);
+                keys.push(
+                    pem_key(&pem, &key.algorithms, key.kid.clone()).map_err(|why| {
+                        KeyError::Invalid {
+                            path: path.clone(),
+                            why,
+                        }
+                    })?,
+                );
             }
             JwtKeySource::Secret(path) => {
                 let secret = read_capped(path)?;

@@ -93,9 +93,9 @@ impl Failure {
         let challenge = match self {
             // §3.1: a request without credentials gets no error code.
             Self::Missing => "Bearer".to_owned(),
-            Self::Rejected(Rejection::MissingClaim) | Self::UnfitClaim => format!(
-                "Bearer error=\"insufficient_scope\", error_description=\"{description}\""
-            ),
+            Self::Rejected(Rejection::MissingClaim) | Self::UnfitClaim => {
+                format!("Bearer error=\"insufficient_scope\", error_description=\"{description}\"")
+            }
             Self::Rejected(_) => {
                 format!("Bearer error=\"invalid_token\", error_description=\"{description}\"")
             }
@@ -130,12 +130,11 @@ impl RouteAuth {
         let mut remote = Vec::new();
         for key in &config.keys {
             if let crate::config::JwtKeySource::JwksUrl(url) = &key.source {
-                let source = RemoteKeys::new(url, &key.algorithms).map_err(|source| {
-                    KeyError::Tls {
+                let source =
+                    RemoteKeys::new(url, &key.algorithms).map_err(|source| KeyError::Tls {
                         url: url.url.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 remote.push(Arc::new(source));
             }
         }
@@ -157,7 +156,10 @@ impl RouteAuth {
     pub fn check(&self, head: &RequestHead<'_, '_>, now: u64) -> Result<Admitted, Failure> {
         let found = token::find(&self.config.from, head).ok_or(Failure::Missing)?;
         let fetched: Vec<Arc<Vec<Key>>> = self.remote.iter().map(|r| r.current()).collect();
-        let keys = self.keys.iter().chain(fetched.iter().flat_map(|set| set.iter()));
+        let keys = self
+            .keys
+            .iter()
+            .chain(fetched.iter().flat_map(|set| set.iter()));
         let verified =
             jwt::verify(&found.token, keys, &self.rules, now).map_err(Failure::Rejected)?;
         let mut identity = Vec::with_capacity(self.config.headers.len());

@@ -130,12 +130,11 @@ impl RemoteKeys {
             state.attempted = Some(now);
         }
         let body = self.fetch().await?;
-        let keys = parse_jwks(&body, &self.default_algorithms).map_err(|why| {
-            FetchError::Failed {
+        let keys =
+            parse_jwks(&body, &self.default_algorithms).map_err(|why| FetchError::Failed {
                 url: self.source.url.clone(),
                 why,
-            }
-        })?;
+            })?;
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         state.keys = Arc::new(keys);
         state.fetched = Some(Instant::now());
@@ -183,7 +182,10 @@ impl RemoteKeys {
         };
         let request = hyper::Request::get(source.path.as_str())
             .header(hyper::header::HOST, authority)
-            .header(hyper::header::ACCEPT, "application/json, application/jwk-set+json")
+            .header(
+                hyper::header::ACCEPT,
+                "application/json, application/jwk-set+json",
+            )
             .body(Empty::<Bytes>::new())
             .map_err(|e| format!("request: {e}"))?;
         let result = async {

@@ -84,7 +84,10 @@ pub fn target_without(target: &str, name: &str) -> String {
 
 /// The client's subprotocol offer without the entries starting with `prefix`; `None` when
 /// nothing else was offered.
-pub fn protocols_without<'a>(offered: impl Iterator<Item = &'a str>, prefix: &str) -> Option<String> {
+pub fn protocols_without<'a>(
+    offered: impl Iterator<Item = &'a str>,
+    prefix: &str,
+) -> Option<String> {
     let kept: Vec<&str> = offered.filter(|p| !p.starts_with(prefix)).collect();
     (!kept.is_empty()).then(|| kept.join(", "))
 }
@@ -103,14 +106,19 @@ mod tests {
     }
 
     fn found(sources: &[TokenSource], raw: &str) -> Option<String> {
-        with_head(raw, |head| find(sources, head).map(|f| f.token.into_owned()))
+        with_head(raw, |head| {
+            find(sources, head).map(|f| f.token.into_owned())
+        })
     }
 
     #[test]
     fn bearer_scheme_is_case_insensitive_and_other_schemes_are_ignored() {
         let s = [TokenSource::Bearer];
         let req = |v: &str| format!("GET / HTTP/1.1\r\nHost: a\r\nAuthorization: {v}\r\n\r\n");
-        assert_eq!(found(&s, &req("Bearer abc.def.ghi")).as_deref(), Some("abc.def.ghi"));
+        assert_eq!(
+            found(&s, &req("Bearer abc.def.ghi")).as_deref(),
+            Some("abc.def.ghi")
+        );
         assert_eq!(found(&s, &req("bearer  x.y.z ")).as_deref(), Some("x.y.z"));
         assert_eq!(found(&s, &req("Basic dXNlcjpwdw==")), None);
         assert_eq!(found(&s, &req("Bearer ")), None);
@@ -127,10 +135,15 @@ mod tests {
         assert_eq!(found(&s, only_cookie).as_deref(), Some("c.c.c"));
         let query = "GET /x?room=1&access_token=q.q%2Eq HTTP/1.1\r\nHost: a\r\n\r\n";
         assert_eq!(found(&s, query).as_deref(), Some("q.q.q"));
-        let proto = "GET / HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Protocol: chat, bearer.p.p.p\r\n\r\n";
+        let proto =
+            "GET / HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Protocol: chat, bearer.p.p.p\r\n\r\n";
         assert_eq!(found(&s, proto).as_deref(), Some("p.p.p"));
         let both = "GET /?access_token=q HTTP/1.1\r\nHost: a\r\nCookie: jwt=c\r\n\r\n";
-        assert_eq!(found(&s, both).as_deref(), Some("c"), "the first source wins");
+        assert_eq!(
+            found(&s, both).as_deref(),
+            Some("c"),
+            "the first source wins"
+        );
         assert_eq!(found(&s, "GET / HTTP/1.1\r\nHost: a\r\n\r\n"), None);
     }
 

@@ -825,7 +825,7 @@ fn sticky_needs_exactly_one_source() {
         &errors,
         9,
         "routes[0].sticky",
-        &["exactly one of: path, query, header, cookie, client_ip (found none)"],
+        &["exactly one of: path, query, header, cookie, client_ip, claim (found none)"],
     );
     expect(
         &errors,
@@ -2245,7 +2245,10 @@ fn auth_jwt_is_converted_with_defaults_and_every_key() {
             TokenSource::Subprotocol("bearer.".into()),
         ]
     );
-    assert_eq!(jwt.keys[0].source, JwtKeySource::Jwks("keys/set.json".into()));
+    assert_eq!(
+        jwt.keys[0].source,
+        JwtKeySource::Jwks("keys/set.json".into())
+    );
     assert!(jwt.keys[0].algorithms.is_empty());
     assert_eq!(jwt.issuer.as_deref(), Some("https://id.test"));
     assert_eq!(jwt.audience, ["chat"]);
@@ -2290,13 +2293,48 @@ fn auth_errors_name_their_line() {
         headers: {{Host: sub}}
 "
     ));
-    expect(&errors, 14, "routes[0].auth.jwt.keys[0].algorithms[0]", &["one of HS256", "the string \"none\""]);
-    expect(&errors, 15, "routes[0].auth.jwt.keys[1].algorithms", &["required key is missing"]);
-    expect(&errors, 16, "routes[0].auth.jwt.keys[2]", &["exactly one of", "pem and secret_file"]);
-    expect(&errors, 20, "routes[0].auth.jwt.keys[3].algorithms", &["HS256, HS384 or HS512 only"]);
-    expect(&errors, 22, "routes[0].auth.jwt.keys[4].algorithms", &["one kind only"]);
-    expect(&errors, 23, "routes[0].auth.jwt.expired_close_code", &["1005 cannot be sent"]);
-    expect(&errors, 24, "routes[0].auth.jwt.headers.Host", &["the gateway sets or removes itself"]);
+    expect(
+        &errors,
+        14,
+        "routes[0].auth.jwt.keys[0].algorithms[0]",
+        &["one of HS256", "the string \"none\""],
+    );
+    expect(
+        &errors,
+        15,
+        "routes[0].auth.jwt.keys[1].algorithms",
+        &["required key is missing"],
+    );
+    expect(
+        &errors,
+        16,
+        "routes[0].auth.jwt.keys[2]",
+        &["exactly one of", "pem and secret_file"],
+    );
+    expect(
+        &errors,
+        20,
+        "routes[0].auth.jwt.keys[3].algorithms",
+        &["HS256, HS384 or HS512 only"],
+    );
+    expect(
+        &errors,
+        22,
+        "routes[0].auth.jwt.keys[4].algorithms",
+        &["one kind only"],
+    );
+    expect(
+        &errors,
+        23,
+        "routes[0].auth.jwt.expired_close_code",
+        &["1005 cannot be sent"],
+    );
+    expect(
+        &errors,
+        24,
+        "routes[0].auth.jwt.headers.Host",
+        &["the gateway sets or removes itself"],
+    );
     assert_eq!(errors.len(), 7, "{errors:#?}");
 }
 
@@ -2367,9 +2405,24 @@ fn a_jwks_url_is_https_with_bounded_timers() {
             refresh: 1m
 "
     ));
-    expect(&errors, 12, "routes[0].auth.jwt.keys[0].jwks_url", &["https:// only"]);
-    expect(&errors, 14, "routes[0].auth.jwt.keys[1].cooldown", &["at least 100ms"]);
-    expect(&errors, 17, "routes[0].auth.jwt.keys[2].refresh", &["jwks_url only"]);
+    expect(
+        &errors,
+        12,
+        "routes[0].auth.jwt.keys[0].jwks_url",
+        &["https:// only"],
+    );
+    expect(
+        &errors,
+        14,
+        "routes[0].auth.jwt.keys[1].cooldown",
+        &["at least 100ms"],
+    );
+    expect(
+        &errors,
+        17,
+        "routes[0].auth.jwt.keys[2].refresh",
+        &["jwks_url only"],
+    );
     assert_eq!(errors.len(), 3, "{errors:#?}");
 }
 
@@ -2406,5 +2459,10 @@ fn auth_forward_is_converted_and_takes_no_jwt_beside_it() {
         keys: []
 "
     ));
-    expect(&errors, 10, "routes[0].auth.forward", &["either jwt or forward"]);
+    expect(
+        &errors,
+        10,
+        "routes[0].auth.forward",
+        &["either jwt or forward"],
+    );
 }

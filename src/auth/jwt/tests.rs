@@ -63,7 +63,10 @@ fn every_configured_algorithm_verifies_its_own_signatures() {
     let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
     for alg in [RS256, RS384, RS512, PS256, PS384, PS512] {
         let token = sign(alg, None, &claims(), &rsa);
-        assert!(check(&token, &[rsa_key(&[alg])], &rules()).is_ok(), "{alg:?}");
+        assert!(
+            check(&token, &[rsa_key(&[alg])], &rules()).is_ok(),
+            "{alg:?}"
+        );
     }
     let ec = EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap();
     let token = sign(ES256, None, &claims(), &ec);
@@ -101,7 +104,10 @@ fn an_algorithm_not_configured_for_the_key_is_refused() {
 fn an_unsigned_token_never_passes() {
     let header = B64.encode(br#"{"alg":"none","typ":"JWT"}"#);
     let payload = B64.encode(claims().to_string());
-    for token in [format!("{header}.{payload}."), format!("{header}.{payload}")] {
+    for token in [
+        format!("{header}.{payload}."),
+        format!("{header}.{payload}"),
+    ] {
         let result = check(&token, &[hmac_key(&[JwtAlgorithm::HS256])], &rules());
         assert_eq!(result, Err(Rejection::Malformed), "{token}");
     }
@@ -163,7 +169,10 @@ fn expiry_is_exact_to_the_second_and_leeway_extends_it() {
     let secret = EncodingKey::from_secret(SECRET);
     let keys = [hmac_key(&[JwtAlgorithm::HS256])];
     let at = |exp: u64| sign(JwtAlgorithm::HS256, None, &json!({"exp": exp}), &secret);
-    assert_eq!(check(&at(NOW - 1), &keys, &rules()), Err(Rejection::Expired));
+    assert_eq!(
+        check(&at(NOW - 1), &keys, &rules()),
+        Err(Rejection::Expired)
+    );
     assert_eq!(check(&at(NOW), &keys, &rules()), Err(Rejection::Expired));
     let ok = check(&at(NOW + 1), &keys, &rules()).unwrap();
     assert_eq!(ok.valid_until, Some(NOW + 1));
@@ -173,7 +182,10 @@ fn expiry_is_exact_to_the_second_and_leeway_extends_it() {
     };
     let ok = check(&at(NOW - 1), &keys, &lenient).unwrap();
     assert_eq!(ok.valid_until, Some(NOW + 4));
-    assert_eq!(check(&at(NOW - 5), &keys, &lenient), Err(Rejection::Expired));
+    assert_eq!(
+        check(&at(NOW - 5), &keys, &lenient),
+        Err(Rejection::Expired)
+    );
     let text = sign(JwtAlgorithm::HS256, None, &json!({"exp": "soon"}), &secret);
     assert_eq!(check(&text, &keys, &rules()), Err(Rejection::Malformed));
 }
@@ -182,7 +194,12 @@ fn expiry_is_exact_to_the_second_and_leeway_extends_it() {
 fn not_before_is_honoured_with_leeway() {
     let secret = EncodingKey::from_secret(SECRET);
     let keys = [hmac_key(&[JwtAlgorithm::HS256])];
-    let token = sign(JwtAlgorithm::HS256, None, &json!({"nbf": NOW + 10}), &secret);
+    let token = sign(
+        JwtAlgorithm::HS256,
+        None,
+        &json!({"nbf": NOW + 10}),
+        &secret,
+    );
     assert_eq!(check(&token, &keys, &rules()), Err(Rejection::NotYetValid));
     let lenient = Rules {
         leeway: 10,
@@ -205,11 +222,17 @@ fn issuer_audience_and_required_claims_are_checked() {
     let good = json!({"iss": "https://id.test", "aud": ["games"], "sub": "a", "role": "x"});
     assert!(check(&token(good), &keys, &strict).is_ok());
     let wrong_aud = json!({"iss": "https://id.test", "aud": "admin", "sub": "a", "role": "x"});
-    assert_eq!(check(&token(wrong_aud), &keys, &strict), Err(Rejection::Audience));
+    assert_eq!(
+        check(&token(wrong_aud), &keys, &strict),
+        Err(Rejection::Audience)
+    );
     let no_aud = json!({"iss": "https://id.test", "sub": "a", "role": "x"});
     assert!(check(&token(no_aud), &keys, &strict).is_err());
     let wrong_iss = json!({"iss": "https://evil.test", "aud": "chat", "sub": "a", "role": "x"});
-    assert_eq!(check(&token(wrong_iss), &keys, &strict), Err(Rejection::Issuer));
+    assert_eq!(
+        check(&token(wrong_iss), &keys, &strict),
+        Err(Rejection::Issuer)
+    );
     let no_role = json!({"iss": "https://id.test", "aud": "chat", "sub": "a"});
     let refused = check(&token(no_role), &keys, &strict).unwrap_err();
     assert_eq!((refused, refused.status()), (Rejection::MissingClaim, 403));

@@ -81,7 +81,10 @@ impl Cx<'_> {
                 None
             }
             (Some(_), Some((_, forward_path))) => {
-                self.err(&forward_path, "a route takes either jwt or forward, not both");
+                self.err(
+                    &forward_path,
+                    "a route takes either jwt or forward, not both",
+                );
                 None
             }
         }
@@ -94,7 +97,8 @@ impl Cx<'_> {
             .and_then(|(raw, path)| {
                 let text = self.string(raw, &path, "an http:// or https:// URL")?;
                 let parsed = parse_url(text, false);
-                self.checked(&path, parsed).map(|parsed| (text.to_owned(), parsed))
+                self.checked(&path, parsed)
+                    .map(|parsed| (text.to_owned(), parsed))
             });
         let ca_file = match f.get("ca_file") {
             None => Some(None),
@@ -102,7 +106,9 @@ impl Cx<'_> {
         };
         let timeout = match f.get("timeout") {
             None => Some(DEFAULT_FORWARD_TIMEOUT),
-            Some((raw, path)) => self.timer(raw, &path, super::TIMER).map(Option::unwrap_or_default),
+            Some((raw, path)) => self
+                .timer(raw, &path, super::TIMER)
+                .map(Option::unwrap_or_default),
         };
         let names = |cx: &mut Self, key: &str| match f.get(key) {
             None => Some(None),
@@ -123,8 +129,7 @@ impl Cx<'_> {
                 .collect::<Vec<_>>()
         });
         let response_headers = names(self, "response_headers").map(Option::unwrap_or_default);
-        if let (Some(list), Some((_, list_path))) = (&response_headers, f.get("response_headers"))
-        {
+        if let (Some(list), Some((_, list_path))) = (&response_headers, f.get("response_headers")) {
             for (i, name) in list.iter().enumerate() {
                 if crate::forwarded::is_dropped(name, &[], true) {
                     self.err(
@@ -174,7 +179,9 @@ impl Cx<'_> {
             .and_then(|(raw, path)| self.jwt_keys(raw, &path));
         let issuer = match f.get("issuer") {
             None => Some(None),
-            Some((raw, path)) => self.string(raw, &path, "an issuer").map(|s| Some(s.to_owned())),
+            Some((raw, path)) => self
+                .string(raw, &path, "an issuer")
+                .map(|s| Some(s.to_owned())),
         };
         let audience = match f.get("audience") {
             None => Some(Vec::new()),
@@ -351,7 +358,10 @@ impl Cx<'_> {
                 Some((raw, path)) => self.algorithms(raw, &path),
             };
             if f.has("kid") {
-                self.err(&path.key("kid"), "a key set names its keys itself (kid applies to pem and secret_file)");
+                self.err(
+                    &path.key("kid"),
+                    "a key set names its keys itself (kid applies to pem and secret_file)",
+                );
                 return None;
             }
             return Some(JwtKey {
@@ -367,7 +377,9 @@ impl Cx<'_> {
         };
         let kid = match f.get("kid") {
             None => Some(None),
-            Some((raw, path)) => self.string(raw, &path, "a key id").map(|s| Some(s.to_owned())),
+            Some((raw, path)) => self
+                .string(raw, &path, "a key id")
+                .map(|s| Some(s.to_owned())),
         };
         let (file, algorithms, kid) = (file?, algorithms?, kid?);
         let source = match *kind {
@@ -393,7 +405,9 @@ impl Cx<'_> {
                 return None;
             }
             let secret = matches!(source, JwtKeySource::Secret(_));
-            if secret != (first.family() == KeyFamily::Hmac) && !matches!(source, JwtKeySource::Jwks(_)) {
+            if secret != (first.family() == KeyFamily::Hmac)
+                && !matches!(source, JwtKeySource::Jwks(_))
+            {
                 let why = if secret {
                     "a secret_file verifies HS256, HS384 or HS512 only"
                 } else {
@@ -475,7 +489,11 @@ impl Cx<'_> {
 
     fn claim_headers(&mut self, raw: &Raw, path: &YamlPath) -> Option<Vec<(String, String)>> {
         let Raw::Map(entries) = raw else {
-            self.expected(path, "a mapping of header names to claims (X-User-Id: sub)", raw);
+            self.expected(
+                path,
+                "a mapping of header names to claims (X-User-Id: sub)",
+                raw,
+            );
             return None;
         };
         let mut out: Vec<(String, String)> = Vec::with_capacity(entries.len());
