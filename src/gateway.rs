@@ -145,9 +145,15 @@ pub enum GatewayError {
     #[error("upstream {upstream}: {source}")]
     UpstreamTls { upstream: String, source: TlsError },
     #[error("route {route}: auth.jwt: {source}")]
-    AuthKeys { route: String, source: KeyError },
+    AuthKeys {
+        route: String,
+        source: Box<KeyError>,
+    },
     #[error("route {route}: auth.forward: {source}")]
-    ForwardTls { route: String, source: TlsError },
+    ForwardTls {
+        route: String,
+        source: Box<TlsError>,
+    },
 }
 
 impl Gateway {
@@ -201,7 +207,7 @@ impl Gateway {
                     let compiled =
                         RouteAuth::new(jwt).map_err(|source| GatewayError::AuthKeys {
                             route: route.name.clone(),
-                            source,
+                            source: Box::new(source),
                         })?;
                     (Some(Arc::new(compiled)), None)
                 }
@@ -209,7 +215,7 @@ impl Gateway {
                     let client =
                         ForwardClient::new(forward).map_err(|source| GatewayError::ForwardTls {
                             route: route.name.clone(),
-                            source,
+                            source: Box::new(source),
                         })?;
                     (None, Some(Arc::new(client)))
                 }

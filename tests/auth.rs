@@ -102,7 +102,7 @@ async fn refusals_are_401_or_403_and_no_backend_is_contacted() {
     ))
     .await;
 
-    let (status, head) = answer(gateway.addr, "/", "").await;
+    let (_, head) = answer(gateway.addr, "/", "").await;
     assert!(head.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{head}");
     assert!(head.contains("WWW-Authenticate: Bearer\r\n"), "{head}");
 
