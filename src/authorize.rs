@@ -1,5 +1,5 @@
 //! A route's `auth` applied to a request, for WebSocket clients and sessions alike: the token
-//! checked (see [`crate::auth`]), refusals counted per route and reason and recorded for the
+//! (or the auth service's verdict) checked (see [`crate::auth`]), refusals counted per route and reason and recorded for the
 //! dashboard, the subject's connection slot taken, and what the admitted request becomes on
 //! its way to the backend.
 //!
@@ -32,6 +32,8 @@ pub struct Authorized {
     pub identity: Vec<(String, String)>,
     /// Header names whose client copies never reach the backend.
     replaced: Vec<String>,
+    /// The token's `sub`, which a session is bound to.
+    pub subject: Option<String>,
     /// When the credentials stop being valid, in Unix seconds.
     valid_until: Option<u64>,
     expired_close_code: u16,
@@ -136,6 +138,7 @@ pub async fn authorize(
             .collect(),
         valid_until: admitted.verified.valid_until,
         expired_close_code: config.expired_close_code,
+        subject: admitted.verified.subject,
         subject_slot,
     }))
 }
@@ -169,6 +172,7 @@ async fn forwarded(
             replaced: forward.config.response_headers.clone(),
             valid_until: None,
             expired_close_code: 1008,
+            subject: None,
             subject_slot: None,
         }),
         Verdict::Deny(refusal) => {
@@ -262,8 +266,8 @@ pub fn record(gateway: &Gateway, route: usize, peer: SocketAddr, failure: Failur
     tracing::info!(client = %peer, route = %name, reason = failure.label(), "auth refused");
 }
 
-/// A refusal for what cannot be authenticated yet on a route with `auth`: sessions and plain
-/// HTTP requests are refused (403) rather than let through unchecked. `None` on other routes.
+/// A refusal for what cannot be authenticated yet on a route with `auth`: plain HTTP requests
+/// are refused (403) rather than let through unchecked. `None` on other routes.
 pub fn unauthenticated(gateway: &Gateway, route: usize, peer: SocketAddr) -> Option<Refusal> {
     gateway.route(route).auth.as_ref()?;
     let name = &gateway.route(route).name;
@@ -275,7 +279,7 @@ pub fn unauthenticated(gateway: &Gateway, route: usize, peer: SocketAddr) -> Opt
             reason: "not_websocket".to_owned(),
         })
         .inc();
-    let line = "this route admits authenticated WebSocket upgrades only";
+    let line = "this route admits authenticated WebSocket upgrades and sessions only";
     gateway.errors.record(
         ErrorKind::Auth,
         Some(name),
@@ -283,4 +287,15 @@ pub fn unauthenticated(gateway: &Gateway, route: usize, peer: SocketAddr) -> Opt
         format!("{peer}: 403 {line}"),
     );
     Some(Refusal::plain(403, line, &[]))
+}
+
+/// The subject of a valid token `head` carries on a route with `auth.jwt`, if any: a session
+/// bound to another subject refuses the request.
+pub fn presented_subject(gateway: &Gateway, route: usize, head: &RequestHead<'_, '_>) -> Option<String> {
+    let route_auth = gateway.auth.get(route)?.as_ref()?;
+    route_auth
+        .check(head, auth::unix_now())
+        .ok()?
+        .verified
+        .subject
 }

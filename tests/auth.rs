@@ -369,24 +369,87 @@ async fn an_unreadable_key_file_stops_the_gateway_from_starting() {
 }
 
 #[tokio::test]
-async fn sessions_and_plain_http_cannot_bypass_a_routes_auth() {
+async fn plain_http_cannot_bypass_a_routes_auth() {
     let (backend, connections) = counting_backend().await;
     let gateway = start_gateway(&simple_config(&[backend], &auth(""))).await;
     let bearer = format!("Authorization: Bearer {}\r\n", alice());
-    for (method, path) in [("POST", "/?wsgate=open"), ("GET", "/page")] {
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{bearer}Content-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        let response = raw_exchange(gateway.addr, request.as_bytes()).await;
-        let text = String::from_utf8_lossy(&response);
-        assert!(text.starts_with("HTTP/1.1 403"), "{method} {path}: {text}");
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        connections.load(Ordering::SeqCst),
-        0,
-        "no backend connection"
+    let request = format!(
+        "GET /page HTTP/1.1\r\nHost: localhost\r\n{bearer}Connection: close\r\n\r\n"
     );
+    let response = raw_exchange(gateway.addr, request.as_bytes()).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(connections.load(Ordering::SeqCst), 0, "no backend connection");
+}
+
+/// One HTTP request on a fresh connection: status and JSON (or text) body.
+async fn http(addr: SocketAddr, method: &str, target: &str, bearer: Option<&str>) -> (u16, Value) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", "localhost");
+    if let Some(token) = bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request.body(Full::new(bytes::Bytes::new())).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_session_is_authenticated_on_open_bound_to_its_subject_and_ends_at_expiry() {
+    let echo = echo_backend("b1").await;
+    let mut config = simple_config(&[echo.addr], &auth("leeway: 0\nheaders: {X-User-Id: sub}"));
+    config.push_str("sessions:\n  poll_timeout: 1s\n");
+    let gateway = start_gateway(&config).await;
+
+    let (status, body) = http(gateway.addr, "POST", "/?wsgate=open", None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(echo.seen.lock().unwrap().is_empty());
+
+    let exp = now() + 3;
+    let token = token(json!({"sub": "alice", "exp": exp}));
+    let (status, body) = http(gateway.addr, "POST", "/?wsgate=open", Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    let sid = body["session"].as_str().unwrap().to_owned();
+    assert_eq!(echo.seen.lock().unwrap()[0].header("x-user-id"), Some("alice"));
+
+    let poll = format!("/?wsgate=poll&wsgate_sid={sid}&wsgate_ack=0");
+    let bob = self::token(json!({"sub": "bob", "exp": now() + 60}));
+    let (status, body) = http(gateway.addr, "GET", &poll, Some(&bob)).await;
+    assert_eq!(status, 403, "another subject's token: {body}");
+
+    // Alice's session ends when her token does, with the route's code.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let close = loop {
+        assert!(std::time::Instant::now() < deadline, "the session never ended");
+        let (status, body) = http(gateway.addr, "GET", &poll, Some(&token)).await;
+        assert_eq!(status, 200, "{body}");
+        if let Some(close) = body["events"]
+            .as_array()
+            .and_then(|events| events.iter().find_map(|e| e.get("close").cloned()))
+        {
+            break close;
+        }
+    };
+    let unix_at_close = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    assert_eq!(close, json!({"code": 1008, "reason": "token expired"}));
+    assert!(unix_at_close >= Duration::from_secs(exp), "{unix_at_close:?} < {exp}");
 }
 
 /// An HTTPS server (certs/localhost.crt) answering every request with the status and body

@@ -8,6 +8,7 @@ use super::registry::{AddressRefusal, AddressSession, Reservation};
 use super::socket;
 use super::state::{Limits, Session, Timing};
 use crate::admit::{BackendOffer, OpenedBackend, open_backend, origin_allowed, register_in_room};
+use crate::authorize::{Authorized, authorize};
 use crate::gateway::{AddressSlot, Gateway};
 use crate::proto::handshake::RequestHead;
 use crate::proto::{DecoderConfig, Role};
@@ -67,9 +68,6 @@ pub fn admit(
     if !origin_allowed(route_config, origin) {
         gateway.metrics.handshake_failed("origin");
         return Err(Refusal::plain(403, "origin not allowed", &[]));
-    }
-    if let Some(refusal) = crate::authorize::unauthenticated(gateway, route, peer) {
-        return Err(refusal);
     }
     let address = match gateway.sessions.enter_address(
         peer.ip(),
@@ -134,11 +132,33 @@ pub async fn open(
     tls: bool,
 ) -> Result<OpenedSession, Refusal> {
     let settings = &gateway.config.sessions;
+    // Authenticated like a WebSocket client, before the backend is contacted; the session is
+    // bound to the token's subject and ends when the token expires.
+    let mut authorized = authorize(gateway, spec.route, spec.head, peer, tls).await?;
+    let expiry = authorized.as_ref().and_then(Authorized::expiry);
+    let subject = authorized.as_ref().and_then(|a| a.subject.clone());
+    let subject_slot = authorized.as_mut().and_then(|a| a.subject_slot.take());
+    let backend_headers = authorized
+        .as_ref()
+        .map(|a| a.backend_headers(spec.head.headers));
+    let backend_head = match (&authorized, &backend_headers) {
+        (Some(a), Some(headers)) => RequestHead {
+            method: spec.head.method,
+            target: a.target.as_deref().unwrap_or(spec.head.target),
+            version: spec.head.version,
+            headers,
+        },
+        _ => *spec.head,
+    };
+    let protocols = match authorized.as_ref().and_then(|a| a.protocols.as_ref()) {
+        Some(without_token) => without_token.as_deref(),
+        None => spec.protocols,
+    };
     let offer = BackendOffer {
         route: spec.route,
         host: spec.host,
         origin: spec.origin,
-        protocols: spec.protocols,
+        protocols,
         // The gateway assembles session messages itself and does not inflate.
         extensions: None,
     };
@@ -151,13 +171,13 @@ pub async fn open(
         backend_url,
         route_slot,
         backend_slot,
-    } = open_backend(gateway, spec.head, &offer, peer, tls).await?;
+    } = open_backend(gateway, &backend_head, &offer, peer, tls).await?;
     let route = gateway.route(spec.route);
     // A session is a connection of its room like any other: when the room's owner changes,
     // it moves too (the client hears 1012 and opens a new session, on the new owner).
     let registration = register_in_room(gateway, spec.route, sticky_key, &backend_url, ticket);
     let (to_backend, outgoing) = mpsc::channel(OUTGOING_QUEUE);
-    let session = Arc::new(Session::new(
+    let mut session = Session::new(
         SessionId::generate(&settings.instance),
         route.name.clone(),
         spec.origin.map(str::to_owned),
@@ -172,7 +192,9 @@ pub async fn open(
             message_rate: route.limits.message_rate,
         },
         to_backend,
-    ));
+    );
+    session.subject = subject;
+    let session = Arc::new(session);
     let (reader, writer) = socket::split(
         upgraded.stream,
         &upgraded.early,
@@ -201,6 +223,8 @@ pub async fn open(
         ping_interval: route.timeouts.ping_interval,
         pong_timeout: route.timeouts.pong_timeout,
         close_timeout: route.timeouts.close,
+        expiry,
+        _subject_slot: subject_slot,
         _route_slot: route_slot,
         _backend_slot: backend_slot,
         _admission: admission,
@@ -212,13 +236,15 @@ pub async fn open(
     })
 }
 
-/// Finds the session a request names and checks that it may use it here: same route, and
-/// the same origin where the route checks origins.
+/// Finds the session a request names and checks that it may use it here: same route, the
+/// same origin where the route checks origins, and the same subject when the request carries
+/// a valid token (`subject`, see [`crate::authorize::presented_subject`]).
 pub fn find(
     gateway: &Gateway,
     route: usize,
     sid: &str,
     origin: Option<&str>,
+    subject: Option<&str>,
 ) -> Result<Arc<Session>, Lookup> {
     let Some(session) = gateway.sessions.get(sid) else {
         return Err(Lookup::Gone);
@@ -233,6 +259,14 @@ pub fn find(
     {
         return Err(Lookup::Forbidden(
             "this session was opened from another origin",
+        ));
+    }
+    // A valid token of another subject does not open someone else's session.
+    if let (Some(bound), Some(presented)) = (session.subject.as_deref(), subject)
+        && bound != presented
+    {
+        return Err(Lookup::Forbidden(
+            "this session belongs to another subject",
         ));
     }
     Ok(session)
