@@ -291,7 +291,11 @@ pub fn unauthenticated(gateway: &Gateway, route: usize, peer: SocketAddr) -> Opt
 
 /// The subject of a valid token `head` carries on a route with `auth.jwt`, if any: a session
 /// bound to another subject refuses the request.
-pub fn presented_subject(gateway: &Gateway, route: usize, head: &RequestHead<'_, '_>) -> Option<String> {
+pub fn presented_subject(
+    gateway: &Gateway,
+    route: usize,
+    head: &RequestHead<'_, '_>,
+) -> Option<String> {
     let route_auth = gateway.auth.get(route)?.as_ref()?;
     route_auth
         .check(head, auth::unix_now())

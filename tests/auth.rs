@@ -373,14 +373,17 @@ async fn plain_http_cannot_bypass_a_routes_auth() {
     let (backend, connections) = counting_backend().await;
     let gateway = start_gateway(&simple_config(&[backend], &auth(""))).await;
     let bearer = format!("Authorization: Bearer {}\r\n", alice());
-    let request = format!(
-        "GET /page HTTP/1.1\r\nHost: localhost\r\n{bearer}Connection: close\r\n\r\n"
-    );
+    let request =
+        format!("GET /page HTTP/1.1\r\nHost: localhost\r\n{bearer}Connection: close\r\n\r\n");
     let response = raw_exchange(gateway.addr, request.as_bytes()).await;
     let text = String::from_utf8_lossy(&response);
     assert!(text.starts_with("HTTP/1.1 403"), "{text}");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(connections.load(Ordering::SeqCst), 0, "no backend connection");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "no backend connection"
+    );
 }
 
 /// One HTTP request on a fresh connection: status and JSON (or text) body.
@@ -427,7 +430,10 @@ async fn a_session_is_authenticated_on_open_bound_to_its_subject_and_ends_at_exp
     let (status, body) = http(gateway.addr, "POST", "/?wsgate=open", Some(&token)).await;
     assert_eq!(status, 200, "{body}");
     let sid = body["session"].as_str().unwrap().to_owned();
-    assert_eq!(echo.seen.lock().unwrap()[0].header("x-user-id"), Some("alice"));
+    assert_eq!(
+        echo.seen.lock().unwrap()[0].header("x-user-id"),
+        Some("alice")
+    );
 
     let poll = format!("/?wsgate=poll&wsgate_sid={sid}&wsgate_ack=0");
     let bob = self::token(json!({"sub": "bob", "exp": now() + 60}));
@@ -437,7 +443,10 @@ async fn a_session_is_authenticated_on_open_bound_to_its_subject_and_ends_at_exp
     // Alice's session ends when her token does, with the route's code.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let close = loop {
-        assert!(std::time::Instant::now() < deadline, "the session never ended");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never ended"
+        );
         let (status, body) = http(gateway.addr, "GET", &poll, Some(&token)).await;
         assert_eq!(status, 200, "{body}");
         if let Some(close) = body["events"]
@@ -449,7 +458,10 @@ async fn a_session_is_authenticated_on_open_bound_to_its_subject_and_ends_at_exp
     };
     let unix_at_close = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     assert_eq!(close, json!({"code": 1008, "reason": "token expired"}));
-    assert!(unix_at_close >= Duration::from_secs(exp), "{unix_at_close:?} < {exp}");
+    assert!(
+        unix_at_close >= Duration::from_secs(exp),
+        "{unix_at_close:?} < {exp}"
+    );
 }
 
 /// An HTTPS server (certs/localhost.crt) answering every request with the status and body

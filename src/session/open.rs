@@ -265,9 +265,7 @@ pub fn find(
     if let (Some(bound), Some(presented)) = (session.subject.as_deref(), subject)
         && bound != presented
     {
-        return Err(Lookup::Forbidden(
-            "this session belongs to another subject",
-        ));
+        return Err(Lookup::Forbidden("this session belongs to another subject"));
     }
     Ok(session)
 }
