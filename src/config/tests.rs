@@ -2466,3 +2466,30 @@ fn auth_forward_is_converted_and_takes_no_jwt_beside_it() {
         &["either jwt or forward"],
     );
 }
+
+#[test]
+fn describe_shows_each_routes_auth() {
+    let config = ok(&format!(
+        "{MINIMAL}    match: {{path_prefix: /a}}
+    auth:
+      jwt:
+        from: [bearer, {{query: t}}]
+        keys:
+          - pem: k.pem
+            algorithms: [EdDSA]
+        headers: {{X-User-Id: sub}}
+        max_connections_per_subject: 2
+  - upstream: rooms
+    auth:
+      forward:
+        url: http://127.0.0.1:9/check
+"
+    ));
+    let text = describe(&config);
+    for needle in [
+        "auth: jwt from bearer, query t; keys: pem k.pem [EdDSA]; leeway 5s; expiry closes with 1008; X-User-Id from sub; at most 2 per subject",
+        "auth: forward to http://127.0.0.1:9/check (timeout 5s; cached: admissions off, refusals off)",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
