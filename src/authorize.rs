@@ -3,8 +3,10 @@
 //! dashboard, the subject's connection slot taken, and what the admitted request becomes on
 //! its way to the backend.
 //!
-//! Called before [`crate::admit::open_backend`], so a refused client never costs a backend
-//! connection, and never logs a token: only fixed reasons are rendered.
+//! Called by [`crate::admit::open_backend`] after the origin, handshake-rate and route-limit
+//! checks (so a flood is refused before it costs a signature check or an auth-service call)
+//! and before the sticky pick (which may route by a claim) and any backend connection. Never
+//! logs a token: only fixed reasons are rendered.
 
 use crate::auth::forward::{ForwardClient, Verdict};
 use crate::auth::jwt::Rejection;
@@ -75,6 +77,35 @@ impl Authorized {
             value: value.as_bytes(),
         }));
         headers
+    }
+}
+
+/// The request the backend sees: `head` with the target and headers `authorized` replaced
+/// (`headers` from [`Authorized::backend_headers`]); `head` itself on routes without auth.
+pub fn backend_head<'a>(
+    head: RequestHead<'a, 'a>,
+    authorized: Option<&'a Authorized>,
+    headers: Option<&'a [httparse::Header<'a>]>,
+) -> RequestHead<'a, 'a> {
+    match (authorized, headers) {
+        (Some(authorized), Some(headers)) => RequestHead {
+            method: head.method,
+            target: authorized.target.as_deref().unwrap_or(head.target),
+            version: head.version,
+            headers,
+        },
+        _ => head,
+    }
+}
+
+/// The subprotocol offer the backend sees: the client's, less a token carried in it.
+pub fn backend_protocols<'a>(
+    authorized: Option<&'a Authorized>,
+    offered: Option<&'a str>,
+) -> Option<&'a str> {
+    match authorized.and_then(|a| a.protocols.as_ref()) {
+        Some(without_token) => without_token.as_deref(),
+        None => offered,
     }
 }
 

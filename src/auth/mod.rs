@@ -11,7 +11,8 @@
 //!
 //! Invariants:
 //! - a request on a route with `auth` reaches a backend only with a verified token (or the auth
-//!   service's 2xx); every refusal happens before [`crate::admit::open_backend`] is called;
+//!   service's 2xx); every refusal happens inside [`crate::admit::open_backend`] before the
+//!   backend is picked or contacted;
 //! - the backend never sees the token in the URL or in the subprotocol offer when it came
 //!   from there, and never sees a client's own copy of a header the gateway sets from claims;
 //! - tokens are never logged, nor echoed in a response: refusals carry fixed descriptions.

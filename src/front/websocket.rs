@@ -10,7 +10,7 @@ use crate::admit::{
     BackendOffer, OpenedBackend, open_backend, register_in_room, switching_protocols,
 };
 use crate::auth::SubjectSlot;
-use crate::authorize::{Expiry, authorize};
+use crate::authorize::{Authorized, Expiry};
 use crate::config::Compression;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{CloseCodeLabel, Closed, RouteBackend};
@@ -96,35 +96,7 @@ pub async fn decide(
         return refuse("no_route", 404, "no route for this host and path", &[]);
     };
     let route = gateway.route(route_index);
-    // Before anything is spent on a backend; an origin the route refuses is refused by
-    // `open_backend` without a look at the credentials.
-    let mut authorized = if crate::admit::origin_allowed(route, upgrade.origin) {
-        match authorize(gateway, route_index, head, peer, tls).await {
-            Ok(authorized) => authorized,
-            Err(refusal) => return Decision::Refuse(refusal),
-        }
-    } else {
-        None
-    };
-    let expiry = authorized.as_ref().and_then(|a| a.expiry());
-    let subject_slot = authorized.as_mut().and_then(|a| a.subject_slot.take());
-    // The request as the backend sees it: the token out of the URL and the offer, the
-    // identity headers in.
-    let backend_headers = authorized.as_ref().map(|a| a.backend_headers(head.headers));
-    let backend_head = match (&authorized, &backend_headers) {
-        (Some(a), Some(headers)) => RequestHead {
-            method: head.method,
-            target: a.target.as_deref().unwrap_or(head.target),
-            version: head.version,
-            headers,
-        },
-        _ => *head,
-    };
-    let head = &backend_head;
-    let protocols = match authorized.as_ref().and_then(|a| a.protocols.clone()) {
-        Some(without_token) => without_token,
-        None => join(handshake::server::offered_protocols(head.headers)),
-    };
+    let protocols = join(handshake::server::offered_protocols(head.headers));
     let extensions = match route.compression {
         Compression::Passthrough => join(
             handshake::headers::values(head.headers, "sec-websocket-extensions")
@@ -152,7 +124,11 @@ pub async fn decide(
         backend_url,
         route_slot,
         backend_slot,
+        mut authorized,
     } = opened;
+    // A token's expiry ends the connection; its subject's slot is held until then.
+    let expiry = authorized.as_ref().and_then(Authorized::expiry);
+    let subject_slot = authorized.as_mut().and_then(|a| a.subject_slot.take());
     // Listed while it lives, so that it can be moved when its key's owner changes.
     let registration = register_in_room(gateway, route_index, sticky_key, &backend_url, ticket);
 

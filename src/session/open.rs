@@ -8,7 +8,7 @@ use super::registry::{AddressRefusal, AddressSession, Reservation};
 use super::socket;
 use super::state::{Limits, Session, Timing};
 use crate::admit::{BackendOffer, OpenedBackend, open_backend, origin_allowed, register_in_room};
-use crate::authorize::{Authorized, authorize};
+use crate::authorize::Authorized;
 use crate::gateway::{AddressSlot, Gateway};
 use crate::proto::handshake::RequestHead;
 use crate::proto::{DecoderConfig, Role};
@@ -132,33 +132,11 @@ pub async fn open(
     tls: bool,
 ) -> Result<OpenedSession, Refusal> {
     let settings = &gateway.config.sessions;
-    // Authenticated like a WebSocket client, before the backend is contacted; the session is
-    // bound to the token's subject and ends when the token expires.
-    let mut authorized = authorize(gateway, spec.route, spec.head, peer, tls).await?;
-    let expiry = authorized.as_ref().and_then(Authorized::expiry);
-    let subject = authorized.as_ref().and_then(|a| a.subject.clone());
-    let subject_slot = authorized.as_mut().and_then(|a| a.subject_slot.take());
-    let backend_headers = authorized
-        .as_ref()
-        .map(|a| a.backend_headers(spec.head.headers));
-    let backend_head = match (&authorized, &backend_headers) {
-        (Some(a), Some(headers)) => RequestHead {
-            method: spec.head.method,
-            target: a.target.as_deref().unwrap_or(spec.head.target),
-            version: spec.head.version,
-            headers,
-        },
-        _ => *spec.head,
-    };
-    let protocols = match authorized.as_ref().and_then(|a| a.protocols.as_ref()) {
-        Some(without_token) => without_token.as_deref(),
-        None => spec.protocols,
-    };
     let offer = BackendOffer {
         route: spec.route,
         host: spec.host,
         origin: spec.origin,
-        protocols,
+        protocols: spec.protocols,
         // The gateway assembles session messages itself and does not inflate.
         extensions: None,
     };
@@ -171,7 +149,13 @@ pub async fn open(
         backend_url,
         route_slot,
         backend_slot,
-    } = open_backend(gateway, &backend_head, &offer, peer, tls).await?;
+        mut authorized,
+    } = open_backend(gateway, spec.head, &offer, peer, tls).await?;
+    // Authenticated like a WebSocket client (in `open_backend`): the session is bound to the
+    // token's subject and ends when the token expires.
+    let expiry = authorized.as_ref().and_then(Authorized::expiry);
+    let subject = authorized.as_ref().and_then(|a| a.subject.clone());
+    let subject_slot = authorized.as_mut().and_then(|a| a.subject_slot.take());
     let route = gateway.route(spec.route);
     // A session is a connection of its room like any other: when the room's owner changes,
     // it moves too (the client hears 1012 and opens a new session, on the new owner).
