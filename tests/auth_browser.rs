@@ -47,7 +47,9 @@ async fn a_browser_session_opens_with_its_token_and_closes_when_the_token_expire
     let addr = gateway.addr;
     for (transport, user) in [("websocket", "ada"), ("polling", "grace")] {
         // The client library's own URL is a page on the gateway's origin that has the code.
-        browser.goto(&format!("http://{addr}/.wsgate/client.js")).await;
+        browser
+            .goto(&format!("http://{addr}/.wsgate/client.js"))
+            .await;
         browser
             .eval("((0, eval)(document.body.innerText), typeof WsgateSocket === 'function')")
             .await;
@@ -74,10 +76,16 @@ async fn a_browser_session_opens_with_its_token_and_closes_when_the_token_expire
             Some(&Value::from("close:1008:token expired")),
             "{transport}: {log}"
         );
-        assert!(closed_at >= Duration::from_secs(exp), "{transport}: closed before exp");
+        assert!(
+            closed_at >= Duration::from_secs(exp),
+            "{transport}: closed before exp"
+        );
         let seen = echo.seen.lock().unwrap().last().cloned().unwrap();
         assert_eq!(seen.header("x-user-id"), Some(user), "{transport}");
-        assert_eq!(seen.path, "/secure/room", "{transport}: no token in the backend's URL");
+        assert_eq!(
+            seen.path, "/secure/room",
+            "{transport}: no token in the backend's URL"
+        );
     }
 
     // Without a token the session is refused and the client gives up.
