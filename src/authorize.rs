@@ -61,6 +61,32 @@ impl Authorized {
         })
     }
 
+    /// Rewrites a plain HTTP request as its backend gets it: the token out of its URL, the
+    /// identity headers in place of any the client sent under those names.
+    pub fn rewrite_http<B>(&self, request: &mut hyper::Request<B>) -> Result<(), Refusal> {
+        let headers = request.headers_mut();
+        for name in &self.replaced {
+            headers.remove(name.as_str());
+        }
+        for (name, value) in &self.identity {
+            // Names were checked as tokens by the configuration, values as free of control
+            // characters by the verifier; anything else is refused rather than dropped.
+            let name = hyper::header::HeaderName::from_bytes(name.as_bytes());
+            let value = hyper::header::HeaderValue::from_bytes(value.as_bytes());
+            let (Ok(name), Ok(value)) = (name, value) else {
+                return Err(Failure::UnfitClaim.refusal());
+            };
+            headers.append(name, value);
+        }
+        if let Some(target) = &self.target {
+            let uri = target
+                .parse::<hyper::Uri>()
+                .map_err(|_| Refusal::plain(400, "malformed request target", &[]))?;
+            *request.uri_mut() = uri;
+        }
+        Ok(())
+    }
+
     /// The client's headers as the backend gets them: the gateway's identity headers instead
     /// of any the client sent under those names.
     pub fn backend_headers<'a>(
@@ -295,29 +321,6 @@ pub fn record(gateway: &Gateway, route: usize, peer: SocketAddr, failure: Failur
         .errors
         .record(ErrorKind::Auth, Some(name), None, detail);
     tracing::info!(client = %peer, route = %name, reason = failure.label(), "auth refused");
-}
-
-/// A refusal for what cannot be authenticated yet on a route with `auth`: plain HTTP requests
-/// are refused (403) rather than let through unchecked. `None` on other routes.
-pub fn unauthenticated(gateway: &Gateway, route: usize, peer: SocketAddr) -> Option<Refusal> {
-    gateway.route(route).auth.as_ref()?;
-    let name = &gateway.route(route).name;
-    gateway
-        .metrics
-        .auth_failures
-        .get_or_create(&crate::metrics::RouteReason {
-            route: name.clone(),
-            reason: "not_websocket".to_owned(),
-        })
-        .inc();
-    let line = "this route admits authenticated WebSocket upgrades and sessions only";
-    gateway.errors.record(
-        ErrorKind::Auth,
-        Some(name),
-        None,
-        format!("{peer}: 403 {line}"),
-    );
-    Some(Refusal::plain(403, line, &[]))
 }
 
 /// The subject of a valid token `head` carries on a route with `auth.jwt`, if any: a session

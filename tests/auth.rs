@@ -4,6 +4,8 @@
 // A test reports a broken assumption by panicking: unwrap, expect and panic! are its asserts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/http_backend.rs"]
+mod http_backend;
 #[path = "support/peers.rs"]
 mod peers;
 mod support;
@@ -369,25 +371,43 @@ async fn an_unreadable_key_file_stops_the_gateway_from_starting() {
 }
 
 #[tokio::test]
-async fn plain_http_cannot_bypass_a_routes_auth() {
-    let (backend, connections) = counting_backend().await;
-    let gateway = start_gateway(&simple_config(&[backend], &auth(""))).await;
-    let bearer = format!("Authorization: Bearer {}\r\n", alice());
-    let request =
-        format!("GET /page HTTP/1.1\r\nHost: localhost\r\n{bearer}Connection: close\r\n\r\n");
-    let response = raw_exchange(gateway.addr, request.as_bytes()).await;
-    let text = String::from_utf8_lossy(&response);
-    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+async fn plain_http_requests_are_authenticated_like_upgrades() {
+    let backend = http_backend::http_backend("h1").await;
+    let config = simple_config(
+        &[backend.addr],
+        &auth("from: [bearer, {query: access_token}]\nheaders: {X-User-Id: sub}"),
+    );
+    let gateway = start_gateway(&config).await;
+    let (status, body) = http(gateway.addr, "GET", "/info?x=1", None).await;
+    assert_eq!(status, 401, "{body}");
     assert_eq!(
-        connections.load(Ordering::SeqCst),
+        backend.connections.load(Ordering::SeqCst),
         0,
         "no backend connection"
     );
+
+    let target = format!("/info?access_token={}&x=1", alice());
+    let spoof = [("X-User-Id", "mallory")];
+    let (status, body) = http_with(gateway.addr, "GET", &target, None, &spoof).await;
+    assert_eq!(status, 200, "{body}");
+    let info: http_backend::Info = serde_json::from_value(body).unwrap();
+    assert_eq!(info.query.as_deref(), Some("x=1"), "the token left the URL");
+    assert_eq!(info.one("x-user-id"), "alice");
 }
 
 /// One HTTP request on a fresh connection: status and JSON (or text) body.
 async fn http(addr: SocketAddr, method: &str, target: &str, bearer: Option<&str>) -> (u16, Value) {
+    http_with(addr, method, target, bearer, &[]).await
+}
+
+/// [`http`] with extra request headers.
+async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    bearer: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::TokioIo;
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -401,6 +421,9 @@ async fn http(addr: SocketAddr, method: &str, target: &str, bearer: Option<&str>
         .header("host", "localhost");
     if let Some(token) = bearer {
         request = request.header("authorization", format!("Bearer {token}"));
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let request = request.body(Full::new(bytes::Bytes::new())).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
