@@ -1,7 +1,7 @@
-//! A route's `auth` applied to a request, for WebSocket clients and sessions alike: the token
-//! (or the auth service's verdict) checked (see [`crate::auth`]), refusals counted per route and reason and recorded for the
-//! dashboard, the subject's connection slot taken, and what the admitted request becomes on
-//! its way to the backend.
+//! A route's `auth` applied to a request, for WebSocket clients, sessions and plain requests
+//! alike: the token (or the auth service's verdict) checked (see [`crate::auth`]), refusals
+//! counted per route and reason and recorded for the dashboard, the subject's connection slot
+//! taken, and what the admitted request becomes on its way to the backend.
 //!
 //! Called by [`crate::admit::open_backend`] after the origin, handshake-rate and route-limit
 //! checks (so a flood is refused before it costs a signature check or an auth-service call)
@@ -52,11 +52,12 @@ pub struct Expiry {
 
 impl Authorized {
     /// The instant the credentials stop being valid, on the runtime's clock; `None` for a
-    /// token without `exp` and for forward auth.
+    /// token without `exp`, one valid for more than [`auth::MAX_ENFORCED_VALIDITY`], and for
+    /// forward auth.
     pub fn expiry(&self) -> Option<Expiry> {
-        let until = self.valid_until?;
+        let remaining = auth::remaining(self.valid_until?, SystemTime::now())?;
         Some(Expiry {
-            at: Instant::now() + auth::remaining(until, SystemTime::now()),
+            at: Instant::now().checked_add(remaining)?,
             code: CloseCode(self.expired_close_code),
         })
     }

@@ -197,8 +197,29 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// How long from `now` (Unix seconds) until `until` (Unix seconds); zero once passed.
-pub fn remaining(until: u64, now: SystemTime) -> Duration {
-    let until = UNIX_EPOCH + Duration::from_secs(until);
-    until.duration_since(now).unwrap_or(Duration::ZERO)
+/// Tokens valid for longer than this are not closed at their expiry: a year is far beyond
+/// any connection's life, and it keeps deadline arithmetic and timers within range whatever
+/// `exp` an issuer signs.
+pub const MAX_ENFORCED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How long from `now` until `until` (Unix seconds); zero once passed, `None` beyond
+/// [`MAX_ENFORCED_VALIDITY`].
+pub fn remaining(until: u64, now: SystemTime) -> Option<Duration> {
+    let until = UNIX_EPOCH.checked_add(Duration::from_secs(until))?;
+    let remaining = until.duration_since(now).unwrap_or(Duration::ZERO);
+    (remaining <= MAX_ENFORCED_VALIDITY).then_some(remaining)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remaining_validity_never_overflows() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(remaining(1_800_000_010, now), Some(Duration::from_secs(10)));
+        assert_eq!(remaining(1_700_000_000, now), Some(Duration::ZERO));
+        assert_eq!(remaining(u64::MAX, now), None);
+        assert_eq!(remaining(1_800_000_000 + 2 * 365 * 24 * 3600, now), None);
+    }
 }
