@@ -38,8 +38,9 @@ pub struct OpenedBackend {
     pub backend_url: String,
     pub route_slot: RouteSlot,
     pub backend_slot: ConnectionSlot,
-    /// What the route's `auth` established (`None` on routes without one).
-    pub authorized: Option<Authorized>,
+    /// What the route's `auth` established (`None` on routes without one); boxed, as it is
+    /// held across the backend's handshake.
+    pub authorized: Option<Box<Authorized>>,
 }
 
 /// Everything between a routed request and an open backend WebSocket: origin allowlist,
@@ -83,11 +84,18 @@ pub async fn open_backend(
     };
     // The route's auth, after the cheap limits and before anything is spent on a backend:
     // from here on the request is the one the backend sees (token out, identity headers in).
-    let authorized = authorize(gateway, offer.route, head, peer, tls).await?;
+    // Boxed, and only on routes with auth: the handshake future of every connection would
+    // otherwise carry the auth future's size (tests/footprint.rs).
+    let authorized = match route.auth {
+        Some(_) => Box::pin(authorize(gateway, offer.route, head, peer, tls))
+            .await?
+            .map(Box::new),
+        None => None,
+    };
     let identity_headers = authorized.as_ref().map(|a| a.backend_headers(head.headers));
-    let head = &backend_head(*head, authorized.as_ref(), identity_headers.as_deref());
+    let head = &backend_head(*head, authorized.as_deref(), identity_headers.as_deref());
     let offer = &BackendOffer {
-        protocols: backend_protocols(authorized.as_ref(), offer.protocols),
+        protocols: backend_protocols(authorized.as_deref(), offer.protocols),
         ..*offer
     };
     let parts = RequestParts {

@@ -10,7 +10,7 @@ use crate::admit::{
     BackendOffer, OpenedBackend, open_backend, register_in_room, switching_protocols,
 };
 use crate::auth::SubjectSlot;
-use crate::authorize::{Authorized, Expiry};
+use crate::authorize::Expiry;
 use crate::config::Compression;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{CloseCodeLabel, Closed, RouteBackend};
@@ -46,8 +46,9 @@ pub struct Acceptance {
     backend_early: Vec<u8>,
     decoders: (FrameDecoder, FrameDecoder),
     settings: RelaySettings,
-    /// When the client's token expires, on routes with `auth`.
-    expiry: Option<Expiry>,
+    /// When the client's token expires, on routes with `auth` (boxed, like the subject's
+    /// slot: an idle connection's future holds them, and only routes with auth pay for them).
+    expiry: Option<Box<Expiry>>,
     log: AccessContext,
 }
 
@@ -63,7 +64,7 @@ struct AccessContext {
     active: Gauge,
     /// Present for connections routed by a sticky key: they move when its owner changes.
     registration: Option<Registration>,
-    _subject_slot: Option<SubjectSlot>,
+    _subject_slot: Option<Box<SubjectSlot>>,
     _route_slot: RouteSlot,
     _backend_slot: ConnectionSlot,
 }
@@ -127,8 +128,11 @@ pub async fn decide(
         mut authorized,
     } = opened;
     // A token's expiry ends the connection; its subject's slot is held until then.
-    let expiry = authorized.as_ref().and_then(Authorized::expiry);
-    let subject_slot = authorized.as_mut().and_then(|a| a.subject_slot.take());
+    let expiry = authorized.as_ref().and_then(|a| a.expiry()).map(Box::new);
+    let subject_slot = authorized
+        .as_mut()
+        .and_then(|a| a.subject_slot.take())
+        .map(Box::new);
     // Listed while it lives, so that it can be moved when its key's owner changes.
     let registration = register_in_room(gateway, route_index, sticky_key, &backend_url, ticket);
 
@@ -257,10 +261,12 @@ impl Acceptance {
                     None => std::future::pending().await,
                 }
             };
+            // Boxed: an idle connection's future holds this, and only routes with auth pay
+            // for the timer.
             let expired = async {
-                match expiry {
+                match &expiry {
                     Some(expiry) => {
-                        tokio::time::sleep_until(expiry.at).await;
+                        Box::pin(tokio::time::sleep_until(expiry.at)).await;
                         expiry.code
                     }
                     None => std::future::pending().await,

@@ -8,7 +8,6 @@ use super::registry::{AddressRefusal, AddressSession, Reservation};
 use super::socket;
 use super::state::{Limits, Session, Timing};
 use crate::admit::{BackendOffer, OpenedBackend, open_backend, origin_allowed, register_in_room};
-use crate::authorize::Authorized;
 use crate::gateway::{AddressSlot, Gateway};
 use crate::proto::handshake::RequestHead;
 use crate::proto::{DecoderConfig, Role};
@@ -153,7 +152,7 @@ pub async fn open(
     } = open_backend(gateway, spec.head, &offer, peer, tls).await?;
     // Authenticated like a WebSocket client (in `open_backend`): the session is bound to the
     // token's subject and ends when the token expires.
-    let expiry = authorized.as_ref().and_then(Authorized::expiry);
+    let expiry = authorized.as_ref().and_then(|a| a.expiry());
     let subject = authorized.as_ref().and_then(|a| a.subject.clone());
     let subject_slot = authorized.as_mut().and_then(|a| a.subject_slot.take());
     let route = gateway.route(spec.route);
