@@ -14,6 +14,15 @@
 //
 // Events: open (once), message, close (once: {code, reason, wasClean}), error, and, for
 // status displays, "transport" (detail: "websocket" | "polling") and "reconnecting".
+//
+// On a route with `auth.jwt`, pass the token: `{ token: "eyJ..." }`, or a function returning
+// one (or a promise of one), called each time a session is opened, so a fresh token is used
+// after the old session ended. It travels as the query parameter `tokenParam`
+// ("access_token"), or, with `tokenTransport: "subprotocol"`, as the WebSocket subprotocol
+// entry `tokenPrefix + token` ("bearer."; offer a real subprotocol beside it: a browser fails a
+// handshake that offered protocols and got none back). Long-polling always uses the query
+// parameter. The gateway removes it before the backend sees the request, binds the session to
+// the token's subject and ends the session (close code 1008 by default) when the token expires.
 (function (global) {
   "use strict";
 
@@ -63,6 +72,10 @@
       this._protocols = protocols === undefined ? [] : Array.isArray(protocols) ? protocols : [protocols];
       const o = options || {};
       this._mode = o.transport || "auto";
+      this._token = o.token;
+      this._tokenTransport = o.tokenTransport || "query";
+      this._tokenParam = o.tokenParam || "access_token";
+      this._tokenPrefix = o.tokenPrefix || "bearer.";
       this._backoff = { base: o.backoffBase || 250, max: o.backoffMax || 10000, attempt: 0 };
       this.readyState = CONNECTING;
       this.protocol = "";
@@ -202,18 +215,32 @@
       this.dispatchEvent(event);
     }
 
+    // The token for a new session, or null (no token configured, or the function gave none).
+    async _openToken() {
+      if (this._sid) return null;
+      const token = typeof this._token === "function" ? await this._token() : this._token;
+      return token ? String(token) : null;
+    }
+
     _sessionUrl(op, extra) {
       return withQuery(httpUrl(this.url), Object.assign({ wsgate: op, wsgate_sid: this._sid }, extra || {})).toString();
     }
 
     // ----- WebSocket transport -----
 
-    _connectWs() {
+    async _connectWs() {
       const generation = ++this._generation;
       const params = { wsgate: "socket" };
       if (this._sid) { params.wsgate_sid = this._sid; params.wsgate_ack = this._received; }
+      let protocols = this._protocols;
+      let token;
+      try { token = await this._openToken(); }
+      catch (e) { if (generation === this._generation) { this._emit("error"); this._retry(); } return; }
+      if (generation !== this._generation) return;
+      if (token && this._tokenTransport === "subprotocol") protocols = protocols.concat([this._tokenPrefix + token]);
+      else if (token) params[this._tokenParam] = token;
       let ws;
-      try { ws = new WebSocket(withQuery(wsUrl(this.url), params).toString(), this._protocols); }
+      try { ws = new WebSocket(withQuery(wsUrl(this.url), params).toString(), protocols); }
       catch (e) { this._wsFailedBeforeOpen = true; return this._retry(); }
       ws.binaryType = "arraybuffer";
       this._ws = ws;
@@ -284,7 +311,11 @@
       this._polls = new Set();
       try {
         if (!this._sid) {
-          const answer = await this._fetch("POST", withQuery(httpUrl(this.url), { wsgate: "open" }).toString(), { protocols: this._protocols });
+          const token = await this._openToken();
+          if (generation !== this._generation) return;
+          const params = { wsgate: "open" };
+          if (token) params[this._tokenParam] = token;
+          const answer = await this._fetch("POST", withQuery(httpUrl(this.url), params).toString(), { protocols: this._protocols });
           if (generation !== this._generation) return;
           if (answer.status !== 200) return this._openRefused(answer);
           this._established(answer.body, transport);

@@ -1,9 +1,10 @@
 //! Admitting a client to a backend: everything between a routed request and an open backend
 //! WebSocket. WebSocket clients and sessions (long-polling, resumable) both come through
 //! here, so they are admitted, limited and routed by the same rules: origin allowlist,
-//! handshake rate, the route's connection limit, the sticky pick, the backend's handshake and
-//! the health bookkeeping of its outcome.
+//! handshake rate, the route's connection limit, the route's auth, the sticky pick, the
+//! backend's handshake and the health bookkeeping of its outcome.
 
+use crate::authorize::{Authorized, authorize, backend_head, backend_protocols};
 use crate::config::Route;
 use crate::forwarded::ForwardedHeaders;
 use crate::gateway::{Gateway, RouteSlot};
@@ -38,6 +39,9 @@ pub struct OpenedBackend {
     pub backend_url: String,
     pub route_slot: RouteSlot,
     pub backend_slot: ConnectionSlot,
+    /// What the route's `auth` established (`None` on routes without one); boxed, as it is
+    /// held across the backend's handshake.
+    pub authorized: Option<Box<Authorized>>,
 }
 
 /// Everything between a routed request and an open backend WebSocket: origin allowlist,
@@ -78,6 +82,22 @@ pub async fn open_backend(
             "route is at its connection limit",
             &[("Retry-After", "1")],
         ));
+    };
+    // The route's auth, after the cheap limits and before anything is spent on a backend:
+    // from here on the request is the one the backend sees (token out, identity headers in).
+    // Boxed, and only on routes with auth: the handshake future of every connection would
+    // otherwise carry the auth future's size (tests/footprint.rs).
+    let authorized = match route.auth {
+        Some(_) => Box::pin(authorize(gateway, offer.route, head, peer, tls))
+            .await?
+            .map(Box::new),
+        None => None,
+    };
+    let identity_headers = authorized.as_ref().map(|a| a.backend_headers(head.headers));
+    let head = &backend_head(*head, authorized.as_deref(), identity_headers.as_deref());
+    let offer = &BackendOffer {
+        protocols: backend_protocols(authorized.as_deref(), offer.protocols),
+        ..*offer
     };
     let parts = RequestParts {
         path: head.path(),
@@ -134,6 +154,7 @@ pub async fn open_backend(
                     backend_url: backend.url.clone(),
                     route_slot,
                     backend_slot,
+                    authorized,
                 });
             }
             Err(error) => error,

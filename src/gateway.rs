@@ -4,8 +4,10 @@
 //! Built once per configuration; connections hold an `Arc` to the one they started with, so a
 //! later reload never changes a connection in flight.
 
+use crate::auth::forward::ForwardClient;
+use crate::auth::{KeyError, RouteAuth, SubjectCounts};
+use crate::config::{Auth, Config, Route};
 use crate::config::{Backend, StickyCookie, StickyKey};
-use crate::config::{Config, Route};
 use crate::drain::Drain;
 use crate::limits::TokenBucket;
 use crate::metrics::{CloseCodeLabel, Metrics, Refused};
@@ -39,6 +41,12 @@ pub struct Gateway {
     pub upstreams: Vec<UpstreamRuntime>,
     /// Client connections open per route.
     pub route_active: Vec<AtomicU32>,
+    /// Each route's compiled `auth.jwt`, by route index.
+    pub auth: Vec<Option<Arc<RouteAuth>>>,
+    /// Each route's `auth.forward` client (with its cache), by route index.
+    pub forward_auth: Vec<Option<Arc<ForwardClient>>>,
+    /// Connections open per authenticated subject; shared by every generation.
+    pub subjects: Arc<SubjectCounts>,
     /// The shutdown's phase; shared by every configuration generation, so connections opened
     /// before a reload drain too.
     pub drain: Arc<Drain>,
@@ -116,12 +124,23 @@ pub struct Shared {
     pub errors: Arc<RecentErrors>,
     pub connections: Arc<ConnectionRegistry>,
     pub addresses: Arc<AddressCounts>,
+    pub subjects: Arc<SubjectCounts>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("upstream {upstream}: {source}")]
     UpstreamTls { upstream: String, source: TlsError },
+    #[error("route {route}: auth.jwt: {source}")]
+    AuthKeys {
+        route: String,
+        source: Box<KeyError>,
+    },
+    #[error("route {route}: auth.forward: {source}")]
+    ForwardTls {
+        route: String,
+        source: Box<TlsError>,
+    },
 }
 
 impl Gateway {
@@ -139,6 +158,7 @@ impl Gateway {
             errors,
             connections,
             addresses,
+            subjects,
         } = shared;
         let handshake_bucket = config
             .limits
@@ -166,7 +186,35 @@ impl Gateway {
                 tls,
             });
         }
+        let mut auth = Vec::with_capacity(config.routes.len());
+        let mut forward_auth = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
+            let (jwt, forward) = match &route.auth {
+                Some(Auth::Jwt(jwt)) => {
+                    let compiled =
+                        RouteAuth::new(jwt).map_err(|source| GatewayError::AuthKeys {
+                            route: route.name.clone(),
+                            source: Box::new(source),
+                        })?;
+                    (Some(Arc::new(compiled)), None)
+                }
+                Some(Auth::Forward(forward)) => {
+                    let client =
+                        ForwardClient::new(forward).map_err(|source| GatewayError::ForwardTls {
+                            route: route.name.clone(),
+                            source: Box::new(source),
+                        })?;
+                    (None, Some(Arc::new(client)))
+                }
+                None => (None, None),
+            };
+            auth.push(jwt);
+            forward_auth.push(forward);
+        }
         Ok(Self {
+            auth,
+            forward_auth,
+            subjects,
             routes: RouteTable::new(&config.routes),
             route_active: config.routes.iter().map(|_| AtomicU32::new(0)).collect(),
             upstreams,
@@ -191,6 +239,7 @@ impl Gateway {
             errors: Arc::clone(&self.errors),
             connections: Arc::clone(&self.connections),
             addresses: Arc::clone(&self.addresses),
+            subjects: Arc::clone(&self.subjects),
         }
     }
 

@@ -5,12 +5,14 @@
 //! - pure, no I/O: [`proto`] (RFC 6455 codec and handshakes), [`config`] (YAML → typed,
 //!   validated), [`routing`] (route table, sticky keys, consistent hashing, balancing),
 //!   [`limits`] (token buckets), [`forwarded`] (the headers a request carries to its backend);
-//! - runtime: [`stream`], [`tls`], [`upstream`] (backend connect + client handshake),
+//! - runtime: [`auth`] (JWT on the handshake: verification is pure, the time passed in; key
+//!   files read at build time), [`stream`], [`tls`], [`upstream`] (backend connect + client
+//!   handshake),
 //!   [`relay`] (the frame pump), [`metrics`] (counters for the admin listener),
 //!   [`recent_errors`] (the dashboard's ring of recent failures), [`resources`] (the
 //!   open-file limit and the gateway's own exhaustion);
 //! - wiring: [`gateway`] (compiled config), [`admit`] (origin, limits, sticky pick, backend
-//!   handshake), [`front`] (one client connection up to the relay, or plain HTTP),
+//!   handshake), [`authorize`] (a route's auth applied to a request, refusals counted), [`front`] (one client connection up to the relay, or plain HTTP),
 //!   [`session`] (long-polling and resumable sessions), [`health`] (active and passive backend
 //!   checks), [`rebalance`] (moving connections whose sticky key changed backend), [`admin`]
 //!   (metrics, health endpoints and the live dashboard), [`listener`] (accept), [`server`] (the
@@ -24,6 +26,7 @@ pub mod limits;
 pub mod proto;
 pub mod routing;
 
+pub mod auth;
 pub mod handover;
 pub mod metrics;
 pub mod recent_errors;
@@ -35,6 +38,7 @@ pub mod upstream;
 
 pub mod admin;
 pub mod admit;
+pub mod authorize;
 pub mod drain;
 pub mod front;
 pub mod gateway;

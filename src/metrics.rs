@@ -69,6 +69,12 @@ pub struct Reason {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteReason {
+    pub route: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Flow {
     pub route: String,
     /// "client_to_backend" or "backend_to_client".
@@ -171,6 +177,8 @@ pub struct Metrics {
     pub connections_opened: Family<RouteBackend, Counter>,
     pub connections_closed: Family<Closed, Counter>,
     pub handshake_failures: Family<Reason, Counter>,
+    /// Requests refused by a route's `auth`, per route and reason (fixed labels).
+    pub auth_failures: Family<RouteReason, Counter>,
     /// Messages and payload bytes per route, backend and direction.
     pub flows: Arc<Flows>,
     pub backend_healthy: Family<UpstreamBackend, Gauge>,
@@ -213,6 +221,7 @@ impl Metrics {
             connections_opened: Family::default(),
             connections_closed: Family::default(),
             handshake_failures: Family::default(),
+            auth_failures: Family::default(),
             flows: Arc::default(),
             backend_healthy: Family::default(),
             backend_health_series: std::sync::Mutex::default(),
@@ -252,6 +261,11 @@ impl Metrics {
             "handshake_failures",
             "Upgrades refused before a 101, by reason",
             metrics.handshake_failures.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests refused by a route's auth (401, 403, 429), per route and reason",
+            metrics.auth_failures.clone(),
         );
         // `messages` and `payload_bytes`, summed over backends at each scrape.
         registry.register_collector(Box::new(Arc::clone(&metrics.flows)));

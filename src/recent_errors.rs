@@ -37,6 +37,8 @@ pub enum ErrorKind {
     BackendDropped,
     /// A hop did not answer keepalive pings.
     PingTimeout,
+    /// A request refused by a route's `auth` (no token, an invalid one, a missing claim).
+    Auth,
 }
 
 impl ErrorKind {
@@ -49,6 +51,7 @@ impl ErrorKind {
             ErrorKind::Policy => "policy",
             ErrorKind::BackendDropped => "backend_dropped",
             ErrorKind::PingTimeout => "ping_timeout",
+            ErrorKind::Auth => "auth",
         }
     }
 }

@@ -37,6 +37,7 @@ fn route(host: Option<&str>, path_prefix: &str, sticky: Option<StickyKey>) -> Ro
         connect_retries: 0,
         timeouts: Timeouts::DEFAULT,
         limits: Limits::DEFAULT,
+        auth: None,
     }
 }
 

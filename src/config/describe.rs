@@ -142,6 +142,7 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
         )?;
         writeln!(out, "      timeouts: {}", timeouts(&route.timeouts))?;
         writeln!(out, "      limits: {}", limits(&route.limits))?;
+        writeln!(out, "      auth: {}", auth(route.auth.as_ref()))?;
     }
 
     writeln!(out, "defaults:")?;
@@ -202,6 +203,86 @@ fn sticky_key(key: &StickyKey) -> String {
         StickyKey::Header(name) => format!("header {name}"),
         StickyKey::Cookie(name) => format!("cookie {name}"),
         StickyKey::ClientIp => "client IP".to_owned(),
+        StickyKey::Claim { claim, .. } => format!("token claim {claim}"),
+    }
+}
+
+fn auth(auth: Option<&Auth>) -> String {
+    match auth {
+        None => "none".to_owned(),
+        Some(Auth::Jwt(jwt)) => {
+            let from: Vec<String> = jwt
+                .from
+                .iter()
+                .map(|source| match source {
+                    TokenSource::Bearer => "bearer".to_owned(),
+                    TokenSource::Cookie(name) => format!("cookie {name}"),
+                    TokenSource::Query(name) => format!("query {name}"),
+                    TokenSource::Subprotocol(prefix) => format!("subprotocol {prefix}*"),
+                })
+                .collect();
+            let keys: Vec<String> = jwt
+                .keys
+                .iter()
+                .map(|key| {
+                    let algorithms: Vec<&str> = key.algorithms.iter().map(|a| a.name()).collect();
+                    let source = match &key.source {
+                        JwtKeySource::Pem(path) => format!("pem {}", path.display()),
+                        JwtKeySource::Jwks(path) => format!("jwks {}", path.display()),
+                        JwtKeySource::Secret(path) => format!("secret {}", path.display()),
+                        JwtKeySource::JwksUrl(url) => format!(
+                            "jwks_url {} (refresh {})",
+                            url.url,
+                            format_duration(url.refresh)
+                        ),
+                    };
+                    if algorithms.is_empty() {
+                        source
+                    } else {
+                        format!("{source} [{}]", algorithms.join(", "))
+                    }
+                })
+                .collect();
+            let mut text = format!(
+                "jwt from {}; keys: {}; leeway {}; expiry closes with {}",
+                from.join(", "),
+                keys.join(", "),
+                format_duration(jwt.leeway),
+                jwt.expired_close_code
+            );
+            if let Some(issuer) = &jwt.issuer {
+                let _ = write!(text, "; issuer {issuer}");
+            }
+            if !jwt.audience.is_empty() {
+                let _ = write!(text, "; audience {}", jwt.audience.join(", "));
+            }
+            if !jwt.require.is_empty() {
+                let _ = write!(text, "; require {}", jwt.require.join(", "));
+            }
+            for (header, claim) in &jwt.headers {
+                let _ = write!(text, "; {header} from {claim}");
+            }
+            if let Some(max) = jwt.max_connections_per_subject {
+                let _ = write!(text, "; at most {max} per subject");
+            }
+            text
+        }
+        Some(Auth::Forward(forward)) => {
+            let ttl = |d: std::time::Duration| {
+                if d.is_zero() {
+                    "off".to_owned()
+                } else {
+                    format_duration(d)
+                }
+            };
+            format!(
+                "forward to {} (timeout {}; cached: admissions {}, refusals {})",
+                forward.url,
+                format_duration(forward.timeout),
+                ttl(forward.cache_ttl),
+                ttl(forward.negative_cache_ttl)
+            )
+        }
     }
 }
 

@@ -152,6 +152,204 @@ pub struct Route {
     /// Route-level values, already merged over the gateway-wide defaults.
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// Who may open a connection on this route (`None`: anyone).
+    pub auth: Option<Auth>,
+}
+
+/// Authentication on a route, checked on the handshake before any backend is contacted and
+/// enforced for the life of the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    Jwt(JwtAuth),
+    Forward(ForwardAuth),
+}
+
+impl Auth {
+    /// The JWT settings, for a route authenticated by tokens.
+    pub fn jwt(&self) -> Option<&JwtAuth> {
+        match self {
+            Auth::Jwt(jwt) => Some(jwt),
+            Auth::Forward(_) => None,
+        }
+    }
+}
+
+/// `auth.forward`: an auth service asked about each handshake, like nginx `auth_request` or
+/// Traefik ForwardAuth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardAuth {
+    /// As written: `http://` or `https://host[:port]/path`.
+    pub url: String,
+    pub secure: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+    /// For `https://`: trust only this CA bundle (default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// The auth service's whole answer (connect, request, body) within this long, or 503.
+    pub timeout: Duration,
+    /// Client request headers sent to the auth service (lowercase); also the cache key.
+    pub request_headers: Vec<String>,
+    /// Auth service response headers copied to the backend request (the client's own copies
+    /// of these names are removed). Names as written.
+    pub response_headers: Vec<String>,
+    /// How long an admission is remembered for the same credentials (0: not at all).
+    pub cache_ttl: Duration,
+    /// How long a 401/403 is remembered for the same credentials (0: not at all).
+    pub negative_cache_ttl: Duration,
+}
+
+/// `auth.jwt`: a signed JSON Web Token (RFC 7519) the client presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtAuth {
+    /// Where the token is looked for, in this order; the first one present is the token.
+    pub from: Vec<TokenSource>,
+    /// Verification keys; at least one.
+    pub keys: Vec<JwtKey>,
+    /// The `iss` the token must carry, when set.
+    pub issuer: Option<String>,
+    /// The token's `aud` must name one of these, when not empty.
+    pub audience: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`, both at the handshake and for the connection.
+    pub leeway: Duration,
+    /// Claims a valid token must carry; a token without one is refused with 403.
+    pub require: Vec<String>,
+    /// Request headers set from claims for the backend (`X-User-Id: sub`); the client's own
+    /// headers of these names are always removed. Header names as written.
+    pub headers: Vec<(String, String)>,
+    /// The close code the client gets when its token expires (the backend gets 1001).
+    pub expired_close_code: u16,
+    /// Connections one subject (`sub`) may hold open on the route at once.
+    pub max_connections_per_subject: Option<u32>,
+}
+
+/// Where a token may come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>` (RFC 6750 §2.1).
+    Bearer,
+    /// A cookie of this name.
+    Cookie(String),
+    /// A query parameter of this name; removed from the target the backend sees.
+    Query(String),
+    /// An entry of the `Sec-WebSocket-Protocol` offer starting with this prefix, the token
+    /// after it; the entry is removed from the offer the backend sees.
+    Subprotocol(String),
+}
+
+/// One verification key source and the algorithms it may verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtKey {
+    pub source: JwtKeySource,
+    /// Algorithms accepted with this key; for a JWKS, those of keys without an `alg` (a JWK
+    /// with its own `alg` is used for that one only). Never empty for PEM and secret keys.
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// Matched against the token's `kid`; a key without one is tried for any token.
+    pub kid: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtKeySource {
+    /// A PEM public key (RSA, EC or Ed25519).
+    Pem(PathBuf),
+    /// A JSON Web Key Set file (RFC 7517).
+    Jwks(PathBuf),
+    /// A file whose bytes are an HMAC secret.
+    Secret(PathBuf),
+    /// A JSON Web Key Set fetched over HTTPS, cached and refreshed.
+    JwksUrl(JwksUrl),
+}
+
+/// `jwks_url`: where an issuer publishes its keys, and how they are kept fresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksUrl {
+    /// As written: `https://host[:port]/path`.
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+    /// Trust only this CA bundle (default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// Keys older than this are fetched again (in the background; the old set serves on).
+    pub refresh: Duration,
+    /// A token naming an unknown `kid` fetches the set again, at most once per `cooldown`.
+    pub cooldown: Duration,
+    /// A fetch (connect, TLS, request, body) not done within this long fails.
+    pub timeout: Duration,
+}
+
+/// The signature algorithms a route may accept (RFC 7518, RFC 8037). `none` is not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JwtAlgorithm {
+    HS256,
+    HS384,
+    HS512,
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    EdDSA,
+}
+
+impl JwtAlgorithm {
+    pub const ALL: [JwtAlgorithm; 12] = [
+        Self::HS256,
+        Self::HS384,
+        Self::HS512,
+        Self::RS256,
+        Self::RS384,
+        Self::RS512,
+        Self::PS256,
+        Self::PS384,
+        Self::PS512,
+        Self::ES256,
+        Self::ES384,
+        Self::EdDSA,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::HS256 => "HS256",
+            Self::HS384 => "HS384",
+            Self::HS512 => "HS512",
+            Self::RS256 => "RS256",
+            Self::RS384 => "RS384",
+            Self::RS512 => "RS512",
+            Self::PS256 => "PS256",
+            Self::PS384 => "PS384",
+            Self::PS512 => "PS512",
+            Self::ES256 => "ES256",
+            Self::ES384 => "ES384",
+            Self::EdDSA => "EdDSA",
+        }
+    }
+
+    /// Which kind of key verifies it: algorithms of one family share a key.
+    pub const fn family(self) -> KeyFamily {
+        match self {
+            Self::HS256 | Self::HS384 | Self::HS512 => KeyFamily::Hmac,
+            Self::RS256 | Self::RS384 | Self::RS512 | Self::PS256 | Self::PS384 | Self::PS512 => {
+                KeyFamily::Rsa
+            }
+            Self::ES256 | Self::ES384 => KeyFamily::Ec,
+            Self::EdDSA => KeyFamily::Ed,
+        }
+    }
+}
+
+/// The kind of key an algorithm needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFamily {
+    Hmac,
+    Rsa,
+    Ec,
+    Ed,
 }
 
 impl Route {
@@ -175,6 +373,10 @@ pub enum StickyKey {
     Cookie(String),
     /// `client_ip: true`
     ClientIp,
+    /// `claim: sub`: a claim of the route's verified token. The claim must be mapped to a
+    /// header in `auth.jwt.headers`; the key is read from that header, which the gateway sets
+    /// from the verified token after removing the client's own (lowercase `header`).
+    Claim { claim: String, header: String },
 }
 
 /// An affinity cookie set by the gateway for routes without a natural key, so a browser's

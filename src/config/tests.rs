@@ -829,7 +829,7 @@ fn sticky_needs_exactly_one_source() {
         &errors,
         9,
         "routes[0].sticky",
-        &["exactly one of: path, query, header, cookie, client_ip (found none)"],
+        &["exactly one of: path, query, header, cookie, client_ip, claim (found none)"],
     );
     expect(
         &errors,
@@ -2271,6 +2271,283 @@ fn connect_retries_default_to_one_and_are_bounded() {
     );
 }
 
+// ----- auth -----
+
+#[test]
+fn auth_jwt_is_converted_with_defaults_and_every_key() {
+    let config = ok(&format!(
+        "{MINIMAL}    match: {{path_prefix: /a}}
+    auth:
+      jwt:
+        keys:
+          - pem: keys/ec.pem
+            algorithms: [ES256, ES384]
+            kid: k1
+  - name: strict
+    match: {{path_prefix: /strict}}
+    upstream: rooms
+    sticky: {{claim: sub}}
+    auth:
+      jwt:
+        from: [bearer, {{cookie: jwt}}, {{query: access_token}}, {{subprotocol: bearer.}}]
+        keys:
+          - jwks: keys/set.json
+          - secret_file: keys/hs.key
+            algorithms: [HS256]
+        issuer: https://id.test
+        audience: chat
+        leeway: 0
+        require: [sub, role]
+        headers: {{X-User-Id: sub, X-Role: role}}
+        expired_close_code: 4001
+        max_connections_per_subject: 3
+"
+    ));
+    let first = &config.routes[0].auth.as_ref().unwrap().jwt().unwrap();
+    assert_eq!(first.from, [TokenSource::Bearer]);
+    assert_eq!(first.leeway, Duration::from_secs(5));
+    assert_eq!(first.expired_close_code, 1008);
+    assert_eq!(
+        first.keys,
+        [JwtKey {
+            source: JwtKeySource::Pem("keys/ec.pem".into()),
+            algorithms: vec![JwtAlgorithm::ES256, JwtAlgorithm::ES384],
+            kid: Some("k1".into()),
+        }]
+    );
+    let strict = &config.routes[1];
+    let jwt = &strict.auth.as_ref().unwrap().jwt().unwrap();
+    assert_eq!(
+        jwt.from,
+        [
+            TokenSource::Bearer,
+            TokenSource::Cookie("jwt".into()),
+            TokenSource::Query("access_token".into()),
+            TokenSource::Subprotocol("bearer.".into()),
+        ]
+    );
+    assert_eq!(
+        jwt.keys[0].source,
+        JwtKeySource::Jwks("keys/set.json".into())
+    );
+    assert!(jwt.keys[0].algorithms.is_empty());
+    assert_eq!(jwt.issuer.as_deref(), Some("https://id.test"));
+    assert_eq!(jwt.audience, ["chat"]);
+    assert_eq!(jwt.leeway, Duration::ZERO);
+    assert_eq!(jwt.require, ["sub", "role"]);
+    assert_eq!(
+        jwt.headers,
+        [
+            ("X-User-Id".to_owned(), "sub".to_owned()),
+            ("X-Role".to_owned(), "role".to_owned())
+        ]
+    );
+    assert_eq!(jwt.expired_close_code, 4001);
+    assert_eq!(jwt.max_connections_per_subject, Some(3));
+    assert_eq!(
+        strict.sticky,
+        Some(StickyKey::Claim {
+            claim: "sub".into(),
+            header: "x-user-id".into()
+        })
+    );
+}
+
+#[test]
+fn auth_errors_name_their_line() {
+    let errors = errs(&format!(
+        "{MINIMAL}    sticky: {{claim: sub}}
+    auth:
+      jwt:
+        keys:
+          - pem: a.pem
+            algorithms: [none]
+          - pem: b.pem
+          - pem: c.pem
+            secret_file: d.key
+            algorithms: [HS256]
+          - secret_file: e.key
+            algorithms: [RS256]
+          - pem: f.pem
+            algorithms: [RS256, ES256]
+        expired_close_code: 1005
+        headers: {{Host: sub}}
+"
+    ));
+    expect(
+        &errors,
+        14,
+        "routes[0].auth.jwt.keys[0].algorithms[0]",
+        &["one of HS256", "the string \"none\""],
+    );
+    expect(
+        &errors,
+        15,
+        "routes[0].auth.jwt.keys[1].algorithms",
+        &["required key is missing"],
+    );
+    expect(
+        &errors,
+        16,
+        "routes[0].auth.jwt.keys[2]",
+        &["exactly one of", "pem and secret_file"],
+    );
+    expect(
+        &errors,
+        20,
+        "routes[0].auth.jwt.keys[3].algorithms",
+        &["HS256, HS384 or HS512 only"],
+    );
+    expect(
+        &errors,
+        22,
+        "routes[0].auth.jwt.keys[4].algorithms",
+        &["one kind only"],
+    );
+    expect(
+        &errors,
+        23,
+        "routes[0].auth.jwt.expired_close_code",
+        &["1005 cannot be sent"],
+    );
+    expect(
+        &errors,
+        24,
+        "routes[0].auth.jwt.headers.Host",
+        &["the gateway sets or removes itself"],
+    );
+    assert_eq!(errors.len(), 7, "{errors:#?}");
+}
+
+#[test]
+fn a_claim_sticky_key_needs_the_claim_mapped_to_a_header() {
+    single(
+        &format!(
+            "{MINIMAL}    sticky: {{claim: sub}}
+    auth:
+      jwt:
+        keys:
+          - pem: a.pem
+            algorithms: [EdDSA]
+"
+        ),
+        9,
+        "routes[0].sticky.claim",
+        &["needs auth.jwt", "X-User-Id: sub"],
+    );
+    single(
+        &format!("{MINIMAL}    sticky: {{claim: sub}}\n"),
+        9,
+        "routes[0].sticky.claim",
+        &["needs auth.jwt"],
+    );
+}
+
+#[test]
+fn a_jwks_url_is_https_with_bounded_timers() {
+    let config = ok(&format!(
+        "{MINIMAL}    auth:
+      jwt:
+        keys:
+          - jwks_url: https://id.test:8443/keys?v=1
+            ca_file: ca.pem
+            refresh: 1m
+          - jwks_url: https://id.test
+            algorithms: [RS256]
+"
+    ));
+    let keys = &config.routes[0].auth.as_ref().unwrap().jwt().unwrap().keys;
+    let JwtKeySource::JwksUrl(first) = &keys[0].source else {
+        panic!("{keys:?}")
+    };
+    assert_eq!(
+        (first.host.as_str(), first.port, first.path.as_str()),
+        ("id.test", 8443, "/keys?v=1")
+    );
+    assert_eq!(first.ca_file.as_deref(), Some(Path::new("ca.pem")));
+    assert_eq!(first.refresh, Duration::from_secs(60));
+    assert_eq!(first.cooldown, Duration::from_secs(5));
+    assert_eq!(first.timeout, Duration::from_secs(5));
+    let JwtKeySource::JwksUrl(second) = &keys[1].source else {
+        panic!("{keys:?}")
+    };
+    assert_eq!((second.port, second.path.as_str()), (443, "/"));
+    assert_eq!(keys[1].algorithms, [JwtAlgorithm::RS256]);
+
+    let errors = errs(&format!(
+        "{MINIMAL}    auth:
+      jwt:
+        keys:
+          - jwks_url: http://id.test/keys
+          - jwks_url: https://id.test/keys
+            cooldown: 10ms
+          - pem: a.pem
+            algorithms: [ES256]
+            refresh: 1m
+"
+    ));
+    expect(
+        &errors,
+        12,
+        "routes[0].auth.jwt.keys[0].jwks_url",
+        &["https:// only"],
+    );
+    expect(
+        &errors,
+        14,
+        "routes[0].auth.jwt.keys[1].cooldown",
+        &["at least 100ms"],
+    );
+    expect(
+        &errors,
+        17,
+        "routes[0].auth.jwt.keys[2].refresh",
+        &["jwks_url only"],
+    );
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+}
+
+#[test]
+fn auth_forward_is_converted_and_takes_no_jwt_beside_it() {
+    let config = ok(&format!(
+        "{MINIMAL}    auth:
+      forward:
+        url: http://127.0.0.1:9000/check?app=chat
+        request_headers: [Authorization, X-Api-Key]
+        response_headers: [X-User-Id]
+        cache_ttl: 30s
+"
+    ));
+    let Some(Auth::Forward(forward)) = &config.routes[0].auth else {
+        panic!("{:?}", config.routes[0].auth)
+    };
+    assert!(!forward.secure);
+    assert_eq!(
+        (forward.host.as_str(), forward.port, forward.path.as_str()),
+        ("127.0.0.1", 9000, "/check?app=chat")
+    );
+    assert_eq!(forward.request_headers, ["authorization", "x-api-key"]);
+    assert_eq!(forward.response_headers, ["X-User-Id"]);
+    assert_eq!(forward.timeout, Duration::from_secs(5));
+    assert_eq!(forward.cache_ttl, Duration::from_secs(30));
+    assert_eq!(forward.negative_cache_ttl, Duration::ZERO);
+
+    let errors = errs(&format!(
+        "{MINIMAL}    auth:
+      forward:
+        url: ftp://auth
+      jwt:
+        keys: []
+"
+    ));
+    expect(
+        &errors,
+        10,
+        "routes[0].auth.forward",
+        &["either jwt or forward"],
+    );
+}
+
 #[test]
 fn admin_token_is_long_enough_from_the_file_or_the_environment() {
     let with = |admin: &str| format!("{MINIMAL}admin:\n  address: 127.0.0.1:9090\n{admin}");
@@ -2299,4 +2576,31 @@ fn admin_token_is_long_enough_from_the_file_or_the_environment() {
     // The token never shows in a printed configuration.
     let printed = format!("{:?}", ok(&with("  token: abcdefghijklmnop\n")));
     assert!(!printed.contains("abcdefghijklmnop"), "{printed}");
+}
+
+#[test]
+fn describe_shows_each_routes_auth() {
+    let config = ok(&format!(
+        "{MINIMAL}    match: {{path_prefix: /a}}
+    auth:
+      jwt:
+        from: [bearer, {{query: t}}]
+        keys:
+          - pem: k.pem
+            algorithms: [EdDSA]
+        headers: {{X-User-Id: sub}}
+        max_connections_per_subject: 2
+  - upstream: rooms
+    auth:
+      forward:
+        url: http://127.0.0.1:9/check
+"
+    ));
+    let text = describe(&config);
+    for needle in [
+        "auth: jwt from bearer, query t; keys: pem k.pem [EdDSA]; leeway 5s; expiry closes with 1008; X-User-Id from sub; at most 2 per subject",
+        "auth: forward to http://127.0.0.1:9/check (timeout 5s; cached: admissions off, refusals off)",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
 }

@@ -8,6 +8,8 @@
 //! - conversion never stops at the first problem: siblings are still checked, so a user
 //!   fixing a file sees everything wrong in one run.
 
+mod auth;
+
 use std::collections::HashMap;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -81,9 +83,10 @@ const ROUTE_KEYS: &[&str] = &[
     "connect_retries",
     "timeouts",
     "limits",
+    "auth",
 ];
 const MATCH_KEYS: &[&str] = &["host", "path_prefix"];
-const STICKY_KEYS: &[&str] = &["path", "query", "header", "cookie", "client_ip"];
+const STICKY_KEYS: &[&str] = &["path", "query", "header", "cookie", "client_ip", "claim"];
 const STICKY_COOKIE_KEYS: &[&str] = &["name", "max_age", "same_site", "secure"];
 const TIMEOUT_KEYS: &[&str] = &[
     "handshake",
@@ -1234,7 +1237,7 @@ impl Cx<'_> {
         let upstream = f
             .required(self, "upstream", "the name of an upstream")
             .and_then(|(raw, path)| self.upstream_ref(raw, &path, upstream_names));
-        let sticky = match f.get("sticky") {
+        let mut sticky = match f.get("sticky") {
             None => Some(None),
             Some((raw, path)) => self.sticky(raw, &path, path_prefix.as_deref()).map(Some),
         };
@@ -1288,7 +1291,17 @@ impl Cx<'_> {
                 checked.then_some(limits)
             }),
         };
+        let auth = match f.get("auth") {
+            None => Some(None),
+            Some((raw, path)) => self.auth(raw, &path).map(Some),
+        };
+        if let (Some(sticky), Some(auth)) = (sticky.as_mut(), auth.as_ref())
+            && !self.resolve_claim_sticky(sticky, auth.as_ref(), &path.key("sticky"))
+        {
+            return None;
+        }
         Some(Route {
+            auth: auth?,
             name: name?,
             host: host?,
             path_prefix: path_prefix?,
@@ -1352,7 +1365,7 @@ impl Cx<'_> {
     }
 
     fn sticky(&mut self, raw: &Raw, path: &YamlPath, prefix: Option<&str>) -> Option<StickyKey> {
-        let what = "a mapping with one of: path, query, header, cookie, client_ip";
+        let what = "a mapping with one of: path, query, header, cookie, client_ip, claim";
         let f = self.fields(raw, path, what, STICKY_KEYS)?;
         let present: Vec<&str> = STICKY_KEYS.iter().copied().filter(|k| f.has(k)).collect();
         let mut keys = Vec::new();
@@ -1411,6 +1424,11 @@ impl Cx<'_> {
         let checked = match key {
             "path" => sticky_path(text, prefix),
             "query" => check_query_name(text).map(StickyKey::Query),
+            // The header is filled in once the route's auth section is known.
+            "claim" => Ok(StickyKey::Claim {
+                claim: text.to_owned(),
+                header: String::new(),
+            }),
             "header" => {
                 check_token(text, "header name").map(|h| StickyKey::Header(h.to_ascii_lowercase()))
             }

@@ -218,15 +218,45 @@ async fn routed(
     route: usize,
     peer: SocketAddr,
     tls: bool,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<Body> {
-    let response = proxy(gateway, route, peer, tls, request).await;
+    let response = match authorize_request(gateway, route, peer, tls, &mut request).await {
+        // Held while the request is proxied (a subject's slot, on routes that count them).
+        Ok(_authorized) => proxy(gateway, route, peer, tls, request).await,
+        Err(refusal) => refusal_response(refusal),
+    };
     let labels = HttpRequest {
         route: gateway.route(route).name.clone(),
         status: response.status().as_u16().to_string(),
     };
     gateway.metrics.http_requests.get_or_create(&labels).inc();
     response
+}
+
+/// The route's auth for a plain request, as for an upgrade: refused before any backend is
+/// picked; an admitted request goes on with the token out of its URL and the identity headers
+/// in place of any the client sent.
+async fn authorize_request(
+    gateway: &Arc<Gateway>,
+    route: usize,
+    peer: SocketAddr,
+    tls: bool,
+    request: &mut Request<Incoming>,
+) -> Result<Option<crate::authorize::Authorized>, Refusal> {
+    let authorized = {
+        let headers = fields(request);
+        let head = RequestHead {
+            method: request.method().as_str(),
+            target: target(request),
+            version: minor_version(request),
+            headers: &headers,
+        };
+        crate::authorize::authorize(gateway, route, &head, peer, tls).await?
+    };
+    if let Some(authorized) = &authorized {
+        authorized.rewrite_http(request)?;
+    }
+    Ok(authorized)
 }
 
 /// The request's header fields, copied, for a request whose body is consumed while its head

@@ -9,6 +9,8 @@
 use crate::admit::{
     BackendOffer, OpenedBackend, open_backend, register_in_room, switching_protocols,
 };
+use crate::auth::SubjectSlot;
+use crate::authorize::Expiry;
 use crate::config::Compression;
 use crate::drain::depart;
 use crate::gateway::{Gateway, RouteSlot};
@@ -47,6 +49,9 @@ pub struct Acceptance {
     backend_early: Vec<u8>,
     decoders: (FrameDecoder, FrameDecoder),
     settings: RelaySettings,
+    /// When the client's token expires, on routes with `auth` (boxed, like the subject's
+    /// slot: an idle connection's future holds them, and only routes with auth pay for them).
+    expiry: Option<Box<Expiry>>,
     log: AccessContext,
 }
 
@@ -62,6 +67,7 @@ struct AccessContext {
     active: Gauge,
     /// Present for connections routed by a sticky key: they move when its owner changes.
     registration: Option<Registration>,
+    _subject_slot: Option<Box<SubjectSlot>>,
     _route_slot: RouteSlot,
     _backend_slot: ConnectionSlot,
 }
@@ -122,7 +128,14 @@ pub async fn decide(
         backend_url,
         route_slot,
         backend_slot,
+        mut authorized,
     } = opened;
+    // A token's expiry ends the connection; its subject's slot is held until then.
+    let expiry = authorized.as_ref().and_then(|a| a.expiry()).map(Box::new);
+    let subject_slot = authorized
+        .as_mut()
+        .and_then(|a| a.subject_slot.take())
+        .map(Box::new);
     // Listed while it lives, so that it can be moved when its key's owner changes.
     let registration = register_in_room(gateway, route_index, sticky_key, &backend_url, ticket);
 
@@ -176,6 +189,7 @@ pub async fn decide(
             ping_passthrough: route.ping_passthrough,
             message_rate: route.limits.message_rate,
         },
+        expiry,
         log: AccessContext {
             gateway: Arc::clone(gateway),
             route: route_index,
@@ -184,6 +198,7 @@ pub async fn decide(
             peer,
             active,
             registration,
+            _subject_slot: subject_slot,
             _route_slot: route_slot,
             _backend_slot: backend_slot,
         },
@@ -224,6 +239,7 @@ impl Acceptance {
             backend_early,
             decoders: (client_decoder, backend_decoder),
             settings,
+            expiry,
             mut log,
             ..
         } = self;
@@ -255,9 +271,21 @@ impl Acceptance {
                     None => std::future::pending().await,
                 }
             };
+            // Boxed: an idle connection's future holds this, and only routes with auth pay
+            // for the timer.
+            let expired = async {
+                match &expiry {
+                    Some(expiry) => {
+                        Box::pin(tokio::time::sleep_until(expiry.at)).await;
+                        expiry.code
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = depart(drain, registration.as_ref().map(Registration::room)) => Stop::Shutdown,
                 () = moved => Stop::Moved,
+                code = expired => Stop::Expired { code },
             }
         };
         relay.run(stop, move |report| log.write(&report, started.elapsed()))
@@ -334,7 +362,8 @@ fn failure(report: &RelayReport) -> Option<(ErrorKind, String)> {
         | Cause::IoError(Side::Client)
         | Cause::IdleTimeout
         | Cause::Shutdown
-        | Cause::Moved => return None,
+        | Cause::Moved
+        | Cause::Expired => return None,
     };
     Some((kind, report.cause.to_string()))
 }

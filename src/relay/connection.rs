@@ -58,6 +58,9 @@ pub enum Stop {
     /// The connection's sticky key now belongs to another backend: 1012 (Service Restart) to
     /// the client, so it reconnects to the new owner, and 1001 to the backend.
     Moved,
+    /// The client's token expired: `code` (the route's `expired_close_code`, 1008 by default)
+    /// to the client, 1001 to the backend.
+    Expired { code: CloseCode },
 }
 
 /// One relayed connection's state between its two hops.
@@ -361,6 +364,12 @@ impl Connection {
                 Cause::Moved,
                 (CloseCode::SERVICE_RESTART, "backend changed, reconnect"),
                 (CloseCode::GOING_AWAY, "client moved to another backend"),
+                now,
+            ),
+            Stop::Expired { code } => self.gateway_close_with(
+                Cause::Expired,
+                (code, "token expired"),
+                (CloseCode::GOING_AWAY, "client token expired"),
                 now,
             ),
         }

@@ -54,6 +54,8 @@ pub enum Cause {
     Shutdown,
     /// The sticky key moved to another backend (1012 to the client).
     Moved,
+    /// The client's token expired (the route's close code to the client, 1001 to the backend).
+    Expired,
 }
 
 impl Cause {
@@ -69,6 +71,7 @@ impl Cause {
             Self::IdleTimeout => "idle_timeout",
             Self::Shutdown => "shutdown",
             Self::Moved => "moved",
+            Self::Expired => "token_expired",
         }
     }
 
@@ -98,6 +101,7 @@ impl fmt::Display for Cause {
             Self::IdleTimeout => f.write_str("idle timeout"),
             Self::Shutdown => f.write_str("gateway shutting down"),
             Self::Moved => f.write_str("sticky key moved to another backend"),
+            Self::Expired => f.write_str("client token expired"),
         }
     }
 }

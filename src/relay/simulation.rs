@@ -16,7 +16,7 @@
 use super::connection::{Connection, RelaySettings, Stop};
 use super::hop::Side;
 use crate::metrics::RelayCounters;
-use crate::proto::{DecoderConfig, FrameDecoder, Item, OpCode, Role};
+use crate::proto::{CloseCode, DecoderConfig, FrameDecoder, Item, OpCode, Role};
 use std::time::{Duration, Instant};
 
 /// Bytes a peer's socket takes before a write to it blocks (its receive buffer).
@@ -430,10 +430,12 @@ pub fn fuzz(data: &[u8]) {
             15 => world.reset(side),
             16 => world.set_reading(side, arg & 1 != 0),
             17 => world.advance(ms(u64::from(arg) * 20)),
-            18 => world.stop(if arg & 1 == 0 {
-                Stop::Shutdown
-            } else {
-                Stop::Moved
+            18 => world.stop(match arg % 4 {
+                1 => Stop::Moved,
+                3 => Stop::Expired {
+                    code: CloseCode::POLICY_VIOLATION,
+                },
+                _ => Stop::Shutdown,
             }),
             _ => {}
         }
@@ -667,5 +669,16 @@ mod tests {
         w.close_tcp(Side::Backend);
         w.close_tcp(Side::Client);
         assert!(w.connection.is_finished());
+    }
+
+    #[test]
+    fn an_expired_token_sends_the_routes_code_to_the_client_and_1001_to_the_backend() {
+        let mut w = world(|_| {});
+        w.stop(Stop::Expired {
+            code: CloseCode(4001),
+        });
+        assert_eq!(closes(&w), (Some(4001), Some(1001)));
+        w.assert_finishes();
+        assert_eq!(w.connection.report().cause, crate::relay::Cause::Expired);
     }
 }

@@ -63,9 +63,11 @@ pub fn extract_key<'a, H: HeaderField<'a>>(
     let key = match sticky {
         StickyKey::PathSegment { index, .. } => path_segment(request.path, *index).map(Cow::from),
         StickyKey::Query(name) => request.query.and_then(|query| query_param(query, name)),
-        StickyKey::Header(name) => first_header(request.headers, name)
-            .map(trim_http_whitespace)
-            .map(String::from_utf8_lossy),
+        StickyKey::Header(name) | StickyKey::Claim { header: name, .. } => {
+            first_header(request.headers, name)
+                .map(trim_http_whitespace)
+                .map(String::from_utf8_lossy)
+        }
         StickyKey::Cookie(name) => cookie(request.headers, name).map(String::from_utf8_lossy),
         // Dual-stack listeners report IPv4 clients as `::ffff:a.b.c.d`; canonicalising keeps a
         // client on the same backend whichever listener it reached.

@@ -130,6 +130,7 @@ mod tests {
             connect_retries: 0,
             timeouts: Timeouts::DEFAULT,
             limits: Limits::DEFAULT,
+            auth: None,
         }
     }
 

@@ -14,6 +14,8 @@ use super::registry::Registry;
 use super::socket::{MessageReader, MessageWriter, ReadError, Received};
 use super::state::{Outgoing, Presence, Session};
 use super::until;
+use crate::auth::SubjectSlot;
+use crate::authorize::Expiry;
 use crate::drain::Departure;
 use crate::gateway::RouteSlot;
 use crate::metrics::{Metrics, RelayCounters, RouteBackend, RouteLabel, SessionEnd};
@@ -50,6 +52,10 @@ pub struct BackendTask {
     pub ping_interval: Option<Duration>,
     pub pong_timeout: Duration,
     pub close_timeout: Duration,
+    /// When the token the session was opened with expires (routes with `auth.jwt`).
+    pub expiry: Option<Expiry>,
+    /// The session's place under `max_connections_per_subject`.
+    pub _subject_slot: Option<SubjectSlot>,
     /// Route and backend connection slots, held for the session's life.
     pub _route_slot: RouteSlot,
     pub _backend_slot: ConnectionSlot,
@@ -74,6 +80,8 @@ enum Ending {
     RateExceeded,
     Moved,
     Shutdown,
+    /// The token the session was opened with expired.
+    TokenExpired,
 }
 
 impl Ending {
@@ -87,7 +95,16 @@ impl Ending {
             Self::RateExceeded => "message_rate",
             Self::Moved => "moved",
             Self::Shutdown => "shutdown",
+            Self::TokenExpired => "token_expired",
         }
+    }
+}
+
+/// Completes when the session's token expires (never without an expiry).
+async fn expired(expiry: Option<Expiry>) {
+    match expiry {
+        Some(expiry) => tokio::time::sleep_until(expiry.at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -143,6 +160,7 @@ impl BackendTask {
                 | Ending::RateExceeded
                 | Ending::Moved
                 | Ending::Shutdown
+                | Ending::TokenExpired
         ) {
             self.await_collection().await;
         }
@@ -176,6 +194,18 @@ impl BackendTask {
                 keepalive.restart(Instant::now().into_std());
             }
             tokio::select! {
+                () = expired(self.expiry) => {
+                    // As for a relayed connection: the route's code to the client, 1001 to
+                    // the backend.
+                    let code = self.expiry.map_or(CloseCode::POLICY_VIOLATION, |e| e.code);
+                    let close = Close {
+                        code: code.0,
+                        reason: "token expired".to_owned(),
+                    };
+                    self.end_both(CloseCode::GOING_AWAY, "client token expired", close)
+                        .await;
+                    return Ending::TokenExpired;
+                }
                 () = moved(self.registration.as_ref()) => {
                     // As for a relayed connection: 1012 to the client (which reconnects, to
                     // the room's new owner), 1001 to the backend.

@@ -71,7 +71,14 @@ pub async fn handle(
         )
     } else {
         let sid = query.sid.as_deref().unwrap_or_default();
-        match find(gateway, route, sid, origin.as_deref()) {
+        let head = RequestHead {
+            method: request.method().as_str(),
+            target: request.uri().path_and_query().map_or("/", |t| t.as_str()),
+            version: 1,
+            headers,
+        };
+        let subject = crate::authorize::presented_subject(gateway, route, &head);
+        match find(gateway, route, sid, origin.as_deref(), subject.as_deref()) {
             Err(Lookup::Gone) => error(
                 410,
                 "session not found: it expired, was closed, or never existed; open a new one",

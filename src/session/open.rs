@@ -149,13 +149,19 @@ pub async fn open(
         backend_url,
         route_slot,
         backend_slot,
+        mut authorized,
     } = open_backend(gateway, spec.head, &offer, peer, tls).await?;
+    // Authenticated like a WebSocket client (in `open_backend`): the session is bound to the
+    // token's subject and ends when the token expires.
+    let expiry = authorized.as_ref().and_then(|a| a.expiry());
+    let subject = authorized.as_ref().and_then(|a| a.subject.clone());
+    let subject_slot = authorized.as_mut().and_then(|a| a.subject_slot.take());
     let route = gateway.route(spec.route);
     // A session is a connection of its room like any other: when the room's owner changes,
     // it moves too (the client hears 1012 and opens a new session, on the new owner).
     let registration = register_in_room(gateway, spec.route, sticky_key, &backend_url, ticket);
     let (to_backend, outgoing) = mpsc::channel(OUTGOING_QUEUE);
-    let session = Arc::new(Session::new(
+    let mut session = Session::new(
         SessionId::generate(&settings.instance),
         route.name.clone(),
         spec.origin.map(str::to_owned),
@@ -170,7 +176,9 @@ pub async fn open(
             message_rate: route.limits.message_rate,
         },
         to_backend,
-    ));
+    );
+    session.subject = subject;
+    let session = Arc::new(session);
     let (reader, writer) = socket::split(
         upgraded.stream,
         &upgraded.early,
@@ -199,6 +207,8 @@ pub async fn open(
         ping_interval: route.timeouts.ping_interval,
         pong_timeout: route.timeouts.pong_timeout,
         close_timeout: route.timeouts.close,
+        expiry,
+        _subject_slot: subject_slot,
         _route_slot: route_slot,
         _backend_slot: backend_slot,
         _admission: admission,
@@ -210,13 +220,15 @@ pub async fn open(
     })
 }
 
-/// Finds the session a request names and checks that it may use it here: same route, and
-/// the same origin where the route checks origins.
+/// Finds the session a request names and checks that it may use it here: same route, the
+/// same origin where the route checks origins, and the same subject when the request carries
+/// a valid token (`subject`, see [`crate::authorize::presented_subject`]).
 pub fn find(
     gateway: &Gateway,
     route: usize,
     sid: &str,
     origin: Option<&str>,
+    subject: Option<&str>,
 ) -> Result<Arc<Session>, Lookup> {
     let Some(session) = gateway.sessions.get(sid) else {
         return Err(Lookup::Gone);
@@ -232,6 +244,12 @@ pub fn find(
         return Err(Lookup::Forbidden(
             "this session was opened from another origin",
         ));
+    }
+    // A valid token of another subject does not open someone else's session.
+    if let (Some(bound), Some(presented)) = (session.subject.as_deref(), subject)
+        && bound != presented
+    {
+        return Err(Lookup::Forbidden("this session belongs to another subject"));
     }
     Ok(session)
 }

@@ -59,6 +59,8 @@ pub struct Session {
     /// The `Origin` the session was opened from, checked again on every request.
     pub origin: Option<String>,
     pub protocol: Option<String>,
+    /// The subject of the token the session was opened with, on routes with `auth.jwt`.
+    pub subject: Option<String>,
     pub timing: Timing,
     state: Mutex<State>,
     upstream: tokio::sync::Mutex<Upstream>,
@@ -126,6 +128,7 @@ impl Session {
             route,
             origin,
             protocol,
+            subject: None,
             timing,
             state: Mutex::new(State {
                 down: Downstream::new(buffer),

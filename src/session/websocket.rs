@@ -139,7 +139,13 @@ pub async fn decide(
         timers,
     };
     match query.sid.as_deref() {
-        Some(sid) => match find(gateway, route, sid, upgrade.origin) {
+        Some(sid) => match find(
+            gateway,
+            route,
+            sid,
+            upgrade.origin,
+            crate::authorize::presented_subject(gateway, route, head).as_deref(),
+        ) {
             Ok(session) => {
                 // Echo the subprotocol only if this client offers it (RFC 6455 §4.1).
                 socket.protocol = session
