@@ -23,8 +23,10 @@ use tokio_tungstenite::tungstenite::Message;
 const WSGATE: &str = env!("CARGO_BIN_EXE_wsgate");
 const WAIT: Duration = Duration::from_secs(20);
 
+/// On an address of its own (127.0.0.7), so that the ports other tests bind meanwhile on
+/// 127.0.0.1 cannot take it before the gateway does.
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
+    TcpListener::bind("127.0.0.7:0")
         .unwrap()
         .local_addr()
         .unwrap()

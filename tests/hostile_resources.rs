@@ -530,8 +530,9 @@ async fn free_port() -> u16 {
         .port()
 }
 
-/// Starts `wsgate run` with `yaml` and waits until it accepts on `listen`.
-async fn spawn_gateway(yaml: &str, listen: SocketAddr) -> Process {
+/// Starts `wsgate run` with `yaml` and waits until it accepts on `listen`; `Err` with its log
+/// if it exited first.
+async fn spawn_gateway(yaml: &str, listen: SocketAddr) -> Result<Process, String> {
     let tag = format!("wsgate-hostile-{}-{}", std::process::id(), listen.port());
     let config = std::env::temp_dir().join(format!("{tag}.yaml"));
     let log = std::env::temp_dir().join(format!("{tag}.log"));
@@ -548,7 +549,7 @@ async fn spawn_gateway(yaml: &str, listen: SocketAddr) -> Process {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(listen).await.is_err() {
         if let Some(status) = process.child.try_wait().unwrap() {
-            panic!("wsgate exited with {status}:\n{}", process.log());
+            return Err(format!("wsgate exited with {status}:\n{}", process.log()));
         }
         assert!(
             Instant::now() < deadline,
@@ -557,7 +558,7 @@ async fn spawn_gateway(yaml: &str, listen: SocketAddr) -> Process {
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    process
+    Ok(process)
 }
 
 /// Attack (or plain overload): the gateway runs out of descriptors while connecting to a
@@ -569,12 +570,21 @@ async fn spawn_gateway(yaml: &str, listen: SocketAddr) -> Process {
 #[tokio::test]
 async fn running_out_of_descriptors_is_503_and_never_counts_against_backends() {
     let backends = [echo_backend("b1").await, echo_backend("b2").await];
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
-    let yaml = config(&[backends[0].addr, backends[1].addr], "", "")
-        .replace("127.0.0.1:0", &listen.to_string())
-        + &format!("admin:\n  address: {admin}\n");
-    let gateway = spawn_gateway(&yaml, listen).await;
+    // A port found free may be taken by a parallel test before the gateway binds it: then
+    // try other ports.
+    let mut attempts = 0;
+    let (gateway, listen, admin) = loop {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+        let yaml = config(&[backends[0].addr, backends[1].addr], "", "")
+            .replace("127.0.0.1:0", &listen.to_string())
+            + &format!("admin:\n  address: {admin}\n");
+        match spawn_gateway(&yaml, listen).await {
+            Ok(gateway) => break (gateway, listen, admin),
+            Err(log) if log.contains("Address already in use") && attempts < 5 => attempts += 1,
+            Err(log) => panic!("{log}"),
+        }
+    };
     // The readiness probes above have ended once the descriptor numbers stop changing.
     let mut lowest = gateway.lowest_free_descriptor();
     loop {
