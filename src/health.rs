@@ -303,7 +303,7 @@ async fn await_close_reply(stream: &mut (impl AsyncRead + Unpin), mut buf: Vec<u
 /// upstream has active checks, since nothing else would ever bring it back. Passive back-offs
 /// are not carried: their timers belong to the old configuration, and a backend still
 /// unreachable is taken out again by its next failed connect. An operator's drain is carried
-/// when the backend's configuration is unchanged.
+/// when the backend's configuration is unchanged, and so is a weight an operator set.
 pub fn carry_over(old: &Gateway, new: &Gateway) {
     for (upstream, config) in new.upstreams.iter().zip(&new.config.upstreams) {
         let Some(before) = old.upstreams.iter().find(|u| u.name == upstream.name) else {
@@ -319,8 +319,13 @@ pub fn carry_over(old: &Gateway, new: &Gateway) {
                 continue;
             };
             // An operator's drain lasts until a reload changes that backend.
-            if before.balancer.is_drained(was) && before.balancer.backends()[was] == *backend {
-                upstream.balancer.set_drained(index, true);
+            if before.balancer.backends()[was] == *backend {
+                if before.balancer.is_drained(was) {
+                    upstream.balancer.set_drained(index, true);
+                }
+                upstream
+                    .balancer
+                    .set_weight(index, before.balancer.weight(was));
             }
             if config.health_check.is_some() && before.balancer.checks_down(was) {
                 upstream.balancer.set_healthy(index, false);
@@ -552,6 +557,22 @@ mod tests {
         carry_over(&old, &new);
         let balancer = &new.upstreams[0].balancer;
         assert!(balancer.is_drained(2), "a, unchanged, stays drained");
+        let old = gateway("ws://a:1");
+        old.upstreams[0].balancer.set_weight(0, 7);
+        let same = gateway("ws://a:1");
+        carry_over(&old, &same);
+        assert_eq!(
+            same.upstreams[0].balancer.weight(0),
+            7,
+            "an operator's weight stays"
+        );
+        let changed = gateway("{url: ws://a:1, weight: 3}");
+        carry_over(&old, &changed);
+        assert_eq!(
+            changed.upstreams[0].balancer.weight(0),
+            3,
+            "the file decides"
+        );
         assert!(!balancer.is_drained(1), "b changed: the reload decides");
         assert!(!balancer.is_drained(0));
     }

@@ -166,7 +166,7 @@ fn duration_buckets() -> Histogram {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdminAction {
-    /// drain, restore, drain_instance, unauthorized or bad_request.
+    /// drain, restore, weight, drain_instance, unauthorized or bad_request.
     pub action: &'static str,
 }
 

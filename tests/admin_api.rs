@@ -273,3 +273,43 @@ async fn the_admin_listener_serves_over_tls() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"upstreams\""), "{body}");
 }
+
+/// A weight set by an operator moves the keys it changes the owner of (with 1012, like a
+/// reload would), and new connections follow it.
+#[tokio::test]
+async fn a_weight_set_at_run_time_moves_the_keys_it_gives_another_owner() {
+    let (a, b) = (echo_backend("a").await, echo_backend("b").await);
+    let yaml = config(&[a.addr, b.addr], "rebalance:\n  window: 200ms\n");
+    let parsed = wsgate::config::from_yaml_str(&yaml, "t.yaml").unwrap();
+    let mut heavy_b = parsed.upstreams[0].backends.clone();
+    heavy_b[1].weight = 1000;
+    let room = (0..)
+        .map(|n| format!("room-{n}"))
+        .find(|key| {
+            wsgate::routing::rank(&parsed.upstreams[0].backends, key)[0] == 0
+                && wsgate::routing::rank(&heavy_b, key)[0] == 1
+        })
+        .unwrap();
+    let running = start(&yaml).await;
+    let (name, mut on_a) = whoami(running.gateway, &room).await;
+    assert_eq!(name, "a");
+
+    let weight = format!(
+        "/api/backends/weight?upstream=app&backend=ws://{}&weight=1000",
+        b.addr
+    );
+    let (status, body) = call(running.admin, "POST", &weight, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let close = close_frame(&mut on_a).await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1012);
+    assert_eq!(whoami(running.gateway, &room).await.0, "b");
+    let (_, body) = call(running.admin, "GET", "/api/upstreams", Some(TOKEN)).await;
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["upstreams"][0]["backends"][1]["weight"], 1000);
+
+    let zero = format!(
+        "/api/backends/weight?upstream=app&backend=ws://{}&weight=0",
+        b.addr
+    );
+    assert_eq!(call(running.admin, "POST", &zero, Some(TOKEN)).await.0, 400);
+}

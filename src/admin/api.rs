@@ -1,16 +1,17 @@
 //! The operator's API on the admin listener, under `/api/`: list upstreams and their backends,
-//! drain a backend and put it back, start the gradual drain of the whole instance.
+//! drain a backend and put it back, set its weight, start the gradual drain of the instance.
 //!
 //! Invariants:
 //! - every request carries `Authorization: Bearer <admin.token>` (compared in constant time);
 //!   without a configured token the API answers 404 and changes nothing;
-//! - an action changes runtime state only (a backend's drained bit, the drain phase), never
-//!   the configuration: a backend stays drained until it is put back or a reload changes that
+//! - an action changes runtime state only (a backend's drained bit or weight, the drain
+//!   phase), never the configuration: it lasts until undone or until a reload changes that
 //!   backend's configuration;
 //! - every action is logged (target `wsgate::admin`) and counted
 //!   (`wsgate_admin_actions_total{action}`), refused ones included.
 
-use crate::gateway::Gateway;
+use crate::config::Backend;
+use crate::gateway::{Gateway, UpstreamRuntime};
 use crate::metrics::AdminAction;
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -71,13 +72,14 @@ pub fn respond<B>(gateway: &Gateway, request: &Request<B>) -> Response<Full<Byte
         (&Method::GET, "/api/upstreams") => list(gateway),
         (&Method::POST, "/api/backends/drain") => set_drained(gateway, query, true),
         (&Method::POST, "/api/backends/restore") => set_drained(gateway, query, false),
+        (&Method::POST, "/api/backends/weight") => set_weight(gateway, query),
         (&Method::POST, "/api/drain") => drain_instance(gateway),
         (_, "/api/upstreams") => not_allowed("GET"),
         (_, "/api/backends/drain" | "/api/backends/restore" | "/api/drain") => not_allowed("POST"),
         _ => text(
             StatusCode::NOT_FOUND,
             "unknown API path: GET /api/upstreams, POST /api/backends/drain, \
-             POST /api/backends/restore, POST /api/drain",
+             POST /api/backends/restore, POST /api/backends/weight, POST /api/drain",
         ),
     }
 }
@@ -94,7 +96,7 @@ fn list(gateway: &Gateway) -> Response<Full<Bytes>> {
                 .enumerate()
                 .map(|(index, backend)| BackendState {
                     url: &backend.url,
-                    weight: backend.weight,
+                    weight: balancer.weight(index),
                     state: balancer.state_label(index),
                     drained: balancer.is_drained(index),
                     active: balancer.active(index),
@@ -115,36 +117,50 @@ fn list(gateway: &Gateway) -> Response<Full<Bytes>> {
     )
 }
 
-/// `?upstream=NAME&backend=URL` (the URL as in the configuration, percent-encoded or not).
-fn set_drained(gateway: &Gateway, query: &str, drained: bool) -> Response<Full<Bytes>> {
-    let action = if drained { "drain" } else { "restore" };
+type Answer = Response<Full<Bytes>>;
+/// An upstream, a backend's index in it, and the backend's URL.
+type NamedBackend<'g> = (&'g UpstreamRuntime, usize, String);
+
+/// The backend named by `?upstream=NAME&backend=URL` (the URL as in the configuration,
+/// percent-encoded or not): its balancer and index, or the answer saying what is wrong.
+fn named_backend<'g>(gateway: &'g Gateway, query: &str) -> Result<NamedBackend<'g>, Box<Answer>> {
     let (upstream_name, backend_url) = (param(query, "upstream"), param(query, "backend"));
     let (Some(upstream_name), Some(backend_url)) = (upstream_name, backend_url) else {
         count(gateway, "bad_request");
-        return text(
+        return Err(Box::new(text(
             StatusCode::BAD_REQUEST,
             "name the backend: ?upstream=NAME&backend=URL",
-        );
+        )));
     };
     let Some(upstream) = gateway.upstreams.iter().find(|u| u.name == upstream_name) else {
         count(gateway, "bad_request");
-        return text(
+        return Err(Box::new(text(
             StatusCode::NOT_FOUND,
             &format!("no upstream named {upstream_name:?}"),
-        );
+        )));
     };
-    let balancer = &upstream.balancer;
-    let Some(index) = balancer
+    let Some(index) = upstream
+        .balancer
         .backends()
         .iter()
         .position(|backend| backend.url == backend_url)
     else {
         count(gateway, "bad_request");
-        return text(
+        return Err(Box::new(text(
             StatusCode::NOT_FOUND,
             &format!("upstream {upstream_name} has no backend {backend_url:?}"),
-        );
+        )));
     };
+    Ok((upstream, index, backend_url.into_owned()))
+}
+
+fn set_drained(gateway: &Gateway, query: &str, drained: bool) -> Response<Full<Bytes>> {
+    let action = if drained { "drain" } else { "restore" };
+    let (upstream, index, backend_url) = match named_backend(gateway, query) {
+        Ok(found) => found,
+        Err(answer) => return *answer,
+    };
+    let balancer = &upstream.balancer;
     let changed = balancer.set_drained(index, drained);
     if changed {
         let why = if drained {
@@ -157,7 +173,7 @@ fn set_drained(gateway: &Gateway, query: &str, drained: bool) -> Response<Full<B
     count(gateway, action);
     tracing::warn!(
         target: "wsgate::admin",
-        upstream = %upstream_name,
+        upstream = %upstream.name,
         backend = %backend_url,
         changed,
         "admin API: {action} backend"
@@ -176,6 +192,38 @@ fn set_drained(gateway: &Gateway, query: &str, drained: bool) -> Response<Full<B
         )
     };
     text(StatusCode::OK, &line)
+}
+
+/// `?upstream=NAME&backend=URL&weight=N`, N from 1 to [`Backend::MAX_WEIGHT`].
+fn set_weight(gateway: &Gateway, query: &str) -> Response<Full<Bytes>> {
+    let (upstream, index, backend_url) = match named_backend(gateway, query) {
+        Ok(found) => found,
+        Err(answer) => return *answer,
+    };
+    let weight = param(query, "weight").and_then(|w| w.parse::<u32>().ok());
+    let Some(weight) = weight.filter(|w| (1..=Backend::MAX_WEIGHT).contains(w)) else {
+        count(gateway, "bad_request");
+        return text(
+            StatusCode::BAD_REQUEST,
+            &format!("give a weight from 1 to {}: &weight=N", Backend::MAX_WEIGHT),
+        );
+    };
+    let changed = upstream.balancer.set_weight(index, weight);
+    count(gateway, "weight");
+    tracing::warn!(
+        target: "wsgate::admin",
+        upstream = %upstream.name,
+        backend = %backend_url,
+        weight,
+        changed,
+        "admin API: set backend weight"
+    );
+    text(
+        StatusCode::OK,
+        &format!(
+            "{backend_url} weight {weight}; sticky keys that move go within the rebalance window"
+        ),
+    )
 }
 
 fn drain_instance(gateway: &Gateway) -> Response<Full<Bytes>> {

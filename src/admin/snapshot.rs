@@ -206,7 +206,7 @@ impl Sampler {
                             .unwrap_or_default();
                         BackendStats {
                             url: backend.url.clone(),
-                            weight: backend.weight,
+                            weight: balancer.weight(index),
                             healthy: balancer.is_healthy(index),
                             state: balancer.state_label(index),
                             active,

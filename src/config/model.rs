@@ -118,6 +118,11 @@ pub struct Backend {
     pub weight: u32,
 }
 
+impl Backend {
+    /// Weights are 1 to this: enough for any share, small enough that scores stay exact.
+    pub const MAX_WEIGHT: u32 = 1000;
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct UpstreamTls {
     /// `None`: the operating system's roots (the bundled Mozilla roots where there are none).

@@ -34,7 +34,7 @@ pub(crate) struct Problem {
 const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
 /// Browsers cap cookie lifetimes at 400 days (RFC 6265bis).
 const MAX_COOKIE_AGE: Duration = Duration::from_secs(400 * 24 * 3600);
-const MAX_WEIGHT: i128 = 1000;
+const MAX_WEIGHT: i128 = Backend::MAX_WEIGHT as i128;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 const TOP_KEYS: &[&str] = &[

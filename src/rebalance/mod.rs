@@ -27,8 +27,8 @@
 //! limits rebalancing to reloads, as HAProxy and Envoy do (they never move established
 //! connections at all).
 //!
-//! An operator draining a backend (the admin API) moves its keys the same way, whatever
-//! `on_health_change` says: that is what draining a backend means.
+//! An operator draining a backend or changing its weight (the admin API) moves keys the same
+//! way, whatever `on_health_change` says: that is what those actions are for.
 //!
 //! Health is noticed by polling the balancers' health bits every [`HEALTH_POLL`]: changes
 //! come from probes, back-off timers and the connection path, and a few loads four times a
@@ -74,6 +74,8 @@ struct Look {
     health: Vec<Vec<bool>>,
     /// Per upstream, per backend: taken out by an operator.
     drained: Vec<Vec<bool>>,
+    /// Per upstream, per backend: the weight now (an operator may change it).
+    weights: Vec<Vec<u32>>,
 }
 
 impl Look {
@@ -92,10 +94,21 @@ impl Look {
         };
         let health = bits(crate::routing::UpstreamBalancer::is_healthy);
         let drained = bits(crate::routing::UpstreamBalancer::is_drained);
+        let weights = gateway
+            .upstreams
+            .iter()
+            .map(|upstream| {
+                let balancer = &upstream.balancer;
+                (0..balancer.backends().len())
+                    .map(|index| balancer.weight(index))
+                    .collect()
+            })
+            .collect();
         Self {
             gateway,
             health,
             drained,
+            weights,
         }
     }
 }
@@ -133,10 +146,10 @@ impl Rebalancer {
             let now = Look::of(self.current.get());
             let cause = if !Arc::ptr_eq(&now.gateway, &last.gateway) {
                 Some("configuration reloaded")
-            } else if now.drained != last.drained {
+            } else if now.drained != last.drained || now.weights != last.weights {
                 // An operator's decision, not a health event: moves even where health
                 // changes do not.
-                Some("backend drained or put back by an operator")
+                Some("backend drained, put back or reweighted by an operator")
             } else if now.health != last.health && now.gateway.config.rebalance.on_health_change {
                 Some("backend health changed")
             } else {

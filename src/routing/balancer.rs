@@ -39,6 +39,8 @@ pub struct UpstreamBalancer {
     cookie_tokens: Box<[u64]>,
     /// Shared with the slots, which outlive any borrow of the balancer.
     active: Arc<[AtomicU32]>,
+    /// Each backend's weight now: the configured one unless an operator changed it.
+    weights: Box<[AtomicU32]>,
     health: Box<[BackendHealth]>,
     /// Where the next least-connections scan starts, so ties spread instead of piling onto
     /// the first backend (every backend ties at zero when traffic starts).
@@ -94,6 +96,7 @@ impl UpstreamBalancer {
                 .map(|backend| hash::backend_token(&backend.url))
                 .collect(),
             active: backends.iter().map(|_| AtomicU32::new(0)).collect(),
+            weights: backends.iter().map(|b| AtomicU32::new(b.weight)).collect(),
             health: backends.iter().map(|_| BackendHealth::default()).collect(),
             next_start: AtomicUsize::new(0),
         }
@@ -116,9 +119,28 @@ impl UpstreamBalancer {
     pub fn choose_other(&self, key: Option<&str>, tried: &[usize]) -> Option<usize> {
         let available = |index: usize| self.is_healthy(index) && !tried.contains(&index);
         match key {
-            Some(key) => hash::pick(&self.backends, key, available),
+            Some(key) => {
+                hash::pick_weighted(&self.backends, |index| self.weight(index), key, available)
+            }
             None => self.least_connections(available),
         }
+    }
+
+    /// `backend`'s weight now.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn weight(&self, backend: usize) -> u32 {
+        self.weights[backend].load(Ordering::Relaxed)
+    }
+
+    /// Sets `backend`'s weight (at least 1) on an operator's word; returns whether it changed.
+    /// Keys move as they would after a reload with that weight.
+    ///
+    /// # Panics
+    /// If `backend` is not an index into this balancer's backends.
+    pub fn set_weight(&self, backend: usize, weight: u32) -> bool {
+        self.weights[backend].swap(weight.max(1), Ordering::Relaxed) != weight.max(1)
     }
 
     /// [`choose`](Self::choose) and [`acquire`](Self::acquire) together, so the count goes up
@@ -340,7 +362,7 @@ impl UpstreamBalancer {
                 continue;
             }
             let connections = u64::from(self.active(index));
-            let weight = u64::from(self.backends[index].weight);
+            let weight = u64::from(self.weight(index));
             // connections / weight < best_connections / best_weight, without division; in
             // u64 the products cannot overflow. Strictly less: ties go to the earlier index in
             // this rotation.
@@ -504,6 +526,26 @@ mod tests {
         balancer.set_healthy(0, true);
         assert_eq!(balancer.state_label(0), "up");
         assert!(balancer.is_healthy(0));
+    }
+
+    #[test]
+    fn a_weight_set_at_run_time_moves_keys_as_a_configured_one_would() {
+        let balancer = UpstreamBalancer::new(&equal_backends(2));
+        assert!(balancer.set_weight(1, 5));
+        assert!(!balancer.set_weight(1, 5), "once");
+        assert_eq!(balancer.weight(1), 5);
+        let configured = [
+            backend(&balancer.backends()[0].url, 1),
+            backend(&balancer.backends()[1].url, 5),
+        ];
+        for n in 0..200 {
+            let key = n.to_string();
+            assert_eq!(
+                balancer.choose(Some(&key)),
+                hash::pick(&configured, &key, |_| true),
+                "{key}"
+            );
+        }
     }
 
     #[test]

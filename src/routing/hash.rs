@@ -135,10 +135,10 @@ struct Standing<'a> {
 }
 
 impl<'a> Standing<'a> {
-    fn of(backend: &'a Backend, key: &str) -> Self {
+    fn of(backend: &'a Backend, weight: u32, key: &str) -> Self {
         let hash = key_hash(&backend.url, key);
         Standing {
-            score: weighted_score(hash, backend.weight),
+            score: weighted_score(hash, weight),
             hash,
             url: &backend.url,
         }
@@ -160,6 +160,17 @@ impl<'a> Standing<'a> {
 pub fn pick(
     backends: &[Backend],
     key: &str,
+    is_available: impl FnMut(usize) -> bool,
+) -> Option<usize> {
+    pick_weighted(backends, |index| backends[index].weight, key, is_available)
+}
+
+/// [`pick`] with each backend's weight given by `weight_of` (an operator may change it at
+/// run time) instead of its configured one.
+pub fn pick_weighted(
+    backends: &[Backend],
+    weight_of: impl Fn(usize) -> u32,
+    key: &str,
     mut is_available: impl FnMut(usize) -> bool,
 ) -> Option<usize> {
     let mut best: Option<(usize, Standing<'_>)> = None;
@@ -167,7 +178,7 @@ pub fn pick(
         if !is_available(index) {
             continue;
         }
-        let standing = Standing::of(backend, key);
+        let standing = Standing::of(backend, weight_of(index), key);
         let better = match &best {
             None => true,
             Some((_, leader)) => standing.rank_order(leader) == Ordering::Less,
@@ -185,7 +196,7 @@ pub fn rank(backends: &[Backend], key: &str) -> Vec<usize> {
     let mut standings: Vec<(usize, Standing<'_>)> = backends
         .iter()
         .enumerate()
-        .map(|(index, backend)| (index, Standing::of(backend, key)))
+        .map(|(index, backend)| (index, Standing::of(backend, backend.weight, key)))
         .collect();
     standings.sort_by(|(_, a), (_, b)| a.rank_order(b));
     standings.into_iter().map(|(index, _)| index).collect()
