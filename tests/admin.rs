@@ -227,8 +227,22 @@ async fn refusals_are_counted_per_listener_and_kept_as_recent_errors() {
             .starts_with(b"HTTP/1.1 400")
     );
 
+    // A slowloris on the second request of a keep-alive connection, which hyper reads.
+    let mut keep_alive = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    keep_alive
+        .write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /second HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), keep_alive.read_to_end(&mut answer)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
     for line in [
-        r#"wsgate_refused_total{listener="public",status="408",reason="head_timeout"} 1"#,
+        r#"wsgate_refused_total{listener="public",status="408",reason="head_timeout"} 2"#,
         r#"wsgate_refused_total{listener="public",status="431",reason="too_many_headers"} 1"#,
         r#"wsgate_refused_total{listener="public",status="400",reason="key"} 1"#,
     ] {

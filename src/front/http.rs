@@ -53,6 +53,7 @@ pub async fn serve(
     stream: Stream,
     peer: SocketAddr,
     tls: bool,
+    listener: usize,
     prefix: Vec<u8>,
 ) {
     let io = TokioIo::new(Rewind::new(prefix, stream));
@@ -87,6 +88,24 @@ pub async fn serve(
     };
     if let Err(error) = result {
         tracing::debug!(client = %peer, "HTTP connection ended: {error}");
+        // A later request on the connection that hyper refused itself: counted like the
+        // first request's refusals, so a slowloris on keep-alive requests shows too.
+        let refused = if error.is_timeout() {
+            Some((
+                Some(408),
+                "head_timeout",
+                "request head not received in time",
+            ))
+        } else if error.is_parse_too_large() {
+            Some((Some(431), "head_too_large", "request head too large"))
+        } else if error.is_parse() {
+            Some((Some(400), "malformed", "malformed request"))
+        } else {
+            None
+        };
+        if let Some((status, reason, line)) = refused {
+            gateway.refused(listener, status, reason, peer, line);
+        }
     }
     let upgrade = pending.lock().ok().and_then(|mut slot| slot.take());
     if let Some((on_upgrade, accepted)) = upgrade {

@@ -86,7 +86,9 @@ pub fn serve(
             Next::Done => {}
             Next::Relay(acceptance, early) => acceptance.relay(stream, &early, started).await,
             Next::Session(socket, early) => Box::pin(socket.serve(stream, &early)).await,
-            Next::Http(prefix) => Box::pin(http::serve(gateway, stream, peer, tls, prefix)).await,
+            Next::Http(prefix) => {
+                Box::pin(http::serve(gateway, stream, peer, tls, listener, prefix)).await
+            }
         }
     }
 }
