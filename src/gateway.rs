@@ -19,7 +19,7 @@ use crate::routing::{
 };
 use crate::session;
 use crate::tls::{self, TlsError};
-use crate::upstream::{BackendTls, backend_tls};
+use crate::upstream::{BackendTls, Refusal, backend_tls};
 use dashmap::DashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -343,6 +343,14 @@ impl Gateway {
         );
     }
 
+    /// Counts `refusal` in `wsgate_refused_total` when the gateway's own rule made it, for a
+    /// request that came in on `listener` (unknown for requests made up in tests).
+    pub fn count_rule(&self, listener: Option<&ListenerIndex>, refusal: &Refusal) {
+        if let (Some(listener), Some(rule)) = (listener, refusal.rule) {
+            self.count_refused(listener.0, Some(refusal.status), rule);
+        }
+    }
+
     /// Counts a refusal in `wsgate_refused_total` only (for those already among the recent
     /// errors); returns the listener's name.
     pub fn count_refused(
@@ -418,6 +426,11 @@ impl Gateway {
         }
     }
 }
+
+/// The listener (index into the configuration's) a plain HTTP request came in on, carried as a
+/// request extension to wherever it may be refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerIndex(pub usize);
 
 /// Which backend a request goes to, and the affinity cookie to set if one was chosen now.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -212,13 +212,20 @@ async fn a_flood_of_session_opens_is_held_to_the_open_rate() {
     let yaml = config(
         &backend,
         "allowed_origins: [\"https://app.example\"]",
-        "sessions:\n  open_rate: 5\n  max_sessions_per_ip: 1000\n",
+        "sessions:\n  open_rate: 5\n  max_sessions_per_ip: 1000\nadmin:\n  address: 127.0.0.9:0\n",
     );
-    let gateway = start_gateway(&yaml).await;
+    let config = wsgate::config::from_yaml_str(&yaml, "test.yaml").unwrap();
+    let server = wsgate::server::Server::bind(config).await.unwrap();
+    let admin = server.admin_addr().unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let addr = server.local_addrs()[0];
+    tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
     let mut statuses = Vec::new();
     let started = Instant::now();
     for _ in 0..200 {
-        let mut attacker = KeepAlive::connect(gateway.addr).await;
+        let mut attacker = KeepAlive::connect(addr).await;
         let answer = attacker.request("POST", "/?wsgate=open", "").await;
         if answer.status == 429 {
             assert_cors(&answer);
@@ -237,8 +244,15 @@ async fn a_flood_of_session_opens_is_held_to_the_open_rate() {
         "{statuses:?}"
     );
     assert_eq!(backend.seen.lock().unwrap().len(), opened);
-    echo_from("127.0.0.2", gateway.addr).await;
-    echo_from("127.0.0.3", gateway.addr).await;
+    // Every refusal is visible per listener.
+    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    let line = format!(
+        r#"wsgate_refused_total{{listener="listener-0",status="429",reason="session_open_rate"}} {refused}"#
+    );
+    let (_, metrics) = support::http_get(admin, "/metrics").await;
+    assert!(metrics.contains(&line), "{line} in {metrics}");
+    echo_from("127.0.0.2", addr).await;
+    echo_from("127.0.0.3", addr).await;
 }
 
 /// Sends a raw request head (and the start of a body), then reads the answer until the

@@ -10,7 +10,7 @@ use super::websocket::{self, Acceptance, Decision};
 use crate::config::Route;
 use crate::drain::Phase;
 use crate::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, ListenerIndex};
 use crate::metrics::{HttpRequest, UpstreamLabel};
 use crate::proto::handshake::{self, RequestHead};
 use crate::routing::{self, RequestParts};
@@ -67,7 +67,8 @@ pub async fn serve(
     let service = hyper::service::service_fn({
         let gateway = Arc::clone(&gateway);
         let pending = Arc::clone(&pending);
-        move |request| {
+        move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ListenerIndex(listener));
             let gateway = Arc::clone(&gateway);
             let pending = Arc::clone(&pending);
             async move { Ok::<_, Infallible>(handle(gateway, peer, tls, request, pending).await) }
@@ -332,7 +333,10 @@ async fn upgrade(
         return response;
     }
     let acceptance = match websocket::decide(gateway, &head, peer, tls).await {
-        Decision::Refuse(refusal) => return refusal_response(refusal),
+        Decision::Refuse(refusal) => {
+            gateway.count_rule(request.extensions().get::<ListenerIndex>(), &refusal);
+            return refusal_response(refusal);
+        }
         Decision::Accept(acceptance) => acceptance,
     };
     let mut response = Response::builder()

@@ -11,7 +11,7 @@ use super::protocol::{
 };
 use super::state::{DeliverError, Session};
 use crate::admit::origin_allowed;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, ListenerIndex};
 use crate::metrics::{OpLabel, SessionRequest};
 use crate::proto::handshake::RequestHead;
 use crate::upstream::Refusal;
@@ -133,9 +133,13 @@ async fn open_session(
     let origin = header(&request, "origin").map(str::to_owned);
     let target = backend_target(request.uri().path(), query.rest.as_deref());
     // Before a byte of the body is read: a refused open costs the gateway nothing.
+    let listener = request.extensions().get::<ListenerIndex>().copied();
     let admission = match admit(gateway, route, origin.as_deref(), peer) {
         Ok(admission) => admission,
-        Err(refusal) => return refusal_response(refusal),
+        Err(refusal) => {
+            gateway.count_rule(listener.as_ref(), &refusal);
+            return refusal_response(refusal);
+        }
     };
     let timeout = gateway.config.sessions.body_timeout;
     let body = match read_limited(request, OPEN_BODY_MAX, timeout).await {
@@ -172,7 +176,10 @@ async fn open_session(
         protocols: protocols.as_deref(),
     };
     match open(gateway, &spec, admission, peer, tls).await {
-        Err(refusal) => refusal_response(refusal),
+        Err(refusal) => {
+            gateway.count_rule(listener.as_ref(), &refusal);
+            refusal_response(refusal)
+        }
         Ok(opened) => {
             let session = &opened.session;
             let mut response = json(
