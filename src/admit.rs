@@ -8,7 +8,6 @@ use crate::authorize::{Authorized, authorize, backend_head, backend_protocols};
 use crate::config::Route;
 use crate::forwarded::ForwardedHeaders;
 use crate::gateway::{Gateway, RouteSlot};
-use crate::metrics::UpstreamLabel;
 use crate::proto::handshake::{self, RequestHead};
 use crate::rebalance::{Member, Registration, Room, Ticket};
 use crate::recent_errors::ErrorKind;
@@ -133,12 +132,8 @@ pub async fn open_backend(
         let opened =
             upstream::open(backend, upstream.tls.as_ref(), connect_timeout, &request).await;
         if opened.is_ok() {
-            gateway
-                .metrics
-                .backend_connect_seconds
-                .get_or_create(&UpstreamLabel {
-                    upstream: upstream.name.clone(),
-                })
+            upstream
+                .connect_seconds
                 .observe(connecting.elapsed().as_secs_f64());
         }
         crate::health::observe_connect(gateway, route.upstream, pick.index, opened.as_ref().err());

@@ -10,7 +10,7 @@ use crate::config::{Auth, Config, Route};
 use crate::config::{Backend, StickyCookie, StickyKey};
 use crate::drain::Drain;
 use crate::limits::TokenBucket;
-use crate::metrics::{CloseCodeLabel, Metrics, Refused};
+use crate::metrics::{CloseCodeLabel, Metrics, Refused, RouteLabel, UpstreamLabel};
 use crate::rebalance::ConnectionRegistry;
 use crate::recent_errors::ErrorKind;
 use crate::recent_errors::RecentErrors;
@@ -21,14 +21,41 @@ use crate::session;
 use crate::tls::{self, TlsError};
 use crate::upstream::{BackendTls, Refusal, backend_tls};
 use dashmap::DashMap;
+use prometheus_client::metrics::histogram::Histogram;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// A route's histograms (see [`Metrics`]).
+#[derive(Debug)]
+pub struct RouteTimings {
+    /// From a client's complete head to its 101.
+    pub handshake: Histogram,
+    /// How long its relayed connections lived.
+    pub duration: Histogram,
+}
+
+impl RouteTimings {
+    fn new(metrics: &Metrics, route: &str) -> Self {
+        let label = RouteLabel {
+            route: route.to_owned(),
+        };
+        Self {
+            handshake: metrics.handshake_seconds.get_or_create(&label).clone(),
+            duration: metrics
+                .connection_duration_seconds
+                .get_or_create(&label)
+                .clone(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct UpstreamRuntime {
     pub name: String,
+    /// `backend_connect_seconds` for this upstream.
+    pub connect_seconds: Histogram,
     pub balancer: Arc<UpstreamBalancer>,
     /// Present when any backend is `wss://`.
     pub tls: Option<BackendTls>,
@@ -41,6 +68,9 @@ pub struct Gateway {
     pub upstreams: Vec<UpstreamRuntime>,
     /// Client connections open per route.
     pub route_active: Vec<AtomicU32>,
+    /// Each route's histogram handles, looked up once per configuration rather than per
+    /// connection.
+    pub route_timings: Vec<RouteTimings>,
     /// Each route's compiled `auth.jwt`, by route index.
     pub auth: Vec<Option<Arc<RouteAuth>>>,
     /// Each route's `auth.forward` client (with its cache), by route index.
@@ -180,8 +210,15 @@ impl Gateway {
             } else {
                 None
             };
+            let connect_seconds = metrics
+                .backend_connect_seconds
+                .get_or_create(&UpstreamLabel {
+                    upstream: upstream.name.clone(),
+                })
+                .clone();
             upstreams.push(UpstreamRuntime {
                 name: upstream.name.clone(),
+                connect_seconds,
                 balancer: Arc::new(UpstreamBalancer::new(&upstream.backends)),
                 tls,
             });
@@ -217,6 +254,11 @@ impl Gateway {
             subjects,
             routes: RouteTable::new(&config.routes),
             route_active: config.routes.iter().map(|_| AtomicU32::new(0)).collect(),
+            route_timings: config
+                .routes
+                .iter()
+                .map(|route| RouteTimings::new(&metrics, &route.name))
+                .collect(),
             upstreams,
             config,
             drain,

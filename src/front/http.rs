@@ -11,7 +11,7 @@ use crate::config::Route;
 use crate::drain::Phase;
 use crate::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
 use crate::gateway::{Gateway, ListenerIndex};
-use crate::metrics::{HttpRequest, UpstreamLabel};
+use crate::metrics::HttpRequest;
 use crate::proto::handshake::{self, RequestHead};
 use crate::routing::{self, RequestParts};
 use crate::session::{
@@ -463,12 +463,8 @@ async fn proxy(
         let failure = match connected {
             Ok(Ok((sender, connection))) => {
                 crate::health::observe_connect(gateway, route.upstream, pick.index, None);
-                gateway
-                    .metrics
-                    .backend_connect_seconds
-                    .get_or_create(&UpstreamLabel {
-                        upstream: upstream.name.clone(),
-                    })
+                upstream
+                    .connect_seconds
                     .observe(connecting.elapsed().as_secs_f64());
                 if attempts > 0 {
                     gateway.metrics.retried(&route.name, true);

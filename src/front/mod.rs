@@ -13,7 +13,6 @@ mod respond;
 mod websocket;
 
 use crate::gateway::Gateway;
-use crate::metrics::RouteLabel;
 use crate::proto::handshake::{self, HandshakeError, RequestHead};
 use crate::routing;
 use crate::session::{
@@ -230,12 +229,8 @@ async fn first_request(
             if stream.write_all(&acceptance.response_head()).await.is_err() {
                 return Next::Done;
             }
-            gateway
-                .metrics
-                .handshake_seconds
-                .get_or_create(&RouteLabel {
-                    route: acceptance.route_name().to_owned(),
-                })
+            gateway.route_timings[acceptance.route()]
+                .handshake
                 .observe(head_complete.elapsed().as_secs_f64());
             Next::Relay(acceptance, buf[head_len..].to_vec())
         }

@@ -14,7 +14,7 @@ use crate::authorize::Expiry;
 use crate::config::Compression;
 use crate::drain::depart;
 use crate::gateway::{Gateway, RouteSlot};
-use crate::metrics::{CloseCodeLabel, Closed, RouteBackend, RouteLabel};
+use crate::metrics::{CloseCodeLabel, Closed, RouteBackend};
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{DecoderConfig, FrameDecoder, Role};
 use crate::rebalance::Registration;
@@ -206,9 +206,9 @@ pub async fn decide(
 }
 
 impl Acceptance {
-    /// The name of the route the connection took.
-    pub fn route_name(&self) -> &str {
-        &self.log.gateway.route(self.log.route).name
+    /// The index of the route the connection took.
+    pub fn route(&self) -> usize {
+        self.log.route
     }
 
     /// The 101 response head for the client.
@@ -296,12 +296,8 @@ impl AccessContext {
     fn write(&self, report: &RelayReport, duration: Duration) {
         let route = &self.gateway.route(self.route).name;
         self.active.dec();
-        self.gateway
-            .metrics
-            .connection_duration_seconds
-            .get_or_create(&RouteLabel {
-                route: route.clone(),
-            })
+        self.gateway.route_timings[self.route]
+            .duration
             .observe(duration.as_secs_f64());
         for (side, hop) in [("client", &report.client), ("backend", &report.backend)] {
             let closed = Closed {
