@@ -223,14 +223,14 @@ async fn forwarded(
         gateway.metrics.handshake_failed("auth");
     };
     match forward.check(head, peer, tls).await {
-        Verdict::Allow(identity) => Ok(Authorized {
+        Verdict::Allow(admission) => Ok(Authorized {
             target: None,
             protocols: None,
-            identity,
+            identity: admission.identity,
             replaced: forward.config.response_headers.clone(),
             valid_until: None,
             expired_close_code: 1008,
-            subject: None,
+            subject: admission.subject,
             subject_slot: None,
         }),
         Verdict::Deny(refusal) => {
@@ -324,13 +324,28 @@ pub fn record(gateway: &Gateway, route: usize, peer: SocketAddr, failure: Failur
     tracing::info!(client = %peer, route = %name, reason = failure.label(), "auth refused");
 }
 
-/// The subject of a valid token `head` carries on a route with `auth.jwt`, if any: a session
-/// bound to another subject refuses the request.
-pub fn presented_subject(
+/// The subject `head`'s credentials name, if any: a valid token's `sub` on a route with
+/// `auth.jwt`, the auth service's `subject_header` for credentials it admits on a route with
+/// `auth.forward`. A session bound to another subject refuses the request.
+pub async fn presented_subject(
     gateway: &Gateway,
     route: usize,
     head: &RequestHead<'_, '_>,
+    peer: SocketAddr,
+    tls: bool,
 ) -> Option<String> {
+    if let Some(forward) = gateway.forward_auth.get(route).and_then(Option::as_ref) {
+        forward.config.subject_header.as_ref()?;
+        // Without credentials the session id alone is the capability, as for tokens; the
+        // auth service is asked (or its cached verdict used) only about credentials.
+        if !forward.carries_credentials(head) {
+            return None;
+        }
+        return match forward.check(head, peer, tls).await {
+            Verdict::Allow(admission) => admission.subject,
+            Verdict::Deny(_) | Verdict::Unavailable(_) => None,
+        };
+    }
     let route_auth = gateway.auth.get(route)?.as_ref()?;
     route_auth
         .check(head, auth::unix_now())

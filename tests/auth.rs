@@ -643,7 +643,8 @@ async fn a_jwks_url_is_fetched_over_https_rotated_by_kid_and_kept_when_the_issue
     assert!(admitted(ec_token("new", &new_key)).await);
 }
 
-/// A plain-HTTP auth service: `Bearer good` is admitted as user 7, `Bearer broken` is a 500,
+/// A plain-HTTP auth service: `Bearer good` is admitted as user 7 (`Bearer other` as user 8),
+/// `Bearer broken` is a 500,
 /// `Bearer slow` answers after 3 s, anything else is a 401 with a body. Counts calls and
 /// keeps the last request's headers.
 async fn auth_service() -> (
@@ -680,6 +681,7 @@ async fn auth_service() -> (
                                 .status(204)
                                 .header("X-User-Id", "7")
                                 .header("X-Secret", "not for the backend"),
+                            Some("Bearer other") => response.status(204).header("X-User-Id", "8"),
                             Some("Bearer broken") => response.status(500),
                             Some("Bearer slow") => {
                                 tokio::time::sleep(Duration::from_secs(3)).await;
@@ -773,4 +775,37 @@ async fn forward_auth_admits_refuses_and_caches_by_credentials() {
         2,
         "refusals never reach the backend"
     );
+}
+
+#[tokio::test]
+async fn a_forward_auth_session_is_bound_to_the_subject_the_auth_service_names() {
+    let (service, calls, _) = auth_service().await;
+    let echo = echo_backend("b1").await;
+    let route = format!(
+        "auth:\n  forward:\n    url: http://{service}/check\n    response_headers: [X-User-Id]\n    subject_header: X-User-Id\n"
+    );
+    let mut config = simple_config(&[echo.addr], &route);
+    config.push_str("sessions:\n  poll_timeout: 1s\n");
+    let gateway = start_gateway(&config).await;
+
+    let (status, body) = http(gateway.addr, "POST", "/?wsgate=open", Some("bad")).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = http(gateway.addr, "POST", "/?wsgate=open", Some("good")).await;
+    assert_eq!(status, 200, "{body}");
+    let sid = body["session"].as_str().unwrap().to_owned();
+    let poll = format!("/?wsgate=poll&wsgate_sid={sid}&wsgate_ack=0");
+
+    let (status, body) = http(gateway.addr, "GET", &poll, Some("other")).await;
+    assert_eq!(
+        status, 403,
+        "user 8's credentials on user 7's session: {body}"
+    );
+    let (status, body) = http(gateway.addr, "GET", &poll, Some("good")).await;
+    assert_eq!(status, 200, "{body}");
+    // No credentials: the session id alone is the capability, as on a JWT route, and the
+    // auth service is not asked.
+    let before = calls.load(Ordering::SeqCst);
+    let (status, body) = http(gateway.addr, "GET", &poll, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(calls.load(Ordering::SeqCst), before);
 }

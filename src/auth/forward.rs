@@ -33,12 +33,21 @@ const DENY_HEADERS: [&str; 2] = ["www-authenticate", "content-type"];
 /// The auth service's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// 2xx: the configured response headers (names as configured), for the backend.
-    Allow(Vec<(String, String)>),
+    /// 2xx: who was admitted.
+    Allow(Admission),
     /// 401 or 403, passed on to the client as it is.
     Deny(Refusal),
     /// No usable answer (refused, timed out, another status): the client gets 503.
     Unavailable(String),
+}
+
+/// What a 2xx from the auth service says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The configured response headers (names as configured), for the backend.
+    pub identity: Vec<(String, String)>,
+    /// The value of `subject_header`, when configured and present.
+    pub subject: Option<String>,
 }
 
 /// A route's auth service client with its cache.
@@ -72,6 +81,16 @@ impl ForwardClient {
             config: config.clone(),
             tls,
             cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether `head` carries any of the headers sent to the auth service.
+    pub fn carries_credentials(&self, head: &RequestHead<'_, '_>) -> bool {
+        head.headers.iter().any(|h| {
+            self.config
+                .request_headers
+                .iter()
+                .any(|name| h.name.eq_ignore_ascii_case(name))
         })
     }
 
@@ -208,7 +227,16 @@ impl ForwardClient {
                         Some((name.clone(), value.to_owned()))
                     })
                     .collect();
-                Ok(Verdict::Allow(copied))
+                let subject = config
+                    .subject_header
+                    .as_deref()
+                    .and_then(|name| parts.headers.get(name)?.to_str().ok())
+                    .filter(|subject| !subject.is_empty())
+                    .map(str::to_owned);
+                Ok(Verdict::Allow(Admission {
+                    identity: copied,
+                    subject,
+                }))
             }
             401 | 403 => {
                 // A body past the cap is cut, not refused: the client still learns the status.

@@ -275,13 +275,17 @@ fn auth(auth: Option<&Auth>) -> String {
                     format_duration(d)
                 }
             };
-            format!(
+            let mut text = format!(
                 "forward to {} (timeout {}; cached: admissions {}, refusals {})",
                 forward.url,
                 format_duration(forward.timeout),
                 ttl(forward.cache_ttl),
                 ttl(forward.negative_cache_ttl)
-            )
+            );
+            if let Some(header) = &forward.subject_header {
+                let _ = write!(text, "; sessions bound to {header}");
+            }
+            text
         }
     }
 }

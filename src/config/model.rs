@@ -199,6 +199,9 @@ pub struct ForwardAuth {
     /// Auth service response headers copied to the backend request (the client's own copies
     /// of these names are removed). Names as written.
     pub response_headers: Vec<String>,
+    /// The auth service response header naming who was admitted (lowercase): a session
+    /// opened with it is bound to that subject.
+    pub subject_header: Option<String>,
     /// How long an admission is remembered for the same credentials (0: not at all).
     pub cache_ttl: Duration,
     /// How long a 401/403 is remembered for the same credentials (0: not at all).

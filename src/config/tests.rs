@@ -2515,6 +2515,7 @@ fn auth_forward_is_converted_and_takes_no_jwt_beside_it() {
         url: http://127.0.0.1:9000/check?app=chat
         request_headers: [Authorization, X-Api-Key]
         response_headers: [X-User-Id]
+        subject_header: X-User-Id
         cache_ttl: 30s
 "
     ));
@@ -2531,6 +2532,7 @@ fn auth_forward_is_converted_and_takes_no_jwt_beside_it() {
     assert_eq!(forward.timeout, Duration::from_secs(5));
     assert_eq!(forward.cache_ttl, Duration::from_secs(30));
     assert_eq!(forward.negative_cache_ttl, Duration::ZERO);
+    assert_eq!(forward.subject_header.as_deref(), Some("x-user-id"));
 
     let errors = errs(&format!(
         "{MINIMAL}    auth:

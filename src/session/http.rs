@@ -77,7 +77,7 @@ pub async fn handle(
             version: 1,
             headers,
         };
-        let subject = crate::authorize::presented_subject(gateway, route, &head);
+        let subject = crate::authorize::presented_subject(gateway, route, &head, peer, tls).await;
         match find(gateway, route, sid, origin.as_deref(), subject.as_deref()) {
             Err(Lookup::Gone) => error(
                 410,

@@ -144,7 +144,9 @@ pub async fn decide(
             route,
             sid,
             upgrade.origin,
-            crate::authorize::presented_subject(gateway, route, head).as_deref(),
+            crate::authorize::presented_subject(gateway, route, head, peer, tls)
+                .await
+                .as_deref(),
         ) {
             Ok(session) => {
                 // Echo the subprotocol only if this client offers it (RFC 6455 §4.1).

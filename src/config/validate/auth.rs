@@ -19,6 +19,7 @@ const FORWARD_KEYS: &[&str] = &[
     "timeout",
     "request_headers",
     "response_headers",
+    "subject_header",
     "cache_ttl",
     "negative_cache_ttl",
 ];
@@ -139,6 +140,14 @@ impl Cx<'_> {
                 }
             }
         }
+        let subject_header = match f.get("subject_header") {
+            None => Some(None),
+            Some((raw, path)) => self.string(raw, &path, "a header name").and_then(|name| {
+                let checked = check_token(name, "header name");
+                self.checked(&path, checked)
+                    .map(|name| Some(name.to_ascii_lowercase()))
+            }),
+        };
         let ttl = |cx: &mut Self, key: &str| match f.get(key) {
             None => Some(Duration::ZERO),
             Some((raw, path)) => {
@@ -163,6 +172,7 @@ impl Cx<'_> {
             timeout: timeout?,
             request_headers: request_headers?,
             response_headers: response_headers?,
+            subject_header: subject_header?,
             cache_ttl: cache_ttl?,
             negative_cache_ttl: negative_cache_ttl?,
         })
