@@ -13,7 +13,12 @@ share core 1, so every proxy figure is per proxy core. Targets:
   wsgate   `wsgate --threads 1 run`, parsing and re-masking every frame, logs at warn
 
 and, when asked for with --targets, uring: benches/uring_relay, the blind relay on io_uring
-instead of epoll (does another kernel interface make a proxy's work per message cheaper?).
+instead of epoll (does another kernel interface make a proxy's work per message cheaper?), and
+wsgate-hs256 / wsgate-rs256: wsgate with `auth.jwt` on the route, every upgrade carrying a
+Bearer token (HS256 with a 48-byte secret, RS256 with a 2048-bit key, both made with openssl
+for the run), so the handshake scenario shows what verifying a token costs:
+
+    python3 benches/e2e.py --targets wsgate,wsgate-hs256,wsgate-rs256 --scenarios handshakes
 
 Scenarios are run for every target in turn, and the target order rotates between repetitions
 (interleaved), each measurement on freshly started processes; the tables show medians. The
@@ -91,6 +96,44 @@ routes:
 limits:
   max_connections: 19000
 """
+
+# Auth targets: the route's `auth` block (indented for the route) and how the token is signed.
+AUTH_TARGETS = {
+    "wsgate-hs256": ("HS256", "{{secret_file: {tmp}/hs.key, algorithms: [HS256]}}"),
+    "wsgate-rs256": ("RS256", "{{pem: {tmp}/rsa_public.pem, algorithms: [RS256]}}"),
+}
+
+
+def b64url(data):
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_token(alg, tmp):
+    """A token valid for a day, signed with the key made for this run."""
+    import hashlib
+    import hmac
+    header = b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    claims = b64url(json.dumps({"sub": "bench", "exp": int(time.time()) + 86400}).encode())
+    signing_input = f"{header}.{claims}".encode()
+    if alg == "HS256":
+        with open(os.path.join(tmp, "hs.key"), "rb") as f:
+            signature = hmac.new(f.read(), signing_input, hashlib.sha256).digest()
+    else:
+        signature = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", os.path.join(tmp, "rsa_private.pem")],
+            input=signing_input, capture_output=True, check=True).stdout
+    return f"{header}.{claims}.{b64url(signature)}"
+
+
+def make_keys(tmp):
+    with open(os.path.join(tmp, "hs.key"), "wb") as f:
+        f.write(os.urandom(48))
+    private, public = os.path.join(tmp, "rsa_private.pem"), os.path.join(tmp, "rsa_public.pem")
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                    "-out", private], check=True, capture_output=True)
+    subprocess.run(["openssl", "pkey", "-in", private, "-pubout", "-out", public], check=True,
+                   capture_output=True)
 
 
 def scenarios(quick):
@@ -186,8 +229,13 @@ def start_target(procs, target, backend_port, tmp):
         # "wsgate=PATH" runs another build beside this one (before/after comparisons).
         binary = target.split("=", 1)[1] if "=" in target else f"{RELEASE}/wsgate"
         conf = os.path.join(tmp, f"wsgate-{proxy_port}.yaml")
+        text = WSGATE_CONF.format(backend=backend_port, port=proxy_port)
+        if target in AUTH_TARGETS:
+            key = AUTH_TARGETS[target][1].format(tmp=tmp)
+            text = text.replace("    upstream: backend\n",
+                                f"    upstream: backend\n    auth: {{jwt: {{keys: [{key}]}}}}\n")
         with open(conf, "w") as f:
-            f.write(WSGATE_CONF.format(backend=backend_port, port=proxy_port))
+            f.write(text)
         env = dict(os.environ, RUST_LOG="warn")
         proxy = procs.start("wsgate", PROXY_CORE, [binary, "--threads", "1", "run", "-c", conf], env)
     else:
@@ -216,6 +264,11 @@ def measure(targets, name, sc, tmp):
         for key in ("connections", "size", "window", "rate", "warmup", "duration", "sources"):
             if key in sc:
                 argv += [f"--{key}", str(sc[key])]
+        auth = {AUTH_TARGETS[t][0] for t in targets if t in AUTH_TARGETS}
+        if len(auth) > 1 or (auth and len(targets) > 1):
+            raise RuntimeError("an auth target is measured on its own")
+        for alg in auth:
+            argv += ["--header", f"Authorization: Bearer {make_token(alg, tmp)}"]
         out = subprocess.run(PRIORITY + ["taskset", "-c", CLIENT_CORE] + argv, capture_output=True,
                              text=True, timeout=300)
         if out.returncode != 0:
@@ -385,6 +438,21 @@ def report(results, args, elapsed):
                      f"wsgate lower in {sum(p['wsgate'] <= p['nginx'] for p in pairs)} of "
                      f"{len(pairs)}, median ratio "
                      f"{fmt(median([p['wsgate'] / p['nginx'] for p in pairs if p['nginx']]), 2)}x.")
+    auth_rows = [t for t in AUTH_TARGETS if (("handshakes", t) in by)]
+    if auth_rows and ("handshakes", "wsgate") in by:
+        plain = med("handshakes", "wsgate", "per_proxy_cpu_s")
+        lines.append("")
+        lines.append("| handshakes with a token check | handshakes/s | per proxy CPU-second | "
+                     "proxy CPU per handshake | added by the check |")
+        lines.append("| --- | --- | --- | --- | --- |")
+        for target in ["wsgate"] + auth_rows:
+            per_cpu = med("handshakes", target, "per_proxy_cpu_s")
+            cost = None if not per_cpu else 1e6 / per_cpu
+            added = None if not per_cpu or not plain else 1e6 / per_cpu - 1e6 / plain
+            label = "none" if target == "wsgate" else AUTH_TARGETS[target][0]
+            lines.append(f"| {label} | {fmt(med('handshakes', target, 'msgs_per_s'))} | "
+                         f"{fmt(per_cpu)} | {fmt(cost, 1)} µs | "
+                         f"{'' if target == 'wsgate' else fmt(added, 1) + ' µs'} |")
     verified = sum(r.get("verified", 0) or 0 for r in results)
     lines.append("")
     lines.append(f"Echoes verified byte for byte: {verified:,}; failures: 0 (any failure aborts the run).")
@@ -443,12 +511,15 @@ def main():
     started = time.time()
     results = []
     tmp = tempfile.mkdtemp(prefix="wsgate-e2e-")
+    if any(t in AUTH_TARGETS for t in targets):
+        make_keys(tmp)
     try:
         for rep in range(args.reps):
             order = targets[rep % len(targets):] + targets[:rep % len(targets)]
             for name in chosen:
                 sc = all_scenarios[name]
-                groups = [order] if name == "latency" else [[t] for t in order]
+                side_by_side = [t for t in order if t not in AUTH_TARGETS]
+                groups = [side_by_side] if name == "latency" else [[t] for t in order]
                 for group in groups:
                     if name == "idle" and group == ["direct"]:
                         continue

@@ -45,6 +45,9 @@ struct Args {
     /// Request path of the upgrade.
     #[arg(long, default_value = "/")]
     path: String,
+    /// A header line added to every upgrade request (`Name: value`); repeatable.
+    #[arg(long = "header")]
+    headers: Vec<String>,
     /// Connections (for `handshakes`: how many connect at once).
     #[arg(long, default_value_t = 100)]
     connections: usize,
@@ -219,8 +222,9 @@ async fn open(args: &Args, src: Ipv4Addr) -> Result<(TcpStream, Vec<u8>), Error>
     let mut stream = socket.connect(args.target()).await?;
     stream.set_nodelay(true)?;
     let key = wire::random_key();
+    let extra: String = args.headers.iter().map(|h| format!("{h}\r\n")).collect();
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n",
         args.path,
         args.target()
     );
@@ -711,6 +715,7 @@ async fn open_and_echo(
         scenario: Scenario::Idle,
         targets: vec![target],
         path,
+        headers: Vec::new(),
         connections: 1,
         size,
         window: 1,
