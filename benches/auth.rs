@@ -32,6 +32,7 @@ fn route(source: JwtKeySource, algorithm: JwtAlgorithm) -> RouteAuth {
         headers: vec![("X-User-Id".into(), "sub".into())],
         expired_close_code: 1008,
         max_connections_per_subject: None,
+        refresh: false,
     })
     .unwrap()
 }

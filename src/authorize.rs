@@ -16,6 +16,7 @@ use crate::gateway::Gateway;
 use crate::proto::CloseCode;
 use crate::proto::handshake::RequestHead;
 use crate::recent_errors::{ErrorKind, RecentErrors};
+use crate::relay::{Credentials, Refresh, VerifyRefresh};
 use crate::upstream::Refusal;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +61,37 @@ impl Authorized {
             at: Instant::now().checked_add(remaining)?,
             code: CloseCode(self.expired_close_code),
         })
+    }
+
+    /// What the relay enforces for the connection's life, on routes with `auth.jwt`: the
+    /// expiry, and with `refresh`, how a token presented in-band is checked (valid, and for
+    /// the same subject). `None` where there is nothing to enforce.
+    pub fn relay_credentials(
+        &self,
+        gateway: &Arc<Gateway>,
+        route: usize,
+        peer: SocketAddr,
+    ) -> Option<(Credentials, VerifyRefresh)> {
+        let refresh = gateway
+            .auth
+            .get(route)
+            .and_then(Option::as_ref)
+            .is_some_and(|auth| auth.config.refresh);
+        let expiry = self.expiry();
+        if expiry.is_none() && !refresh {
+            return None;
+        }
+        let credentials = Credentials {
+            expires_at: expiry.map(|e| e.at.into_std()),
+            expired_code: CloseCode(self.expired_close_code),
+            refresh,
+            presented: None,
+        };
+        let (gateway, subject) = (Arc::clone(gateway), self.subject.clone());
+        let verify = VerifyRefresh::new(move |token| {
+            refreshed(&gateway, route, subject.as_deref(), token, peer)
+        });
+        Some((credentials, verify))
     }
 
     /// Rewrites a plain HTTP request as its backend gets it: the token out of its URL, the
@@ -199,6 +231,53 @@ pub async fn authorize(
         subject: admitted.verified.subject,
         subject_slot,
     }))
+}
+
+/// The verdict on a token presented in-band on an open WebSocket of `subject`: the new
+/// expiry, or refused (counted, recorded, and the connection closed with 1008).
+fn refreshed(
+    gateway: &Gateway,
+    route: usize,
+    subject: Option<&str>,
+    token: &str,
+    peer: SocketAddr,
+) -> Refresh {
+    let name = &gateway.route(route).name;
+    let count = |result: &str| {
+        gateway
+            .metrics
+            .auth_refreshes
+            .get_or_create(&crate::metrics::RouteReason {
+                route: name.clone(),
+                reason: result.to_owned(),
+            })
+            .inc();
+    };
+    let Some(route_auth) = gateway.auth.get(route).and_then(Option::as_ref) else {
+        return Refresh::Refused;
+    };
+    let refused = |label: &str, why: &str| {
+        count(label);
+        let detail = format!("{peer}: token refresh refused: {why}");
+        gateway
+            .errors
+            .record(ErrorKind::Auth, Some(name), None, detail);
+        tracing::info!(client = %peer, route = %name, reason = label, "token refresh refused");
+        Refresh::Refused
+    };
+    let verified = match route_auth.verify(token, auth::unix_now()) {
+        Ok(verified) => verified,
+        Err(rejection) => return refused(rejection.label(), rejection.description()),
+    };
+    if verified.subject.as_deref() != subject {
+        return refused("other_subject", "the token is for another subject");
+    }
+    count("ok");
+    let at = verified.valid_until.and_then(|until| {
+        let remaining = auth::remaining(until, SystemTime::now())?;
+        Instant::now().checked_add(remaining)
+    });
+    Refresh::Extended(at.map(Instant::into_std))
 }
 
 /// Forward auth: the auth service's verdict.

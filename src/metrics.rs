@@ -179,6 +179,9 @@ pub struct Metrics {
     pub handshake_failures: Family<Reason, Counter>,
     /// Requests refused by a route's `auth`, per route and reason (fixed labels).
     pub auth_failures: Family<RouteReason, Counter>,
+    /// Tokens presented in-band on open WebSockets, per route and result (`ok` or the reason
+    /// they were refused).
+    pub auth_refreshes: Family<RouteReason, Counter>,
     /// Messages and payload bytes per route, backend and direction.
     pub flows: Arc<Flows>,
     pub backend_healthy: Family<UpstreamBackend, Gauge>,
@@ -222,6 +225,7 @@ impl Metrics {
             connections_closed: Family::default(),
             handshake_failures: Family::default(),
             auth_failures: Family::default(),
+            auth_refreshes: Family::default(),
             flows: Arc::default(),
             backend_healthy: Family::default(),
             backend_health_series: std::sync::Mutex::default(),
@@ -266,6 +270,11 @@ impl Metrics {
             "auth_failures",
             "Requests refused by a route's auth (401, 403, 429), per route and reason",
             metrics.auth_failures.clone(),
+        );
+        registry.register(
+            "auth_refreshes",
+            "Tokens presented in-band on open WebSockets, per route and result (ok, or why refused: the connection is then closed with 1008)",
+            metrics.auth_refreshes.clone(),
         );
         // `messages` and `payload_bytes`, summed over backends at each scrape.
         registry.register_collector(Box::new(Arc::clone(&metrics.flows)));

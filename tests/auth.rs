@@ -253,6 +253,61 @@ async fn the_connection_is_closed_when_the_token_expires() {
 }
 
 #[tokio::test]
+async fn a_token_refreshed_in_band_keeps_the_connection_and_never_reaches_the_backend() {
+    let mut backend = peers::recording_backend(peers::Script::Echo).await;
+    let config = simple_config(
+        &[backend.addr],
+        &auth("leeway: 0\nrefresh: true\nexpired_close_code: 4401"),
+    );
+    let gateway = start_gateway(&config).await;
+    let exp = now() + 2;
+    let bearer = format!("Bearer {}", token(json!({"sub": "alice", "exp": exp})));
+    let (mut ws, _) = connect_with(gateway.addr, "/", &[("Authorization", &bearer)])
+        .await
+        .unwrap();
+    let refresh =
+        |token: String| Message::text(format!(r#"{{"wsgate":"refresh","token":"{token}"}}"#));
+    let later = token(json!({"sub": "alice", "exp": now() + 600}));
+    ws.send(refresh(later)).await.unwrap();
+    ws.send(Message::text("after the refresh")).await.unwrap();
+    // The echo backend would have sent the refresh back first had it seen it.
+    assert_eq!(
+        next_message(&mut ws).await,
+        Message::text("after the refresh")
+    );
+
+    // Past the first token's expiry, the connection still relays.
+    while now() <= exp {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("still here"));
+
+    // Another subject's valid token is refused: 1008 to the client, 1001 to the backend.
+    let bob = token(json!({"sub": "bob", "exp": now() + 600}));
+    ws.send(refresh(bob)).await.unwrap();
+    let frame = close_frame(&mut ws).await.expect("a close frame");
+    assert_eq!(u16::from(frame.code), 1008);
+    assert_eq!(frame.reason.as_str(), "token refresh refused");
+    let (messages, _) = backend.messages_until_end().await;
+    let texts: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.is_text())
+        .filter_map(|m| m.to_text().ok())
+        .collect();
+    assert_eq!(
+        texts,
+        ["after the refresh", "still here"],
+        "no refresh seen"
+    );
+    assert!(
+        matches!(messages.last(), Some(Message::Close(Some(f))) if u16::from(f.code) == 1001),
+        "{messages:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_subject_holds_at_most_its_connections() {
     let echo = echo_backend("b1").await;
     let config = simple_config(&[echo.addr], &auth("max_connections_per_subject: 1"));

@@ -153,16 +153,21 @@ impl RouteAuth {
         })
     }
 
-    /// Checks the request's token at `now` (seconds since the Unix epoch).
-    pub fn check(&self, head: &RequestHead<'_, '_>, now: u64) -> Result<Admitted, Failure> {
-        let found = token::find(&self.config.from, head).ok_or(Failure::Missing)?;
+    /// Verifies a token by itself at `now` (seconds since the Unix epoch), against the
+    /// configured keys and the fetched sets as they are (a refresh waits for no fetch).
+    pub fn verify(&self, token: &str, now: u64) -> Result<jwt::Verified, Rejection> {
         let fetched: Vec<Arc<Vec<Key>>> = self.remote.iter().map(|r| r.current()).collect();
         let keys = self
             .keys
             .iter()
             .chain(fetched.iter().flat_map(|set| set.iter()));
-        let verified =
-            jwt::verify(&found.token, keys, &self.rules, now).map_err(Failure::Rejected)?;
+        jwt::verify(token, keys, &self.rules, now)
+    }
+
+    /// Checks the request's token at `now` (seconds since the Unix epoch).
+    pub fn check(&self, head: &RequestHead<'_, '_>, now: u64) -> Result<Admitted, Failure> {
+        let found = token::find(&self.config.from, head).ok_or(Failure::Missing)?;
+        let verified = self.verify(&found.token, now).map_err(Failure::Rejected)?;
         let mut identity = Vec::with_capacity(self.config.headers.len());
         for (header, claim) in &self.config.headers {
             if let Some(value) = verified.claims.get(claim) {

@@ -230,6 +230,9 @@ pub struct JwtAuth {
     pub expired_close_code: u16,
     /// Connections one subject (`sub`) may hold open on the route at once.
     pub max_connections_per_subject: Option<u32>,
+    /// A WebSocket client may present a new token in-band before expiry (see
+    /// `relay::credentials`).
+    pub refresh: bool,
 }
 
 /// Where a token may come from.

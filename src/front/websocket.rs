@@ -10,7 +10,6 @@ use crate::admit::{
     BackendOffer, OpenedBackend, open_backend, register_in_room, switching_protocols,
 };
 use crate::auth::SubjectSlot;
-use crate::authorize::Expiry;
 use crate::config::Compression;
 use crate::drain::depart;
 use crate::gateway::{Gateway, RouteSlot};
@@ -19,7 +18,9 @@ use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{DecoderConfig, FrameDecoder, Role};
 use crate::rebalance::Registration;
 use crate::recent_errors::ErrorKind;
-use crate::relay::{Cause, HopStart, Relay, RelayReport, RelaySettings, Side, Stop};
+use crate::relay::{
+    Cause, Credentials, HopStart, Relay, RelayReport, RelaySettings, Side, Stop, VerifyRefresh,
+};
 use crate::routing::ConnectionSlot;
 use crate::stream::Stream;
 use crate::upstream::Refusal;
@@ -49,9 +50,10 @@ pub struct Acceptance {
     backend_early: Vec<u8>,
     decoders: (FrameDecoder, FrameDecoder),
     settings: RelaySettings,
-    /// When the client's token expires, on routes with `auth` (boxed, like the subject's
-    /// slot: an idle connection's future holds them, and only routes with auth pay for them).
-    expiry: Option<Box<Expiry>>,
+    /// The client's token's expiry and in-band refresh, on routes with `auth.jwt` (boxed,
+    /// like the subject's slot: an idle connection's future holds them, and only routes with
+    /// auth pay for them).
+    credentials: Option<Box<(Credentials, VerifyRefresh)>>,
     log: AccessContext,
 }
 
@@ -130,8 +132,12 @@ pub async fn decide(
         backend_slot,
         mut authorized,
     } = opened;
-    // A token's expiry ends the connection; its subject's slot is held until then.
-    let expiry = authorized.as_ref().and_then(|a| a.expiry()).map(Box::new);
+    // A token's expiry ends the connection (unless refreshed in-band); its subject's slot is
+    // held until then.
+    let credentials = authorized
+        .as_ref()
+        .and_then(|a| a.relay_credentials(gateway, route_index, peer))
+        .map(Box::new);
     let subject_slot = authorized
         .as_mut()
         .and_then(|a| a.subject_slot.take())
@@ -189,7 +195,7 @@ pub async fn decide(
             ping_passthrough: route.ping_passthrough,
             message_rate: route.limits.message_rate,
         },
-        expiry,
+        credentials,
         log: AccessContext {
             gateway: Arc::clone(gateway),
             route: route_index,
@@ -239,7 +245,7 @@ impl Acceptance {
             backend_early,
             decoders: (client_decoder, backend_decoder),
             settings,
-            expiry,
+            credentials,
             mut log,
             ..
         } = self;
@@ -259,6 +265,13 @@ impl Acceptance {
             settings,
             counters,
         );
+        let relay = match credentials {
+            Some(credentials) => {
+                let (credentials, verify) = *credentials;
+                relay.with_credentials(credentials, verify)
+            }
+            None => relay,
+        };
         drop(backend_early);
         // The stop future owns the registration: the connection leaves the rebalancing
         // registry when the relay stops listening for moves (at its end, or once told to stop).
@@ -271,21 +284,9 @@ impl Acceptance {
                     None => std::future::pending().await,
                 }
             };
-            // Boxed: an idle connection's future holds this, and only routes with auth pay
-            // for the timer.
-            let expired = async {
-                match &expiry {
-                    Some(expiry) => {
-                        Box::pin(tokio::time::sleep_until(expiry.at)).await;
-                        expiry.code
-                    }
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 () = depart(drain, registration.as_ref().map(Registration::room)) => Stop::Shutdown,
                 () = moved => Stop::Moved,
-                code = expired => Stop::Expired { code },
             }
         };
         relay.run(stop, move |report| log.write(&report, started.elapsed()))

@@ -25,6 +25,7 @@
 //!   backend is given the chance to close first, so TIME_WAIT stays off the gateway's ports.
 
 use super::buffer::{BUFFER_LEN, HopBuffer};
+use super::credentials::{Credentials, Refresh, refresh_candidate_len, refresh_token};
 use super::ending::{Cause, HopReport, Initiator, RelayReport};
 use super::hop::{CloseState, Hop, InFrame, Reading, Side, Writing};
 use super::mask_keys;
@@ -195,7 +196,16 @@ impl Connection {
         {
             consider(self.last_data + idle);
         }
+        if let Some(at) = self.expires_at() {
+            consider(at);
+        }
         deadline
+    }
+
+    /// When the client's credentials expire, while nothing else is ending the connection.
+    fn expires_at(&self) -> Option<Instant> {
+        let credentials = self.client.credentials.as_deref()?;
+        self.ending.is_none().then_some(credentials.expires_at)?
     }
 
     /// Memory the connection holds for bytes in flight: hop buffers and queued control
@@ -356,6 +366,42 @@ impl Connection {
         self.after_event(now);
     }
 
+    /// The client's credentials: the connection is closed when they expire, and, with
+    /// `refresh`, a token it presents in-band is handed out by
+    /// [`Connection::take_presented_token`].
+    pub fn set_credentials(&mut self, credentials: Credentials) {
+        self.client.credentials = Some(Box::new(credentials));
+    }
+
+    /// A token the client presented in-band, to be checked and answered with
+    /// [`Connection::on_refresh`].
+    pub fn take_presented_token(&mut self) -> Option<Box<str>> {
+        self.client.credentials.as_mut()?.presented.take()
+    }
+
+    /// The verdict on a presented token: a later expiry, or a 1008 close.
+    pub fn on_refresh(&mut self, verdict: Refresh, now: Instant) {
+        match verdict {
+            Refresh::Extended(at) => {
+                if let Some(credentials) = self.client.credentials.as_deref_mut() {
+                    credentials.expires_at = at;
+                }
+            }
+            Refresh::Refused => {
+                let violation = (CloseCode::POLICY_VIOLATION, "token refresh refused");
+                on_violation(
+                    &mut self.client,
+                    &mut self.backend,
+                    violation,
+                    now,
+                    &self.settings,
+                    &mut self.ending,
+                );
+            }
+        }
+        self.after_event(now);
+    }
+
     /// The gateway ends the connection (see [`Stop`]); the closing handshakes follow.
     pub fn stop(&mut self, stop: Stop, now: Instant) {
         match stop {
@@ -385,6 +431,12 @@ impl Connection {
             && now >= self.last_data + idle
         {
             self.gateway_close(Cause::IdleTimeout, "idle timeout", now);
+        }
+        if self.expires_at().is_some_and(|at| now >= at)
+            && let Some(credentials) = self.client.credentials.as_deref()
+        {
+            let code = credentials.expired_code;
+            self.stop(Stop::Expired { code }, now);
         }
         for side in [Side::Client, Side::Backend] {
             let (hop, other) = pair(&mut self.client, &mut self.backend, side);
@@ -671,6 +723,17 @@ fn decode(
                     refuse_over_rate(src, dst, now, settings, ending);
                     break;
                 }
+                if let Some(credentials) = src.credentials.as_deref_mut()
+                    && credentials.refresh
+                    && message.header.opcode == OpCode::Text
+                    && let Some(token) = refresh_token(
+                        &bytes[parsed + message.header_len..parsed + message.frame_len()],
+                    )
+                {
+                    credentials.presented = Some(token.into());
+                    src.buf.remove_at_parsed(message.frame_len());
+                    continue;
+                }
                 bytes_seen += message.payload_len as u64;
                 messages_seen += 1;
                 *last_data = now;
@@ -696,6 +759,15 @@ fn decode(
                 on_protocol_error(src, dst, error, now, settings, ending);
                 break;
             }
+        }
+        // A frame that may be a refresh message is never forwarded in pieces: it waits until
+        // it is whole, when the path above takes it.
+        if src.credentials.as_deref().is_some_and(|c| c.refresh)
+            && src.decoder.is_between_frames()
+            && refresh_candidate_len(&bytes[parsed..filled])
+                .is_some_and(|len| len > filled - parsed)
+        {
+            break;
         }
         let Decoded { item, consumed } = match src.decoder.decode(&mut bytes[parsed..filled]) {
             Ok(Some(decoded)) => decoded,

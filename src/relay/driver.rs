@@ -5,6 +5,7 @@
 //! the waker is registered, so asking again would only repeat the readiness check.
 
 use super::connection::{Connection, RelaySettings, Stop};
+use super::credentials::{Credentials, VerifyRefresh};
 use super::ending::RelayReport;
 use super::hop::Side;
 use crate::metrics::RelayCounters;
@@ -32,6 +33,8 @@ pub struct Relay {
     connection: Connection,
     client: Stream,
     backend: Stream,
+    /// Boxed: only routes whose clients may refresh their token pay for it.
+    verify_refresh: Option<Box<VerifyRefresh>>,
 }
 
 /// What returned `Pending` on one hop during the current wake-up.
@@ -62,7 +65,16 @@ impl Relay {
             connection,
             client: client.stream,
             backend: backend.stream,
+            verify_refresh: None,
         }
+    }
+
+    /// Enforces the client's credentials: closed at their expiry, and, when they allow it,
+    /// extended by a token presented in-band and checked by `verify`.
+    pub fn with_credentials(mut self, credentials: Credentials, verify: VerifyRefresh) -> Self {
+        self.verify_refresh = credentials.refresh.then(|| Box::new(verify));
+        self.connection.set_credentials(credentials);
+        self
     }
 
     /// Relays until both hops are closed, then hands the report to `finish`. When the future
@@ -101,6 +113,13 @@ impl Relay {
         loop {
             let now = Instant::now();
             while self.pump(cx, &mut blocked, now.into_std()) {}
+            if let Some(verify) = &self.verify_refresh
+                && let Some(token) = self.connection.take_presented_token()
+            {
+                self.connection
+                    .on_refresh(verify.check(&token), now.into_std());
+                continue;
+            }
             if self.connection.is_finished() {
                 return Poll::Ready(());
             }

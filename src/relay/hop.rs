@@ -3,6 +3,7 @@
 //! its closing handshake as one state.
 
 use super::buffer::HopBuffer;
+use super::credentials::Credentials;
 use super::mask_keys::next_mask_key;
 use super::outbox::Outbox;
 use crate::limits::TokenBucket;
@@ -117,6 +118,8 @@ pub struct Hop {
     pub bytes_counter: Counter,
     /// Messages this hop may still send now (clients only, when the route limits them).
     pub message_rate: Option<TokenBucket>,
+    /// The client's credentials, on routes with `auth.jwt` (boxed: other routes pay a pointer).
+    pub credentials: Option<Box<Credentials>>,
 }
 
 impl Hop {
@@ -138,6 +141,7 @@ impl Hop {
             drain_deadline: None,
             finish_deadline: None,
             keepalive,
+            credentials: None,
             bytes_in: 0,
             messages_in: 0,
             messages_counter,

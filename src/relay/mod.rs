@@ -11,6 +11,7 @@
 
 pub mod buffer;
 pub mod connection;
+pub mod credentials;
 pub mod driver;
 pub mod ending;
 pub mod hop;
@@ -20,6 +21,7 @@ pub mod outbox;
 pub mod simulation;
 
 pub use connection::{Connection, RelaySettings, Stop};
+pub use credentials::{Credentials, Refresh, VerifyRefresh};
 pub use driver::{HopStart, Relay};
 pub use ending::{Cause, HopReport, Initiator, RelayReport};
 pub use hop::Side;

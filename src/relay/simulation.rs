@@ -14,6 +14,7 @@
 #![allow(clippy::panic)]
 
 use super::connection::{Connection, RelaySettings, Stop};
+use super::credentials::{Credentials, Refresh};
 use super::hop::Side;
 use crate::metrics::RelayCounters;
 use crate::proto::{CloseCode, DecoderConfig, FrameDecoder, Item, OpCode, Role};
@@ -183,9 +184,23 @@ impl World {
         self.check_peer(Side::Backend);
     }
 
-    /// One round of the driver over both hops: writes, shutdowns, reads.
+    /// How long a refresh the world's verifier accepts extends the credentials.
+    pub const REFRESH_EXTENSION: Duration = Duration::from_secs(10);
+
+    /// One round of the driver over both hops: writes, shutdowns, reads; then the check of a
+    /// token presented in-band, as the driver makes it: the world's verifier accepts tokens
+    /// starting with `ok` (for [`World::REFRESH_EXTENSION`]) and refuses all others.
     fn round(&mut self) -> bool {
         let mut progress = false;
+        if let Some(token) = self.connection.take_presented_token() {
+            let verdict = if token.starts_with("ok") {
+                Refresh::Extended(Some(self.now + Self::REFRESH_EXTENSION))
+            } else {
+                Refresh::Refused
+            };
+            self.connection.on_refresh(verdict, self.now);
+            progress = true;
+        }
         for side in [Side::Client, Side::Backend] {
             let now = self.now;
             let (connection, peer) = match side {
@@ -357,6 +372,11 @@ pub fn frame(fin: bool, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Ve
     out
 }
 
+/// The refresh message carrying `token` (see [`super::credentials`]).
+pub fn refresh_message(token: &str) -> Vec<u8> {
+    format!(r#"{{"wsgate":"refresh","token":"{token}"}}"#).into_bytes()
+}
+
 /// A close frame's payload.
 pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
     let mut out = code.to_be_bytes().to_vec();
@@ -437,6 +457,17 @@ pub fn fuzz(data: &[u8]) {
                 },
                 _ => Stop::Shutdown,
             }),
+            19 => world.connection.set_credentials(Credentials {
+                expires_at: Some(world.now + ms(u64::from(arg) * 20)),
+                expired_code: CloseCode(4001),
+                refresh: arg & 1 != 0,
+                presented: None,
+            }),
+            20 => {
+                let verdict = if arg & 1 == 0 { "ok" } else { "no" };
+                let token = format!("{verdict}.{}", String::from_utf8_lossy(&payload));
+                world.send(side, &frame(true, 0x1, mask, &refresh_message(&token)));
+            }
             _ => {}
         }
     }
@@ -680,5 +711,109 @@ mod tests {
         assert_eq!(closes(&w), (Some(4001), Some(1001)));
         w.assert_finishes();
         assert_eq!(w.connection.report().cause, crate::relay::Cause::Expired);
+    }
+
+    fn with_credentials(refresh: bool) -> World {
+        let mut w = world(|_| {});
+        let expires_at = Some(w.now + 5000 * MS);
+        w.connection.set_credentials(Credentials {
+            expires_at,
+            expired_code: CloseCode(4001),
+            refresh,
+            presented: None,
+        });
+        w
+    }
+
+    #[test]
+    fn credentials_expire_with_the_routes_code_for_the_client_and_1001_for_the_backend() {
+        let mut w = with_credentials(false);
+        w.advance(4999 * MS);
+        assert_eq!(closes(&w), (None, None));
+        w.advance(MS);
+        assert_eq!(closes(&w), (Some(4001), Some(1001)));
+        w.assert_finishes();
+        assert_eq!(w.connection.report().cause, crate::relay::Cause::Expired);
+    }
+
+    #[test]
+    fn a_refresh_message_is_consumed_and_an_accepted_token_moves_the_expiry() {
+        let mut w = with_credentials(true);
+        w.advance(4000 * MS);
+        w.send(
+            Side::Client,
+            &frame(true, 0x1, CLIENT_MASK, &refresh_message("ok.new")),
+        );
+        w.send(Side::Client, &frame(true, 0x1, CLIENT_MASK, b"after"));
+        let frames = w.check_peer(Side::Backend);
+        assert_eq!(frames.len(), 1, "the backend never sees the refresh");
+        assert_eq!(frames[0].1, b"after");
+        // Extended to 4 s + 10 s.
+        w.advance(9999 * MS);
+        assert_eq!(closes(&w), (None, None));
+        w.advance(MS);
+        assert_eq!(closes(&w), (Some(4001), Some(1001)));
+    }
+
+    #[test]
+    fn a_refused_refresh_closes_the_client_with_1008() {
+        let mut w = with_credentials(true);
+        w.send(
+            Side::Client,
+            &frame(true, 0x1, CLIENT_MASK, &refresh_message("no.forged")),
+        );
+        assert_eq!(closes(&w), (None, Some(1001)));
+        w.send(Side::Backend, &close(Side::Backend, 1001));
+        assert_eq!(closes(&w), (Some(1008), Some(1001)));
+        assert!(
+            w.check_peer(Side::Backend)
+                .iter()
+                .all(|f| f.0 == OpCode::Close)
+        );
+    }
+
+    #[test]
+    fn a_refresh_message_split_over_many_reads_never_reaches_the_backend() {
+        let mut w = World::new(
+            RelaySettings {
+                ping_interval: None,
+                pong_timeout: 500 * MS,
+                close_timeout: 1000 * MS,
+                idle_timeout: None,
+                ping_passthrough: false,
+                message_rate: None,
+            },
+            DecoderConfig::new(Role::Server),
+            vec![1, 3, 2],
+        );
+        w.connection.set_credentials(Credentials {
+            expires_at: None,
+            expired_code: CloseCode(4001),
+            refresh: true,
+            presented: None,
+        });
+        let refresh = frame(true, 0x1, CLIENT_MASK, &refresh_message("ok.split"));
+        let text = frame(
+            true,
+            0x1,
+            CLIENT_MASK,
+            br#"{"wsgate":"refresh","token":"a b"}"#,
+        );
+        w.send(Side::Client, &[refresh, text].concat());
+        let frames = w.check_peer(Side::Backend);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0].1, br#"{"wsgate":"refresh","token":"a b"}"#);
+        assert_eq!(closes(&w), (None, None));
+    }
+
+    #[test]
+    fn without_refresh_the_message_is_an_ordinary_one() {
+        let mut w = with_credentials(false);
+        w.send(
+            Side::Client,
+            &frame(true, 0x1, CLIENT_MASK, &refresh_message("ok.new")),
+        );
+        assert_eq!(w.check_peer(Side::Backend)[0].1, refresh_message("ok.new"));
+        assert!(w.connection.take_presented_token().is_none());
     }
 }

@@ -37,6 +37,7 @@ const JWT_KEYS: &[&str] = &[
     "headers",
     "expired_close_code",
     "max_connections_per_subject",
+    "refresh",
 ];
 const KEY_KEYS: &[&str] = &[
     "pem",
@@ -241,7 +242,12 @@ impl Cx<'_> {
             None => Some(None),
             Some((raw, path)) => self.optional_count(raw, &path, 1, 1_000_000),
         };
+        let refresh = match f.get("refresh") {
+            None => Some(false),
+            Some((raw, path)) => self.boolean(raw, &path),
+        };
         Some(JwtAuth {
+            refresh: refresh?,
             from: from?,
             keys: keys?,
             issuer: issuer?,
