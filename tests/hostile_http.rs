@@ -587,6 +587,19 @@ async fn smuggling_with_content_length_and_transfer_encoding_is_refused() {
     refused_without_reaching_the_backend(request.as_bytes(), 400).await;
 }
 
+/// An upgrade that announces a body: the body would be taken for the client's first frames
+/// (and a request hidden in it would reach the backend inside a WebSocket), so it is refused.
+#[tokio::test]
+async fn an_upgrade_with_a_body_is_refused() {
+    for framing in [
+        format!("Content-Length: {}\r\n", SMUGGLED.len()),
+        "Transfer-Encoding: chunked\r\n".to_owned(),
+    ] {
+        let request = upgrade("/", "a", &framing) + SMUGGLED;
+        refused_without_reaching_the_backend(request.as_bytes(), 400).await;
+    }
+}
+
 /// Two different `Content-Length` values.
 #[tokio::test]
 async fn smuggling_with_two_content_lengths_is_refused() {

@@ -78,6 +78,9 @@ pub enum HandshakeError {
     BadKey,
     /// A `Sec-WebSocket-Protocol` offer that is not a token.
     BadSubprotocol,
+    /// `Transfer-Encoding` or a non-zero `Content-Length`: the bytes after the head would
+    /// otherwise be taken for the client's first frames.
+    HasBody,
 }
 
 impl HandshakeError {
@@ -106,6 +109,7 @@ impl HandshakeError {
             Self::UnsupportedVersion => "websocket_version",
             Self::BadKey => "key",
             Self::BadSubprotocol => "subprotocol",
+            Self::HasBody => "body",
         }
     }
 
@@ -139,6 +143,7 @@ impl fmt::Display for HandshakeError {
                 f.write_str("Sec-WebSocket-Key must be the base64 encoding of 16 bytes")
             }
             Self::BadSubprotocol => f.write_str("Sec-WebSocket-Protocol offers must be tokens"),
+            Self::HasBody => f.write_str("a WebSocket handshake carries no body"),
         }
     }
 }
@@ -194,6 +199,14 @@ pub fn validate_upgrade<'b>(request: &RequestHead<'_, 'b>) -> Result<Upgrade<'b>
     }
     if request.version < 1 {
         return Err(HandshakeError::NotHttp11);
+    }
+    let announces_body = |h: &httparse::Header<'_>| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length")
+                && !h.value.trim_ascii().iter().all(|&b| b == b'0'))
+    };
+    if request.headers.iter().any(announces_body) {
+        return Err(HandshakeError::HasBody);
     }
     let host = match headers::single(request.headers, "host") {
         Ok(Some(host)) if !host.is_empty() => {

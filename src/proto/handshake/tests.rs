@@ -138,11 +138,27 @@ fn each_requirement_has_its_status() {
             HandshakeError::BadSubprotocol,
             400,
         ),
+        (
+            replace("Origin:", "Content-Length: 5\r\nOrigin:"),
+            HandshakeError::HasBody,
+            400,
+        ),
+        (
+            replace("Origin:", "Transfer-Encoding: chunked\r\nOrigin:"),
+            HandshakeError::HasBody,
+            400,
+        ),
     ];
     for (request, error, status) in cases {
         assert_eq!(check(&request), Err(error.clone()), "{request}");
         assert_eq!(error.status(), status);
     }
+}
+
+#[test]
+fn an_empty_body_announced_as_such_is_no_body() {
+    let request = GOOD.replacen("Origin:", "Content-Length: 0\r\nOrigin:", 1);
+    assert!(check(&request).is_ok(), "{request}");
 }
 
 #[test]
