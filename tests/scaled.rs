@@ -350,6 +350,40 @@ async fn a_redis_restart_during_chat_loses_only_what_was_sent_while_it_was_down(
     assert!(a.alive() && b.alive(), "no crash");
 }
 
+/// A Redis that stops answering without closing its connections (frozen) is noticed by the
+/// subscription's ping, and the instances resubscribe once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_is_noticed_and_the_subscription_renewed() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let a = Service::start("a", Some(&url), None).await;
+    let b = Service::start("b", Some(&url), None).await;
+    let (mut alice, _) = join(a.addr, "S", "alice").await;
+    let (mut bob, _) = join(b.addr, "S", "bob").await;
+
+    redis.freeze();
+    for service in [&a, &b] {
+        service
+            .wait_stats("the silent broker is seen down", |s| s["broker"] == "down")
+            .await;
+    }
+    redis.thaw();
+    for service in [&a, &b] {
+        service
+            .wait_stats("resubscribed", |s| {
+                s["broker"] == "up" && s["broker_subscriptions"] == 2
+            })
+            .await;
+    }
+    say(&mut alice, "after the freeze").await;
+    assert_eq!(
+        next_of(&mut bob, &["message"]).await["text"],
+        "after the freeze"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_during_chat_keeps_messages_flowing_and_writes_resume() {
     let Some(mut pg) = Postgres::start() else {

@@ -14,7 +14,8 @@
 //!   a time: members see each sender's messages in the order they were sent;
 //! - nothing waits on Redis while holding a room: the hub offers events to a bounded queue
 //!   ([`QUEUE`]); the publisher and the subscriber reconnect by themselves with a capped
-//!   back-off, and every publish and connect has a deadline;
+//!   back-off, and every publish and connect has a deadline; a quiet subscription is pinged
+//!   ([`HEARTBEAT`]), so a Redis that stops answering is noticed like one that went away;
 //! - input from Redis is checked like a client's: a payload over [`MAX_PAYLOAD`], from a
 //!   channel that is not a valid room, or whose frame is not a well-formed event of that room
 //!   is dropped and logged.
@@ -46,6 +47,10 @@ const BATCH: usize = 64;
 const MAX_PAYLOAD: usize = 8 * MAX_TEXT_LEN + 1024;
 /// Deadline of one connect, subscribe or publish round trip.
 const DEADLINE: Duration = Duration::from_secs(2);
+/// How often the subscription is checked with a PING while no event arrives: a Redis that
+/// stops answering without closing the connection (a frozen process, a silently dropped
+/// route) is noticed within this plus [`DEADLINE`].
+const HEARTBEAT: Duration = Duration::from_secs(2);
 /// First and longest pause between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -276,13 +281,25 @@ async fn subscribe(client: redis::Client, hub: Arc<Hub>, mut stop: watch::Receiv
                 if stats.set_broker_up(true) {
                     tracing::info!("broker: subscribed to {pattern}");
                 }
-                let mut messages = pubsub.into_on_message();
+                let (mut sink, mut messages) = pubsub.split();
+                let mut heartbeat = tokio::time::interval(HEARTBEAT);
+                heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     let message = tokio::select! {
-                        message = messages.next() => message,
+                        message = messages.next() => Some(message),
+                        _ = heartbeat.tick() => None,
                         _ = stop.wait_for(|stopped| *stopped) => return,
                     };
+                    let Some(message) = message else {
+                        match timeout(DEADLINE, sink.ping::<()>()).await {
+                            Ok(Ok(())) => continue,
+                            Ok(Err(error)) => tracing::warn!(%error, "broker: ping failed"),
+                            Err(_) => tracing::warn!("broker: no answer to ping"),
+                        }
+                        break;
+                    };
                     let Some(message) = message else { break };
+                    heartbeat.reset();
                     let channel = message.get_channel_name();
                     match parse(hub.origin(), channel, message.get_payload_bytes()) {
                         Ok((room, event)) => {

@@ -163,6 +163,25 @@ impl Redis {
         wait_until("redis-server answers PING", || self.ping());
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing is answered, as when
+    /// a host hangs or a route drops packets silently. [`Redis::thaw`] lets it go on.
+    pub fn freeze(&mut self) {
+        self.signal("-STOP");
+    }
+
+    pub fn thaw(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis is running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal}");
+    }
+
     /// Stops the server; every client connection breaks.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
