@@ -165,6 +165,21 @@ fn duration_buckets() -> Histogram {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerForward {
+    /// The owner instance's name, as configured in `cluster.peers`, or "unknown".
+    pub peer: String,
+    pub op: &'static str,
+    /// answered (the owner's answer, whatever its status, reached the client), unknown_peer,
+    /// unreachable, timed_out, failed (the hop broke before the answer's head).
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdminAction {
     /// drain, restore, weight, drain_instance, unauthorized or bad_request.
     pub action: &'static str,
@@ -192,6 +207,10 @@ pub struct Metrics {
     pub rebalanced_connections: Family<RouteLabel, Counter>,
     pub connect_retries: Family<Retry, Counter>,
     pub admin_actions: Family<AdminAction, Counter>,
+    /// Session requests forwarded to the instance owning the session.
+    pub peer_forwards: Family<PeerForward, Counter>,
+    /// From the forward's start to the owner's response head (connect included), per peer.
+    pub peer_forward_seconds: Histograms<PeerLabel>,
     pub refused: Family<Refused, Counter>,
     /// Opening a backend connection: TCP, TLS and the backend's handshake (or, for plain
     /// HTTP, its connection), per upstream.
@@ -233,6 +252,8 @@ impl Metrics {
             rebalanced_connections: Family::default(),
             connect_retries: Family::default(),
             admin_actions: Family::default(),
+            peer_forwards: Family::default(),
+            peer_forward_seconds: Family::new_with_constructor(latency_buckets),
             refused: Family::default(),
             backend_connect_seconds: Family::new_with_constructor(latency_buckets),
             handshake_seconds: Family::new_with_constructor(latency_buckets),
@@ -318,6 +339,16 @@ impl Metrics {
             "handshake_seconds",
             "Time from a client's complete request head to its 101, per route",
             metrics.handshake_seconds.clone(),
+        );
+        registry.register(
+            "peer_forwards",
+            "Session requests forwarded to the instance owning the session, by peer, operation and result",
+            metrics.peer_forwards.clone(),
+        );
+        registry.register(
+            "peer_forward_seconds",
+            "Time from a forward's start to the owner's response head, per peer (a held poll counts its wait)",
+            metrics.peer_forward_seconds.clone(),
         );
         registry.register(
             "session_request_seconds",

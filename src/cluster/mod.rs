@@ -1,0 +1,191 @@
+//! Several instances as one gateway (`cluster:`): a session request that reaches an instance
+//! which does not own the session is forwarded to the owner, named by the session id's
+//! instance, over an internal hop (`forward` for the HTTP operations, `tunnel` for the session
+//! WebSocket). The balancer in front needs no stickiness and the instances share no store.
+//!
+//! Invariants:
+//! - an address to connect to comes only from `cluster.peers`: a session id names an
+//!   instance, and an instance missing from the list is "session gone", never a lookup;
+//! - a request carrying any `wsgate-peer-*` header is a peer's or is refused: the secret must
+//!   match (constant time), the sender must be a configured peer, and on a cluster with a
+//!   peer listener it must arrive there; a client's request never reaches the session layer
+//!   with a peer's identity;
+//! - a forwarded request is served where it lands: it is never forwarded again, so a
+//!   disagreement between instances ends in a 410, never a loop;
+//! - every hop has a deadline (connect, answer head, silence), and a failed hop is the
+//!   documented "session gone" (410 / 4410), which the client library answers with a new
+//!   session.
+
+pub mod forward;
+pub mod tunnel;
+
+use crate::config::{Cluster, Peer};
+use crate::gateway::Gateway;
+use crate::metrics::{PeerForward, PeerLabel};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The shared secret (`cluster.secret`).
+pub const HEADER_SECRET: &str = "wsgate-peer-secret";
+/// The forwarding instance's name.
+pub const HEADER_FROM: &str = "wsgate-peer-from";
+/// The client's address as the forwarding instance saw it.
+pub const HEADER_CLIENT: &str = "wsgate-peer-client";
+/// `1` when the client's connection to the forwarding instance was TLS.
+pub const HEADER_TLS: &str = "wsgate-peer-tls";
+const PREFIX: &str = "wsgate-peer-";
+
+/// Reaching a peer on the same network takes milliseconds; seconds mean it is gone.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether a header belongs to the peer hop (and so is never taken from a client).
+pub fn is_peer_header(name: &str) -> bool {
+    name.len() >= PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+}
+
+/// Who sent a request, as far as the cluster is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    /// A client, at the address of its connection.
+    Client,
+    /// A peer forwarding a client's request: that client's address and transport.
+    Peer { client: SocketAddr, tls: bool },
+    /// Refused with 403 and this line.
+    Refused(&'static str),
+}
+
+/// Sorts a request by its headers and the listener it arrived on.
+pub fn ingress(
+    gateway: &Gateway,
+    listener: Option<usize>,
+    headers: &[httparse::Header<'_>],
+) -> Ingress {
+    let one = |name: &str| {
+        let mut values = headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value);
+        match (values.next(), values.next()) {
+            (Some(value), None) => Some(value),
+            _ => None,
+        }
+    };
+    let claims_peer = headers.iter().any(|h| is_peer_header(h.name));
+    let Some(cluster) = &gateway.config.cluster else {
+        return if claims_peer {
+            Ingress::Refused("wsgate-peer-* headers are reserved for the gateway's own peers")
+        } else {
+            Ingress::Client
+        };
+    };
+    let on_peer_listener = cluster.listener.is_some() && cluster.listener == listener;
+    if !claims_peer {
+        return if on_peer_listener {
+            Ingress::Refused("this listener serves the gateway's peers only")
+        } else {
+            Ingress::Client
+        };
+    }
+    if !one(HEADER_SECRET).is_some_and(|offered| cluster.secret.matches(offered)) {
+        return Ingress::Refused("peer authentication failed");
+    }
+    if cluster.listener.is_some() && !on_peer_listener {
+        return Ingress::Refused("peer requests are accepted on the peer listener only");
+    }
+    let from = one(HEADER_FROM).and_then(|v| std::str::from_utf8(v).ok());
+    if !from.is_some_and(|from| cluster.peer(from).is_some()) {
+        return Ingress::Refused("the forwarding instance is not a configured peer");
+    }
+    let client = one(HEADER_CLIENT)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse::<SocketAddr>().ok());
+    let Some(client) = client else {
+        return Ingress::Refused("a forwarded request must carry the client's address");
+    };
+    let tls = one(HEADER_TLS) == Some(b"1");
+    Ingress::Peer { client, tls }
+}
+
+/// Where a session request is served.
+#[derive(Debug, Clone, Copy)]
+pub enum Owner<'g> {
+    /// Here: the session is this instance's, or is gone (the session layer says which).
+    Local,
+    /// Forwarded to this peer.
+    Peer(&'g Peer),
+}
+
+/// The owner of session `sid`, for a request that arrived as `ingress`.
+pub fn owner<'g>(gateway: &'g Gateway, sid: &str, ingress: Ingress, op: &'static str) -> Owner<'g> {
+    let Some(cluster) = &gateway.config.cluster else {
+        return Owner::Local;
+    };
+    let Some((instance, _)) = sid.split_once('~') else {
+        return Owner::Local;
+    };
+    if instance == cluster.name || matches!(ingress, Ingress::Peer { .. }) {
+        return Owner::Local;
+    }
+    match cluster.peer(instance) {
+        Some(peer) => Owner::Peer(peer),
+        None => {
+            count(gateway, "unknown", op, "unknown_peer");
+            Owner::Local
+        }
+    }
+}
+
+/// The headers a forwarded request carries for the owner, after the client's own.
+pub fn peer_headers(
+    cluster: &Cluster,
+    client: SocketAddr,
+    tls: bool,
+) -> [(&'static str, String); 4] {
+    [
+        (HEADER_SECRET, cluster.secret.as_str().to_owned()),
+        (HEADER_FROM, cluster.name.clone()),
+        (HEADER_CLIENT, client.to_string()),
+        (HEADER_TLS, if tls { "1" } else { "0" }.to_owned()),
+    ]
+}
+
+/// A forward's outcome, counted by peer, operation and result.
+pub fn count(gateway: &Gateway, peer: &str, op: &'static str, result: &'static str) {
+    gateway
+        .metrics
+        .peer_forwards
+        .get_or_create(&PeerForward {
+            peer: peer.to_owned(),
+            op,
+            result,
+        })
+        .inc();
+}
+
+/// The time to the owner's answer head.
+pub fn observe(gateway: &Gateway, peer: &str, seconds: f64) {
+    gateway
+        .metrics
+        .peer_forward_seconds
+        .get_or_create(&PeerLabel {
+            peer: peer.to_owned(),
+        })
+        .observe(seconds);
+}
+
+/// Connects to a peer within [`CONNECT_TIMEOUT`].
+pub async fn connect(peer: &Peer) -> Result<tokio::net::TcpStream, &'static str> {
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(&peer.address),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(_)) => Err("unreachable"),
+        Err(_) => Err("timed_out"),
+    }
+}
