@@ -1,0 +1,476 @@
+//! Several instances as one gateway (issue 14): three wsgate processes that know each other,
+//! a test L4 spreader in front sending every new connection to a random instance, and real
+//! backends. Placement agrees on every instance, rooms meet on one backend whatever instance
+//! their members reach, session requests find the instance owning the session, and a killed
+//! instance costs its sessions (410) and nothing else.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "support/cluster.rs"]
+mod cluster;
+mod support;
+
+use cluster::{Cluster, RoomBackend, Spec, placement};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const HEALTH: &str = "health_check: {kind: tcp, interval: 100ms, timeout: 1s, unhealthy_threshold: 2, healthy_threshold: 1}\npassive_health: off";
+const REBALANCE: &str = "rebalance: {window: 500ms, on_health_change: true}\n";
+/// How long instances may disagree after a health change with [`HEALTH`] and [`REBALANCE`]:
+/// interval × threshold (the last check may take its timeout) + the rebalance window.
+const DISAGREEMENT: Duration = Duration::from_millis(100 * 2 + 1000 + 500);
+
+fn keys(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("room-{i}")).collect()
+}
+
+async fn all_placements(cluster: &Cluster, keys: &[String]) -> Vec<Vec<Option<String>>> {
+    let mut answers = Vec::new();
+    for instance in cluster.instances.iter().filter(|i| i.alive()) {
+        answers.push(placement(instance.admin, keys).await);
+    }
+    answers
+}
+
+fn assert_alike(answers: &[Vec<Option<String>>], keys: &[String], when: &str) {
+    for (i, answer) in answers.iter().enumerate().skip(1) {
+        let differing: Vec<_> = keys
+            .iter()
+            .zip(answer.iter().zip(&answers[0]))
+            .filter(|(_, (a, b))| a != b)
+            .take(5)
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{when}: instance {} places keys unlike instance 0: {differing:?}",
+            i
+        );
+    }
+}
+
+/// Polls every live instance until `done` holds for its placement.
+async fn until_every_instance(
+    cluster: &Cluster,
+    keys: &[String],
+    what: &str,
+    done: impl Fn(&[Option<String>]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for instance in cluster.instances.iter().filter(|i| i.alive()) {
+        loop {
+            if done(&placement(instance.admin, keys).await) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}: {what}", instance.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn url(backend: &RoomBackend) -> String {
+    format!("ws://{}", backend.addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_instance_places_10000_keys_alike_across_a_reload_and_a_health_change() {
+    let mut backends = vec![
+        RoomBackend::start("b0").await,
+        RoomBackend::start("b1").await,
+        RoomBackend::start("b2").await,
+    ];
+    let mut spec = Spec::new(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    spec.upstream_extra = HEALTH.to_owned();
+    spec.top_extra = REBALANCE.to_owned();
+    let cluster = Cluster::start(spec.clone()).await;
+    let keys = keys(10_000);
+
+    let first = all_placements(&cluster, &keys).await;
+    assert_eq!(first.len(), 3);
+    assert_alike(&first, &keys, "at start");
+    for backend in &backends {
+        let share = first[0]
+            .iter()
+            .filter(|b| b.as_deref() == Some(&url(backend)))
+            .count();
+        assert!(share > 2000, "{} holds {share} of 10000 keys", backend.name);
+    }
+
+    // A reload that adds a backend: every instance moves the same keys, and only to it.
+    backends.push(RoomBackend::start("b3").await);
+    let mut grown = spec.clone();
+    grown.backends.push(backends[3].addr);
+    for (i, instance) in cluster.instances.iter().enumerate() {
+        instance.reload(&cluster.config(&grown, i)).await;
+    }
+    let reloaded = all_placements(&cluster, &keys).await;
+    assert_alike(&reloaded, &keys, "after the reload");
+    let new = Some(url(&backends[3]));
+    let mut moved = 0;
+    for (before, after) in first[0].iter().zip(&reloaded[0]) {
+        if before != after {
+            assert_eq!(after, &new, "a key moved, but not to the new backend");
+            moved += 1;
+        }
+    }
+    assert!(
+        (1500..3500).contains(&moved),
+        "{moved} keys moved to the 4th backend"
+    );
+
+    // A backend goes down: once every instance's checks have seen it, all place alike again.
+    let down = url(&backends[1]);
+    backends[1].stop();
+    until_every_instance(&cluster, &keys, "b1 seen down", |placed| {
+        placed.iter().all(|b| b.as_deref() != Some(&down))
+    })
+    .await;
+    let without = all_placements(&cluster, &keys).await;
+    assert_alike(&without, &keys, "with b1 down");
+
+    // And comes back: the same placement as before it went down, on every instance.
+    backends[1].resume().await;
+    until_every_instance(&cluster, &keys, "b1 seen up", |placed| {
+        placed.iter().any(|b| b.as_deref() == Some(&down))
+    })
+    .await;
+    let back = all_placements(&cluster, &keys).await;
+    assert_alike(&back, &keys, "with b1 back");
+    assert_eq!(back[0], reloaded[0], "b1's keys come back to it");
+}
+
+/// A WebSocket to the gateway at `addr` for `path`, with extra request headers.
+async fn ws(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (support::Client, Option<String>) {
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    for (name, value) in headers {
+        let name: tokio_tungstenite::tungstenite::http::HeaderName = name.parse().unwrap();
+        request.headers_mut().insert(name, value.parse().unwrap());
+    }
+    let (ws, response) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("a handshake within 10 s")
+    .unwrap_or_else(|e| panic!("connect to {addr}{path}: {e}"));
+    let cookie = response
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (ws, cookie)
+}
+
+async fn whoami(ws: &mut support::Client) -> String {
+    ws.send(Message::text("whoami")).await.unwrap();
+    support::next_message(ws)
+        .await
+        .into_text()
+        .unwrap()
+        .as_str()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_affinity_cookie_from_one_instance_is_honoured_by_every_instance() {
+    let backends = [
+        RoomBackend::start("b0").await,
+        RoomBackend::start("b1").await,
+        RoomBackend::start("b2").await,
+    ];
+    let mut spec = Spec::new(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    spec.route_extra = "sticky_cookie: {name: affinity}".to_owned();
+    let cluster = Cluster::start(spec).await;
+    let mut pinned = BTreeMap::new();
+    for round in 0..6 {
+        let first = &cluster.instances[round % 3];
+        let (mut ws, cookie) = ws(first.client, "/", &[]).await;
+        let cookie = cookie.expect("the first connection gets the affinity cookie");
+        let pair = cookie.split(';').next().unwrap().to_owned();
+        let home = whoami(&mut ws).await;
+        pinned.insert(home.clone(), ());
+        for instance in &cluster.instances {
+            let (mut ws, again) = ws_with_cookie(instance.client, &pair).await;
+            assert_eq!(
+                again, None,
+                "{}: a valid cookie is not replaced",
+                instance.name
+            );
+            assert_eq!(
+                whoami(&mut ws).await,
+                home,
+                "{} honours {pair}",
+                instance.name
+            );
+        }
+    }
+    assert!(!pinned.is_empty());
+}
+
+async fn ws_with_cookie(addr: SocketAddr, cookie: &str) -> (support::Client, Option<String>) {
+    ws(addr, "/", &[("cookie", cookie)]).await
+}
+
+/// A room member that stays connected through the spreader: it reconnects whenever its
+/// connection ends and reports the backend it is on (`None` while reconnecting).
+fn member(
+    spreader: SocketAddr,
+    room: String,
+    id: usize,
+    on: Arc<Mutex<HashMap<usize, (String, Option<String>)>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let path = format!("/chat?room={room}");
+            let connected =
+                tokio_tungstenite::connect_async(format!("ws://{spreader}{path}")).await;
+            let Ok((mut ws, _)) = connected else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            if ws.send(Message::text("whoami")).await.is_err() {
+                continue;
+            }
+            let name = loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(name))) => break Some(name.as_str().to_owned()),
+                    Some(Ok(_)) => continue,
+                    _ => break None,
+                }
+            };
+            let Some(name) = name else { continue };
+            on.lock().unwrap().insert(id, (room.clone(), Some(name)));
+            // Connected until the connection ends (the backend's loss, a 1012 move, the
+            // instance's death).
+            while let Some(Ok(_)) = ws.next().await {}
+            on.lock().unwrap().insert(id, (room.clone(), None));
+        }
+    })
+}
+
+/// Whether every member is connected and each room's members share one backend.
+fn rooms_whole(
+    on: &HashMap<usize, (String, Option<String>)>,
+    members: usize,
+) -> Result<(), String> {
+    if on.len() < members {
+        return Err(format!("{} of {members} members connected", on.len()));
+    }
+    let mut rooms: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (room, backend) in on.values() {
+        let Some(backend) = backend else {
+            return Err(format!("a member of {room} is reconnecting"));
+        };
+        rooms.entry(room).or_default().push(backend);
+    }
+    for (room, backends) in rooms {
+        if backends.iter().any(|b| *b != backends[0]) {
+            return Err(format!("{room} is split: {backends:?}"));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_meet_on_one_backend_and_are_whole_again_within_the_bound_after_a_health_change() {
+    let mut backends = vec![
+        RoomBackend::start("b0").await,
+        RoomBackend::start("b1").await,
+        RoomBackend::start("b2").await,
+    ];
+    let mut spec = Spec::new(&backends.iter().map(|b| b.addr).collect::<Vec<_>>());
+    spec.upstream_extra = HEALTH.to_owned();
+    spec.top_extra = REBALANCE.to_owned();
+    let cluster = Cluster::start(spec).await;
+    let on = Arc::new(Mutex::new(HashMap::new()));
+    let (rooms, per_room) = (12, 6);
+    let mut tasks = Vec::new();
+    for id in 0..rooms * per_room {
+        let room = format!("r{}", id % rooms);
+        tasks.push(member(cluster.spreader.addr, room, id, Arc::clone(&on)));
+    }
+    let whole = |what: &str| {
+        let on = Arc::clone(&on);
+        let what = what.to_owned();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match rooms_whole(&on.lock().unwrap(), rooms * per_room) {
+                    Ok(()) => return,
+                    Err(why) => assert!(Instant::now() < deadline, "{what}: {why}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    whole("at start").await;
+    let carried = cluster.spreader.carried.lock().unwrap().clone();
+    assert!(
+        carried.iter().all(|&n| n > 0),
+        "every instance took members: {carried:?}"
+    );
+
+    // A backend goes down and comes back. After the bound, every room is whole again.
+    for step in ["down", "up"] {
+        let changed = Instant::now();
+        if step == "down" {
+            backends[1].stop();
+        } else {
+            backends[1].resume().await;
+        }
+        tokio::time::sleep(DISAGREEMENT).await;
+        whole(&format!("after b1 went {step}")).await;
+        eprintln!(
+            "rooms whole {} ms after b1 went {step} (bound {} ms)",
+            changed.elapsed().as_millis(),
+            DISAGREEMENT.as_millis()
+        );
+    }
+    let names: Vec<String> = on
+        .lock()
+        .unwrap()
+        .values()
+        .filter_map(|(_, b)| b.clone())
+        .collect();
+    assert!(names.iter().any(|n| n == "b1"), "b1 has rooms again");
+    for task in tasks {
+        task.abort();
+    }
+    backends.clear();
+}
+
+/// Writes one HTTP/1.1 request on a new connection and reads the answer to its end.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(40), tcp.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 40 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_cannot_pose_as_peers_and_unknown_owners_are_gone() {
+    let backend = RoomBackend::start("b0").await;
+    let cluster = Cluster::start(Spec::new(&[backend.addr])).await;
+    let gw1 = &cluster.instances[0];
+    let (status, body) = request(gw1.client, "POST", "/chat?room=a&wsgate=open", "", "").await;
+    assert_eq!(status, 200, "{body}");
+    let opened: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sid = opened["session"].as_str().unwrap().to_owned();
+    assert!(sid.starts_with("gw-1~"), "{sid}");
+    let poll = format!("/chat?room=a&wsgate=poll&wsgate_sid={sid}&wsgate_ack=0");
+
+    // Peer headers from a client, on the client listener: refused, right secret or not.
+    for headers in [
+        "wsgate-peer-secret: wrong\r\nwsgate-peer-from: gw-2\r\nwsgate-peer-client: 10.0.0.1:1\r\n"
+            .to_owned(),
+        format!(
+            "wsgate-peer-secret: {}\r\nwsgate-peer-from: gw-2\r\nwsgate-peer-client: 10.0.0.1:1\r\n",
+            cluster::SECRET
+        ),
+    ] {
+        let (status, body) = request(gw1.client, "GET", &poll, &headers, "").await;
+        assert_eq!(status, 403, "{body}");
+    }
+    // The peer listener serves peers only, and only with the secret.
+    let (status, body) = request(gw1.peer, "GET", &poll, "", "").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("peers only"), "{body}");
+    let (status, body) = request(
+        gw1.peer,
+        "GET",
+        &poll,
+        "wsgate-peer-secret: wrong-secret-of-the-right-length-00\r\nwsgate-peer-from: gw-2\r\nwsgate-peer-client: 10.0.0.1:1\r\n",
+        "",
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    // A peer may not open sessions or reach anything but session requests.
+    let peer_headers = format!(
+        "wsgate-peer-secret: {}\r\nwsgate-peer-from: gw-2\r\nwsgate-peer-client: 10.0.0.1:1\r\n",
+        cluster::SECRET
+    );
+    for (method, target) in [
+        ("POST", "/chat?room=a&wsgate=open"),
+        ("GET", "/chat?room=a"),
+    ] {
+        let (status, body) = request(gw1.peer, method, target, &peer_headers, "").await;
+        assert_eq!(status, 403, "{target}: {body}");
+    }
+
+    // Through another instance, the session is found (its events come back)...
+    let (status, body) = request(
+        cluster.instances[1].client,
+        "POST",
+        &format!("/chat?room=a&wsgate=send&wsgate_sid={sid}"),
+        "",
+        r#"{"seq":1,"messages":[{"text":"hello"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = request(cluster.instances[2].client, "GET", &poll, "", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("hello"), "{body}");
+    // ...a forwarded request is served where it lands, never forwarded again: gw-2 asked
+    // as a peer about gw-1's session says it is gone.
+    let (status, body) = request(
+        cluster.instances[1].peer,
+        "GET",
+        &poll,
+        &peer_headers.replace("gw-2", "gw-3"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 410, "{body}");
+    // An instance nobody knows: gone, at once.
+    let stranger = sid.replacen("gw-1", "gw-9", 1);
+    let (status, body) = request(
+        cluster.instances[2].client,
+        "GET",
+        &poll.replace(&sid, &stranger),
+        "",
+        "",
+    )
+    .await;
+    assert_eq!(status, 410, "{body}");
+
+    let (status, metrics) = cluster::admin_get(cluster.instances[1].admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .contains(r#"wsgate_peer_forwards_total{peer="gw-1",op="send",result="answered"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("wsgate_peer_forward_seconds_count{peer=\"gw-1\"} 1"),
+        "{metrics}"
+    );
+}
