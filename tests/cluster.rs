@@ -474,3 +474,225 @@ async fn clients_cannot_pose_as_peers_and_unknown_owners_are_gone() {
         "{metrics}"
     );
 }
+
+/// The number in a metrics exposition for the series starting with `prefix`, summed.
+fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Forwards answered by every live instance for `op`.
+async fn forwards(cluster: &Cluster, op: &str) -> f64 {
+    let mut total = 0.0;
+    for instance in cluster.instances.iter().filter(|i| i.alive()) {
+        let (_, metrics) = cluster::admin_get(instance.admin, "/metrics").await;
+        for line in metrics.lines().filter(|l| {
+            l.starts_with("wsgate_peer_forwards_total{")
+                && l.contains(&format!("op=\"{op}\""))
+                && l.contains("result=\"answered\"")
+        }) {
+            total += metric_sum(line, "wsgate_peer_forwards_total");
+        }
+    }
+    total
+}
+
+/// The client address of an instance that does not own session `sid`.
+fn not_owner(cluster: &Cluster, sid: &str) -> SocketAddr {
+    let owner = sid.split('~').next().unwrap();
+    cluster
+        .instances
+        .iter()
+        .find(|i| i.alive() && i.name != owner)
+        .unwrap()
+        .client
+}
+
+async fn open_session(spreader: SocketAddr, room: &str) -> String {
+    let (status, body) = request(
+        spreader,
+        "POST",
+        &format!("/chat?room={room}&wsgate=open"),
+        "",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let opened: serde_json::Value = serde_json::from_str(&body).unwrap();
+    opened["session"].as_str().unwrap().to_owned()
+}
+
+async fn send(spreader: SocketAddr, room: &str, sid: &str, seq: u64, text: &str) {
+    let body = serde_json::json!({"seq": seq, "messages": [{"text": text}]}).to_string();
+    let (status, answer) = request(
+        spreader,
+        "POST",
+        &format!("/chat?room={room}&wsgate=send&wsgate_sid={sid}"),
+        "",
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "send {seq}: {answer}");
+}
+
+const MESSAGES: u64 = 40;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_through_the_spreader_deliver_every_message_once_in_order() {
+    let backends = [
+        RoomBackend::start("b0").await,
+        RoomBackend::start("b1").await,
+    ];
+    let cluster = Cluster::start(Spec::new(
+        &backends.iter().map(|b| b.addr).collect::<Vec<_>>(),
+    ))
+    .await;
+    let spreader = cluster.spreader.addr;
+
+    // Long-polling: every send and every poll on a new connection to a random instance.
+    let sid = open_session(spreader, "lp").await;
+    let (mut received, mut ack) = (Vec::new(), 0u64);
+    for seq in 1..=MESSAGES {
+        send(spreader, "lp", &sid, seq, &format!("m{seq}")).await;
+        while received.len() < seq as usize {
+            let (status, body) = request(
+                spreader,
+                "GET",
+                &format!("/chat?room=lp&wsgate=poll&wsgate_sid={sid}&wsgate_ack={ack}"),
+                "",
+                "",
+            )
+            .await;
+            assert_eq!(status, 200, "poll: {body}");
+            let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+            for event in answer["events"].as_array().unwrap() {
+                let n = event["seq"].as_u64().unwrap();
+                assert_eq!(
+                    n,
+                    ack + 1,
+                    "events numbered without gaps or repeats: {body}"
+                );
+                ack = n;
+                received.push(event["text"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    let expected: Vec<String> = (1..=MESSAGES).map(|n| format!("m{n}")).collect();
+    assert_eq!(received, expected, "long-polling");
+
+    // An event stream on one connection; sends each on a new one.
+    // The first stream is opened on an instance that does not own the session, the second
+    // (after half the messages) through the spreader.
+    let sid = open_session(spreader, "sse").await;
+    let events_at = |addr: SocketAddr, ack: usize| {
+        let sid = sid.clone();
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(format!("GET /chat?room=sse&wsgate=events&wsgate_sid={sid}&wsgate_ack={ack} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            stream
+        }
+    };
+    let mut stream = events_at(not_owner(&cluster, &sid), 0).await;
+    let (mut text, mut events) = (String::new(), Vec::new());
+    let mut buf = [0u8; 4096];
+    for seq in 1..=MESSAGES {
+        if seq == MESSAGES / 2 {
+            stream = events_at(spreader, events.len()).await;
+            text.clear();
+        }
+        send(spreader, "sse", &sid, seq, &format!("e{seq}")).await;
+        while events.len() < seq as usize {
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .expect("an event within 10 s")
+                .unwrap();
+            assert!(n > 0, "the event stream ended: {text}");
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            // Records: "id: N\nevent: text\ndata: \"...\"\n\n" (inside chunked framing).
+            while let Some(at) = text.find("id: ") {
+                let Some(end) = text[at..].find("\n\n") else {
+                    break;
+                };
+                let record = text[at..at + end].to_owned();
+                text.drain(..at + end + 2);
+                let id: u64 = record.lines().next().unwrap()[4..].trim().parse().unwrap();
+                let data = record
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .unwrap();
+                assert_eq!(id, events.len() as u64 + 1, "ids in order, once each");
+                events.push(serde_json::from_str::<String>(data).unwrap());
+            }
+        }
+    }
+    let expected: Vec<String> = (1..=MESSAGES).map(|n| format!("e{n}")).collect();
+    assert_eq!(events, expected, "event stream");
+    drop(stream);
+
+    // A session WebSocket, resumed every 8 messages on a new connection to a random instance.
+    let (mut socket, _) = ws(spreader, "/chat?room=ws&wsgate=socket", &[]).await;
+    let open = support::next_message(&mut socket)
+        .await
+        .into_text()
+        .unwrap();
+    let open: serde_json::Value = serde_json::from_str(&open.as_str()[1..]).unwrap();
+    let sid = open["session"].as_str().unwrap().to_owned();
+    let mut echoes = Vec::new();
+    for seq in 1..=MESSAGES {
+        if seq % 8 == 0 {
+            let _ = socket
+                .send(Message::Close(Some(
+                    tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                        code: 4100.into(),
+                        reason: "detach".into(),
+                    },
+                )))
+                .await;
+            let path = format!(
+                "/chat?room=ws&wsgate=socket&wsgate_sid={sid}&wsgate_ack={}",
+                echoes.len()
+            );
+            // The first resume on an instance that does not own the session, then at random.
+            let to = if seq == 8 {
+                not_owner(&cluster, &sid)
+            } else {
+                spreader
+            };
+            socket = ws(to, &path, &[]).await.0;
+            let open = support::next_message(&mut socket)
+                .await
+                .into_text()
+                .unwrap();
+            let open: serde_json::Value = serde_json::from_str(&open.as_str()[1..]).unwrap();
+            assert_eq!(open["type"], "open", "{open}");
+            assert_eq!(open["received"].as_u64(), Some(seq - 1), "{open}");
+        }
+        socket
+            .send(Message::text(format!("dw{seq}")))
+            .await
+            .unwrap();
+        loop {
+            let message = support::next_message(&mut socket)
+                .await
+                .into_text()
+                .unwrap();
+            if let Some(data) = message.as_str().strip_prefix('d') {
+                echoes.push(data.to_owned());
+                break;
+            }
+        }
+    }
+    let expected: Vec<String> = (1..=MESSAGES).map(|n| format!("w{n}")).collect();
+    assert_eq!(echoes, expected, "session WebSocket");
+
+    // The requests did take the peer hop.
+    for op in ["send", "poll", "events", "socket"] {
+        assert!(forwards(&cluster, op).await > 0.0, "no {op} was forwarded");
+    }
+}
