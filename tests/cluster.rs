@@ -696,3 +696,159 @@ async fn sessions_through_the_spreader_deliver_every_message_once_in_order() {
         assert!(forwards(&cluster, op).await > 0.0, "no {op} was forwarded");
     }
 }
+
+/// `node cluster.mjs <scenario> <spreader>`, its stdout lines on a channel; `None` (after a
+/// loud skip) without node, a failure under `CI=true`.
+fn node_client(
+    scenario: &str,
+    spreader: SocketAddr,
+) -> Option<(std::process::Child, std::sync::mpsc::Receiver<String>)> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/session_client/cluster.mjs"
+    );
+    let spawned = Command::new("node")
+        .args([script, scenario, &spreader.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "the cluster client test needs node (>= 18) on PATH: {e}"
+            );
+            let _ = std::io::stderr().write_all(
+                format!("\n*** SKIPPED: {scenario}: `node` is not on PATH ({e}) ***\n").as_bytes(),
+            );
+            return None;
+        }
+    };
+    let stdout = child.stdout.take().unwrap();
+    let (lines, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    Some((child, receiver))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_costs_its_sessions_and_nothing_else() {
+    let backends = [
+        RoomBackend::start("b0").await,
+        RoomBackend::start("b1").await,
+        RoomBackend::start("b2").await,
+    ];
+    let mut cluster = Cluster::start(Spec::new(
+        &backends.iter().map(|b| b.addr).collect::<Vec<_>>(),
+    ))
+    .await;
+    let spreader = cluster.spreader.addr;
+    let on = Arc::new(Mutex::new(HashMap::new()));
+    let (rooms, per_room) = (8, 6);
+    let tasks: Vec<_> = (0..rooms * per_room)
+        .map(|id| member(spreader, format!("r{}", id % rooms), id, Arc::clone(&on)))
+        .collect();
+    let whole = |what: &'static str| {
+        let on = Arc::clone(&on);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match rooms_whole(&on.lock().unwrap(), rooms * per_room) {
+                    Ok(()) => return,
+                    Err(why) => assert!(Instant::now() < deadline, "{what}: {why}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    whole("at start").await;
+
+    // The node client's session, or one of ours when node is missing, picks the victim.
+    let node = node_client("owner-killed", spreader);
+    let victim_sid = match &node {
+        Some((_, lines)) => {
+            let line = lines
+                .recv_timeout(Duration::from_secs(15))
+                .expect("the node client opened its session");
+            line.strip_prefix("session ").unwrap().to_owned()
+        }
+        None => open_session(spreader, "k").await,
+    };
+    let victim = victim_sid.split('~').next().unwrap().to_owned();
+    // A long-polling session on the victim and one on a survivor.
+    let (mut doomed, mut kept) = (None, None);
+    while doomed.is_none() || kept.is_none() {
+        let sid = open_session(spreader, "lp").await;
+        if sid.starts_with(&format!("{victim}~")) {
+            doomed.get_or_insert(sid);
+        } else {
+            kept.get_or_insert(sid);
+        }
+    }
+    let (doomed, kept) = (doomed.unwrap(), kept.unwrap());
+    let members_on_victim = cluster.spreader.carried.lock().unwrap().clone();
+
+    let index = cluster
+        .instances
+        .iter()
+        .position(|i| i.name == victim)
+        .unwrap();
+    cluster.instances[index].kill();
+
+    // Its WebSocket clients reconnect through the others; every room is whole again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    whole("after the kill").await;
+    // Its sessions are gone, through any instance; the others' live on.
+    for _ in 0..4 {
+        let (status, body) = request(
+            spreader,
+            "GET",
+            &format!("/chat?room=lp&wsgate=poll&wsgate_sid={doomed}&wsgate_ack=0"),
+            "",
+            "",
+        )
+        .await;
+        assert_eq!(status, 410, "{body}");
+        send(spreader, "lp", &kept, 1, "still here").await;
+    }
+    let (status, body) = request(
+        spreader,
+        "GET",
+        &format!("/chat?room=lp&wsgate=poll&wsgate_sid={kept}&wsgate_ack=0"),
+        "",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("still here"), "{body}");
+
+    if let Some((mut child, _)) = node {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the node client did not finish");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut stderr = String::new();
+        use std::io::Read;
+        let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+        assert!(status.success(), "node client: {stderr}");
+    }
+    assert!(
+        members_on_victim[index] > 0,
+        "the killed instance carried members: {members_on_victim:?}"
+    );
+    for task in tasks {
+        task.abort();
+    }
+}
