@@ -220,13 +220,16 @@ async fn ws_with_cookie(addr: SocketAddr, cookie: &str) -> (support::Client, Opt
     ws(addr, "/", &[("cookie", cookie)]).await
 }
 
+/// Each member's room and the backend it is on now (`None` while reconnecting).
+type Members = Arc<Mutex<HashMap<usize, (String, Option<String>)>>>;
+
 /// A room member that stays connected through the spreader: it reconnects whenever its
 /// connection ends and reports the backend it is on (`None` while reconnecting).
 fn member(
     spreader: SocketAddr,
     room: String,
     id: usize,
-    on: Arc<Mutex<HashMap<usize, (String, Option<String>)>>>,
+    on: Members,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {

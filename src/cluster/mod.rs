@@ -93,7 +93,7 @@ pub fn ingress(
         return Ingress::Refused("peer requests are accepted on the peer listener only");
     }
     let from = one(HEADER_FROM).and_then(|v| std::str::from_utf8(v).ok());
-    if !from.is_some_and(|from| cluster.peer(from).is_some()) {
+    if from.is_none_or(|from| cluster.peer(from).is_none()) {
         return Ingress::Refused("the forwarding instance is not a configured peer");
     }
     let client = one(HEADER_CLIENT)
