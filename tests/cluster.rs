@@ -855,3 +855,45 @@ async fn an_instance_killed_costs_its_sessions_and_nothing_else() {
         task.abort();
     }
 }
+
+/// The wsgate configuration inside the Kubernetes example's ConfigMap.
+fn kubernetes_config() -> String {
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/kubernetes.yaml"
+    ))
+    .unwrap();
+    let mut lines = manifest.lines().skip_while(|l| l.trim() != "wsgate.yaml: |");
+    lines.next().expect("the ConfigMap holds wsgate.yaml");
+    let mut config = String::new();
+    for line in lines.take_while(|l| l.is_empty() || l.starts_with("    ")) {
+        config.push_str(line.get(4..).unwrap_or(""));
+        config.push('\n');
+    }
+    config
+}
+
+#[test]
+fn the_kubernetes_example_passes_wsgate_check() {
+    let path = std::env::temp_dir().join(format!("wsgate-k8s-{}.yaml", std::process::id()));
+    std::fs::write(&path, kubernetes_config()).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .env("POD_NAME", "wsgate-1")
+        .env("WSGATE_CLUSTER_SECRET", "0123456789abcdef0123456789abcdef0123456789abcdef")
+        .env("WSGATE_ADMIN_TOKEN", "an-admin-token-long-enough")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("cluster: instance wsgate-1, peers on listener peers: wsgate-0 at wsgate-0.wsgate-peers.default.svc.cluster.local:9100, wsgate-2 at"),
+        "{stdout}"
+    );
+}
