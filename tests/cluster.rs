@@ -863,7 +863,9 @@ fn kubernetes_config() -> String {
         "/config/examples/kubernetes.yaml"
     ))
     .unwrap();
-    let mut lines = manifest.lines().skip_while(|l| l.trim() != "wsgate.yaml: |");
+    let mut lines = manifest
+        .lines()
+        .skip_while(|l| l.trim() != "wsgate.yaml: |");
     lines.next().expect("the ConfigMap holds wsgate.yaml");
     let mut config = String::new();
     for line in lines.take_while(|l| l.is_empty() || l.starts_with("    ")) {
@@ -881,7 +883,10 @@ fn the_kubernetes_example_passes_wsgate_check() {
         .args(["check", "-c"])
         .arg(&path)
         .env("POD_NAME", "wsgate-1")
-        .env("WSGATE_CLUSTER_SECRET", "0123456789abcdef0123456789abcdef0123456789abcdef")
+        .env(
+            "WSGATE_CLUSTER_SECRET",
+            "0123456789abcdef0123456789abcdef0123456789abcdef",
+        )
         .env("WSGATE_ADMIN_TOKEN", "an-admin-token-long-enough")
         .output()
         .unwrap();
@@ -896,4 +901,56 @@ fn the_kubernetes_example_passes_wsgate_check() {
         stdout.contains("cluster: instance wsgate-1, peers on listener peers: wsgate-0 at wsgate-0.wsgate-peers.default.svc.cluster.local:9100, wsgate-2 at"),
         "{stdout}"
     );
+}
+
+/// A gateway (in this process) whose peers are `gw-2`, a listener that accepts and never
+/// answers, and `gw-3`, a port nobody listens on.
+async fn gateway_with_dead_peers() -> (
+    support::Gateway,
+    support::EchoBackend,
+    tokio::net::TcpListener,
+) {
+    let backend = support::echo_backend("b0").await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let yaml = format!(
+        "{}cluster:\n  name: gw-1\n  secret: {}\n  peers:\n    - {{name: gw-2, address: \"{}\"}}\n    - {{name: gw-3, address: \"{closed}\"}}\n",
+        support::simple_config(&[backend.addr], ""),
+        cluster::SECRET,
+        silent.local_addr().unwrap(),
+    );
+    (support::start_gateway(&yaml).await, backend, silent)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_or_unreachable_owner_is_a_gone_session_not_a_hang() {
+    let (gateway, _backend, _silent) = gateway_with_dead_peers().await;
+    for owner in ["gw-2", "gw-3"] {
+        let sid = format!("{owner}~AAAAAAAAAAAAAAAAAAAAAA");
+        for (method, op, body) in [
+            ("GET", "poll", ""),
+            ("POST", "send", r#"{"seq":1,"messages":[]}"#),
+            ("POST", "close", ""),
+            ("GET", "events", ""),
+        ] {
+            let target = format!("/?wsgate={op}&wsgate_sid={sid}");
+            let (status, answer) = request(gateway.addr, method, &target, "", body).await;
+            assert_eq!(status, 410, "{owner} {op}: {answer}");
+            assert!(answer.contains("cannot be reached"), "{answer}");
+        }
+        // The session WebSocket: accepted only to say the session is gone.
+        let (mut socket, _) = ws(
+            gateway.addr,
+            &format!("/?wsgate=socket&wsgate_sid={sid}"),
+            &[],
+        )
+        .await;
+        let close = support::close_frame(&mut socket)
+            .await
+            .expect("a close frame");
+        assert_eq!(u16::from(close.code), 4410, "{owner}");
+    }
 }

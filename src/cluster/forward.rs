@@ -62,12 +62,15 @@ pub async fn http(
             return None;
         }
     };
+    // What the owner may legitimately take before its answer head: a held poll its poll
+    // timeout, a request with a body that body's arrival, an event stream nothing.
     let sessions = &gateway.config.sessions;
-    let deadline = started
-        + super::CONNECT_TIMEOUT
-        + sessions.poll_timeout
-        + sessions.body_timeout
-        + ANSWER_MARGIN;
+    let wait = match op {
+        "poll" => sessions.poll_timeout,
+        "send" | "close" => sessions.body_timeout,
+        _ => Duration::ZERO,
+    };
+    let deadline = Instant::now() + wait + ANSWER_MARGIN;
     let (mut sender, connection) = match tokio::time::timeout_at(
         deadline,
         hyper::client::conn::http1::handshake(TokioIo::new(stream)),

@@ -2639,14 +2639,41 @@ fn bad_cluster_settings_are_reported_on_their_lines() {
     );
     let errors = errs(&source);
     expect(&errors, base_lines + 5, "cluster.secret", &["at least 32"]);
-    expect(&errors, base_lines + 6, "cluster.listener", &["no listener named \"nowhere\""]);
-    expect(&errors, base_lines + 8, "cluster.peers[0].address", &["no port"]);
-    expect(&errors, base_lines + 10, "cluster.peers[2].name", &["already listed at peers[1]"]);
-    expect(&errors, base_lines + 11, "cluster.peers[3].name", &["instance name"]);
-    expect(&errors, base_lines + 11, "cluster.peers[3].port", &["unknown key"]);
+    expect(
+        &errors,
+        base_lines + 6,
+        "cluster.listener",
+        &["no listener named \"nowhere\""],
+    );
+    expect(
+        &errors,
+        base_lines + 8,
+        "cluster.peers[0].address",
+        &["no port"],
+    );
+    expect(
+        &errors,
+        base_lines + 10,
+        "cluster.peers[2].name",
+        &["already listed at peers[1]"],
+    );
+    expect(
+        &errors,
+        base_lines + 11,
+        "cluster.peers[3].name",
+        &["instance name"],
+    );
+    expect(
+        &errors,
+        base_lines + 11,
+        "cluster.peers[3].port",
+        &["unknown key"],
+    );
 
     single(
-        &format!("{MINIMAL}cluster:\n  name: gw-1\n  secret: {SECRET}\n  secret_env: X\n  peers: []\n"),
+        &format!(
+            "{MINIMAL}cluster:\n  name: gw-1\n  secret: {SECRET}\n  secret_env: X\n  peers: []\n"
+        ),
         base_lines + 4,
         "cluster.secret_env",
         &["not both"],
@@ -2658,20 +2685,26 @@ fn bad_cluster_settings_are_reported_on_their_lines() {
         &["required key is missing"],
     );
     single(
-        &format!("{MINIMAL}cluster:\n  name: gw-1\n  address: 10.0.0.1:9100\n  secret: {SECRET}\n  peers:\n    - {{name: gw-1, address: 10.0.0.9:9100}}\n"),
+        &format!(
+            "{MINIMAL}cluster:\n  name: gw-1\n  address: 10.0.0.1:9100\n  secret: {SECRET}\n  peers:\n    - {{name: gw-1, address: 10.0.0.9:9100}}\n"
+        ),
         base_lines + 3,
         "cluster.address",
         &["differs from this instance's entry"],
     );
     single(
-        &format!("{MINIMAL}sessions:\n  instance: gw-9\ncluster:\n  name: gw-1\n  secret: {SECRET}\n  peers: []\n"),
+        &format!(
+            "{MINIMAL}sessions:\n  instance: gw-9\ncluster:\n  name: gw-1\n  secret: {SECRET}\n  peers: []\n"
+        ),
         base_lines + 2,
         "sessions.instance",
         &["cluster.name", "gw-1"],
     );
     // The only listener cannot be kept for peers.
     single(
-        &format!("{MINIMAL}cluster:\n  name: gw-1\n  secret: {SECRET}\n  listener: listener-0\n  peers: []\n"),
+        &format!(
+            "{MINIMAL}cluster:\n  name: gw-1\n  secret: {SECRET}\n  listener: listener-0\n  peers: []\n"
+        ),
         base_lines + 4,
         "cluster.listener",
         &["no listener for clients"],
