@@ -954,3 +954,75 @@ async fn a_silent_or_unreachable_owner_is_a_gone_session_not_a_hang() {
         assert_eq!(u16::from(close.code), 4410, "{owner}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_websocket_upgraded_on_a_keep_alive_connection_is_carried_to_its_owner() {
+    let backend = RoomBackend::start("b0").await;
+    let cluster = Cluster::start(Spec::new(&[backend.addr])).await;
+    let sid = open_session(cluster.instances[0].client, "ka").await;
+    let (status, body) = request(
+        cluster.instances[0].client,
+        "POST",
+        &format!("/chat?room=ka&wsgate=send&wsgate_sid={sid}"),
+        "",
+        r#"{"seq":1,"messages":[{"text":"before"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // On gw-2: a plain request first (hyper serves the connection from then on), then the
+    // upgrade of gw-1's session.
+    let mut tcp = TcpStream::connect(cluster.instances[1].client)
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /.wsgate/client.js HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    let length = loop {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some((head, _)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .unwrap()
+                .parse()
+                .unwrap();
+            break head.len() + 4 + length;
+        }
+    };
+    while seen.len() < length {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let upgrade = support::upgrade_request(
+        &format!("/chat?room=ka&wsgate=socket&wsgate_sid={sid}&wsgate_ack=0"),
+        "",
+    );
+    tcp.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&answer).contains("before") {
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
+            .await
+            .expect("the owner's open and the buffered event within 10 s")
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(
+        text.contains("\"type\":\"open\"") && text.contains(&sid),
+        "{text}"
+    );
+    assert!(forwards(&cluster, "socket").await > 0.0);
+}
