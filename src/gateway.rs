@@ -93,6 +93,8 @@ pub struct Gateway {
     pub addresses: Arc<AddressCounts>,
     /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
     handshake_bucket: Option<Mutex<TokenBucket>>,
+    /// Idle connections to the cluster's peers, for forwarded session requests.
+    pub peer_pool: Arc<crate::cluster::pool::Pool>,
     /// Set when a reload replaced this generation (see [`CurrentGateway::replace`]).
     superseded: AtomicBool,
 }
@@ -268,6 +270,7 @@ impl Gateway {
             connections,
             addresses,
             handshake_bucket,
+            peer_pool: Arc::default(),
             superseded: AtomicBool::new(false),
         })
     }

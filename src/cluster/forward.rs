@@ -1,7 +1,6 @@
 //! A session request (poll, send, close, events) forwarded to the instance owning the session
 //! over HTTP/1.1: the client's method, target and end-to-end headers, its body streamed, the
-//! owner's answer streamed back unchanged. One connection per request: a hop costs a
-//! loopback-like connect on the cluster's network, and nothing is pooled to go stale.
+//! owner's answer streamed back unchanged, on a pooled connection (`pool`) when one is idle.
 
 use super::{Ingress, Owner, connect, count, observe, peer_headers};
 use crate::config::Peer;
@@ -10,6 +9,7 @@ use crate::gateway::Gateway;
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body as _, Bytes, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, Version};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
@@ -54,14 +54,6 @@ pub async fn http(
 ) -> Option<Response<Body>> {
     let cluster = gateway.config.cluster.as_ref()?;
     let started = Instant::now();
-    let stream = match connect(peer).await {
-        Ok(stream) => stream,
-        Err(result) => {
-            count(gateway, &peer.name, op, result);
-            tracing::info!(peer = %peer.name, address = %peer.address, op, "session owner {result}");
-            return None;
-        }
-    };
     // What the owner may legitimately take before its answer head: a held poll its poll
     // timeout, a request with a body that body's arrival, an event stream nothing.
     let sessions = &gateway.config.sessions;
@@ -70,22 +62,7 @@ pub async fn http(
         "send" | "close" => sessions.body_timeout,
         _ => Duration::ZERO,
     };
-    let deadline = Instant::now() + wait + ANSWER_MARGIN;
-    let (mut sender, connection) = match tokio::time::timeout_at(
-        deadline,
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
-    )
-    .await
-    {
-        Ok(Ok(pair)) => pair,
-        _ => {
-            count(gateway, &peer.name, op, "failed");
-            return None;
-        }
-    };
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let deadline = started + super::CONNECT_TIMEOUT + wait + ANSWER_MARGIN;
     let (parts, body) = request.into_parts();
     let target = parts
         .uri
@@ -106,23 +83,44 @@ pub async fn http(
     if !body.is_end_stream() && body.size_hint().exact().is_none() {
         outgoing = outgoing.header(hyper::header::TRANSFER_ENCODING, "chunked");
     }
-    let Ok(outgoing) = outgoing.body(body) else {
+    let Ok(mut outgoing) = outgoing.body(body) else {
         count(gateway, &peer.name, op, "failed");
         return None;
     };
-    let answer = match tokio::time::timeout_at(deadline, sender.send_request(outgoing)).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(error)) => {
+    // An idle connection first. One found closing before the request was written gives the
+    // request back, and a new connection takes it.
+    let mut pooled = gateway.peer_pool.take(&peer.address);
+    let (sender, sent) = loop {
+        let (mut sender, reused) = match pooled.take() {
+            Some(sender) => (sender, true),
+            None => match open(gateway, peer, op, deadline).await {
+                Some(sender) => (sender, false),
+                None => return None,
+            },
+        };
+        match tokio::time::timeout_at(deadline, sender.try_send_request(outgoing)).await {
+            Ok(Ok(answer)) => break (sender, Ok(answer)),
+            Ok(Err(mut error)) => match error.take_message() {
+                Some(request) if reused => outgoing = request,
+                _ => break (sender, Err(Some(error.into_error()))),
+            },
+            Err(_) => break (sender, Err(None)),
+        }
+    };
+    let answer = match sent {
+        Ok(answer) => answer,
+        Err(Some(error)) => {
             count(gateway, &peer.name, op, "failed");
             tracing::info!(peer = %peer.name, op, "forward to the session owner failed: {error}");
             return None;
         }
-        Err(_) => {
+        Err(None) => {
             count(gateway, &peer.name, op, "timed_out");
             tracing::info!(peer = %peer.name, op, "the session owner did not answer in time");
             return None;
         }
     };
+    gateway.peer_pool.give_back(peer.address.clone(), sender);
     observe(gateway, &peer.name, started.elapsed().as_secs_f64());
     count(gateway, &peer.name, op, "answered");
     let (mut parts, body) = answer.into_parts();
@@ -138,6 +136,36 @@ pub async fn http(
         parts.headers.remove(name);
     }
     Some(Response::from_parts(parts, Silence::new(body).boxed()))
+}
+
+/// A new connection to `peer`, its HTTP/1.1 handshake done; counted when it fails.
+async fn open(
+    gateway: &Gateway,
+    peer: &Peer,
+    op: &'static str,
+    deadline: Instant,
+) -> Option<SendRequest<Incoming>> {
+    let stream = match connect(peer).await {
+        Ok(stream) => stream,
+        Err(result) => {
+            count(gateway, &peer.name, op, result);
+            tracing::info!(peer = %peer.name, address = %peer.address, op, "session owner {result}");
+            return None;
+        }
+    };
+    let handshake = hyper::client::conn::http1::handshake(TokioIo::new(stream));
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok((sender, connection))) => {
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Some(sender)
+        }
+        _ => {
+            count(gateway, &peer.name, op, "failed");
+            None
+        }
+    }
 }
 
 /// The owner's answer body, ended when it stays silent for [`BODY_SILENCE`].

@@ -17,6 +17,7 @@
 //!   session.
 
 pub mod forward;
+pub mod pool;
 pub mod tunnel;
 
 use crate::config::{Cluster, Peer};
