@@ -1026,3 +1026,52 @@ async fn a_session_websocket_upgraded_on_a_keep_alive_connection_is_carried_to_i
     );
     assert!(forwards(&cluster, "socket").await > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_reuse_their_connections_to_the_owner() {
+    let backend = support::echo_backend("b0").await;
+    let cluster_yaml = |name: &str, peer: &str, address: SocketAddr| {
+        format!(
+            "{}cluster:\n  name: {name}\n  secret: {}\n  peers:\n    - {{name: {peer}, address: \"{address}\"}}\n",
+            support::simple_config(&[backend.addr], ""),
+            cluster::SECRET,
+        )
+    };
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let owner = support::start_gateway(&cluster_yaml("gw-2", "gw-1", nowhere)).await;
+    // The hop to the owner through a counting TCP relay.
+    let counter = cluster::Spreader::start(vec![owner.addr]).await;
+    let forwarder = support::start_gateway(&cluster_yaml("gw-1", "gw-2", counter.addr)).await;
+    let sid = open_session(owner.addr, "x").await;
+    assert!(sid.starts_with("gw-2~"));
+    let rounds = 20;
+    for seq in 1..=rounds {
+        let body =
+            serde_json::json!({"seq": seq, "messages": [{"text": format!("m{seq}")}]}).to_string();
+        let (status, answer) = request(
+            forwarder.addr,
+            "POST",
+            &format!("/?wsgate=send&wsgate_sid={sid}"),
+            "",
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        let (status, answer) = request(
+            forwarder.addr,
+            "GET",
+            &format!("/?wsgate=poll&wsgate_sid={sid}&wsgate_ack={}", seq - 1),
+            "",
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer.contains(&format!("\"m{seq}\"")), "{answer}");
+    }
+    let connections = counter.carried.lock().unwrap()[0];
+    assert!(
+        connections < 5,
+        "{} forwarded requests took {connections} connections to the owner",
+        2 * rounds
+    );
+}
