@@ -190,3 +190,117 @@ pub async fn connect(peer: &Peer) -> Result<tokio::net::TcpStream, &'static str>
         Err(_) => Err("timed_out"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn gateway(cluster: &str) -> Gateway {
+        let yaml = format!(
+            "listeners:\n  - {{name: clients, address: 127.0.0.1:8080}}\n  - {{name: peers, address: 127.0.0.1:9100}}\nupstreams:\n  u:\n    backends: [ws://127.0.0.1:9001]\nroutes:\n  - upstream: u\n{cluster}"
+        );
+        let config = crate::config::from_yaml_str(&yaml, "t.yaml").unwrap();
+        Gateway::new(config).unwrap()
+    }
+
+    fn headers<'h>(pairs: &'h [(&'h str, &'h str)]) -> Vec<httparse::Header<'h>> {
+        pairs
+            .iter()
+            .map(|(name, value)| httparse::Header {
+                name,
+                value: value.as_bytes(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_a_configured_peer_with_the_secret_and_a_client_address_is_a_peer() {
+        let gateway = gateway(&format!(
+            "cluster:\n  name: gw-1\n  secret: {SECRET}\n  peers:\n    - {{name: gw-2, address: 10.0.0.2:9100}}\n"
+        ));
+        let good = [
+            ("Wsgate-Peer-Secret", SECRET),
+            ("wsgate-peer-from", "gw-2"),
+            ("wsgate-peer-client", "[2001:db8::1]:4000"),
+            ("wsgate-peer-tls", "1"),
+        ];
+        assert_eq!(
+            ingress(&gateway, Some(0), &headers(&good)),
+            Ingress::Peer {
+                client: "[2001:db8::1]:4000".parse().unwrap(),
+                tls: true
+            }
+        );
+        let mut cases: Vec<Vec<(&str, &str)>> = Vec::new();
+        // An unknown sender, this instance itself, no client address, a bad one, the secret twice.
+        for (index, value) in [(1, "gw-9"), (1, "gw-1"), (2, "nowhere"), (0, "x")] {
+            let mut case = good.to_vec();
+            case[index].1 = value;
+            cases.push(case);
+        }
+        cases.push(good[..3].iter().chain(&good[..1]).copied().collect());
+        cases.push(good[..2].to_vec());
+        for case in cases {
+            assert!(
+                matches!(
+                    ingress(&gateway, Some(0), &headers(&case)),
+                    Ingress::Refused(_)
+                ),
+                "{case:?}"
+            );
+        }
+        assert_eq!(
+            ingress(&gateway, Some(1), &headers(&[("host", "x")])),
+            Ingress::Client
+        );
+    }
+
+    #[test]
+    fn without_a_cluster_peer_headers_are_refused_and_owners_are_local() {
+        let gateway = gateway("");
+        assert!(matches!(
+            ingress(&gateway, Some(0), &headers(&[("wsgate-peer-from", "gw-2")])),
+            Ingress::Refused(_)
+        ));
+        assert_eq!(
+            ingress(&gateway, Some(0), &headers(&[("x-wsgate-peer", "1")])),
+            Ingress::Client
+        );
+        assert!(matches!(
+            owner(&gateway, "gw-2~AAAA", Ingress::Client, "poll"),
+            Owner::Local
+        ));
+    }
+
+    #[test]
+    fn a_session_id_names_a_peer_only_by_the_list() {
+        let gateway = gateway(&format!(
+            "cluster:\n  name: gw-1\n  secret: {SECRET}\n  peers:\n    - {{name: gw-2, address: 10.0.0.2:9100}}\n"
+        ));
+        let peer = Ingress::Peer {
+            client: "10.1.1.1:1".parse().unwrap(),
+            tls: false,
+        };
+        assert!(
+            matches!(owner(&gateway, "gw-2~AAAA", Ingress::Client, "poll"), Owner::Peer(p) if p.address == "10.0.0.2:9100")
+        );
+        assert!(matches!(
+            owner(&gateway, "gw-2~AAAA", peer, "poll"),
+            Owner::Local
+        ));
+        for sid in [
+            "gw-1~AAAA",
+            "10.0.0.9:80~AAAA",
+            "gw-2",
+            "~AAAA",
+            "gw-3~AAAA",
+        ] {
+            assert!(
+                matches!(owner(&gateway, sid, Ingress::Client, "poll"), Owner::Local),
+                "{sid}"
+            );
+        }
+    }
+}
