@@ -860,7 +860,7 @@ async fn an_instance_killed_costs_its_sessions_and_nothing_else() {
 fn kubernetes_config() -> String {
     let manifest = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/config/examples/kubernetes.yaml"
+        "/deploy/kubernetes.yaml"
     ))
     .unwrap();
     let mut lines = manifest
