@@ -1075,3 +1075,57 @@ async fn forwards_reuse_their_connections_to_the_owner() {
         2 * rounds
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_carries_the_clients_headers_to_the_owner() {
+    let backend = RoomBackend::start("b0").await;
+    let mut spec = Spec::new(&[backend.addr]);
+    spec.route_extra =
+        "sticky: {query: room}\nallowed_origins: [\"https://a.example\", \"https://b.example\"]"
+            .to_owned();
+    // An empty poll answers after this.
+    spec.top_extra = "sessions:\n  poll_timeout: 1s\n".to_owned();
+    let cluster = Cluster::start(spec).await;
+    let (owner, other) = (&cluster.instances[0], &cluster.instances[1]);
+    let (status, body) = request(
+        owner.client,
+        "POST",
+        "/chat?room=o&wsgate=open",
+        "Origin: https://a.example\r\n",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let sid = serde_json::from_str::<serde_json::Value>(&body).unwrap()["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let poll = format!("/chat?room=o&wsgate=poll&wsgate_sid={sid}&wsgate_ack=0");
+    // The owner checks the session's origin on the client's Origin, carried over the hop,
+    // and answers with CORS headers for it.
+    let mut tcp = TcpStream::connect(other.client).await.unwrap();
+    tcp.write_all(format!("GET {poll} HTTP/1.1\r\nHost: localhost\r\nOrigin: https://a.example\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(40), tcp.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("access-control-allow-origin: https://a.example"),
+        "{answer}"
+    );
+    let (status, body) = request(
+        other.client,
+        "GET",
+        &poll,
+        "Origin: https://b.example\r\n",
+        "",
+    )
+    .await;
+    assert_eq!(status, 403, "another origin, refused by the owner: {body}");
+    assert!(forwards(&cluster, "poll").await >= 2.0);
+}
