@@ -166,7 +166,24 @@ pub fn config_for(
 }
 
 impl Cluster {
+    /// Starts three instances on free ports. A port found free can be taken by a parallel
+    /// test before an instance binds it: an instance that exits before it is ready makes the
+    /// whole cluster start again on other ports.
     pub async fn start(spec: Spec) -> Cluster {
+        for _ in 0..3 {
+            if let Some(instances) = Self::try_start(&spec).await {
+                let spreader = Spreader::start(instances.iter().map(|i| i.client).collect()).await;
+                return Cluster {
+                    instances,
+                    spreader,
+                    spec,
+                };
+            }
+        }
+        panic!("the cluster did not start in three attempts");
+    }
+
+    async fn try_start(spec: &Spec) -> Option<Vec<Instance>> {
         let all: Vec<_> = (1..=3)
             .map(|i| (format!("gw-{i}"), free_addr(), free_addr(), free_addr()))
             .collect();
@@ -177,7 +194,7 @@ impl Cluster {
                 std::process::id(),
                 client.port()
             ));
-            std::fs::write(&config, config_for(&spec, i, &all)).unwrap();
+            std::fs::write(&config, config_for(spec, i, &all)).unwrap();
             let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
                 .args(["run", "-c"])
                 .arg(&config)
@@ -205,11 +222,25 @@ impl Cluster {
                 lines,
             });
         }
-        for instance in &instances {
+        for instance in &mut instances {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            while TcpStream::connect(instance.client).await.is_err()
-                || TcpStream::connect(instance.admin).await.is_err()
-            {
+            loop {
+                if let Some(child) = instance.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    eprintln!(
+                        "{} exited ({status}), starting over: {}",
+                        instance.name,
+                        instance.log()
+                    );
+                    return None;
+                }
+                let ready = TcpStream::connect(instance.client).await.is_ok()
+                    && TcpStream::connect(instance.peer).await.is_ok()
+                    && TcpStream::connect(instance.admin).await.is_ok();
+                if ready {
+                    break;
+                }
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "{} did not start: {}",
@@ -219,12 +250,7 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        let spreader = Spreader::start(instances.iter().map(|i| i.client).collect()).await;
-        Cluster {
-            instances,
-            spreader,
-            spec,
-        }
+        Some(instances)
     }
 
     /// The configuration instance `index` runs with `spec`.
