@@ -89,7 +89,10 @@ pub async fn http(
     };
     // An idle connection first. One found closing before the request was written gives the
     // request back, and a new connection takes it.
-    let mut pooled = gateway.peer_pool.take(&peer.address);
+    // The owner closes a keep-alive connection idle for its head timeout; half of it leaves
+    // a request written on a pooled connection well clear of that.
+    let max_idle = gateway.config.timeouts.handshake / 2;
+    let mut pooled = gateway.peer_pool.take(&peer.address, max_idle);
     let (sender, sent) = loop {
         let (mut sender, reused) = match pooled.take() {
             Some(sender) => (sender, true),

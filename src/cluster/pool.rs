@@ -3,9 +3,9 @@
 //! instances.
 //!
 //! Invariants: a connection is given back only once its previous answer was read to the end
-//! (hyper's `ready`); it is kept at most [`IDLE_FOR`], well inside the owner's keep-alive
-//! head timeout (`timeouts.handshake`, 10 s by default), so a pooled connection is rarely one
-//! the owner is closing; at most [`MAX_IDLE`] are kept per peer address. The lock is never
+//! (hyper's `ready`); it is used again only within [`IDLE_FOR`] and half the owner's
+//! keep-alive head timeout (`timeouts.handshake`, the same on every instance of a cluster),
+//! so a pooled connection is rarely one the owner is closing; at most [`MAX_IDLE`] are kept per peer address. The lock is never
 //! held across an await.
 
 use hyper::body::Incoming;
@@ -29,13 +29,14 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// The most recently used idle connection to `address` that is still open and young.
-    pub fn take(&self, address: &str) -> Option<Sender> {
+    /// The most recently used idle connection to `address` that is still open and idle for
+    /// less than `max_idle`.
+    pub fn take(&self, address: &str, max_idle: Duration) -> Option<Sender> {
         let mut idle = self.idle.lock().ok()?;
         let senders = idle.get_mut(address)?;
         let now = Instant::now();
         senders.retain(|(sender, since)| {
-            !sender.is_closed() && now.saturating_duration_since(*since) < IDLE_FOR
+            !sender.is_closed() && now.saturating_duration_since(*since) < max_idle.min(IDLE_FOR)
         });
         while let Some((sender, _)) = senders.pop() {
             if sender.is_ready() {
