@@ -135,7 +135,8 @@ pub struct Refused {
     pub status: CloseCodeLabel,
     /// One of a fixed set: head_timeout, head_too_large, malformed, framing, path, the
     /// handshake error labels,
-    /// per_ip_limit, tls_handshake, tls_timeout, and the rules of `handshake_failures`
+    /// per_ip_limit, tls_handshake, tls_timeout, peer (a peer header that fails its checks, a
+    /// client on the peer listener), and the rules of `handshake_failures`
     /// (origin, route_limit, no_route, key, ...) for upgrades the gateway refused itself.
     pub reason: &'static str,
 }
