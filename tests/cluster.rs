@@ -1129,3 +1129,75 @@ async fn a_forwarded_request_carries_the_clients_headers_to_the_owner() {
     assert_eq!(status, 403, "another origin, refused by the owner: {body}");
     assert!(forwards(&cluster, "poll").await >= 2.0);
 }
+
+fn cert(name: &str) -> String {
+    format!("{}/certs/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_can_be_reached_over_tls_and_an_unverified_peer_is_gone() {
+    let backend = support::echo_backend("b0").await;
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let routes = format!(
+        "upstreams:\n  app:\n    backends:\n      - ws://{}\nroutes:\n  - name: app\n    upstream: app\n",
+        backend.addr
+    );
+    // The owner: a client listener and a TLS peer listener (on a port found free).
+    let peer_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let owner = support::start_gateway(&format!(
+        "listeners:\n  - {{name: clients, address: 127.0.0.1:0}}\n  - {{name: peers, address: 127.0.0.1:{peer_port}, tls: {{certificates: [{{cert: {:?}, key: {:?}}}]}}}}\n{routes}cluster:\n  name: gw-2\n  secret: {}\n  listener: peers\n  peers:\n    - {{name: gw-1, address: \"{nowhere}\"}}\n",
+        cert("localhost.crt"),
+        cert("localhost.key"),
+        cluster::SECRET,
+    ))
+    .await;
+    let forwarder_with = |tls: &str| {
+        format!(
+            "listeners:\n  - address: 127.0.0.1:0\n{routes}cluster:\n  name: gw-1\n  secret: {}\n{tls}  peers:\n    - {{name: gw-2, address: \"localhost:{peer_port}\"}}\n",
+            cluster::SECRET,
+        )
+    };
+    let verified = support::start_gateway(&forwarder_with(&format!(
+        "  tls: {{ca_file: {:?}}}\n",
+        cert("ca.crt")
+    )))
+    .await;
+    // The system's roots do not know the development CA; a plain hop meets a TLS listener.
+    let unverified = support::start_gateway(&forwarder_with("  tls: {}\n")).await;
+    let plain = support::start_gateway(&forwarder_with("")).await;
+
+    let sid = open_session(owner.addr, "t").await;
+    let send =
+        |seq: u64| format!("{{\"seq\":{seq},\"messages\":[{{\"text\":\"over tls {seq}\"}}]}}");
+    let target = format!("/?wsgate=send&wsgate_sid={sid}");
+    let (status, body) = request(verified.addr, "POST", &target, "", &send(1)).await;
+    assert_eq!(status, 200, "{body}");
+    let poll = format!("/?wsgate=poll&wsgate_sid={sid}&wsgate_ack=0");
+    let (status, body) = request(verified.addr, "GET", &poll, "", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("over tls 1"), "{body}");
+    // The session WebSocket too.
+    let (mut socket, _) = ws(
+        verified.addr,
+        &format!("/?wsgate=socket&wsgate_sid={sid}&wsgate_ack=1"),
+        &[],
+    )
+    .await;
+    let open = support::next_message(&mut socket)
+        .await
+        .into_text()
+        .unwrap();
+    assert!(open.as_str().starts_with("c{\"type\":\"open\""), "{open}");
+    drop(socket);
+    for (forwarder, what) in [
+        (&unverified, "an unverified certificate"),
+        (&plain, "a plain hop"),
+    ] {
+        let (status, body) = request(forwarder.addr, "POST", &target, "", &send(2)).await;
+        assert_eq!(status, 410, "{what}: {body}");
+    }
+}

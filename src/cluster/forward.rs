@@ -148,7 +148,7 @@ async fn open(
     op: &'static str,
     deadline: Instant,
 ) -> Option<SendRequest<Incoming>> {
-    let stream = match connect(peer).await {
+    let stream = match connect(gateway, peer).await {
         Ok(stream) => stream,
         Err(result) => {
             count(gateway, &peer.name, op, result);

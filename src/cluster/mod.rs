@@ -23,6 +23,8 @@ pub mod tunnel;
 use crate::config::{Cluster, Peer};
 use crate::gateway::Gateway;
 use crate::metrics::{PeerForward, PeerLabel};
+use crate::stream::Stream;
+use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -174,19 +176,37 @@ pub fn observe(gateway: &Gateway, peer: &str, seconds: f64) {
         .observe(seconds);
 }
 
-/// Connects to a peer within [`CONNECT_TIMEOUT`].
-pub async fn connect(peer: &Peer) -> Result<tokio::net::TcpStream, &'static str> {
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect(&peer.address),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(_)) => Err("unreachable"),
+/// Connects to a peer within [`CONNECT_TIMEOUT`], over TLS when `cluster.tls` says so (the
+/// certificate verified for `server_name`, or for the host of the peer's address).
+pub async fn connect(gateway: &Gateway, peer: &Peer) -> Result<Stream, &'static str> {
+    let connecting = async {
+        let tcp = tokio::net::TcpStream::connect(&peer.address)
+            .await
+            .map_err(|_| "unreachable")?;
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &gateway.peer_tls else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let name = match &tls.server_name {
+            Some(name) => name.clone(),
+            None => {
+                let host = peer
+                    .address
+                    .rsplit_once(':')
+                    .map_or(peer.address.as_str(), |(host, _)| host)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                ServerName::try_from(host.to_owned()).map_err(|_| "failed")?
+            }
+        };
+        let stream = tls.connector.connect(name, tcp).await.map_err(|error| {
+            tracing::warn!(peer = %peer.name, "TLS to the peer failed: {error}");
+            "failed"
+        })?;
+        Ok(Stream::ClientTls(Box::new(stream)))
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(result) => result,
         Err(_) => Err("timed_out"),
     }
 }

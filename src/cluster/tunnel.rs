@@ -13,7 +13,6 @@ use crate::stream::Stream;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// The owner's answer head must arrive within this (it answers from memory).
@@ -31,7 +30,7 @@ const CHUNK: usize = 16 << 10;
 /// The owner's answer to a forwarded upgrade.
 #[derive(Debug)]
 pub struct Answer {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub status: u16,
     /// The answer head as the owner wrote it, blank line included.
     pub head: Vec<u8>,
@@ -52,7 +51,7 @@ pub async fn open(
 ) -> Option<Answer> {
     let cluster = gateway.config.cluster.as_ref()?;
     let started = Instant::now();
-    let mut stream = match connect(peer).await {
+    let mut stream = match connect(gateway, peer).await {
         Ok(stream) => stream,
         Err(result) => {
             count(gateway, &peer.name, "socket", result);
@@ -176,9 +175,9 @@ impl Answer {
 }
 
 /// Copies bytes both ways; a side's end is passed on as a shutdown of the other's writing.
-async fn splice(client: Stream, owner: TcpStream) {
+async fn splice(client: Stream, owner: Stream) {
     let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut owner_read, mut owner_write) = owner.into_split();
+    let (mut owner_read, mut owner_write) = tokio::io::split(owner);
     let (mut up, mut down) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let (mut up_open, mut down_open) = (true, true);
     let silence = tokio::time::sleep(SILENCE);

@@ -200,8 +200,13 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
         };
         writeln!(
             out,
-            "cluster: instance {}, peers on {listener}: {}",
+            "cluster: instance {}, peers{} on {listener}: {}",
             cluster.name,
+            if cluster.tls.is_some() {
+                " over TLS"
+            } else {
+                ""
+            },
             if peers.is_empty() {
                 "none".to_owned()
             } else {

@@ -746,7 +746,7 @@ impl Default for Limits {
 
 /// This instance among its peers (`cluster:`): session requests for a session another
 /// instance owns are forwarded to it over an authenticated internal hop.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Cluster {
     /// This instance's name: the `instance` of its session ids.
     pub name: String,
@@ -761,6 +761,9 @@ pub struct Cluster {
     /// accepted there only, and client requests are refused there. `None`: peer requests
     /// are accepted on every listener, authenticated like anywhere.
     pub listener: Option<usize>,
+    /// Peers are reached over TLS, their certificates verified with these settings (their
+    /// peer listeners serve TLS). `None`: plain TCP.
+    pub tls: Option<UpstreamTls>,
 }
 
 impl Cluster {

@@ -2612,7 +2612,7 @@ const SECRET: &str = "0123456789abcdef0123456789abcdef";
 #[test]
 fn a_cluster_names_the_session_instance_and_skips_itself_among_its_peers() {
     let config = ok(&format!(
-        "listeners:\n  - name: clients\n    address: 127.0.0.1:8080\n  - name: peers\n    address: 127.0.0.1:9100\nupstreams:\n  rooms:\n    backends:\n      - ws://127.0.0.1:9001\nroutes:\n  - upstream: rooms\ncluster:\n  name: gw-2\n  address: gw-2.peers:9100\n  secret: {SECRET}\n  listener: peers\n  peers:\n    - {{name: gw-1, address: gw-1.peers:9100}}\n    - {{name: gw-2, address: gw-2.peers:9100}}\n    - {{name: gw-3, address: \"[::1]:9100\"}}\n"
+        "listeners:\n  - name: clients\n    address: 127.0.0.1:8080\n  - name: peers\n    address: 127.0.0.1:9100\nupstreams:\n  rooms:\n    backends:\n      - ws://127.0.0.1:9001\nroutes:\n  - upstream: rooms\ncluster:\n  name: gw-2\n  address: gw-2.peers:9100\n  secret: {SECRET}\n  listener: peers\n  tls: {{server_name: peers.internal}}\n  peers:\n    - {{name: gw-1, address: gw-1.peers:9100}}\n    - {{name: gw-2, address: gw-2.peers:9100}}\n    - {{name: gw-3, address: \"[::1]:9100\"}}\n"
     ));
     let cluster = config.cluster.as_ref().unwrap();
     assert_eq!(config.sessions.instance, "gw-2");
@@ -2621,12 +2621,16 @@ fn a_cluster_names_the_session_instance_and_skips_itself_among_its_peers() {
     assert_eq!(names, ["gw-1", "gw-3"]);
     assert_eq!(cluster.peer("gw-3").unwrap().address, "[::1]:9100");
     assert!(cluster.peer("gw-2").is_none());
+    assert_eq!(
+        cluster.tls.as_ref().unwrap().server_name.as_deref(),
+        Some("peers.internal")
+    );
     assert!(cluster.secret.matches(SECRET.as_bytes()));
     assert!(!cluster.secret.matches(&SECRET.as_bytes()[1..]));
     assert!(!format!("{cluster:?}").contains(SECRET));
     let described = crate::config::describe(&config);
     assert!(
-        described.contains("cluster: instance gw-2, peers on listener peers: gw-1 at gw-1.peers:9100, gw-3 at [::1]:9100"),
+        described.contains("cluster: instance gw-2, peers over TLS on listener peers: gw-1 at gw-1.peers:9100, gw-3 at [::1]:9100"),
         "{described}"
     );
 }

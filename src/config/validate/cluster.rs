@@ -17,6 +17,7 @@ const CLUSTER_KEYS: &[&str] = &[
     "secret",
     "secret_env",
     "listener",
+    "tls",
 ];
 const PEER_KEYS: &[&str] = &["name", "address"];
 /// Far more than any cluster forwarding by a static list; a typo'd generator is caught.
@@ -135,6 +136,10 @@ impl Cx<'_> {
                 }
             }
         };
+        let tls = match f.get("tls") {
+            None => Some(None),
+            Some((raw, path)) => self.upstream_tls(raw, &path).map(Some),
+        };
         let (name, address, peers) = (name?, address?, peers?);
         if let (Some(own), Some(listed)) = (&address, peers.iter().find(|p| p.name == name))
             && *own != listed.address
@@ -155,6 +160,7 @@ impl Cx<'_> {
             peers,
             secret: secret?,
             listener: listener?,
+            tls: tls?,
         })
     }
 
