@@ -16,15 +16,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 /// The owner's answer head must arrive within this (it answers from memory).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest answer head accepted from the owner.
 const MAX_ANSWER_HEAD: usize = 16 << 10;
 /// Largest refusal body carried back.
-const MAX_REFUSAL_BODY: usize = 16 << 10;
+pub const MAX_REFUSAL_BODY: usize = 16 << 10;
 /// A carried WebSocket silent both ways this long is cut. The session socket acknowledges
 /// every half second while data flows and the route's pings keep an idle one talking; a
 /// cut only detaches the session, which the client resumes.
-const SILENCE: Duration = Duration::from_secs(120);
+pub const SILENCE: Duration = Duration::from_secs(120);
 const CHUNK: usize = 16 << 10;
 
 /// The owner's answer to a forwarded upgrade.
