@@ -91,6 +91,32 @@ async fn every_instance_places_10000_keys_alike_across_a_reload_and_a_health_cha
     let cluster = Cluster::start(spec.clone()).await;
     let keys = keys(10_000);
 
+    // The placement API: the bearer token, a known upstream, a bounded number of keys.
+    let admin = cluster.instances[0].admin;
+    let (status, _) = support::http_get(admin, "/api/placement?upstream=chat&key=a").await;
+    assert_eq!(status, 401);
+    let (status, body) = cluster::admin_get(admin, "/api/placement?upstream=nope&key=a").await;
+    assert_eq!(status, 404, "{body}");
+    let too_many: String = (0..2001).map(|i| format!("&key=k{i}")).collect();
+    let (status, body) =
+        cluster::admin_get(admin, &format!("/api/placement?upstream=chat{too_many}")).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) =
+        cluster::admin_get(admin, "/api/placement?upstream=chat&key=a%20b&key=room-1").await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["upstream"], "chat");
+    assert_eq!(
+        answer["placement"][0]["key"], "a b",
+        "keys are percent-decoded"
+    );
+    assert!(
+        answer["placement"][1]["backend"]
+            .as_str()
+            .unwrap()
+            .starts_with("ws://")
+    );
+
     let first = all_placements(&cluster, &keys).await;
     assert_eq!(first.len(), 3);
     assert_alike(&first, &keys, "at start");
