@@ -3,6 +3,7 @@
 
     python3 benches/e2e.py            # full run: 4 repetitions, about 10 minutes
     python3 benches/e2e.py --quick    # 1 repetition, short windows, 2,000 idle connections
+    python3 benches/e2e.py --forward  # a cluster's long-polling round trip, owner vs. forwarded
 
 Every target runs pinned to core 0 (`taskset -c 0`); the echo backend and the load generator
 share core 1, so every proxy figure is per proxy core. Targets:
@@ -483,6 +484,107 @@ def machine_line():
     return f"{os.cpu_count()} × {model}, {mem:.0f} GiB, Linux {kernel}, {nginx.replace('nginx version: ', '')}"
 
 
+# Two instances of one cluster for the forward scenario: the session is opened on gw-1 (the
+# owner); round trips go to gw-1 itself or to gw-2, which forwards them over the peer hop.
+FORWARD_CONF = """\
+listeners:
+  - {{name: clients, address: "127.0.0.1:{client}"}}
+  - {{name: peers, address: "127.0.0.1:{peer}"}}
+upstreams:
+  echo:
+    backends: [ "ws://127.0.0.1:{backend}" ]
+routes:
+  - {{name: echo, upstream: echo}}
+cluster:
+  name: {name}
+  secret: bench-cluster-secret-0123456789abcdef
+  listener: peers
+  peers:
+    - {{name: gw-1, address: "127.0.0.1:{peer1}"}}
+    - {{name: gw-2, address: "127.0.0.1:{peer2}"}}
+"""
+
+
+def proc_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def forward_scenario(args):
+    """A long-polling round trip (send one message, poll its echo) on the owner instance vs.
+    through another instance that forwards both requests to the owner. Keep-alive client
+    connections; both instances pinned to core 0 with one thread each, the echo backend and
+    this client on core 1. Blocks of round trips alternate between the two paths, so a stall
+    of the shared machine falls on both."""
+    import http.client
+    rounds, blocks = (300, 4) if args.quick else (2000, 6)
+    tmp = tempfile.mkdtemp(prefix="wsgate-forward-")
+    procs = Procs(tmp)
+    try:
+        backend_port = free_port()
+        backend = procs.start("backend", CLIENT_CORE,
+                              [f"{RELEASE}/examples/bench_echo", f"127.0.0.1:{backend_port}"])
+        wait_listening(backend_port, backend)
+        ports = [(free_port(), free_port()) for _ in range(2)]
+        pids = []
+        for i, (client, peer) in enumerate(ports):
+            conf = os.path.join(tmp, f"gw-{i + 1}.yaml")
+            with open(conf, "w") as f:
+                f.write(FORWARD_CONF.format(client=client, peer=peer, backend=backend_port,
+                                            name=f"gw-{i + 1}", peer1=ports[0][1], peer2=ports[1][1]))
+            proc = procs.start(f"gw-{i + 1}", PROXY_CORE,
+                               [f"{RELEASE}/wsgate", "--threads", "1", "run", "-c", conf],
+                               dict(os.environ, RUST_LOG="warn"))
+            wait_listening(client, proc)
+            pids.append(proc.pid)
+        owner = http.client.HTTPConnection("127.0.0.1", ports[0][0])
+        owner.request("POST", "/?wsgate=open", body=b"")
+        sid = json.loads(owner.getresponse().read())["session"]
+        paths = {"owner": owner, "forwarded": http.client.HTTPConnection("127.0.0.1", ports[1][0])}
+        state = {"seq": 0, "ack": 0}
+
+        def round_trip(conn):
+            state["seq"] += 1
+            body = json.dumps({"seq": state["seq"], "messages": [{"text": "x" * 64}]})
+            conn.request("POST", f"/?wsgate=send&wsgate_sid={sid}", body=body)
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == 200, answer.status
+            while state["ack"] < state["seq"]:
+                conn.request("GET", f"/?wsgate=poll&wsgate_sid={sid}&wsgate_ack={state['ack']}")
+                answer = conn.getresponse()
+                events = json.loads(answer.read())["events"]
+                if events:
+                    state["ack"] = events[-1]["seq"]
+
+        samples = {name: [] for name in paths}
+        cpu = {name: 0 for name in paths}
+        for name, conn in paths.items():
+            for _ in range(50):
+                round_trip(conn)
+        for block in range(blocks):
+            for name, conn in (list(paths.items()) if block % 2 == 0 else list(paths.items())[::-1]):
+                before = sum(proc_ticks(pid) for pid in pids)
+                for _ in range(rounds):
+                    started = time.perf_counter()
+                    round_trip(conn)
+                    samples[name].append((time.perf_counter() - started) * 1e6)
+                cpu[name] += sum(proc_ticks(pid) for pid in pids) - before
+        print(f"\nLong-polling round trip (send 64 B + poll its echo), {blocks * rounds} per path, "
+              f"keep-alive client; {machine_line()}\n")
+        print("| path | median µs | p99 µs | gateway CPU per round trip (µs, both instances) |")
+        print("| --- | ---: | ---: | ---: |")
+        for name in paths:
+            values = sorted(samples[name])
+            p99 = values[int(len(values) * 0.99) - 1]
+            per = cpu[name] / CLK_TCK / len(values) * 1e6
+            print(f"| {name} | {statistics.median(values):.0f} | {p99:.0f} | {per:.0f} |")
+    finally:
+        procs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -491,7 +593,16 @@ def main():
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--scenarios", default="small,large,latency,idle,handshakes")
     parser.add_argument("--no-build", action="store_true")
+    parser.add_argument("--forward", action="store_true",
+                        help="only the cluster scenario: a long-polling round trip on the owner "
+                             "instance vs. forwarded through a peer")
     args = parser.parse_args()
+    if args.forward:
+        if not args.no_build:
+            subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "wsgate",
+                            "--example", "bench_echo"], cwd=ROOT, check=True)
+        forward_scenario(args)
+        return
     targets = args.target_list = args.targets.split(",")
     args.reps = args.reps or default_reps(args.quick, targets)
     if os.cpu_count() < 2:

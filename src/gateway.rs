@@ -93,6 +93,10 @@ pub struct Gateway {
     pub addresses: Arc<AddressCounts>,
     /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
     handshake_bucket: Option<Mutex<TokenBucket>>,
+    /// Idle connections to the cluster's peers, for forwarded session requests.
+    pub peer_pool: Arc<crate::cluster::pool::Pool>,
+    /// How peers are reached over TLS (`cluster.tls`).
+    pub peer_tls: Option<BackendTls>,
     /// Set when a reload replaced this generation (see [`CurrentGateway::replace`]).
     superseded: AtomicBool,
 }
@@ -166,6 +170,8 @@ pub enum GatewayError {
         route: String,
         source: Box<KeyError>,
     },
+    #[error("cluster.tls: {source}")]
+    PeerTls { source: TlsError },
     #[error("route {route}: auth.forward: {source}")]
     ForwardTls {
         route: String,
@@ -194,6 +200,18 @@ impl Gateway {
             .limits
             .handshake_rate
             .map(|rate| Mutex::new(TokenBucket::new(rate, 1.0, Instant::now())));
+        let peer_tls = match config.cluster.as_ref().and_then(|c| c.tls.as_ref()) {
+            None => None,
+            Some(settings) => {
+                let wrap = |source| GatewayError::PeerTls { source };
+                let client = tls::client_config(settings).map_err(wrap)?;
+                let server_name = match &settings.server_name {
+                    Some(name) => Some(tls::server_name_for(name, settings).map_err(wrap)?),
+                    None => None,
+                };
+                Some(backend_tls(client, server_name))
+            }
+        };
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for upstream in &config.upstreams {
             let tls = if upstream.backends.iter().any(|b| b.secure) {
@@ -268,6 +286,8 @@ impl Gateway {
             connections,
             addresses,
             handshake_bucket,
+            peer_pool: Arc::default(),
+            peer_tls,
             superseded: AtomicBool::new(false),
         })
     }

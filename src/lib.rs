@@ -39,6 +39,7 @@ pub mod upstream;
 pub mod admin;
 pub mod admit;
 pub mod authorize;
+pub mod cluster;
 pub mod drain;
 pub mod front;
 pub mod gateway;

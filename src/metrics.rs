@@ -135,7 +135,8 @@ pub struct Refused {
     pub status: CloseCodeLabel,
     /// One of a fixed set: head_timeout, head_too_large, malformed, framing, path, the
     /// handshake error labels,
-    /// per_ip_limit, tls_handshake, tls_timeout, and the rules of `handshake_failures`
+    /// per_ip_limit, tls_handshake, tls_timeout, peer (a peer header that fails its checks, a
+    /// client on the peer listener), and the rules of `handshake_failures`
     /// (origin, route_limit, no_route, key, ...) for upgrades the gateway refused itself.
     pub reason: &'static str,
 }
@@ -162,6 +163,21 @@ fn latency_buckets() -> Histogram {
 /// From 1 s to about 1.5 days: how long WebSocket connections live.
 fn duration_buckets() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 4.0, 10))
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerForward {
+    /// The owner instance's name, as configured in `cluster.peers`, or "unknown".
+    pub peer: String,
+    pub op: &'static str,
+    /// answered (the owner's answer, whatever its status, reached the client), unknown_peer,
+    /// unreachable, timed_out, failed (the hop broke before the answer's head).
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -195,6 +211,10 @@ pub struct Metrics {
     pub rebalanced_connections: Family<RouteLabel, Counter>,
     pub connect_retries: Family<Retry, Counter>,
     pub admin_actions: Family<AdminAction, Counter>,
+    /// Session requests forwarded to the instance owning the session.
+    pub peer_forwards: Family<PeerForward, Counter>,
+    /// From the forward's start to the owner's response head (connect included), per peer.
+    pub peer_forward_seconds: Histograms<PeerLabel>,
     pub refused: Family<Refused, Counter>,
     /// Opening a backend connection: TCP, TLS and the backend's handshake (or, for plain
     /// HTTP, its connection), per upstream.
@@ -237,6 +257,8 @@ impl Metrics {
             rebalanced_connections: Family::default(),
             connect_retries: Family::default(),
             admin_actions: Family::default(),
+            peer_forwards: Family::default(),
+            peer_forward_seconds: Family::new_with_constructor(latency_buckets),
             refused: Family::default(),
             backend_connect_seconds: Family::new_with_constructor(latency_buckets),
             handshake_seconds: Family::new_with_constructor(latency_buckets),
@@ -327,6 +349,16 @@ impl Metrics {
             "handshake_seconds",
             "Time from a client's complete request head to its 101, per route",
             metrics.handshake_seconds.clone(),
+        );
+        registry.register(
+            "peer_forwards",
+            "Session requests forwarded to the instance owning the session, by peer, operation and result",
+            metrics.peer_forwards.clone(),
+        );
+        registry.register(
+            "peer_forward_seconds",
+            "Time from a forward's start to the owner's response head, per peer (a held poll counts its wait)",
+            metrics.peer_forward_seconds.clone(),
         );
         registry.register(
             "session_request_seconds",

@@ -52,6 +52,10 @@ pub enum ReloadError {
         "listeners and the admin listener cannot change while running (sockets stay bound): restart wsgate to apply them"
     )]
     ListenersChanged,
+    #[error(
+        "the instance name (sessions.instance, cluster.name) cannot change while running: its sessions' ids name it, and peers forward to it by that name; restart wsgate to rename it"
+    )]
+    InstanceChanged,
     #[error(transparent)]
     Gateway(#[from] GatewayError),
 }
@@ -93,6 +97,9 @@ impl Reloader {
         };
         if config.listeners != old.config.listeners || !admin_same {
             return Err(ReloadError::ListenersChanged);
+        }
+        if config.sessions.instance != old.config.sessions.instance {
+            return Err(ReloadError::InstanceChanged);
         }
         let gateway = Arc::new(Gateway::with_shared(config, old.shared())?);
         // Before anything routes with it: a backend the checks hold down must not look

@@ -67,6 +67,18 @@ async fn reload_sends_new_connections_to_new_routes_and_leaves_open_ones_alone()
         "b",
         "a refused reload changes nothing"
     );
+    let renamed = wsgate::config::from_yaml_str(
+        &format!(
+            "{}sessions:\n  instance: another-name\n",
+            config_for("127.0.0.1:0", b.addr)
+        ),
+        "d.yaml",
+    )
+    .unwrap();
+    assert!(matches!(
+        reloader.reload(renamed),
+        Err(ReloadError::InstanceChanged)
+    ));
     drop(stop);
 }
 

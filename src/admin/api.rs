@@ -1,5 +1,6 @@
 //! The operator's API on the admin listener, under `/api/`: list upstreams and their backends,
-//! drain a backend and put it back, set its weight, start the gradual drain of the instance.
+//! say where sticky keys are placed now, drain a backend and put it back, set its weight,
+//! start the gradual drain of the instance.
 //!
 //! Invariants:
 //! - every request carries `Authorization: Bearer <admin.token>` (compared in constant time);
@@ -70,15 +71,16 @@ pub fn respond<B>(gateway: &Gateway, request: &Request<B>) -> Response<Full<Byte
     let query = request.uri().query().unwrap_or("");
     match (request.method(), path) {
         (&Method::GET, "/api/upstreams") => list(gateway),
+        (&Method::GET, "/api/placement") => placement(gateway, query),
         (&Method::POST, "/api/backends/drain") => set_drained(gateway, query, true),
         (&Method::POST, "/api/backends/restore") => set_drained(gateway, query, false),
         (&Method::POST, "/api/backends/weight") => set_weight(gateway, query),
         (&Method::POST, "/api/drain") => drain_instance(gateway),
-        (_, "/api/upstreams") => not_allowed("GET"),
+        (_, "/api/upstreams" | "/api/placement") => not_allowed("GET"),
         (_, "/api/backends/drain" | "/api/backends/restore" | "/api/drain") => not_allowed("POST"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "unknown API path: GET /api/upstreams, POST /api/backends/drain, \
+            "unknown API path: GET /api/upstreams, GET /api/placement, POST /api/backends/drain, \
              POST /api/backends/restore, POST /api/backends/weight, POST /api/drain",
         ),
     }
@@ -113,6 +115,77 @@ fn list(gateway: &Gateway) -> Response<Full<Bytes>> {
         &Upstreams {
             draining: !gateway.drain.is_serving(),
             upstreams,
+        },
+    )
+}
+
+/// Keys answered per placement request; more are asked in several requests.
+const MAX_PLACEMENT_KEYS: usize = 2000;
+
+#[derive(Serialize)]
+struct Placement<'a> {
+    upstream: &'a str,
+    /// Per key, in the order asked: the backend a new connection with that sticky key gets
+    /// now, or `null` when none is available.
+    placement: Vec<Placed<'a>>,
+}
+
+#[derive(Serialize)]
+struct Placed<'a> {
+    key: Cow<'a, str>,
+    backend: Option<&'a str>,
+}
+
+/// `GET /api/placement?upstream=NAME&key=K1&key=K2...`: where each sticky key goes now on
+/// this instance. Read-only; comparing the answers of every instance shows whether they
+/// place rooms alike.
+fn placement(gateway: &Gateway, query: &str) -> Answer {
+    let Some(name) = param(query, "upstream") else {
+        count(gateway, "bad_request");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "name the upstream and the keys: ?upstream=NAME&key=K1&key=K2",
+        );
+    };
+    let Some(upstream) = gateway.upstreams.iter().find(|u| u.name == name) else {
+        count(gateway, "bad_request");
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!("no upstream named {name:?}"),
+        );
+    };
+    let keys: Vec<Cow<'_, str>> = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(name, _)| *name == "key")
+        .filter_map(|(_, value)| {
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .ok()
+        })
+        .collect();
+    if keys.len() > MAX_PLACEMENT_KEYS {
+        count(gateway, "bad_request");
+        return text(
+            StatusCode::BAD_REQUEST,
+            &format!("at most {MAX_PLACEMENT_KEYS} keys per request"),
+        );
+    }
+    let balancer = &upstream.balancer;
+    let placement = keys
+        .into_iter()
+        .map(|key| {
+            let backend = balancer
+                .choose(Some(&key))
+                .map(|index| balancer.backends()[index].url.as_str());
+            Placed { key, backend }
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &Placement {
+            upstream: &upstream.name,
+            placement,
         },
     )
 }

@@ -188,6 +188,32 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
     } else {
         writeln!(out, "  sessions: off")?;
     }
+    if let Some(cluster) = &config.cluster {
+        let peers: Vec<String> = cluster
+            .peers
+            .iter()
+            .map(|peer| format!("{} at {}", peer.name, peer.address))
+            .collect();
+        let listener = match cluster.listener {
+            Some(index) => format!("listener {}", config.listeners[index].name),
+            None => "any listener".to_owned(),
+        };
+        writeln!(
+            out,
+            "cluster: instance {}, peers{} on {listener}: {}",
+            cluster.name,
+            if cluster.tls.is_some() {
+                " over TLS"
+            } else {
+                ""
+            },
+            if peers.is_empty() {
+                "none".to_owned()
+            } else {
+                peers.join(", ")
+            }
+        )?;
+    }
     match &config.admin {
         Some(admin) => writeln!(out, "admin: {}", admin.address),
         None => writeln!(out, "admin: none"),

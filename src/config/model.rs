@@ -29,6 +29,8 @@ pub struct Config {
     pub drain: Drain,
     /// Moving connections whose sticky key changed backend.
     pub rebalance: Rebalance,
+    /// Several instances acting as one: session requests forwarded to their owner.
+    pub cluster: Option<Cluster>,
 }
 
 /// Where the gateway listens for clients.
@@ -745,5 +747,87 @@ impl Default for Timeouts {
 impl Default for Limits {
     fn default() -> Self {
         Self::DEFAULT
+    }
+}
+
+/// This instance among its peers (`cluster:`): session requests for a session another
+/// instance owns are forwarded to it over an authenticated internal hop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// This instance's name: the `instance` of its session ids.
+    pub name: String,
+    /// Where peers reach this instance (`host:port`), when given; checked against its own
+    /// entry in `peers`.
+    pub address: Option<String>,
+    /// The other instances. The list may name this instance too (one list shared by every
+    /// instance); that entry is skipped.
+    pub peers: Vec<Peer>,
+    pub secret: PeerSecret,
+    /// The listener reserved for peer traffic (index into `listeners`): peer requests are
+    /// accepted there only, and client requests are refused there. `None`: peer requests
+    /// are accepted on every listener, authenticated like anywhere.
+    pub listener: Option<usize>,
+    /// Peers are reached over TLS, their certificates verified with these settings (their
+    /// peer listeners serve TLS). `None`: plain TCP.
+    pub tls: Option<UpstreamTls>,
+}
+
+impl Cluster {
+    /// The address of the peer named `name`, only from the configured list: a session id
+    /// can name an instance, never an address.
+    pub fn peer(&self, name: &str) -> Option<&Peer> {
+        self.peers.iter().find(|peer| peer.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    /// `host:port`, resolved when connecting (a StatefulSet pod's DNS name, or an address).
+    pub address: String,
+}
+
+/// The secret peers prove with every forwarded request: never printed, compared in constant
+/// time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerSecret(String);
+
+impl PeerSecret {
+    /// Long enough that guessing it over the network is hopeless.
+    pub const MIN_LEN: usize = 32;
+
+    pub fn new(secret: &str) -> Result<Self, String> {
+        if secret.len() < Self::MIN_LEN {
+            return Err(format!(
+                "the cluster secret must be at least {} characters (it has {})",
+                Self::MIN_LEN,
+                secret.len()
+            ));
+        }
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the cluster secret must be printable ASCII without spaces".to_owned());
+        }
+        Ok(Self(secret.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `offered` is this secret, in time that depends only on its length.
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        expected.len() == offered.len()
+            && expected
+                .iter()
+                .zip(offered)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for PeerSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerSecret(..)")
     }
 }

@@ -2606,3 +2606,113 @@ fn describe_shows_each_routes_auth() {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
 }
+
+// ----- cluster -----
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+#[test]
+fn a_cluster_names_the_session_instance_and_skips_itself_among_its_peers() {
+    let config = ok(&format!(
+        "listeners:\n  - name: clients\n    address: 127.0.0.1:8080\n  - name: peers\n    address: 127.0.0.1:9100\nupstreams:\n  rooms:\n    backends:\n      - ws://127.0.0.1:9001\nroutes:\n  - upstream: rooms\ncluster:\n  name: gw-2\n  address: gw-2.peers:9100\n  secret: {SECRET}\n  listener: peers\n  tls: {{server_name: peers.internal}}\n  peers:\n    - {{name: gw-1, address: gw-1.peers:9100}}\n    - {{name: gw-2, address: gw-2.peers:9100}}\n    - {{name: gw-3, address: \"[::1]:9100\"}}\n"
+    ));
+    let cluster = config.cluster.as_ref().unwrap();
+    assert_eq!(config.sessions.instance, "gw-2");
+    assert_eq!(cluster.listener, Some(1));
+    let names: Vec<&str> = cluster.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["gw-1", "gw-3"]);
+    assert_eq!(cluster.peer("gw-3").unwrap().address, "[::1]:9100");
+    assert!(cluster.peer("gw-2").is_none());
+    assert_eq!(
+        cluster.tls.as_ref().unwrap().server_name.as_deref(),
+        Some("peers.internal")
+    );
+    assert!(cluster.secret.matches(SECRET.as_bytes()));
+    assert!(!cluster.secret.matches(&SECRET.as_bytes()[1..]));
+    assert!(!format!("{cluster:?}").contains(SECRET));
+    let described = crate::config::describe(&config);
+    assert!(
+        described.contains("cluster: instance gw-2, peers over TLS on listener peers: gw-1 at gw-1.peers:9100, gw-3 at [::1]:9100"),
+        "{described}"
+    );
+}
+
+#[test]
+fn bad_cluster_settings_are_reported_on_their_lines() {
+    let base_lines = MINIMAL.lines().count();
+    let source = format!(
+        "{MINIMAL}sessions:\n  instance: gw-9\ncluster:\n  name: gw-1\n  secret: short\n  listener: nowhere\n  peers:\n    - {{name: gw-2, address: gw-2.peers}}\n    - {{name: gw-3, address: 10.0.0.3:9100}}\n    - {{name: gw-3, address: 10.0.0.4:9100}}\n    - {{name: \"gw 4\", address: 10.0.0.5:9100, port: 1}}\n"
+    );
+    let errors = errs(&source);
+    expect(&errors, base_lines + 5, "cluster.secret", &["at least 32"]);
+    expect(
+        &errors,
+        base_lines + 6,
+        "cluster.listener",
+        &["no listener named \"nowhere\""],
+    );
+    expect(
+        &errors,
+        base_lines + 8,
+        "cluster.peers[0].address",
+        &["no port"],
+    );
+    expect(
+        &errors,
+        base_lines + 10,
+        "cluster.peers[2].name",
+        &["already listed at peers[1]"],
+    );
+    expect(
+        &errors,
+        base_lines + 11,
+        "cluster.peers[3].name",
+        &["instance name"],
+    );
+    expect(
+        &errors,
+        base_lines + 11,
+        "cluster.peers[3].port",
+        &["unknown key"],
+    );
+
+    single(
+        &format!(
+            "{MINIMAL}cluster:\n  name: gw-1\n  secret: {SECRET}\n  secret_env: X\n  peers: []\n"
+        ),
+        base_lines + 4,
+        "cluster.secret_env",
+        &["not both"],
+    );
+    single(
+        &format!("{MINIMAL}cluster:\n  name: gw-1\n  secret: {SECRET}\n"),
+        base_lines + 1,
+        "cluster.peers",
+        &["required key is missing"],
+    );
+    single(
+        &format!(
+            "{MINIMAL}cluster:\n  name: gw-1\n  address: 10.0.0.1:9100\n  secret: {SECRET}\n  peers:\n    - {{name: gw-1, address: 10.0.0.9:9100}}\n"
+        ),
+        base_lines + 3,
+        "cluster.address",
+        &["differs from this instance's entry"],
+    );
+    single(
+        &format!(
+            "{MINIMAL}sessions:\n  instance: gw-9\ncluster:\n  name: gw-1\n  secret: {SECRET}\n  peers: []\n"
+        ),
+        base_lines + 2,
+        "sessions.instance",
+        &["cluster.name", "gw-1"],
+    );
+    // The only listener cannot be kept for peers.
+    single(
+        &format!(
+            "{MINIMAL}cluster:\n  name: gw-1\n  secret: {SECRET}\n  listener: listener-0\n  peers: []\n"
+        ),
+        base_lines + 4,
+        "cluster.listener",
+        &["no listener for clients"],
+    );
+}

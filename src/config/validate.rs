@@ -9,6 +9,7 @@
 //!   fixing a file sees everything wrong in one run.
 
 mod auth;
+mod cluster;
 
 use std::collections::HashMap;
 use std::net::{Ipv6Addr, SocketAddr};
@@ -47,6 +48,7 @@ const TOP_KEYS: &[&str] = &[
     "sessions",
     "drain",
     "rebalance",
+    "cluster",
 ];
 const LISTENER_KEYS: &[&str] = &["name", "address", "tls"];
 const SERVER_TLS_KEYS: &[&str] = &["certificates"];
@@ -592,7 +594,34 @@ impl Cx<'_> {
             Some((raw, path)) => self.rebalance(raw, &path),
         };
 
+        let cluster = match top.get("cluster") {
+            None => Some(None),
+            Some((raw, path)) => self.cluster(raw, &path, listeners.as_deref()).map(Some),
+        };
+        // Session ids name their owner: with a cluster, the instance is the cluster name.
+        let mut sessions = sessions;
+        if let (Some(sessions), Some(Some(cluster))) = (&mut sessions, &cluster) {
+            let explicit = top
+                .get("sessions")
+                .and_then(|(raw, _)| match raw {
+                    Raw::Map(entries) => entries.iter().find(|(k, _)| k == "instance"),
+                    _ => None,
+                })
+                .is_some();
+            if explicit && sessions.instance != cluster.name {
+                self.err(
+                    &root.key("sessions").key("instance"),
+                    format!(
+                        "differs from cluster.name ({}): session ids must name the instance its peers know; remove sessions.instance",
+                        cluster.name
+                    ),
+                );
+            }
+            sessions.instance = cluster.name.clone();
+        }
+
         Some(Config {
+            cluster: cluster?,
             sessions: sessions?,
             listeners: listeners?,
             upstreams: upstreams?,

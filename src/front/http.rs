@@ -7,6 +7,7 @@
 
 use super::body::{BodyFault, ClientBody, Tracked};
 use super::websocket::{self, Acceptance, Decision};
+use crate::cluster::{self, Ingress, Owner, forward::Routed};
 use crate::config::Route;
 use crate::drain::Phase;
 use crate::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
@@ -43,6 +44,8 @@ type PendingUpgrade = Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Accepted)>>>;
 enum Accepted {
     Relay(Box<Acceptance>),
     Session(Box<SessionSocket>),
+    /// A session WebSocket carried to the instance owning the session.
+    Tunnel(Box<cluster::tunnel::Answer>),
 }
 
 /// Serves a plain-HTTP connection; `prefix` is what was read of it already. Returns when the
@@ -116,6 +119,7 @@ pub async fn serve(
             match accepted {
                 Accepted::Relay(acceptance) => acceptance.relay(client, &[], started).await,
                 Accepted::Session(socket) => socket.serve(client, &[]).await,
+                Accepted::Tunnel(answer) => answer.carry(client, true).await,
             }
         }
     }
@@ -131,6 +135,14 @@ async fn handle(
     if let Some(response) = sanitise(&mut request) {
         return response;
     }
+    let listener = request.extensions().get::<ListenerIndex>().map(|l| l.0);
+    let ingress = cluster::ingress(&gateway, listener, &fields(&request));
+    if let Ingress::Refused(line) = ingress {
+        if let Some(listener) = listener {
+            gateway.refused(listener, Some(403), "peer", peer, line);
+        }
+        return plain(403, line);
+    }
     let wants_websocket = request
         .headers()
         .get_all(hyper::header::UPGRADE)
@@ -139,7 +151,7 @@ async fn handle(
         .flat_map(handshake::headers::split_list)
         .any(|token| token.eq_ignore_ascii_case("websocket"));
     if wants_websocket {
-        return upgrade(&gateway, peer, tls, request, pending).await;
+        return upgrade(&gateway, peer, tls, ingress, request, pending).await;
     }
     if request.uri().path() == session::CLIENT_PATH {
         return client_library(&request);
@@ -150,12 +162,44 @@ async fn handle(
         return plain(400, "exactly one Host header is required");
     }
     let host = hosts.iter().next().and_then(|v| v.to_str().ok());
+    let from_peer = matches!(ingress, Ingress::Peer { .. });
     match gateway.routes.route(host, request.uri().path()) {
         Some(route) if gateway.config.sessions.enabled => {
             let query = request.uri().query().map(str::to_owned);
             match session::protocol::parse_query(query.as_deref()) {
+                Ok(None) if from_peer => plain(403, "peers forward session requests only"),
+                Ok(Some(query)) if from_peer && query.sid.is_none() => {
+                    plain(403, "peers forward requests of existing sessions only")
+                }
                 Ok(None) => routed(&gateway, route, peer, tls, request).await,
                 Ok(Some(query)) => {
+                    let (request, peer, tls) = match query.sid.as_deref() {
+                        None => (request, peer, tls),
+                        Some(sid) => {
+                            let op = query.op.name();
+                            let origin = request
+                                .headers()
+                                .get(hyper::header::ORIGIN)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned);
+                            match cluster::forward::route(
+                                &gateway, sid, op, ingress, request, peer, tls,
+                            )
+                            .await
+                            {
+                                Routed::Local(request, peer, tls) => (request, peer, tls),
+                                Routed::Answered(answer) => return answer,
+                                Routed::Gone => {
+                                    return session::http::gone(
+                                        &gateway,
+                                        route,
+                                        op,
+                                        origin.as_deref(),
+                                    );
+                                }
+                            }
+                        }
+                    };
                     let owned = owned_fields(&request);
                     let headers: Vec<httparse::Header<'_>> = owned
                         .iter()
@@ -167,6 +211,7 @@ async fn handle(
                 Err(line) => session::http::malformed(&gateway, route, &request, &line),
             }
         }
+        _ if from_peer => plain(403, "peers forward session requests only"),
         Some(route) => routed(&gateway, route, peer, tls, request).await,
         None => plain(404, "no route for this host and path"),
     }
@@ -316,6 +361,7 @@ async fn upgrade(
     gateway: &Arc<Gateway>,
     peer: SocketAddr,
     tls: bool,
+    ingress: Ingress,
     mut request: Request<Incoming>,
     pending: PendingUpgrade,
 ) -> Response<Body> {
@@ -327,8 +373,30 @@ async fn upgrade(
         version: minor_version(&request),
         headers: &headers,
     };
-    if let Some(response) =
-        session_upgrade(gateway, &head, peer, tls, on_upgrade.clone(), &pending).await
+    let from_peer = matches!(ingress, Ingress::Peer { .. });
+    let (peer, tls) = match ingress {
+        Ingress::Peer { client, tls } => (client, tls),
+        Ingress::Client | Ingress::Refused(_) => (peer, tls),
+    };
+    let session = session::websocket::classify(gateway, &head);
+    match (&session, from_peer) {
+        (UpgradeKind::Session(_, query), true) if query.sid.is_none() => {
+            return plain(403, "peers forward requests of existing sessions only");
+        }
+        (UpgradeKind::Plain | UpgradeKind::Invalid(_), true) => {
+            return plain(403, "peers forward session requests only");
+        }
+        _ => {}
+    }
+    if let Some(response) = session_upgrade(
+        gateway,
+        session,
+        &head,
+        (peer, tls, ingress),
+        on_upgrade.clone(),
+        &pending,
+    )
+    .await
     {
         return response;
     }
@@ -364,17 +432,23 @@ async fn upgrade(
 /// A `wsgate=socket` upgrade: the session layer's WebSocket. `None` for any other upgrade.
 async fn session_upgrade(
     gateway: &Arc<Gateway>,
+    kind: UpgradeKind<'_>,
     head: &RequestHead<'_, '_>,
-    peer: SocketAddr,
-    tls: bool,
+    (peer, tls, ingress): (SocketAddr, bool, Ingress),
     on_upgrade: hyper::upgrade::OnUpgrade,
     pending: &PendingUpgrade,
 ) -> Option<Response<Body>> {
-    let (route, query) = match session::websocket::classify(gateway, head) {
+    let (route, query) = match kind {
         UpgradeKind::Plain => return None,
         UpgradeKind::Invalid(line) => return Some(plain(400, &line)),
         UpgradeKind::Session(route, query) => (route, query),
     };
+    if let Some(sid) = query.sid.as_deref()
+        && let Owner::Peer(owner) = cluster::owner(gateway, sid, ingress, "socket")
+        && let Some(answer) = cluster::tunnel::open(gateway, owner, head, &[], peer, tls).await
+    {
+        return Some(tunnel_answer(answer, on_upgrade, pending).await);
+    }
     let socket = match session::websocket::decide(gateway, route, head, &query, peer, tls).await {
         Ok(socket) => socket,
         Err(refusal) => return Some(refusal_response(refusal)),
@@ -398,6 +472,44 @@ async fn session_upgrade(
             .body(empty())
             .unwrap_or_else(|_| plain(500, "cannot build the 101 response")),
     )
+}
+
+/// The owner's answer to a forwarded session WebSocket, as hyper's response: a 101 whose
+/// connection is carried to the owner once upgraded, or the owner's refusal.
+async fn tunnel_answer(
+    answer: cluster::tunnel::Answer,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    pending: &PendingUpgrade,
+) -> Response<Body> {
+    let mut response = Response::builder().status(answer.status);
+    for (name, value) in answer.headers() {
+        let lower = name.to_ascii_lowercase();
+        if answer.status != 101
+            && matches!(
+                lower.as_str(),
+                "content-length" | "transfer-encoding" | "connection"
+            )
+        {
+            continue;
+        }
+        response = response.header(name, value);
+    }
+    if answer.status == 101 {
+        if let Ok(mut slot) = pending.lock() {
+            *slot = Some((on_upgrade, Accepted::Tunnel(Box::new(answer))));
+        }
+        return response
+            .body(empty())
+            .unwrap_or_else(|_| plain(502, "cannot carry the session owner's answer"));
+    }
+    let body = answer.refusal_body().await;
+    response
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+        )
+        .unwrap_or_else(|_| plain(502, "cannot carry the session owner's answer"))
 }
 
 /// RFC 9110 §9.2.2: a request that may be sent twice. Only these are retried, although a

@@ -12,6 +12,7 @@ mod http;
 mod respond;
 mod websocket;
 
+use crate::cluster::{self, Ingress, Owner};
 use crate::gateway::Gateway;
 use crate::proto::handshake::{self, HandshakeError, RequestHead};
 use crate::routing;
@@ -52,6 +53,8 @@ enum Next {
     Session(Box<SessionSocket>, Vec<u8>),
     /// Plain HTTP: hyper takes over, re-reading the bytes read so far.
     Http(Vec<u8>),
+    /// A session WebSocket of a session another instance owns: its answer, then its bytes.
+    Tunnel(Box<cluster::tunnel::Answer>),
 }
 
 /// Serves one client connection to the end. `deadline` bounds the arrival of the first request
@@ -85,6 +88,7 @@ pub fn serve(
             Next::Done => {}
             Next::Relay(acceptance, early) => acceptance.relay(stream, &early, started).await,
             Next::Session(socket, early) => Box::pin(socket.serve(stream, &early)).await,
+            Next::Tunnel(answer) => Box::pin(answer.carry(stream, false)).await,
             Next::Http(prefix) => {
                 Box::pin(http::serve(gateway, stream, peer, tls, listener, prefix)).await
             }
@@ -191,7 +195,29 @@ async fn first_request(
         target: &target,
         ..head
     };
-    match session::websocket::classify(gateway, &head) {
+    let ingress = cluster::ingress(gateway, Some(client.listener), head.headers);
+    let kind = session::websocket::classify(gateway, &head);
+    let forbidden = match (ingress, &kind) {
+        (Ingress::Refused(line), _) => Some(line),
+        // Peers forward resumed session sockets only.
+        (Ingress::Peer { .. }, UpgradeKind::Session(_, query)) if query.sid.is_none() => {
+            Some("peers forward requests of existing sessions only")
+        }
+        (Ingress::Peer { .. }, UpgradeKind::Plain | UpgradeKind::Invalid(_)) => {
+            Some("peers forward session requests only")
+        }
+        _ => None,
+    };
+    if let Some(line) = forbidden {
+        refused(403, "peer", line);
+        refuse(stream, 403, line, &[]).await;
+        return Next::Done;
+    }
+    let (peer, tls) = match ingress {
+        Ingress::Peer { client, tls } => (client, tls),
+        Ingress::Client | Ingress::Refused(_) => (peer, tls),
+    };
+    match kind {
         UpgradeKind::Plain => {}
         UpgradeKind::Invalid(line) => {
             refused(400, "session_request", &line);
@@ -199,6 +225,13 @@ async fn first_request(
             return Next::Done;
         }
         UpgradeKind::Session(route, query) => {
+            if let Some(sid) = query.sid.as_deref()
+                && let Owner::Peer(owner) = cluster::owner(gateway, sid, ingress, "socket")
+                && let Some(answer) =
+                    cluster::tunnel::open(gateway, owner, &head, &buf[head_len..], peer, tls).await
+            {
+                return Next::Tunnel(Box::new(answer));
+            }
             return match session::websocket::decide(gateway, route, &head, &query, peer, tls).await
             {
                 Err(refusal) => {

@@ -418,6 +418,30 @@ fn closing(mut response: Response<Body>) -> Response<Body> {
     response
 }
 
+/// The answer to a request of a session whose owner could not be reached: the session is
+/// gone as far as the client can tell, and the client library opens a new one.
+pub fn gone(
+    gateway: &Gateway,
+    route: usize,
+    op: &'static str,
+    origin: Option<&str>,
+) -> Response<Body> {
+    let mut response = error(
+        410,
+        "session not found: the instance holding it cannot be reached; open a new one",
+    );
+    allow_origin(gateway.route(route), origin, &mut response);
+    gateway
+        .metrics
+        .session_requests
+        .get_or_create(&SessionRequest {
+            op: op.to_owned(),
+            status: "410".to_owned(),
+        })
+        .inc();
+    response
+}
+
 /// The answer to a request whose session parameters cannot be parsed: a 400 in the session
 /// protocol's error format, readable by the route's admitted origins like every session answer.
 pub fn malformed(

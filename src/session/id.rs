@@ -1,6 +1,7 @@
-//! Session ids: `<instance>~<128 random bits, base64url>`. The instance prefix lets a load
-//! balancer in front of several gateways send a session's requests to the gateway holding it
-//! (by the `wsgate_sid` parameter), with no shared state between gateways.
+//! Session ids: `<instance>~<128 random bits, base64url>`. The instance prefix names the
+//! gateway holding the session: instances of a cluster forward a session's requests to it
+//! (`crate::cluster`, which takes addresses only from its peer list), and a load balancer may
+//! route on it, with no shared state between gateways.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
