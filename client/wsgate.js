@@ -15,6 +15,14 @@
 // Events: open (once), message, close (once: {code, reason, wasClean}), error, and, for
 // status displays, "transport" (detail: "websocket" | "polling") and "reconnecting".
 //
+// A session the gateway no longer has (410 / close 4410: it expired while the client was
+// away, or the gateway instance holding it is gone) is replaced by a new one on its own:
+// "sessionlost" (detail: {code, reason, unconfirmed}) is emitted, the socket stays open and
+// reconnects to a fresh session. Messages from the backend after the last one received are
+// lost with the old session, and `unconfirmed` lists those sent but never acknowledged (they
+// may or may not have reached the backend; the application decides whether to send them
+// again). With `{ reopen: false }` the socket closes with 4410 instead, like a WebSocket.
+//
 // On a route with `auth.jwt`, pass the token: `{ token: "eyJ..." }`, or a function returning
 // one (or a promise of one), called each time a session is opened, so a fresh token is used
 // after the old session ended. It travels as the query parameter `tokenParam`
@@ -76,6 +84,7 @@
       this._tokenTransport = o.tokenTransport || "query";
       this._tokenParam = o.tokenParam || "access_token";
       this._tokenPrefix = o.tokenPrefix || "bearer.";
+      this._reopen = o.reopen !== false;
       this._backoff = { base: o.backoffBase || 250, max: o.backoffMax || 10000, attempt: 0 };
       this.readyState = CONNECTING;
       this.protocol = "";
@@ -194,6 +203,15 @@
 
     _sessionGone(code, reason) {
       this._abandon();
+      if (code === CLOSE_GONE && this._reopen && this.readyState === OPEN) {
+        const unconfirmed = this._outbox.map((m) => m.data);
+        this._sid = null;
+        this._received = 0;
+        this._nextSeq = 1;
+        this._outbox = [];
+        this._emit("sessionlost", { code, reason, unconfirmed });
+        return this._retry();
+      }
       this._finish(code, reason, false);
     }
 
@@ -208,7 +226,7 @@
       let event;
       if (type === "message") event = new MessageEvent("message", { data: detail });
       else if (type === "close") event = Object.assign(new Event("close"), detail);
-      else if (type === "transport" || type === "reconnecting") event = new CustomEvent(type, { detail });
+      else if (type === "transport" || type === "reconnecting" || type === "sessionlost") event = new CustomEvent(type, { detail });
       else event = new Event(type);
       const handler = this["on" + type];
       if (typeof handler === "function") handler.call(this, event);
