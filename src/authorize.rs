@@ -12,12 +12,12 @@ use crate::auth::forward::{ForwardClient, Verdict};
 use crate::auth::jwt::Rejection;
 use crate::auth::remote::FetchError;
 use crate::auth::{self, Failure, RouteAuth, SubjectSlot};
+use crate::client_addr::ClientAddr;
 use crate::gateway::Gateway;
 use crate::proto::CloseCode;
 use crate::proto::handshake::RequestHead;
 use crate::recent_errors::{ErrorKind, RecentErrors};
 use crate::upstream::Refusal;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::Instant;
@@ -141,7 +141,7 @@ pub async fn authorize(
     gateway: &Gateway,
     route: usize,
     head: &RequestHead<'_, '_>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Result<Option<Authorized>, Refusal> {
     if let Some(forward) = gateway.forward_auth.get(route).and_then(Option::as_ref) {
@@ -207,7 +207,7 @@ async fn forwarded(
     route: usize,
     forward: &ForwardClient,
     head: &RequestHead<'_, '_>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Result<Authorized, Refusal> {
     let name = &gateway.route(route).name;
@@ -306,7 +306,7 @@ fn fetch_failed(errors: &RecentErrors, route: &str, error: &FetchError) {
 }
 
 /// Counts a refusal per route and reason and shows it on the dashboard.
-pub fn record(gateway: &Gateway, route: usize, peer: SocketAddr, failure: Failure) {
+pub fn record(gateway: &Gateway, route: usize, peer: ClientAddr, failure: Failure) {
     let name = &gateway.route(route).name;
     gateway
         .metrics

@@ -43,6 +43,22 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
                 }
             }
         }
+        if listener.proxy_protocol {
+            writeln!(out, "    PROXY protocol (v1, v2) required")?;
+        }
+        if !listener.trusted_proxies.is_empty() {
+            let networks: Vec<String> = listener
+                .trusted_proxies
+                .networks()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            writeln!(
+                out,
+                "    client addresses believed from {}",
+                networks.join(", ")
+            )?;
+        }
     }
 
     writeln!(out, "upstreams:")?;

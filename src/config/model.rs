@@ -9,6 +9,7 @@
 //!
 //! Nothing here knows about YAML: `raw.rs` is the only file that names the YAML crate.
 
+use crate::client_addr::TrustedNetworks;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,6 +38,11 @@ pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
     pub tls: Option<ServerTls>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) naming the client;
+    /// only connections from `trusted_proxies` are accepted.
+    pub proxy_protocol: bool,
+    /// Where a PROXY header, `X-Forwarded-For` or `Forwarded` is believed from (empty: nowhere).
+    pub trusted_proxies: TrustedNetworks,
 }
 
 /// TLS termination on a listener. The first certificate is the default one,

@@ -2604,3 +2604,32 @@ fn describe_shows_each_routes_auth() {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
 }
+
+#[test]
+fn trusted_proxies_are_networks_and_proxy_protocol_needs_them() {
+    let listener = |extra: &str| {
+        format!(
+            "listeners:\n  - address: 127.0.0.1:1\n{extra}upstreams:\n  u:\n    backends: [ws://127.0.0.1:2]\nroutes:\n  - upstream: u\n"
+        )
+    };
+    let config = crate::config::from_yaml_str(
+        &listener("    proxy_protocol: true\n    trusted_proxies: [10.0.0.0/8, 192.0.2.1, \"2001:db8::/32\"]\n"),
+        "t.yaml",
+    )
+    .unwrap();
+    let l = &config.listeners[0];
+    assert!(l.proxy_protocol);
+    assert!(l.trusted_proxies.contains("10.1.2.3".parse().unwrap()));
+    assert!(l.trusted_proxies.contains("192.0.2.1".parse().unwrap()));
+    assert!(!l.trusted_proxies.contains("192.0.2.2".parse().unwrap()));
+    assert!(l.trusted_proxies.contains("2001:db8::9".parse().unwrap()));
+
+    assert_eq!(
+        errors_of(&listener("    proxy_protocol: true\n")),
+        "t.yaml:3: listeners[0].proxy_protocol: proxy_protocol needs trusted_proxies: the networks of the load balancers allowed to send the header"
+    );
+    assert_eq!(
+        errors_of(&listener("    trusted_proxies: [10.0.0.0/33]\n")),
+        "t.yaml:3: listeners[0].trusted_proxies[0]: \"10.0.0.0/33\" is not a network such as 10.0.0.0/8 or an address such as 192.0.2.1"
+    );
+}

@@ -21,6 +21,7 @@ use super::raw::Raw;
 use super::units::{
     DURATION_FORM, SIZE_FORM, Timer, format_duration, format_size, parse_duration, parse_size,
 };
+use crate::client_addr::TrustedNetworks;
 
 /// One thing wrong with the file, before line numbers are attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +49,13 @@ const TOP_KEYS: &[&str] = &[
     "drain",
     "rebalance",
 ];
-const LISTENER_KEYS: &[&str] = &["name", "address", "tls"];
+const LISTENER_KEYS: &[&str] = &[
+    "name",
+    "address",
+    "tls",
+    "proxy_protocol",
+    "trusted_proxies",
+];
 const SERVER_TLS_KEYS: &[&str] = &["certificates"];
 const CERTIFICATE_KEYS: &[&str] = &["cert", "key", "server_names"];
 const UPSTREAM_KEYS: &[&str] = &[
@@ -665,11 +672,60 @@ impl Cx<'_> {
             None => Some(None),
             Some((raw, path)) => self.server_tls(raw, &path).map(Some),
         };
+        let trusted_proxies = match f.get("trusted_proxies") {
+            None => Some(TrustedNetworks::default()),
+            Some((raw, path)) => self.networks(raw, &path),
+        };
+        let proxy_protocol = match f.get("proxy_protocol") {
+            None => Some(false),
+            Some((raw, path)) => {
+                let on = self.boolean(raw, &path);
+                if on == Some(true)
+                    && trusted_proxies
+                        .as_ref()
+                        .is_some_and(TrustedNetworks::is_empty)
+                {
+                    // A header believed from anyone would let any client claim any address.
+                    self.err(
+                        &path,
+                        "proxy_protocol needs trusted_proxies: the networks of the load balancers allowed to send the header",
+                    );
+                    return None;
+                }
+                on
+            }
+        };
         Some(Listener {
             name: name?,
             address: address?,
             tls: tls?,
+            proxy_protocol: proxy_protocol?,
+            trusted_proxies: trusted_proxies?,
         })
+    }
+
+    /// A list of networks (`10.0.0.0/8`, `2001:db8::/32`) or single addresses.
+    fn networks(&mut self, raw: &Raw, path: &YamlPath) -> Option<TrustedNetworks> {
+        let items = self.nonempty_list(raw, path, "trusted_proxies")?;
+        let mut networks = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let item_path = path.index(i);
+            let what = "a network such as 10.0.0.0/8 or an address such as 192.0.2.1";
+            let Some(text) = self.string(item, &item_path, what) else {
+                ok = false;
+                continue;
+            };
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("{text:?} is not {what}"));
+            match self.checked(&item_path, parsed) {
+                Some(net) => networks.push(net.trunc()),
+                None => ok = false,
+            }
+        }
+        ok.then(|| TrustedNetworks::new(networks))
     }
 
     fn server_tls(&mut self, raw: &Raw, path: &YamlPath) -> Option<ServerTls> {

@@ -7,6 +7,7 @@
 
 use super::body::{BodyFault, ClientBody, Tracked};
 use super::websocket::{self, Acceptance, Decision};
+use crate::client_addr::ClientAddr;
 use crate::config::Route;
 use crate::drain::Phase;
 use crate::forwarded::{ForwardedHeaders, is_hop_by_hop_response};
@@ -51,7 +52,7 @@ enum Accepted {
 pub async fn serve(
     gateway: Arc<Gateway>,
     stream: Stream,
-    peer: SocketAddr,
+    hop: SocketAddr,
     tls: bool,
     listener: usize,
     prefix: Vec<u8>,
@@ -69,6 +70,9 @@ pub async fn serve(
         let pending = Arc::clone(&pending);
         move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ListenerIndex(listener));
+            // Each request of a trusted proxy's connection names its own client.
+            let trusted = &gateway.config.listeners[listener].trusted_proxies;
+            let peer = ClientAddr::of_header_map(hop, request.headers(), trusted);
             let gateway = Arc::clone(&gateway);
             let pending = Arc::clone(&pending);
             async move { Ok::<_, Infallible>(handle(gateway, peer, tls, request, pending).await) }
@@ -88,6 +92,7 @@ pub async fn serve(
         }
     };
     if let Err(error) = result {
+        let peer = ClientAddr::direct(hop);
         tracing::debug!(client = %peer, "HTTP connection ended: {error}");
         // A later request on the connection that hyper refused itself: counted like the
         // first request's refusals, so a slowloris on keep-alive requests shows too.
@@ -123,7 +128,7 @@ pub async fn serve(
 
 async fn handle(
     gateway: Arc<Gateway>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     mut request: Request<Incoming>,
     pending: PendingUpgrade,
@@ -236,7 +241,7 @@ fn client_library(request: &Request<Incoming>) -> Response<Body> {
 async fn routed(
     gateway: &Arc<Gateway>,
     route: usize,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     mut request: Request<Incoming>,
 ) -> Response<Body> {
@@ -259,7 +264,7 @@ async fn routed(
 async fn authorize_request(
     gateway: &Arc<Gateway>,
     route: usize,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     request: &mut Request<Incoming>,
 ) -> Result<Option<crate::authorize::Authorized>, Refusal> {
@@ -314,7 +319,7 @@ fn minor_version(request: &Request<Incoming>) -> u8 {
 
 async fn upgrade(
     gateway: &Arc<Gateway>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     mut request: Request<Incoming>,
     pending: PendingUpgrade,
@@ -365,7 +370,7 @@ async fn upgrade(
 async fn session_upgrade(
     gateway: &Arc<Gateway>,
     head: &RequestHead<'_, '_>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     on_upgrade: hyper::upgrade::OnUpgrade,
     pending: &PendingUpgrade,
@@ -412,7 +417,7 @@ fn is_idempotent(method: &Method) -> bool {
 async fn proxy(
     gateway: &Arc<Gateway>,
     route_index: usize,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     request: Request<Incoming>,
 ) -> Response<Body> {
@@ -635,7 +640,7 @@ fn closing(status: u16, line: &str) -> Response<Body> {
 /// the client (see [`crate::incident`]).
 fn backend_failure(
     status: u16,
-    peer: SocketAddr,
+    peer: ClientAddr,
     route: &crate::config::Route,
     backend: &str,
     why: &dyn std::fmt::Display,

@@ -11,6 +11,7 @@ use crate::admit::{
 };
 use crate::auth::SubjectSlot;
 use crate::authorize::Expiry;
+use crate::client_addr::ClientAddr;
 use crate::config::Compression;
 use crate::drain::depart;
 use crate::gateway::{Gateway, RouteSlot};
@@ -62,6 +63,7 @@ struct AccessContext {
     route: usize,
     backend: String,
     target: String,
+    /// The client as believed (only its address: an idle connection keeps this).
     peer: SocketAddr,
     /// This connection's share of the active-connections gauge, given back when it ends.
     active: Gauge,
@@ -77,7 +79,7 @@ struct AccessContext {
 pub async fn decide(
     gateway: &Arc<Gateway>,
     head: &RequestHead<'_, '_>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Decision {
     // `reason` labels the handshake-failure metric; it is one of a fixed set of words.
@@ -195,7 +197,7 @@ pub async fn decide(
             route: route_index,
             backend: backend_url,
             target: head.path().to_owned(),
-            peer,
+            peer: peer.addr(),
             active,
             registration,
             _subject_slot: subject_slot,
@@ -315,7 +317,7 @@ impl AccessContext {
                 .inc();
         }
         if let Some((kind, why)) = failure(report) {
-            let detail = format!("{}: {why}", self.peer);
+            let detail = format!("{}: {why}", ClientAddr::direct(self.peer));
             self.gateway
                 .errors
                 .record(kind, Some(route), Some(&self.backend), detail);
@@ -323,7 +325,7 @@ impl AccessContext {
         let code = |c: Option<u16>| c.map_or_else(|| "-".to_owned(), |c| c.to_string());
         tracing::info!(
             target: "wsgate::access",
-            client = %self.peer,
+            client = %ClientAddr::direct(self.peer),
             route = %route,
             backend = %self.backend,
             target = %self.target,
