@@ -16,7 +16,8 @@
 //! - wiring: [`gateway`] (compiled config), [`admit`] (origin, limits, sticky pick, backend
 //!   handshake), [`authorize`] (a route's auth applied to a request, refusals counted), [`front`] (one client connection up to the relay, or plain HTTP),
 //!   [`session`] (long-polling and resumable sessions), [`health`] (active and passive backend
-//!   checks), [`rebalance`] (moving connections whose sticky key changed backend), [`admin`]
+//!   checks), [`rebalance`] (moving connections whose sticky key changed backend),
+//!   [`discovery`] (backends from DNS, applied like reloads), [`admin`]
 //!   (metrics, health endpoints and the live dashboard), [`listener`] (accept), [`server`] (the
 //!   whole process);
 //! - beside the gateway: [`demo`], the chat-room backend the demo runs behind it, built on
@@ -43,6 +44,7 @@ pub mod upstream;
 pub mod admin;
 pub mod admit;
 pub mod authorize;
+pub mod discovery;
 pub mod drain;
 pub mod front;
 pub mod gateway;

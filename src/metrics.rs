@@ -92,6 +92,14 @@ pub struct Outcome {
     pub result: String,
 }
 
+/// A DNS lookup of an upstream's backends and what came of it: `changed` (applied like a
+/// reload), `unchanged`, `failed` or `empty` (the last good set kept).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLookupLabel {
+    pub upstream: String,
+    pub result: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpRequest {
     pub route: String,
@@ -190,6 +198,7 @@ pub struct Metrics {
     pub sessions_ended: Family<SessionEnd, Counter>,
     pub session_requests: Family<SessionRequest, Counter>,
     pub rebalanced_connections: Family<RouteLabel, Counter>,
+    pub dns_lookups: Family<DnsLookupLabel, Counter>,
     pub connect_retries: Family<Retry, Counter>,
     pub admin_actions: Family<AdminAction, Counter>,
     pub refused: Family<Refused, Counter>,
@@ -231,6 +240,7 @@ impl Metrics {
             sessions_ended: Family::default(),
             session_requests: Family::default(),
             rebalanced_connections: Family::default(),
+            dns_lookups: Family::default(),
             connect_retries: Family::default(),
             admin_actions: Family::default(),
             refused: Family::default(),
@@ -303,6 +313,11 @@ impl Metrics {
             "rebalanced_connections",
             "WebSocket connections closed with 1012 because their sticky key moved to another backend, per route",
             metrics.rebalanced_connections.clone(),
+        );
+        registry.register(
+            "dns_lookups",
+            "DNS lookups of upstreams' backends, per upstream and result (changed, unchanged, failed, empty)",
+            metrics.dns_lookups.clone(),
         );
         registry.register(
             "connect_retries",

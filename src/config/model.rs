@@ -67,7 +67,10 @@ pub struct CertificateFiles {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub name: String,
+    /// With `dns`, the set the last lookup gave (empty until the first one answers).
     pub backends: Vec<Backend>,
+    /// Backends taken from DNS instead of the file.
+    pub dns: Option<DnsBackends>,
     pub connect_timeout: Duration,
     /// TLS settings for `wss://` backends.
     pub tls: UpstreamTls,
@@ -75,6 +78,37 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     /// Passive checks; `None`: a failed connect never takes a backend out of rotation.
     pub passive_health: Option<PassiveHealth>,
+}
+
+/// An upstream whose backends are what a DNS name resolves to, looked up again after the
+/// answer's TTL, held between `min_interval` and `max_interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsBackends {
+    pub lookup: DnsLookup,
+    /// `wss://` backends.
+    pub secure: bool,
+    /// Path prefix of every backend, as in a backend URL.
+    pub base_path: String,
+    /// The name server asked; `None`: the system's (`/etc/resolv.conf`).
+    pub resolver: Option<SocketAddr>,
+    pub min_interval: Duration,
+    pub max_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsLookup {
+    /// `A` and `AAAA` records of `name`, each address with `port`.
+    Address { name: String, port: u16 },
+    /// `SRV` records of `name` (the lowest priority's targets, their ports and weights).
+    Srv { name: String },
+}
+
+impl DnsLookup {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Address { name, .. } | Self::Srv { name } => name,
+        }
+    }
 }
 
 /// Active health checks of an upstream's backends: each backend is probed every `interval`;

@@ -60,11 +60,18 @@ const SERVER_TLS_KEYS: &[&str] = &["certificates"];
 const CERTIFICATE_KEYS: &[&str] = &["cert", "key", "server_names"];
 const UPSTREAM_KEYS: &[&str] = &[
     "backends",
+    "dns",
     "connect_timeout",
     "tls",
     "health_check",
     "passive_health",
 ];
+const DNS_KEYS: &[&str] = &["url", "srv", "resolver", "min_interval", "max_interval"];
+/// The shortest wait between two lookups of a name, whatever its TTL: DNS answers of 0 s
+/// (common for service discovery) must not turn into a lookup loop.
+const MIN_DNS_INTERVAL: Duration = Duration::from_millis(100);
+const DEFAULT_DNS_MIN_INTERVAL: Duration = Duration::from_secs(5);
+const DEFAULT_DNS_MAX_INTERVAL: Duration = Duration::from_secs(60);
 const HEALTH_CHECK_KEYS: &[&str] = &[
     "kind",
     "path",
@@ -837,13 +844,32 @@ impl Cx<'_> {
             "an upstream mapping with backends",
             UPSTREAM_KEYS,
         )?;
-        let backends = f
-            .required(
-                self,
-                "backends",
-                "a list of backend URLs such as ws://127.0.0.1:9001",
-            )
-            .and_then(|(raw, path)| self.backends(raw, &path));
+        let (backends, dns) = match (f.get("backends"), f.get("dns")) {
+            (Some(_), Some((_, dns_path))) => {
+                self.err(
+                    &dns_path,
+                    "an upstream takes its backends from backends or from dns, not both",
+                );
+                return None;
+            }
+            (None, Some((raw, path))) => {
+                (Some(Vec::new()), self.dns_backends(raw, &path).map(Some))
+            }
+            _ => (
+                f.required(
+                    self,
+                    "backends",
+                    "a list of backend URLs such as ws://127.0.0.1:9001 (or dns)",
+                )
+                .and_then(|(raw, path)| self.backends(raw, &path)),
+                Some(None),
+            ),
+        };
+        let any_secure = match (&backends, &dns) {
+            (_, Some(Some(dns))) => dns.secure,
+            (Some(backends), _) => backends.iter().any(|b| b.secure),
+            _ => false,
+        };
         let connect_timeout = match f.get("connect_timeout") {
             None => Some(DEFAULT_CONNECT_TIMEOUT),
             Some((raw, path)) => self.timer(raw, &path, TIMER).flatten(),
@@ -852,10 +878,7 @@ impl Cx<'_> {
             None => Some(UpstreamTls::default()),
             Some((raw, tls_path)) => {
                 let tls = self.upstream_tls(raw, &tls_path);
-                if let Some(backends) = &backends
-                    && tls.is_some()
-                    && !backends.iter().any(|b| b.secure)
-                {
+                if backends.is_some() && tls.is_some() && !any_secure {
                     self.err(
                         &tls_path,
                         "tls applies only to wss:// backends, and this upstream has none",
@@ -873,11 +896,24 @@ impl Cx<'_> {
             None => Some(Some(PassiveHealth::DEFAULT)),
             Some((raw, path)) => self.passive_health(raw, &path),
         };
+        let mut tls = tls?;
+        let dns = dns?;
+        // Backends found by DNS are addresses: their certificates name the DNS name.
+        if let Some(DnsBackends {
+            secure: true,
+            lookup: DnsLookup::Address { name, .. },
+            ..
+        }) = &dns
+            && tls.server_name.is_none()
+        {
+            tls.server_name = Some(name.clone());
+        }
         Some(Upstream {
             name,
             backends: backends?,
+            dns,
             connect_timeout: connect_timeout?,
-            tls: tls?,
+            tls,
             health_check: health_check?,
             passive_health: passive_health?,
         })
@@ -951,6 +987,115 @@ impl Cx<'_> {
             port: parsed.port,
             base_path: parsed.base_path,
             weight: weight?,
+        })
+    }
+
+    fn dns_backends(&mut self, raw: &Raw, path: &YamlPath) -> Option<DnsBackends> {
+        let f = self.fields(
+            raw,
+            path,
+            "a mapping with url (A/AAAA) or srv, and optionally resolver, min_interval, max_interval",
+            DNS_KEYS,
+        )?;
+        let lookup = match (f.get("url"), f.get("srv")) {
+            (Some(_), Some((_, srv_path))) => {
+                self.err(&srv_path, "use url (A/AAAA records) or srv, not both");
+                None
+            }
+            (Some((raw, path)), None) => {
+                let what = "a URL whose host is a DNS name, such as ws://rooms.internal:9001";
+                self.string(raw, &path, what)
+                    .and_then(|url| {
+                        let parsed = parse_backend_url(url).and_then(|p| {
+                            if p.host.parse::<std::net::IpAddr>().is_ok() {
+                                Err(format!(
+                                    "{url:?} names an address, not a DNS name (use backends)"
+                                ))
+                            } else {
+                                Ok(p)
+                            }
+                        });
+                        self.checked(&path, parsed)
+                    })
+                    .map(|p| {
+                        (
+                            DnsLookup::Address {
+                                name: p.host,
+                                port: p.port,
+                            },
+                            p.secure,
+                            p.base_path,
+                        )
+                    })
+            }
+            (None, Some((raw, path))) => {
+                let what = "a URL whose host is an SRV name, such as ws://_rooms._tcp.internal";
+                self.string(raw, &path, what)
+                    .and_then(|url| {
+                        let parsed = parse_backend_url(url).and_then(|p| {
+                            if url.rsplit_once(':').is_some_and(|(_, port)| {
+                                port.split('/')
+                                    .next()
+                                    .is_some_and(|p| p.parse::<u16>().is_ok())
+                            }) {
+                                Err(format!(
+                                    "{url:?}: an SRV answer gives the ports; remove the port"
+                                ))
+                            } else {
+                                Ok(p)
+                            }
+                        });
+                        self.checked(&path, parsed)
+                    })
+                    .map(|p| (DnsLookup::Srv { name: p.host }, p.secure, p.base_path))
+            }
+            (None, None) => {
+                self.err(path, "url (A/AAAA records) or srv is required");
+                None
+            }
+        };
+        let resolver = match f.get("resolver") {
+            None => Some(None),
+            Some((raw, path)) => self.socket_addr(raw, &path).map(Some),
+        };
+        let interval = |cx: &mut Self, key: &str, default: Duration| match f.get(key) {
+            None => Some(default),
+            Some((raw, path)) => {
+                let value = cx.timer(raw, &path, TIMER).flatten()?;
+                if value < MIN_DNS_INTERVAL {
+                    cx.err(
+                        &path,
+                        format!("at least {}", format_duration(MIN_DNS_INTERVAL)),
+                    );
+                    return None;
+                }
+                Some(value)
+            }
+        };
+        let min_interval = interval(self, "min_interval", DEFAULT_DNS_MIN_INTERVAL);
+        let max_interval = interval(
+            self,
+            "max_interval",
+            DEFAULT_DNS_MAX_INTERVAL.max(min_interval.unwrap_or_default()),
+        );
+        if let (Some(min), Some(max), Some((_, path))) =
+            (min_interval, max_interval, f.get("max_interval"))
+            && max < min
+        {
+            self.err(
+                &path,
+                format!("at least min_interval ({})", format_duration(min)),
+            );
+            return None;
+        }
+        let (lookup, secure, base_path) = lookup?;
+        Some(DnsBackends {
+            lookup,
+            secure,
+            base_path,
+            resolver: resolver?,
+            min_interval: min_interval?,
+            max_interval: max_interval?,
         })
     }
 
@@ -2074,14 +2219,14 @@ fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), String> {
     Ok((host, port))
 }
 
-struct BackendUrl {
-    secure: bool,
-    host: String,
-    port: u16,
-    base_path: String,
+pub(crate) struct BackendUrl {
+    pub(crate) secure: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) base_path: String,
 }
 
-fn parse_backend_url(url: &str) -> Result<BackendUrl, String> {
+pub(crate) fn parse_backend_url(url: &str) -> Result<BackendUrl, String> {
     let bad = |why: String| Err(format!("invalid backend URL {url:?}: {why}"));
     let Some((scheme, rest)) = url.split_once("://") else {
         return bad("expected ws://host[:port][/path] or wss://host[:port][/path]".into());
