@@ -425,3 +425,53 @@ async fn the_per_ip_limit_counts_the_forwarded_client() {
             .is_err()
     );
 }
+
+/// The header comes before TLS: the handshake starts on the byte after it.
+#[tokio::test]
+async fn a_proxy_header_precedes_tls() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    let backend = echo_backend("a").await;
+    let listener = format!(
+        "{PROXY_LISTENER}    tls:\n      certificates:\n        - cert: {:?}\n          key: {:?}\n",
+        certs.join("localhost.crt"),
+        certs.join("localhost.key")
+    );
+    let gateway = run(&config(&listener, &[backend.addr], "", "")).await;
+    let lb = gateway.listeners[0];
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(certs.join("ca.crt")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tcp = TcpStream::connect(lb).await.unwrap();
+    tcp.write_all(&v2("203.0.113.50:5000".parse().unwrap()))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS after the PROXY header");
+    let stream = tokio_tungstenite::MaybeTlsStream::Rustls(tls);
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("wss://localhost:{}/", lb.port()), stream)
+            .await
+            .unwrap();
+    assert_eq!(whoami(&mut ws).await, "a");
+    assert_eq!(
+        last_seen(&backend, "x-forwarded-for").as_deref(),
+        Some("203.0.113.50")
+    );
+    assert_eq!(
+        last_seen(&backend, "x-forwarded-proto").as_deref(),
+        Some("https")
+    );
+}

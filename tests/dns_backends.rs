@@ -73,8 +73,13 @@ struct Running {
 }
 
 async fn gateway(dns: &Dnsmasq, port: u16) -> Running {
+    gateway_looking_up(dns, &format!("url: ws://{NAME}:{port}")).await
+}
+
+/// A gateway whose upstream `rooms` looks up `lookup` (`url: ...` or `srv: ...`) at `dns`.
+async fn gateway_looking_up(dns: &Dnsmasq, lookup: &str) -> Running {
     let yaml = format!(
-        "listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  rooms:\n    dns:\n      url: ws://{NAME}:{port}\n      resolver: {}\n      min_interval: 100ms\n      max_interval: 500ms\n\
+        "listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  rooms:\n    dns:\n      {lookup}\n      resolver: {}\n      min_interval: 100ms\n      max_interval: 500ms\n\
          routes:\n  - name: rooms\n    upstream: rooms\n    sticky:\n      path: /rooms/{{room}}\nrebalance:\n  window: {}ms\n",
         dns.addr(),
         WINDOW.as_millis()
@@ -455,4 +460,63 @@ async fn a_failing_or_empty_lookup_keeps_the_last_good_set() {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn an_upstream_unresolved_at_start_is_filled_by_the_first_answer() {
+    let Some(dns) = Dnsmasq::start("127.0.0.13 other.test\n") else {
+        return;
+    };
+    let (port, _services) = room_services().await;
+    let gateway = gateway(&dns, port).await;
+    let reloader = &gateway.reloader;
+    assert_eq!(
+        backend_set(reloader),
+        Vec::<u8>::new(),
+        "nothing to start with"
+    );
+    let refused = support::raw_exchange(
+        gateway.addr,
+        support::upgrade_request("/rooms/r0?user=alice", "").as_bytes(),
+    )
+    .await;
+    assert!(
+        refused.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&refused)
+    );
+
+    dns.set_hosts(&hosts(&[12]));
+    dns.reload();
+    wait_for_set(reloader, &[12]).await;
+    let (_member, at) = connect(gateway.addr, 0, "alice").await;
+    assert_eq!(at, "127.0.0.12");
+}
+
+#[tokio::test]
+async fn srv_records_give_ports_weights_and_the_preferred_priority() {
+    let (port, _services) = room_services().await;
+    // _rooms._tcp.rooms.test: a and b at priority 0 (weights 1 and 3), c at priority 1 (a
+    // fallback, not used while the others are in the answer).
+    let srv = |target: &str, priority: u16, weight: u16| {
+        format!("--srv-host=_rooms._tcp.{NAME},{target}.{NAME},{port},{priority},{weight}")
+    };
+    let options = [srv("a", 0, 1), srv("b", 0, 3), srv("c", 1, 1)];
+    let records = format!("127.0.0.11 a.{NAME}\n127.0.0.12 b.{NAME}\n127.0.0.13 c.{NAME}\n");
+    let Some(dns) = Dnsmasq::start_with(&records, &options) else {
+        return;
+    };
+    let gateway = gateway_looking_up(&dns, &format!("srv: ws://_rooms._tcp.{NAME}")).await;
+    let reloader = &gateway.reloader;
+    assert_eq!(backend_set(reloader), [11, 12]);
+    let current = reloader.current();
+    let backends = current.upstreams[0].balancer.backends();
+    let found: Vec<(&str, u16, u32)> = backends
+        .iter()
+        .map(|b| (b.host.as_str(), b.port, b.weight))
+        .collect();
+    assert_eq!(found, [("127.0.0.11", port, 1), ("127.0.0.12", port, 3)]);
+    assert_eq!(backends[0].url, format!("ws://127.0.0.11:{port}"));
+    let (_member, at) = connect(gateway.addr, 0, "alice").await;
+    assert_eq!(at, owners(reloader)[0]);
 }

@@ -346,6 +346,11 @@ pub struct Dnsmasq {
 impl Dnsmasq {
     /// Starts serving `hosts` (lines of `address name`).
     pub fn start(hosts: &str) -> Option<Dnsmasq> {
+        Self::start_with(hosts, &[])
+    }
+
+    /// [`start`](Self::start) with more dnsmasq options (`--srv-host=...`, read at start only).
+    pub fn start_with(hosts: &str, options: &[String]) -> Option<Dnsmasq> {
         let Some(program) = find("dnsmasq", "DNSMASQ", &[PathBuf::from("/usr/sbin")]) else {
             missing("dnsmasq", "apt-get install dnsmasq-base, or set DNSMASQ");
             return None;
@@ -364,6 +369,7 @@ impl Dnsmasq {
             .args(["--listen-address=127.0.0.1", "--bind-interfaces"])
             .args(["--no-resolv", "--no-hosts", "--user=root"])
             .arg(format!("--addn-hosts={}", hosts_file.display()))
+            .args(options)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
