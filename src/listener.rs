@@ -317,7 +317,6 @@ pub async fn accept_loop(
         let tls = bound.tls.clone();
         let listener = bound.index;
         let proxy_protocol = bound.proxy_protocol;
-        let trusted = bound.trusted.clone();
         // The task lives as long as the connection, and its future is sized for its largest
         // state: the TLS handshake is boxed so an idle WebSocket's task carries only the relay.
         tokio::spawn(async move {
@@ -326,6 +325,8 @@ pub async fn accept_loop(
             let handshake_timeout = gateway.config.timeouts.handshake;
             let deadline = tokio::time::Instant::now() + handshake_timeout;
             let mut client = peer;
+            // Listeners do not change on reload: the gateway's copy is this listener's.
+            let trusted = &gateway.config.listeners[listener].trusted_proxies;
             if proxy_protocol {
                 match Box::pin(proxy_protocol::read_header(&mut tcp, deadline)).await {
                     Ok(Source::Client(named)) => client = named,
