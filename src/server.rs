@@ -81,11 +81,11 @@ impl Reloader {
             .found
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        // An upstream whose DNS lookup is unchanged keeps what it last answered; a new or
+        // An upstream that asks DNS the same question keeps what it last answered; a new or
         // changed one is empty until its first answer, which is asked for at once.
         for upstream in &mut config.upstreams {
             if let (Some(spec), Some((was, backends))) = (&upstream.dns, found.get(&upstream.name))
-                && spec == was
+                && spec.same_question(was)
             {
                 upstream.backends = backends.clone();
             }

@@ -76,16 +76,21 @@ async fn gateway(dns: &Dnsmasq, port: u16) -> Running {
     gateway_looking_up(dns, &format!("url: ws://{NAME}:{port}")).await
 }
 
-/// A gateway whose upstream `rooms` looks up `lookup` (`url: ...` or `srv: ...`) at `dns`.
-async fn gateway_looking_up(dns: &Dnsmasq, lookup: &str) -> Running {
+/// A configuration whose upstream `rooms` looks up `lookup` (`url: ...` or `srv: ...`) at
+/// `dns`, at most every `max_interval`.
+fn dns_config(dns: &Dnsmasq, lookup: &str, max_interval: &str) -> wsgate::config::Config {
     let yaml = format!(
-        "listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  rooms:\n    dns:\n      {lookup}\n      resolver: {}\n      min_interval: 100ms\n      max_interval: 500ms\n\
+        "listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  rooms:\n    dns:\n      {lookup}\n      resolver: {}\n      min_interval: 100ms\n      max_interval: {max_interval}\n\
          routes:\n  - name: rooms\n    upstream: rooms\n    sticky:\n      path: /rooms/{{room}}\nrebalance:\n  window: {}ms\n",
         dns.addr(),
         WINDOW.as_millis()
     );
-    let config =
-        wsgate::config::from_yaml_str(&yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+    wsgate::config::from_yaml_str(&yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A gateway whose upstream `rooms` looks up `lookup` at `dns`.
+async fn gateway_looking_up(dns: &Dnsmasq, lookup: &str) -> Running {
+    let config = dns_config(dns, lookup, "500ms");
     let server = Server::bind(config).await.unwrap();
     let addr = server.local_addrs()[0];
     let reloader = server.reloader();
@@ -519,4 +524,32 @@ async fn srv_records_give_ports_weights_and_the_preferred_priority() {
     assert_eq!(backends[0].url, format!("ws://127.0.0.11:{port}"));
     let (_member, at) = connect(gateway.addr, 0, "alice").await;
     assert_eq!(at, owners(reloader)[0]);
+}
+
+#[tokio::test]
+async fn a_reload_of_the_file_keeps_what_dns_answered() {
+    let Some(dns) = Dnsmasq::start(&hosts(&[11, 12])) else {
+        return;
+    };
+    let (port, _services) = room_services().await;
+    let gateway = gateway(&dns, port).await;
+    let reloader = &gateway.reloader;
+    assert_eq!(backend_set(reloader), [11, 12]);
+    let lookup = format!("url: ws://{NAME}:{port}");
+    // The same question with other intervals: the answer stays, from the first instant.
+    reloader.reload(dns_config(&dns, &lookup, "2s")).unwrap();
+    assert_eq!(backend_set(reloader), [11, 12]);
+    // Another question (another port): empty until its own answer, which comes at once.
+    let other_port = port.checked_add(1).unwrap_or(port - 1);
+    let other = format!("url: ws://{NAME}:{other_port}");
+    reloader.reload(dns_config(&dns, &other, "2s")).unwrap();
+    assert_eq!(backend_set(reloader), Vec::<u8>::new());
+    wait_for_set(reloader, &[11, 12]).await;
+    let ports: Vec<u16> = reloader.current().upstreams[0]
+        .balancer
+        .backends()
+        .iter()
+        .map(|b| b.port)
+        .collect();
+    assert_eq!(ports, [other_port, other_port]);
 }

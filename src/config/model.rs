@@ -95,6 +95,20 @@ pub struct DnsBackends {
     pub max_interval: Duration,
 }
 
+impl DnsBackends {
+    /// Whether `other` asks the same question of the same server (only the intervals may
+    /// differ), so the answer to one is the answer to the other.
+    pub fn same_question(&self, other: &Self) -> bool {
+        (&self.lookup, self.secure, &self.base_path, self.resolver)
+            == (
+                &other.lookup,
+                other.secure,
+                &other.base_path,
+                other.resolver,
+            )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DnsLookup {
     /// `A` and `AAAA` records of `name`, each address with `port`.
