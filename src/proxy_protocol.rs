@@ -11,7 +11,7 @@
 //!
 //! Parsing is [`ppp`]'s; [`parse`] is pure and [`read_header`] is its driver.
 
-use ppp::{HeaderResult, PartialResult, v1, v2};
+use ppp::{PartialResult, v1, v2};
 use std::io;
 use std::net::SocketAddr;
 use tokio::io::AsyncReadExt;
@@ -54,32 +54,35 @@ pub enum Parse {
 
 /// Parses the start of a connection's bytes.
 pub fn parse(buf: &[u8]) -> Parse {
-    if buf.len() >= V2_FIXED && buf.starts_with(V2_SIGNATURE) {
-        let len = V2_FIXED + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
-        if len > MAX_HEADER_BYTES {
-            return Parse::TooLarge;
-        }
-    }
-    // A v1 header is judged whole, at its line end: ppp calls some prefixes cut at a space
-    // invalid (an empty port), and TCP may deliver a header in pieces.
     let v1_prefix = &b"PROXY "[..buf.len().min(6)];
-    if buf.starts_with(v1_prefix) && !buf.contains(&b'\n') {
+    if buf.starts_with(v1_prefix) {
+        parse_v1(buf)
+    } else {
+        parse_v2(buf)
+    }
+}
+
+/// A v1 header is one line, judged whole at its first CRLF: ppp calls some prefixes cut at a
+/// space invalid (an empty port) and takes a bare LF for a line end, while TCP may deliver
+/// a header in pieces and `UNKNOWN` may carry anything up to the CRLF.
+fn parse_v1(buf: &[u8]) -> Parse {
+    let Some(end) = buf.windows(2).position(|pair| pair == b"\r\n") else {
         return if buf.len() >= V1_MAX {
             Parse::TooLarge
         } else {
             Parse::Incomplete
         };
+    };
+    let len = end + 2;
+    if len > V1_MAX {
+        return Parse::TooLarge;
     }
-    let result = HeaderResult::parse(buf);
-    if result.is_incomplete() {
-        return if buf.len() >= MAX_HEADER_BYTES {
-            Parse::TooLarge
-        } else {
-            Parse::Incomplete
-        };
-    }
-    match result {
-        HeaderResult::V1(Ok(header)) => {
+    match v1::Header::try_from(&buf[..len]) {
+        // ppp ends the line at the first CR; one not followed by LF is not a line end.
+        Ok(header) if header.header.len() != len => {
+            Parse::Malformed("a carriage return inside the line".to_owned())
+        }
+        Ok(header) => {
             let source = match header.addresses {
                 v1::Addresses::Tcp4(a) => {
                     Source::Client(SocketAddr::new(a.source_address.into(), a.source_port))
@@ -89,12 +92,30 @@ pub fn parse(buf: &[u8]) -> Parse {
                 }
                 v1::Addresses::Unknown => Source::Connection,
             };
-            Parse::Complete {
-                source,
-                len: header.header.len(),
-            }
+            Parse::Complete { source, len }
         }
-        HeaderResult::V2(Ok(header)) => {
+        Err(error) => Parse::Malformed(error.to_string()),
+    }
+}
+
+fn parse_v2(buf: &[u8]) -> Parse {
+    if buf.len() >= V2_FIXED && buf.starts_with(V2_SIGNATURE) {
+        let len = V2_FIXED + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+        if len > MAX_HEADER_BYTES {
+            return Parse::TooLarge;
+        }
+    }
+    let result = v2::Header::try_from(buf);
+    if result.is_incomplete() {
+        // The length check above bounds a v2 header; this only guards the invariant.
+        return if buf.len() >= MAX_HEADER_BYTES {
+            Parse::TooLarge
+        } else {
+            Parse::Incomplete
+        };
+    }
+    match result {
+        Ok(header) => {
             let source = match (header.command, header.addresses) {
                 (v2::Command::Proxy, v2::Addresses::IPv4(a)) => {
                     Source::Client(SocketAddr::new(a.source_address.into(), a.source_port))
@@ -109,8 +130,7 @@ pub fn parse(buf: &[u8]) -> Parse {
                 len: header.len(),
             }
         }
-        HeaderResult::V1(Err(error)) => Parse::Malformed(error.to_string()),
-        HeaderResult::V2(Err(error)) => Parse::Malformed(error.to_string()),
+        Err(error) => Parse::Malformed(error.to_string()),
     }
 }
 
@@ -229,6 +249,27 @@ mod tests {
                     if len == header.len() && a == "[2001:db8::7]:4000".parse().unwrap())
             );
         }
+    }
+
+    #[test]
+    fn a_v1_line_ends_at_its_first_crlf_only() {
+        // Found by fuzzing: ppp takes a bare LF for the end of an UNKNOWN line, which would
+        // end the header at a different byte depending on how much had arrived.
+        let unknown = b"PROXY UNKNOWN \nmore\r\nGET";
+        assert_eq!(parse(&unknown[..15]), Parse::Incomplete);
+        assert_eq!(
+            parse(unknown),
+            Parse::Complete {
+                source: Source::Connection,
+                len: 21
+            }
+        );
+        assert!(matches!(
+            parse(b"PROXY TCP4 192.0.2.7\r198.51.100.1 4000 443\r\n"),
+            Parse::Malformed(_)
+        ));
+        let endless = [b"PROXY ".as_slice(), &[b'1'; 200]].concat();
+        assert_eq!(parse(&endless), Parse::TooLarge);
     }
 
     #[test]
