@@ -132,6 +132,8 @@ impl Reloader {
         config.upstreams[index].backends = backends;
         self.apply(&old, config)?;
         drop(found);
+        // A new generation like a reload's, though not counted among the file's reloads.
+        old.metrics.config_applied();
         self.discovered.changed.notify_one();
         Ok(true)
     }
