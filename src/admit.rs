@@ -5,6 +5,7 @@
 //! backend's handshake and the health bookkeeping of its outcome.
 
 use crate::authorize::{Authorized, authorize, backend_head, backend_protocols};
+use crate::client_addr::ClientAddr;
 use crate::config::Route;
 use crate::forwarded::ForwardedHeaders;
 use crate::gateway::{Gateway, RouteSlot};
@@ -13,7 +14,6 @@ use crate::rebalance::{Member, Registration, Room, Ticket};
 use crate::recent_errors::ErrorKind;
 use crate::routing::{ConnectionSlot, RequestParts};
 use crate::upstream::{self, Refusal, UpstreamError, UpstreamRequest};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// What the backend WebSocket is asked for on a client's behalf.
@@ -51,7 +51,7 @@ pub async fn open_backend(
     gateway: &Arc<Gateway>,
     head: &RequestHead<'_, '_>,
     offer: &BackendOffer<'_>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Result<OpenedBackend, Refusal> {
     let route = gateway.route(offer.route);

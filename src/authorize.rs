@@ -12,13 +12,13 @@ use crate::auth::forward::{ForwardClient, Verdict};
 use crate::auth::jwt::Rejection;
 use crate::auth::remote::FetchError;
 use crate::auth::{self, Failure, RouteAuth, SubjectSlot};
+use crate::client_addr::ClientAddr;
 use crate::gateway::Gateway;
 use crate::proto::CloseCode;
 use crate::proto::handshake::RequestHead;
 use crate::recent_errors::{ErrorKind, RecentErrors};
 use crate::relay::{Credentials, Refresh, VerifyRefresh};
 use crate::upstream::Refusal;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::Instant;
@@ -70,7 +70,7 @@ impl Authorized {
         &self,
         gateway: &Arc<Gateway>,
         route: usize,
-        peer: SocketAddr,
+        peer: ClientAddr,
     ) -> Option<(Credentials, VerifyRefresh)> {
         let refresh = gateway
             .auth
@@ -173,7 +173,7 @@ pub async fn authorize(
     gateway: &Gateway,
     route: usize,
     head: &RequestHead<'_, '_>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Result<Option<Authorized>, Refusal> {
     if let Some(forward) = gateway.forward_auth.get(route).and_then(Option::as_ref) {
@@ -240,7 +240,7 @@ fn refreshed(
     route: usize,
     subject: Option<&str>,
     token: &str,
-    peer: SocketAddr,
+    peer: ClientAddr,
 ) -> Refresh {
     let name = &gateway.route(route).name;
     let count = |result: &str| {
@@ -286,7 +286,7 @@ async fn forwarded(
     route: usize,
     forward: &ForwardClient,
     head: &RequestHead<'_, '_>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Result<Authorized, Refusal> {
     let name = &gateway.route(route).name;
@@ -385,7 +385,7 @@ fn fetch_failed(errors: &RecentErrors, route: &str, error: &FetchError) {
 }
 
 /// Counts a refusal per route and reason and shows it on the dashboard.
-pub fn record(gateway: &Gateway, route: usize, peer: SocketAddr, failure: Failure) {
+pub fn record(gateway: &Gateway, route: usize, peer: ClientAddr, failure: Failure) {
     let name = &gateway.route(route).name;
     gateway
         .metrics
@@ -410,7 +410,7 @@ pub async fn presented_subject(
     gateway: &Gateway,
     route: usize,
     head: &RequestHead<'_, '_>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Option<String> {
     if let Some(forward) = gateway.forward_auth.get(route).and_then(Option::as_ref) {

@@ -1,7 +1,7 @@
 //! What the gateway adds to and removes from a client's request on its way to the backend.
 
+use crate::client_addr::ClientAddr;
 use crate::proto::handshake::{self, RequestHead};
-use std::net::SocketAddr;
 
 /// Headers that describe one hop (RFC 9110 §7.6.1), plus those the gateway sets itself.
 const HOP_BY_HOP: [&str; 8] = [
@@ -98,8 +98,10 @@ fn push_quoted(out: &mut String, value: &str) {
     out.push('"');
 }
 
-/// `X-Forwarded-For/-Proto/-Host` and `Forwarded` (RFC 7239) for the backend request; the
-/// client's own `X-Forwarded-For` and `Forwarded` chains are extended, not replaced.
+/// `X-Forwarded-For/-Proto/-Host` and `Forwarded` (RFC 7239) for the backend request. A
+/// request from a trusted proxy ([`ClientAddr::via`]) has its chains extended by that proxy's
+/// address; anyone else's are replaced by one naming the client, so a client cannot put words
+/// in a trusted proxy's mouth.
 #[derive(Debug)]
 pub struct ForwardedHeaders {
     x_forwarded_for: String,
@@ -109,15 +111,25 @@ pub struct ForwardedHeaders {
 }
 
 impl ForwardedHeaders {
-    pub fn new(head: &RequestHead<'_, '_>, peer: SocketAddr, tls: bool) -> Self {
-        let ip = peer.ip();
+    pub fn new(head: &RequestHead<'_, '_>, peer: ClientAddr, tls: bool) -> Self {
+        let (ip, believed) = match peer.via() {
+            Some(hop) => (hop, true),
+            None => (peer.ip(), false),
+        };
         // Rendered once for both chains: formatting the address was most of this function.
         let address = ip.to_string();
         let proto = if tls { "https" } else { "http" };
         let host = head.header("host").unwrap_or("");
-        let mut x_forwarded_for = prior_chain(head, "x-forwarded-for");
+        let chain = |name| {
+            if believed {
+                prior_chain(head, name)
+            } else {
+                String::with_capacity(64)
+            }
+        };
+        let mut x_forwarded_for = chain("x-forwarded-for");
         x_forwarded_for.push_str(&address);
-        let mut forwarded = prior_chain(head, "forwarded");
+        let mut forwarded = chain("forwarded");
         forwarded.push_str("for=");
         if ip.is_ipv6() {
             forwarded.push_str("\"[");
@@ -164,15 +176,23 @@ impl ForwardedHeaders {
 #[cfg(test)]
 mod tests {
     use super::ForwardedHeaders;
+    use crate::client_addr::{ClientAddr, TrustedNetworks};
     use crate::proto::handshake;
     use httparse::EMPTY_HEADER;
 
+    /// The headers for a request from `peer`, which is a trusted proxy when it is in
+    /// 2001:db8::/32 or 10.0.0.0/8.
     fn forwarded(head: &[u8], peer: &str, tls: bool) -> ForwardedHeaders {
         let mut storage = [EMPTY_HEADER; 16];
         let (head, _) = handshake::parse_request(head, &mut storage)
             .unwrap()
             .unwrap();
-        ForwardedHeaders::new(&head, peer.parse().unwrap(), tls)
+        let trusted = TrustedNetworks::new(vec![
+            "2001:db8::/32".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ]);
+        let client = ClientAddr::of_head(peer.parse().unwrap(), head.headers, &trusted);
+        ForwardedHeaders::new(&head, client, tls)
     }
 
     #[test]
@@ -189,7 +209,7 @@ mod tests {
     }
 
     #[test]
-    fn the_clients_chains_are_extended_in_order() {
+    fn a_trusted_proxys_chains_are_extended_in_order() {
         let head = b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 203.0.113.1\r\n\
             X-Forwarded-For: 203.0.113.2, 203.0.113.3\r\nForwarded: for=203.0.113.1\r\n\r\n";
         let f = forwarded(head, "[2001:db8::1]:4000", true);
@@ -221,7 +241,11 @@ mod tests {
         let (head, _) = handshake::parse_request(head, &mut storage)
             .unwrap()
             .unwrap();
-        let f = ForwardedHeaders::new(&head, "192.0.2.7:1".parse().unwrap(), false);
+        let f = ForwardedHeaders::new(
+            &head,
+            ClientAddr::direct("192.0.2.7:1".parse().unwrap()),
+            false,
+        );
         let names = |websocket| -> Vec<&str> {
             f.fields(&head, websocket)
                 .iter()
@@ -238,7 +262,16 @@ mod tests {
     #[test]
     fn an_empty_prior_value_is_kept_as_an_empty_element() {
         let head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: \r\nX-Forwarded-For: b\r\n\r\n";
-        let f = forwarded(head, "192.0.2.7:1", false);
-        assert_eq!(f.x_forwarded_for, ", b, 192.0.2.7");
+        let f = forwarded(head, "10.0.0.1:1", false);
+        assert_eq!(f.x_forwarded_for, ", b, 10.0.0.1");
+    }
+
+    #[test]
+    fn anyone_elses_chains_are_replaced() {
+        let head = b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 203.0.113.1\r\n\
+            Forwarded: for=203.0.113.1\r\n\r\n";
+        let f = forwarded(head, "192.0.2.7:4000", false);
+        assert_eq!(f.x_forwarded_for, "192.0.2.7");
+        assert_eq!(f.forwarded, "for=192.0.2.7;proto=http;host=\"app.test\"");
     }
 }

@@ -935,3 +935,48 @@ pub fn session(data: &[u8]) {
 pub fn relay(data: &[u8]) {
     crate::relay::simulation::fuzz(data);
 }
+
+/// Target `client_address`: a connection's PROXY header and a trusted proxy's forwarding
+/// chain, both untrusted bytes until proven otherwise.
+///
+/// Input: a selector byte, then the bytes a connection starts with (even) or an
+/// `X-Forwarded-For` value (odd).
+pub fn client_address(data: &[u8]) {
+    use crate::client_addr::{ClientAddr, TrustedNetworks};
+    use crate::proxy_protocol::{MAX_HEADER_BYTES, Parse, parse};
+    let mut input = Input::new(data);
+    let selector = input.byte();
+    let rest = input.rest();
+    if selector.is_multiple_of(2) {
+        match parse(rest) {
+            Parse::Complete { source, len } => {
+                assert!(len <= rest.len() && len <= MAX_HEADER_BYTES, "{len}");
+                // The header is judged the same on its own bytes, and no shorter prefix of it
+                // is taken for a header: reading stops exactly at its end.
+                assert_eq!(parse(&rest[..len]), Parse::Complete { source, len });
+                for end in 0..len {
+                    assert_eq!(parse(&rest[..end]), Parse::Incomplete, "prefix of {end}");
+                }
+            }
+            Parse::Incomplete => assert!(rest.len() < MAX_HEADER_BYTES),
+            Parse::Malformed(_) | Parse::TooLarge => {}
+        }
+    } else {
+        let hop: std::net::SocketAddr = ([10, 0, 0, 1], 4000).into();
+        let network = "10.0.0.0/8".parse().expect("a network");
+        let trusted = TrustedNetworks::new(vec![network]);
+        let headers = [httparse::Header {
+            name: "X-Forwarded-For",
+            value: rest,
+        }];
+        let client = ClientAddr::of_head(hop, &headers, &trusted);
+        assert_eq!(
+            client.via(),
+            Some(hop.ip()),
+            "a trusted hop's chain is read"
+        );
+        // The walk stops at the first address outside the trusted network, so a trusted
+        // address is the client only when nothing else was named to its right.
+        let _ = client.to_string();
+    }
+}

@@ -6,6 +6,7 @@
 
 use crate::auth::forward::ForwardClient;
 use crate::auth::{KeyError, RouteAuth, SubjectCounts};
+use crate::client_addr::ClientAddr;
 use crate::config::{Auth, Config, Route};
 use crate::config::{Backend, StickyCookie, StickyKey};
 use crate::drain::Drain;
@@ -22,7 +23,7 @@ use crate::tls::{self, TlsError};
 use crate::upstream::{BackendTls, Refusal, backend_tls};
 use dashmap::DashMap;
 use prometheus_client::metrics::histogram::Histogram;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -392,7 +393,7 @@ impl Gateway {
         listener: usize,
         status: Option<u16>,
         reason: &'static str,
-        peer: SocketAddr,
+        peer: ClientAddr,
         line: &str,
     ) {
         let name = self.count_refused(listener, status, reason);

@@ -4,22 +4,26 @@
 //! `ARCHITECTURE.md` for the byte flow):
 //! - pure, no I/O: [`proto`] (RFC 6455 codec and handshakes), [`config`] (YAML → typed,
 //!   validated), [`routing`] (route table, sticky keys, consistent hashing, balancing),
-//!   [`limits`] (token buckets), [`forwarded`] (the headers a request carries to its backend);
+//!   [`limits`] (token buckets), [`forwarded`] (the headers a request carries to its backend),
+//!   [`client_addr`] (the client's address behind trusted proxies);
 //! - runtime: [`auth`] (JWT on the handshake: verification is pure, the time passed in; key
 //!   files read at build time), [`stream`], [`tls`], [`upstream`] (backend connect + client
 //!   handshake),
 //!   [`relay`] (the frame pump), [`metrics`] (counters for the admin listener),
 //!   [`recent_errors`] (the dashboard's ring of recent failures), [`resources`] (the
-//!   open-file limit and the gateway's own exhaustion);
+//!   open-file limit and the gateway's own exhaustion), [`proxy_protocol`] (a connection's
+//!   PROXY header);
 //! - wiring: [`gateway`] (compiled config), [`admit`] (origin, limits, sticky pick, backend
 //!   handshake), [`authorize`] (a route's auth applied to a request, refusals counted), [`front`] (one client connection up to the relay, or plain HTTP),
 //!   [`session`] (long-polling and resumable sessions), [`health`] (active and passive backend
-//!   checks), [`rebalance`] (moving connections whose sticky key changed backend), [`admin`]
+//!   checks), [`rebalance`] (moving connections whose sticky key changed backend),
+//!   [`discovery`] (backends from DNS, applied like reloads), [`admin`]
 //!   (metrics, health endpoints and the live dashboard), [`listener`] (accept), [`server`] (the
 //!   whole process);
 //! - beside the gateway: [`demo`], the chat-room backend the demo runs behind it, built on
 //!   fastwebsockets rather than on [`proto`].
 
+pub mod client_addr;
 pub mod config;
 pub mod forwarded;
 pub mod limits;
@@ -29,6 +33,7 @@ pub mod routing;
 pub mod auth;
 pub mod handover;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod recent_errors;
 pub mod relay;
 pub mod resources;
@@ -40,6 +45,7 @@ pub mod admin;
 pub mod admit;
 pub mod authorize;
 pub mod cluster;
+pub mod discovery;
 pub mod drain;
 pub mod front;
 pub mod gateway;

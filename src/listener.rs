@@ -2,11 +2,20 @@
 //! before anything is served), then accept while a connection slot is free, count the client's
 //! address before any other work, terminate TLS within the handshake timeout, and hand each
 //! connection to [`crate::front`].
+//!
+//! The address counted against `max_connections_per_ip` is the client's. A connection from a
+//! trusted proxy names its client later: a PROXY header (read here, before TLS, within the
+//! handshake deadline and [`proxy_protocol::MAX_HEADER_BYTES`]) or a request's forwarding chain
+//! (counted by `front` when the first head is read). Until then it holds only its connection
+//! slot and its deadline, and only a trusted proxy can make one; on a PROXY listener a
+//! connection from anywhere else is closed at accept.
 
+use crate::client_addr::{ClientAddr, TrustedNetworks};
 use crate::config::Listener;
 use crate::front;
 use crate::gateway::{AddressCounts, AddressSlot, CurrentGateway};
 use crate::handover::{self, Inherited, Role};
+use crate::proxy_protocol::{self, Source};
 use crate::resources::{self, OpenFiles};
 use crate::stream::Stream;
 use crate::tls::{self, TlsError};
@@ -40,6 +49,8 @@ pub struct BoundListener {
     index: usize,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    proxy_protocol: bool,
+    trusted: TrustedNetworks,
 }
 
 impl std::fmt::Debug for BoundListener {
@@ -48,6 +59,7 @@ impl std::fmt::Debug for BoundListener {
             .field("name", &self.name)
             .field("address", &self.listener.local_addr().ok())
             .field("tls", &self.tls.is_some())
+            .field("proxy_protocol", &self.proxy_protocol)
             .finish()
     }
 }
@@ -84,6 +96,8 @@ impl BoundListener {
             index,
             listener,
             tls,
+            proxy_protocol: config.proxy_protocol,
+            trusted: config.trusted_proxies.clone(),
         })
     }
 
@@ -179,7 +193,7 @@ impl ConnectionCounter {
         self.total.fetch_add(1, Ordering::AcqRel);
         Some(ConnectionGuard {
             counter: Arc::clone(self),
-            _address: address,
+            address,
             permit: Some(permit),
         })
     }
@@ -192,9 +206,23 @@ impl ConnectionCounter {
 #[derive(Debug)]
 struct ConnectionGuard {
     counter: Arc<ConnectionCounter>,
-    _address: Option<AddressSlot>,
+    address: Option<AddressSlot>,
     /// Always `Some` until dropped.
     permit: Option<OwnedSemaphorePermit>,
+}
+
+impl ConnectionGuard {
+    /// Counts the connection against `ip`'s limit once a PROXY header named the client;
+    /// `false` when that address holds its allowance already.
+    fn enter_address(&mut self, addresses: &Arc<AddressCounts>, ip: IpAddr, max: u32) -> bool {
+        match addresses.try_enter(ip, max) {
+            Some(slot) => {
+                self.address = Some(slot);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl Drop for ConnectionGuard {
@@ -258,13 +286,28 @@ pub async fn accept_loop(
         };
         let gateway = current.get();
         let limits = gateway.config.limits;
-        // Before anything that costs: a TLS handshake, a task, a buffer.
-        let Some(guard) = counter.try_enter(
-            permit,
-            &gateway.addresses,
-            peer.ip(),
-            limits.max_connections_per_ip,
-        ) else {
+        let from_proxy = bound.trusted.contains(peer.ip());
+        if bound.proxy_protocol && !from_proxy {
+            // Closed unread: whatever it sent is not ours to parse.
+            let line = "connection from outside trusted_proxies on a PROXY protocol listener";
+            gateway.refused(
+                bound.index,
+                None,
+                "proxy_untrusted",
+                ClientAddr::direct(peer),
+                line,
+            );
+            continue;
+        }
+        // Before anything that costs: a TLS handshake, a task, a buffer. A trusted proxy's
+        // connections are counted by the client it names, below or in `front`.
+        let count_now = if from_proxy {
+            None
+        } else {
+            limits.max_connections_per_ip
+        };
+        let Some(guard) = counter.try_enter(permit, &gateway.addresses, peer.ip(), count_now)
+        else {
             gateway.metrics.handshake_failed("per_ip_limit");
             gateway.count_refused(bound.index, None, "per_ip_limit");
             turn_away(tcp, bound.tls.is_some());
@@ -273,12 +316,49 @@ pub async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let tls = bound.tls.clone();
         let listener = bound.index;
+        let proxy_protocol = bound.proxy_protocol;
         // The task lives as long as the connection, and its future is sized for its largest
         // state: the TLS handshake is boxed so an idle WebSocket's task carries only the relay.
         tokio::spawn(async move {
-            let _guard = guard;
+            let mut guard = guard;
+            let mut tcp = tcp;
             let handshake_timeout = gateway.config.timeouts.handshake;
             let deadline = tokio::time::Instant::now() + handshake_timeout;
+            let mut client = peer;
+            // Listeners do not change on reload: the gateway's copy is this listener's.
+            let trusted = &gateway.config.listeners[listener].trusted_proxies;
+            if proxy_protocol {
+                match Box::pin(proxy_protocol::read_header(&mut tcp, deadline)).await {
+                    Ok(Source::Client(named)) => client = named,
+                    Ok(Source::Connection) => {}
+                    Err(error) => {
+                        tracing::debug!(client = %peer, "{error}");
+                        if let Some(reason) = error.reason() {
+                            let line = error.to_string();
+                            gateway.refused(
+                                listener,
+                                None,
+                                reason,
+                                ClientAddr::direct(peer),
+                                &line,
+                            );
+                        }
+                        return;
+                    }
+                }
+                if let (Some(max), false) =
+                    (limits.max_connections_per_ip, trusted.contains(client.ip()))
+                    && !guard.enter_address(&gateway.addresses, client.ip(), max)
+                {
+                    gateway.metrics.handshake_failed("per_ip_limit");
+                    gateway.count_refused(listener, None, "per_ip_limit");
+                    turn_away(tcp, tls.is_some());
+                    return;
+                }
+            }
+            // A client that is itself a trusted proxy names its client in its request.
+            let count_at_head =
+                limits.max_connections_per_ip.is_some() && trusted.contains(client.ip());
             let stream = match tls {
                 None => Stream::Plain(tcp),
                 Some(acceptor) => {
@@ -286,21 +366,29 @@ pub async fn accept_loop(
                     match Box::pin(accept).await {
                         Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
                         Ok(Err(error)) => {
-                            tracing::debug!(client = %peer, "TLS handshake failed: {error}");
+                            tracing::debug!(client = %client, "TLS handshake failed: {error}");
                             let line = format!("TLS handshake failed: {error}");
-                            gateway.refused(listener, None, "tls_handshake", peer, &line);
+                            let client = ClientAddr::direct(client);
+                            gateway.refused(listener, None, "tls_handshake", client, &line);
                             return;
                         }
                         Err(_) => {
-                            tracing::debug!(client = %peer, "TLS handshake timed out");
+                            tracing::debug!(client = %client, "TLS handshake timed out");
                             let line = "TLS handshake not done in time";
-                            gateway.refused(listener, None, "tls_timeout", peer, line);
+                            let client = ClientAddr::direct(client);
+                            gateway.refused(listener, None, "tls_timeout", client, line);
                             return;
                         }
                     }
                 }
             };
-            front::serve(gateway, stream, peer, listener, deadline).await;
+            let hop = front::Hop {
+                addr: client,
+                listener,
+                count_at_head: count_at_head.then_some(&mut guard.address),
+            };
+            front::serve(gateway, stream, hop, deadline).await;
+            drop(guard);
         });
     }
 }

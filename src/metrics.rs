@@ -92,6 +92,14 @@ pub struct Outcome {
     pub result: String,
 }
 
+/// A DNS lookup of an upstream's backends and what came of it: `changed` (applied like a
+/// reload), `unchanged`, `failed` or `empty` (the last good set kept).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLookupLabel {
+    pub upstream: String,
+    pub result: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpRequest {
     pub route: String,
@@ -209,6 +217,7 @@ pub struct Metrics {
     pub sessions_ended: Family<SessionEnd, Counter>,
     pub session_requests: Family<SessionRequest, Counter>,
     pub rebalanced_connections: Family<RouteLabel, Counter>,
+    pub dns_lookups: Family<DnsLookupLabel, Counter>,
     pub connect_retries: Family<Retry, Counter>,
     pub admin_actions: Family<AdminAction, Counter>,
     /// Session requests forwarded to the instance owning the session.
@@ -255,6 +264,7 @@ impl Metrics {
             sessions_ended: Family::default(),
             session_requests: Family::default(),
             rebalanced_connections: Family::default(),
+            dns_lookups: Family::default(),
             connect_retries: Family::default(),
             admin_actions: Family::default(),
             peer_forwards: Family::default(),
@@ -334,6 +344,11 @@ impl Metrics {
             "rebalanced_connections",
             "WebSocket connections closed with 1012 because their sticky key moved to another backend, per route",
             metrics.rebalanced_connections.clone(),
+        );
+        registry.register(
+            "dns_lookups",
+            "DNS lookups of upstreams' backends, per upstream and result (changed, unchanged, failed, empty)",
+            metrics.dns_lookups.clone(),
         );
         registry.register(
             "connect_retries",

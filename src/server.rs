@@ -2,7 +2,7 @@
 //! stop. `main` and the integration tests start the gateway the same way.
 
 use crate::admin::AdminListener;
-use crate::config::Config;
+use crate::config::{Backend, Config, DnsBackends};
 use crate::drain::Phase;
 use crate::gateway::{CurrentGateway, Gateway, GatewayError};
 use crate::handover::{self, Inherited};
@@ -10,6 +10,7 @@ use crate::health::HealthChecks;
 use crate::listener::{BindError, BoundListener, ConnectionCounter, accept_loop};
 use crate::metrics::Outcome;
 use crate::rebalance::Rebalancer;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -35,15 +36,30 @@ pub struct Server {
     health: Arc<Mutex<Option<HealthChecks>>>,
     rebalancer: Arc<Rebalancer>,
     handed_over: Arc<Notify>,
+    discovered: Arc<Discovered>,
 }
 
-/// Applies new configurations to a running server (SIGHUP, a changed file, tests).
+/// What DNS last answered for each upstream with `dns`, so that a reload of the file (whose
+/// DNS upstreams list no backends) keeps them.
+///
+/// Invariant: every configuration change (a reload, a new DNS answer) is made holding `found`,
+/// so two changes never start from the same old configuration and undo each other.
+#[derive(Debug, Default)]
+struct Discovered {
+    found: Mutex<HashMap<String, (DnsBackends, Vec<Backend>)>>,
+    /// Notified after every configuration change, for the lookups to follow it.
+    changed: Arc<Notify>,
+}
+
+/// Applies new configurations to a running server (SIGHUP, a changed file, a new DNS answer,
+/// tests).
 #[derive(Debug, Clone)]
 pub struct Reloader {
     current: Arc<CurrentGateway>,
     counter: Arc<ConnectionCounter>,
     health: Arc<Mutex<Option<HealthChecks>>>,
     rebalancer: Arc<Rebalancer>,
+    discovered: Arc<Discovered>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,14 +79,77 @@ pub enum ReloadError {
 impl Reloader {
     /// Switches new connections to `config`. Connections already open keep the configuration
     /// they started with; the running one stays if this fails.
-    pub fn reload(&self, config: Config) -> Result<(), ReloadError> {
+    pub fn reload(&self, mut config: Config) -> Result<(), ReloadError> {
+        let found = self
+            .discovered
+            .found
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // An upstream that asks DNS the same question keeps what it last answered; a new or
+        // changed one is empty until its first answer, which is asked for at once.
+        for upstream in &mut config.upstreams {
+            if let (Some(spec), Some((was, backends))) = (&upstream.dns, found.get(&upstream.name))
+                && spec.same_question(was)
+            {
+                upstream.backends = backends.clone();
+            }
+        }
         let old = self.current.get();
         let result = self.apply(&old, config);
+        drop(found);
         self.count(if result.is_ok() { "applied" } else { "refused" });
         if result.is_ok() {
             old.metrics.config_applied();
+            self.discovered.changed.notify_one();
         }
         result
+    }
+
+    /// Applies a DNS answer for `upstream`'s `spec`: `Ok(true)` when it changed the backends
+    /// (applied like a reload that changed them), `Ok(false)` when it did not, or when the
+    /// configuration no longer looks `upstream` up that way.
+    pub fn discovered(
+        &self,
+        upstream: &str,
+        spec: &DnsBackends,
+        backends: Vec<Backend>,
+    ) -> Result<bool, ReloadError> {
+        let mut found = self
+            .discovered
+            .found
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let old = self.current.get();
+        let Some(index) = old
+            .config
+            .upstreams
+            .iter()
+            .position(|u| u.name == upstream && u.dns.as_ref() == Some(spec))
+        else {
+            return Ok(false);
+        };
+        found.insert(upstream.to_owned(), (spec.clone(), backends.clone()));
+        if old.config.upstreams[index].backends == backends {
+            return Ok(false);
+        }
+        let mut config = old.config.clone();
+        config.upstreams[index].backends = backends;
+        self.apply(&old, config)?;
+        drop(found);
+        // A new generation like a reload's, though not counted among the file's reloads.
+        old.metrics.config_applied();
+        self.discovered.changed.notify_one();
+        Ok(true)
+    }
+
+    /// The configuration new connections get.
+    pub fn current(&self) -> Arc<Gateway> {
+        self.current.get()
+    }
+
+    /// Notified after every change of configuration.
+    pub fn config_changed(&self) -> Arc<Notify> {
+        Arc::clone(&self.discovered.changed)
     }
 
     /// Counts a reload refused before it got here (a file that does not load).
@@ -124,7 +203,7 @@ impl Server {
     /// [`bind`](Self::bind), taking the listening sockets a predecessor handed over where
     /// their addresses are still configured, and binding the others.
     pub async fn bind_inheriting(
-        config: Config,
+        mut config: Config,
         mut inherited: Option<&mut Inherited>,
     ) -> Result<Self, StartError> {
         let mut listeners = Vec::with_capacity(config.listeners.len());
@@ -139,6 +218,16 @@ impl Server {
         // limit is held to what it can carry.
         let open_files = crate::resources::raise_open_file_limit();
         let counter = ConnectionCounter::new(config.limits.max_connections, open_files);
+        let found = crate::discovery::resolve_initial(&mut config).await;
+        let discovered = Discovered {
+            found: Mutex::new(
+                found
+                    .into_iter()
+                    .map(|(name, spec, backends)| (name, (spec, backends)))
+                    .collect(),
+            ),
+            changed: Arc::default(),
+        };
         let gateway = Arc::new(Gateway::new(config)?);
         gateway.metrics.config_applied();
         let current = Arc::new(CurrentGateway::new(gateway));
@@ -150,6 +239,7 @@ impl Server {
             counter: Arc::new(counter),
             health: Arc::default(),
             handed_over: Arc::default(),
+            discovered: Arc::new(discovered),
         })
     }
 
@@ -197,6 +287,7 @@ impl Server {
             counter: Arc::clone(&self.counter),
             health: Arc::clone(&self.health),
             rebalancer: Arc::clone(&self.rebalancer),
+            discovered: Arc::clone(&self.discovered),
         }
     }
 
@@ -239,6 +330,8 @@ impl Server {
             Some(crate::health::start(&self.current.get()));
         // Moves connections whose sticky key changed backend; ends when the drain starts.
         let _rebalancing = self.rebalancer.start();
+        // Follows the upstreams whose backends come from DNS; stopped when the server ends.
+        let discovery = tokio::spawn(crate::discovery::run(self.reloader()));
         let drain = Arc::clone(&self.current.get().drain);
         let mut phase = drain.subscribe();
         let handed_over = tokio::select! {
@@ -283,6 +376,7 @@ impl Server {
         };
         drain.close(settings.spread);
         self.wait_for_connections(started + settings.deadline).await;
+        discovery.abort();
         self.health.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(admin) = admin {
             admin.abort();

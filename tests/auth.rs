@@ -389,7 +389,7 @@ async fn refusals_are_counted_per_route_and_reason() {
     let (head, _) = wsgate::proto::handshake::parse_request(request.as_bytes(), &mut storage)
         .unwrap()
         .unwrap();
-    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let peer = wsgate::client_addr::ClientAddr::direct("127.0.0.1:1".parse().unwrap());
     let refused = wsgate::authorize::authorize(&gateway, 0, &head, peer, false)
         .await
         .unwrap_err();

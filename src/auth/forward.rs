@@ -9,6 +9,7 @@
 //!   credentials), for the configured TTLs only; 503s are never cached; the cache holds at most
 //!   [`MAX_CACHE_ENTRIES`] entries, expired ones dropped first.
 
+use crate::client_addr::ClientAddr;
 use crate::config::{ForwardAuth, UpstreamTls};
 use crate::proto::handshake::{self, RequestHead};
 use crate::tls;
@@ -17,7 +18,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -95,7 +95,7 @@ impl ForwardClient {
     }
 
     /// Asks the auth service about `head` (or answers from the cache).
-    pub async fn check(&self, head: &RequestHead<'_, '_>, peer: SocketAddr, tls: bool) -> Verdict {
+    pub async fn check(&self, head: &RequestHead<'_, '_>, peer: ClientAddr, tls: bool) -> Verdict {
         let sent: Vec<(&str, &[u8])> = head
             .headers
             .iter()
@@ -157,7 +157,7 @@ impl ForwardClient {
         &self,
         head: &RequestHead<'_, '_>,
         sent: &[(&str, &[u8])],
-        peer: SocketAddr,
+        peer: ClientAddr,
         tls: bool,
     ) -> Verdict {
         match self.exchange(head, sent, peer, tls).await {
@@ -170,7 +170,7 @@ impl ForwardClient {
         &self,
         head: &RequestHead<'_, '_>,
         sent: &[(&str, &[u8])],
-        peer: SocketAddr,
+        peer: ClientAddr,
         client_tls: bool,
     ) -> Result<Verdict, String> {
         let config = &self.config;

@@ -3,6 +3,7 @@
 //! owner's answer streamed back unchanged, on a pooled connection (`pool`) when one is idle.
 
 use super::{Ingress, Owner, connect, count, observe, peer_headers};
+use crate::client_addr::ClientAddr;
 use crate::config::Peer;
 use crate::forwarded::is_hop_by_hop_response;
 use crate::gateway::Gateway;
@@ -221,7 +222,7 @@ impl hyper::body::Body for Silence {
 #[derive(Debug)]
 pub enum Routed {
     /// Served here: the request given back, with the client's address and transport.
-    Local(Request<Incoming>, SocketAddr, bool),
+    Local(Request<Incoming>, ClientAddr, bool),
     /// The owner's answer.
     Answered(Response<Body>),
     /// The owner could not be reached: the caller answers "session gone".
@@ -235,7 +236,7 @@ pub async fn route(
     op: &'static str,
     ingress: Ingress,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Routed {
     let (client, tls) = match ingress {
@@ -244,7 +245,7 @@ pub async fn route(
     };
     match super::owner(gateway, sid, ingress, op) {
         Owner::Local => Routed::Local(request, client, tls),
-        Owner::Peer(owner) => match http(gateway, owner, op, request, client, tls).await {
+        Owner::Peer(owner) => match http(gateway, owner, op, request, client.addr(), tls).await {
             Some(answer) => Routed::Answered(answer),
             None => Routed::Gone,
         },

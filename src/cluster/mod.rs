@@ -20,6 +20,7 @@ pub mod forward;
 pub mod pool;
 pub mod tunnel;
 
+use crate::client_addr::ClientAddr;
 use crate::config::{Cluster, Peer};
 use crate::gateway::Gateway;
 use crate::metrics::{PeerForward, PeerLabel};
@@ -52,7 +53,7 @@ pub enum Ingress {
     /// A client, at the address of its connection.
     Client,
     /// A peer forwarding a client's request: that client's address and transport.
-    Peer { client: SocketAddr, tls: bool },
+    Peer { client: ClientAddr, tls: bool },
     /// Refused with 403 and this line.
     Refused(&'static str),
 }
@@ -106,7 +107,10 @@ pub fn ingress(
         return Ingress::Refused("a forwarded request must carry the client's address");
     };
     let tls = one(HEADER_TLS) == Some(b"1");
-    Ingress::Peer { client, tls }
+    Ingress::Peer {
+        client: ClientAddr::direct(client),
+        tls,
+    }
 }
 
 /// Where a session request is served.
@@ -249,7 +253,7 @@ mod tests {
         assert_eq!(
             ingress(&gateway, Some(0), &headers(&good)),
             Ingress::Peer {
-                client: "[2001:db8::1]:4000".parse().unwrap(),
+                client: ClientAddr::direct("[2001:db8::1]:4000".parse().unwrap()),
                 tls: true
             }
         );
@@ -300,7 +304,7 @@ mod tests {
             "cluster:\n  name: gw-1\n  secret: {SECRET}\n  peers:\n    - {{name: gw-2, address: 10.0.0.2:9100}}\n"
         ));
         let peer = Ingress::Peer {
-            client: "10.1.1.1:1".parse().unwrap(),
+            client: ClientAddr::direct("10.1.1.1:1".parse().unwrap()),
             tls: false,
         };
         assert!(

@@ -6,11 +6,11 @@
 //! owner's.
 
 use super::{connect, count, observe, peer_headers};
+use crate::client_addr::ClientAddr;
 use crate::config::Peer;
 use crate::gateway::Gateway;
 use crate::proto::handshake::RequestHead;
 use crate::stream::Stream;
-use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -46,7 +46,7 @@ pub async fn open(
     peer: &Peer,
     head: &RequestHead<'_, '_>,
     early: &[u8],
-    client: SocketAddr,
+    client: ClientAddr,
     tls: bool,
 ) -> Option<Answer> {
     let cluster = gateway.config.cluster.as_ref()?;
@@ -69,7 +69,7 @@ pub async fn open(
         request.extend_from_slice(header.value);
         request.extend_from_slice(b"\r\n");
     }
-    for (name, value) in peer_headers(cluster, client, tls) {
+    for (name, value) in peer_headers(cluster, client.addr(), tls) {
         request.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
     }
     request.extend_from_slice(b"\r\n");

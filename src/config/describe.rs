@@ -43,6 +43,22 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
                 }
             }
         }
+        if listener.proxy_protocol {
+            writeln!(out, "    PROXY protocol (v1, v2) required")?;
+        }
+        if !listener.trusted_proxies.is_empty() {
+            let networks: Vec<String> = listener
+                .trusted_proxies
+                .networks()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            writeln!(
+                out,
+                "    client addresses believed from {}",
+                networks.join(", ")
+            )?;
+        }
     }
 
     writeln!(out, "upstreams:")?;
@@ -53,7 +69,11 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
             upstream.name,
             format_duration(upstream.connect_timeout)
         )?;
-        if upstream.backends.iter().any(|b| b.secure) {
+        let secure = match &upstream.dns {
+            Some(dns) => dns.secure,
+            None => upstream.backends.iter().any(|b| b.secure),
+        };
+        if secure {
             let ca = upstream.tls.ca_file.as_ref().map_or_else(
                 || "bundled web roots".to_owned(),
                 |ca| format!("CA {}", ca.display()),
@@ -64,6 +84,21 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
             }
         }
         writeln!(out)?;
+        if let Some(dns) = &upstream.dns {
+            let lookup = match &dns.lookup {
+                DnsLookup::Address { name, port } => format!("A/AAAA {name}, port {port}"),
+                DnsLookup::Srv { name } => format!("SRV {name}"),
+            };
+            let resolver = dns
+                .resolver
+                .map_or_else(|| "the system's resolver".to_owned(), |r| r.to_string());
+            writeln!(
+                out,
+                "    backends from DNS: {lookup} via {resolver}, looked up after the TTL held within {} to {}; now:",
+                format_duration(dns.min_interval),
+                format_duration(dns.max_interval)
+            )?;
+        }
         let total: u64 = upstream.backends.iter().map(|b| u64::from(b.weight)).sum();
         for backend in &upstream.backends {
             writeln!(

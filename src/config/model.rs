@@ -9,6 +9,7 @@
 //!
 //! Nothing here knows about YAML: `raw.rs` is the only file that names the YAML crate.
 
+use crate::client_addr::TrustedNetworks;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,6 +40,11 @@ pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
     pub tls: Option<ServerTls>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) naming the client;
+    /// only connections from `trusted_proxies` are accepted.
+    pub proxy_protocol: bool,
+    /// Where a PROXY header, `X-Forwarded-For` or `Forwarded` is believed from (empty: nowhere).
+    pub trusted_proxies: TrustedNetworks,
 }
 
 /// TLS termination on a listener. The first certificate is the default one,
@@ -63,7 +69,10 @@ pub struct CertificateFiles {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub name: String,
+    /// With `dns`, the set the last lookup gave (empty until the first one answers).
     pub backends: Vec<Backend>,
+    /// Backends taken from DNS instead of the file.
+    pub dns: Option<DnsBackends>,
     pub connect_timeout: Duration,
     /// TLS settings for `wss://` backends.
     pub tls: UpstreamTls,
@@ -71,6 +80,51 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     /// Passive checks; `None`: a failed connect never takes a backend out of rotation.
     pub passive_health: Option<PassiveHealth>,
+}
+
+/// An upstream whose backends are what a DNS name resolves to, looked up again after the
+/// answer's TTL, held between `min_interval` and `max_interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsBackends {
+    pub lookup: DnsLookup,
+    /// `wss://` backends.
+    pub secure: bool,
+    /// Path prefix of every backend, as in a backend URL.
+    pub base_path: String,
+    /// The name server asked; `None`: the system's (`/etc/resolv.conf`).
+    pub resolver: Option<SocketAddr>,
+    pub min_interval: Duration,
+    pub max_interval: Duration,
+}
+
+impl DnsBackends {
+    /// Whether `other` asks the same question of the same server (only the intervals may
+    /// differ), so the answer to one is the answer to the other.
+    pub fn same_question(&self, other: &Self) -> bool {
+        (&self.lookup, self.secure, &self.base_path, self.resolver)
+            == (
+                &other.lookup,
+                other.secure,
+                &other.base_path,
+                other.resolver,
+            )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsLookup {
+    /// `A` and `AAAA` records of `name`, each address with `port`.
+    Address { name: String, port: u16 },
+    /// `SRV` records of `name` (the lowest priority's targets, their ports and weights).
+    Srv { name: String },
+}
+
+impl DnsLookup {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Address { name, .. } | Self::Srv { name } => name,
+        }
+    }
 }
 
 /// Active health checks of an upstream's backends: each backend is probed every `interval`;

@@ -2716,3 +2716,108 @@ fn bad_cluster_settings_are_reported_on_their_lines() {
         &["no listener for clients"],
     );
 }
+
+#[test]
+fn trusted_proxies_are_networks_and_proxy_protocol_needs_them() {
+    let listener = |extra: &str| {
+        format!(
+            "listeners:\n  - address: 127.0.0.1:1\n{extra}upstreams:\n  u:\n    backends: [ws://127.0.0.1:2]\nroutes:\n  - upstream: u\n"
+        )
+    };
+    let config = crate::config::from_yaml_str(
+        &listener("    proxy_protocol: true\n    trusted_proxies: [10.0.0.0/8, 192.0.2.1, \"2001:db8::/32\"]\n"),
+        "t.yaml",
+    )
+    .unwrap();
+    let l = &config.listeners[0];
+    assert!(l.proxy_protocol);
+    assert!(l.trusted_proxies.contains("10.1.2.3".parse().unwrap()));
+    assert!(l.trusted_proxies.contains("192.0.2.1".parse().unwrap()));
+    assert!(!l.trusted_proxies.contains("192.0.2.2".parse().unwrap()));
+    assert!(l.trusted_proxies.contains("2001:db8::9".parse().unwrap()));
+
+    assert_eq!(
+        errors_of(&listener("    proxy_protocol: true\n")),
+        "t.yaml:3: listeners[0].proxy_protocol: proxy_protocol needs trusted_proxies: the networks of the load balancers allowed to send the header"
+    );
+    assert_eq!(
+        errors_of(&listener("    trusted_proxies: [10.0.0.0/33]\n")),
+        "t.yaml:3: listeners[0].trusted_proxies[0]: \"10.0.0.0/33\" is not a network such as 10.0.0.0/8 or an address such as 192.0.2.1"
+    );
+}
+
+#[test]
+fn dns_upstreams_take_a_name_and_bounded_intervals() {
+    let upstream = |body: &str| {
+        format!(
+            "listeners:\n  - address: 127.0.0.1:1\nupstreams:\n  u:\n{body}routes:\n  - upstream: u\n"
+        )
+    };
+    let config = crate::config::from_yaml_str(
+        &upstream("    dns:\n      url: wss://rooms.internal:9001/ws\n      resolver: 127.0.0.1:5353\n      min_interval: 2s\n"),
+        "t.yaml",
+    )
+    .unwrap();
+    let u = &config.upstreams[0];
+    let dns = u.dns.as_ref().unwrap();
+    assert_eq!(
+        dns.lookup,
+        DnsLookup::Address {
+            name: "rooms.internal".into(),
+            port: 9001
+        }
+    );
+    assert!(dns.secure);
+    assert_eq!(dns.base_path, "/ws");
+    assert_eq!(dns.resolver, Some("127.0.0.1:5353".parse().unwrap()));
+    assert_eq!(
+        (dns.min_interval, dns.max_interval),
+        (Duration::from_secs(2), Duration::from_secs(60))
+    );
+    assert!(u.backends.is_empty(), "filled by the first lookup");
+    assert_eq!(
+        u.tls.server_name.as_deref(),
+        Some("rooms.internal"),
+        "certificates name the DNS name"
+    );
+    let srv = crate::config::from_yaml_str(
+        &upstream("    dns:\n      srv: ws://_ws._tcp.rooms.internal\n"),
+        "t.yaml",
+    )
+    .unwrap();
+    assert_eq!(
+        srv.upstreams[0].dns.as_ref().unwrap().lookup,
+        DnsLookup::Srv {
+            name: "_ws._tcp.rooms.internal".into()
+        }
+    );
+
+    for (body, error) in [
+        (
+            "    backends: [ws://127.0.0.1:2]\n    dns:\n      url: ws://a.test:1\n",
+            "t.yaml:6: upstreams.u.dns: an upstream takes its backends from backends or from dns, not both",
+        ),
+        (
+            "    dns:\n      resolver: 127.0.0.1:53\n",
+            "t.yaml:5: upstreams.u.dns: url (A/AAAA records) or srv is required",
+        ),
+        (
+            "    dns:\n      url: ws://10.0.0.1:9001\n",
+            "t.yaml:6: upstreams.u.dns.url: \"ws://10.0.0.1:9001\" names an address, not a DNS name (use backends)",
+        ),
+        (
+            "    dns:\n      srv: ws://_ws._tcp.a.test:9001\n",
+            "t.yaml:6: upstreams.u.dns.srv: \"ws://_ws._tcp.a.test:9001\": an SRV answer gives the ports; remove the port",
+        ),
+        (
+            "    dns:\n      url: ws://a.test:1\n      min_interval: 10ms\n",
+            "t.yaml:7: upstreams.u.dns.min_interval: at least 100ms",
+        ),
+        (
+            "    dns:\n      url: ws://a.test:1\n      min_interval: 10s\n      max_interval: 5s\n",
+            "t.yaml:8: upstreams.u.dns.max_interval: at least min_interval (10s)",
+        ),
+    ] {
+        assert_eq!(errors_of(&upstream(body)), error, "{body}");
+    }
+}

@@ -22,6 +22,7 @@ use super::raw::Raw;
 use super::units::{
     DURATION_FORM, SIZE_FORM, Timer, format_duration, format_size, parse_duration, parse_size,
 };
+use crate::client_addr::TrustedNetworks;
 
 /// One thing wrong with the file, before line numbers are attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,16 +51,29 @@ const TOP_KEYS: &[&str] = &[
     "rebalance",
     "cluster",
 ];
-const LISTENER_KEYS: &[&str] = &["name", "address", "tls"];
+const LISTENER_KEYS: &[&str] = &[
+    "name",
+    "address",
+    "tls",
+    "proxy_protocol",
+    "trusted_proxies",
+];
 const SERVER_TLS_KEYS: &[&str] = &["certificates"];
 const CERTIFICATE_KEYS: &[&str] = &["cert", "key", "server_names"];
 const UPSTREAM_KEYS: &[&str] = &[
     "backends",
+    "dns",
     "connect_timeout",
     "tls",
     "health_check",
     "passive_health",
 ];
+const DNS_KEYS: &[&str] = &["url", "srv", "resolver", "min_interval", "max_interval"];
+/// The shortest wait between two lookups of a name, whatever its TTL: DNS answers of 0 s
+/// (common for service discovery) must not turn into a lookup loop.
+const MIN_DNS_INTERVAL: Duration = Duration::from_millis(100);
+const DEFAULT_DNS_MIN_INTERVAL: Duration = Duration::from_secs(5);
+const DEFAULT_DNS_MAX_INTERVAL: Duration = Duration::from_secs(60);
 const HEALTH_CHECK_KEYS: &[&str] = &[
     "kind",
     "path",
@@ -694,11 +708,60 @@ impl Cx<'_> {
             None => Some(None),
             Some((raw, path)) => self.server_tls(raw, &path).map(Some),
         };
+        let trusted_proxies = match f.get("trusted_proxies") {
+            None => Some(TrustedNetworks::default()),
+            Some((raw, path)) => self.networks(raw, &path),
+        };
+        let proxy_protocol = match f.get("proxy_protocol") {
+            None => Some(false),
+            Some((raw, path)) => {
+                let on = self.boolean(raw, &path);
+                if on == Some(true)
+                    && trusted_proxies
+                        .as_ref()
+                        .is_some_and(TrustedNetworks::is_empty)
+                {
+                    // A header believed from anyone would let any client claim any address.
+                    self.err(
+                        &path,
+                        "proxy_protocol needs trusted_proxies: the networks of the load balancers allowed to send the header",
+                    );
+                    return None;
+                }
+                on
+            }
+        };
         Some(Listener {
             name: name?,
             address: address?,
             tls: tls?,
+            proxy_protocol: proxy_protocol?,
+            trusted_proxies: trusted_proxies?,
         })
+    }
+
+    /// A list of networks (`10.0.0.0/8`, `2001:db8::/32`) or single addresses.
+    fn networks(&mut self, raw: &Raw, path: &YamlPath) -> Option<TrustedNetworks> {
+        let items = self.nonempty_list(raw, path, "trusted_proxies")?;
+        let mut networks = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let item_path = path.index(i);
+            let what = "a network such as 10.0.0.0/8 or an address such as 192.0.2.1";
+            let Some(text) = self.string(item, &item_path, what) else {
+                ok = false;
+                continue;
+            };
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("{text:?} is not {what}"));
+            match self.checked(&item_path, parsed) {
+                Some(net) => networks.push(net.trunc()),
+                None => ok = false,
+            }
+        }
+        ok.then(|| TrustedNetworks::new(networks))
     }
 
     fn server_tls(&mut self, raw: &Raw, path: &YamlPath) -> Option<ServerTls> {
@@ -810,13 +873,32 @@ impl Cx<'_> {
             "an upstream mapping with backends",
             UPSTREAM_KEYS,
         )?;
-        let backends = f
-            .required(
-                self,
-                "backends",
-                "a list of backend URLs such as ws://127.0.0.1:9001",
-            )
-            .and_then(|(raw, path)| self.backends(raw, &path));
+        let (backends, dns) = match (f.get("backends"), f.get("dns")) {
+            (Some(_), Some((_, dns_path))) => {
+                self.err(
+                    &dns_path,
+                    "an upstream takes its backends from backends or from dns, not both",
+                );
+                return None;
+            }
+            (None, Some((raw, path))) => {
+                (Some(Vec::new()), self.dns_backends(raw, &path).map(Some))
+            }
+            _ => (
+                f.required(
+                    self,
+                    "backends",
+                    "a list of backend URLs such as ws://127.0.0.1:9001 (or dns)",
+                )
+                .and_then(|(raw, path)| self.backends(raw, &path)),
+                Some(None),
+            ),
+        };
+        let any_secure = match (&backends, &dns) {
+            (_, Some(Some(dns))) => dns.secure,
+            (Some(backends), _) => backends.iter().any(|b| b.secure),
+            _ => false,
+        };
         let connect_timeout = match f.get("connect_timeout") {
             None => Some(DEFAULT_CONNECT_TIMEOUT),
             Some((raw, path)) => self.timer(raw, &path, TIMER).flatten(),
@@ -825,10 +907,7 @@ impl Cx<'_> {
             None => Some(UpstreamTls::default()),
             Some((raw, tls_path)) => {
                 let tls = self.upstream_tls(raw, &tls_path);
-                if let Some(backends) = &backends
-                    && tls.is_some()
-                    && !backends.iter().any(|b| b.secure)
-                {
+                if backends.is_some() && tls.is_some() && !any_secure {
                     self.err(
                         &tls_path,
                         "tls applies only to wss:// backends, and this upstream has none",
@@ -846,11 +925,24 @@ impl Cx<'_> {
             None => Some(Some(PassiveHealth::DEFAULT)),
             Some((raw, path)) => self.passive_health(raw, &path),
         };
+        let mut tls = tls?;
+        let dns = dns?;
+        // Backends found by DNS are addresses: their certificates name the DNS name.
+        if let Some(DnsBackends {
+            secure: true,
+            lookup: DnsLookup::Address { name, .. },
+            ..
+        }) = &dns
+            && tls.server_name.is_none()
+        {
+            tls.server_name = Some(name.clone());
+        }
         Some(Upstream {
             name,
             backends: backends?,
+            dns,
             connect_timeout: connect_timeout?,
-            tls: tls?,
+            tls,
             health_check: health_check?,
             passive_health: passive_health?,
         })
@@ -924,6 +1016,115 @@ impl Cx<'_> {
             port: parsed.port,
             base_path: parsed.base_path,
             weight: weight?,
+        })
+    }
+
+    fn dns_backends(&mut self, raw: &Raw, path: &YamlPath) -> Option<DnsBackends> {
+        let f = self.fields(
+            raw,
+            path,
+            "a mapping with url (A/AAAA) or srv, and optionally resolver, min_interval, max_interval",
+            DNS_KEYS,
+        )?;
+        let lookup = match (f.get("url"), f.get("srv")) {
+            (Some(_), Some((_, srv_path))) => {
+                self.err(&srv_path, "use url (A/AAAA records) or srv, not both");
+                None
+            }
+            (Some((raw, path)), None) => {
+                let what = "a URL whose host is a DNS name, such as ws://rooms.internal:9001";
+                self.string(raw, &path, what)
+                    .and_then(|url| {
+                        let parsed = parse_backend_url(url).and_then(|p| {
+                            if p.host.parse::<std::net::IpAddr>().is_ok() {
+                                Err(format!(
+                                    "{url:?} names an address, not a DNS name (use backends)"
+                                ))
+                            } else {
+                                Ok(p)
+                            }
+                        });
+                        self.checked(&path, parsed)
+                    })
+                    .map(|p| {
+                        (
+                            DnsLookup::Address {
+                                name: p.host,
+                                port: p.port,
+                            },
+                            p.secure,
+                            p.base_path,
+                        )
+                    })
+            }
+            (None, Some((raw, path))) => {
+                let what = "a URL whose host is an SRV name, such as ws://_rooms._tcp.internal";
+                self.string(raw, &path, what)
+                    .and_then(|url| {
+                        let parsed = parse_backend_url(url).and_then(|p| {
+                            if url.rsplit_once(':').is_some_and(|(_, port)| {
+                                port.split('/')
+                                    .next()
+                                    .is_some_and(|p| p.parse::<u16>().is_ok())
+                            }) {
+                                Err(format!(
+                                    "{url:?}: an SRV answer gives the ports; remove the port"
+                                ))
+                            } else {
+                                Ok(p)
+                            }
+                        });
+                        self.checked(&path, parsed)
+                    })
+                    .map(|p| (DnsLookup::Srv { name: p.host }, p.secure, p.base_path))
+            }
+            (None, None) => {
+                self.err(path, "url (A/AAAA records) or srv is required");
+                None
+            }
+        };
+        let resolver = match f.get("resolver") {
+            None => Some(None),
+            Some((raw, path)) => self.socket_addr(raw, &path).map(Some),
+        };
+        let interval = |cx: &mut Self, key: &str, default: Duration| match f.get(key) {
+            None => Some(default),
+            Some((raw, path)) => {
+                let value = cx.timer(raw, &path, TIMER).flatten()?;
+                if value < MIN_DNS_INTERVAL {
+                    cx.err(
+                        &path,
+                        format!("at least {}", format_duration(MIN_DNS_INTERVAL)),
+                    );
+                    return None;
+                }
+                Some(value)
+            }
+        };
+        let min_interval = interval(self, "min_interval", DEFAULT_DNS_MIN_INTERVAL);
+        let max_interval = interval(
+            self,
+            "max_interval",
+            DEFAULT_DNS_MAX_INTERVAL.max(min_interval.unwrap_or_default()),
+        );
+        if let (Some(min), Some(max), Some((_, path))) =
+            (min_interval, max_interval, f.get("max_interval"))
+            && max < min
+        {
+            self.err(
+                &path,
+                format!("at least min_interval ({})", format_duration(min)),
+            );
+            return None;
+        }
+        let (lookup, secure, base_path) = lookup?;
+        Some(DnsBackends {
+            lookup,
+            secure,
+            base_path,
+            resolver: resolver?,
+            min_interval: min_interval?,
+            max_interval: max_interval?,
         })
     }
 
@@ -2047,14 +2248,14 @@ fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), String> {
     Ok((host, port))
 }
 
-struct BackendUrl {
-    secure: bool,
-    host: String,
-    port: u16,
-    base_path: String,
+pub(crate) struct BackendUrl {
+    pub(crate) secure: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) base_path: String,
 }
 
-fn parse_backend_url(url: &str) -> Result<BackendUrl, String> {
+pub(crate) fn parse_backend_url(url: &str) -> Result<BackendUrl, String> {
     let bad = |why: String| Err(format!("invalid backend URL {url:?}: {why}"));
     let Some((scheme, rest)) = url.split_once("://") else {
         return bad("expected ws://host[:port][/path] or wss://host[:port][/path]".into());

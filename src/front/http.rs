@@ -7,6 +7,7 @@
 
 use super::body::{BodyFault, ClientBody, Tracked};
 use super::websocket::{self, Acceptance, Decision};
+use crate::client_addr::ClientAddr;
 use crate::cluster::{self, Ingress, Owner, forward::Routed};
 use crate::config::Route;
 use crate::drain::Phase;
@@ -54,7 +55,7 @@ enum Accepted {
 pub async fn serve(
     gateway: Arc<Gateway>,
     stream: Stream,
-    peer: SocketAddr,
+    hop: SocketAddr,
     tls: bool,
     listener: usize,
     prefix: Vec<u8>,
@@ -72,6 +73,9 @@ pub async fn serve(
         let pending = Arc::clone(&pending);
         move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ListenerIndex(listener));
+            // Each request of a trusted proxy's connection names its own client.
+            let trusted = &gateway.config.listeners[listener].trusted_proxies;
+            let peer = ClientAddr::of_header_map(hop, request.headers(), trusted);
             let gateway = Arc::clone(&gateway);
             let pending = Arc::clone(&pending);
             async move { Ok::<_, Infallible>(handle(gateway, peer, tls, request, pending).await) }
@@ -91,6 +95,7 @@ pub async fn serve(
         }
     };
     if let Err(error) = result {
+        let peer = ClientAddr::direct(hop);
         tracing::debug!(client = %peer, "HTTP connection ended: {error}");
         // A later request on the connection that hyper refused itself: counted like the
         // first request's refusals, so a slowloris on keep-alive requests shows too.
@@ -127,7 +132,7 @@ pub async fn serve(
 
 async fn handle(
     gateway: Arc<Gateway>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     mut request: Request<Incoming>,
     pending: PendingUpgrade,
@@ -281,7 +286,7 @@ fn client_library(request: &Request<Incoming>) -> Response<Body> {
 async fn routed(
     gateway: &Arc<Gateway>,
     route: usize,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     mut request: Request<Incoming>,
 ) -> Response<Body> {
@@ -304,7 +309,7 @@ async fn routed(
 async fn authorize_request(
     gateway: &Arc<Gateway>,
     route: usize,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     request: &mut Request<Incoming>,
 ) -> Result<Option<crate::authorize::Authorized>, Refusal> {
@@ -359,7 +364,7 @@ fn minor_version(request: &Request<Incoming>) -> u8 {
 
 async fn upgrade(
     gateway: &Arc<Gateway>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     ingress: Ingress,
     mut request: Request<Incoming>,
@@ -434,7 +439,7 @@ async fn session_upgrade(
     gateway: &Arc<Gateway>,
     kind: UpgradeKind<'_>,
     head: &RequestHead<'_, '_>,
-    (peer, tls, ingress): (SocketAddr, bool, Ingress),
+    (peer, tls, ingress): (ClientAddr, bool, Ingress),
     on_upgrade: hyper::upgrade::OnUpgrade,
     pending: &PendingUpgrade,
 ) -> Option<Response<Body>> {
@@ -524,7 +529,7 @@ fn is_idempotent(method: &Method) -> bool {
 async fn proxy(
     gateway: &Arc<Gateway>,
     route_index: usize,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
     request: Request<Incoming>,
 ) -> Response<Body> {
@@ -747,7 +752,7 @@ fn closing(status: u16, line: &str) -> Response<Body> {
 /// the client (see [`crate::incident`]).
 fn backend_failure(
     status: u16,
-    peer: SocketAddr,
+    peer: ClientAddr,
     route: &crate::config::Route,
     backend: &str,
     why: &dyn std::fmt::Display,

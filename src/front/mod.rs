@@ -12,8 +12,9 @@ mod http;
 mod respond;
 mod websocket;
 
+use crate::client_addr::ClientAddr;
 use crate::cluster::{self, Ingress, Owner};
-use crate::gateway::Gateway;
+use crate::gateway::{AddressSlot, Gateway};
 use crate::proto::handshake::{self, HandshakeError, RequestHead};
 use crate::routing;
 use crate::session::{
@@ -34,10 +35,23 @@ use websocket::{Acceptance, Decision};
 /// Header fields a request head may carry. More is refused with 431.
 pub const MAX_HEADERS: usize = 96;
 
+/// Where a connection came from, as the listener knows it.
+#[derive(Debug)]
+pub struct Hop<'a> {
+    /// The connection's source, or the client its PROXY header named.
+    pub addr: SocketAddr,
+    /// Index into the configuration's listeners.
+    pub listener: usize,
+    /// Set when the source is a trusted proxy and `max_connections_per_ip` is set: the
+    /// connection is counted against the client its first request names, and the count is
+    /// kept here (the connection's guard, which lasts as long as the connection).
+    pub count_at_head: Option<&'a mut Option<AddressSlot>>,
+}
+
 /// Who is asking, for routing, forwarding and counting refusals.
 #[derive(Debug, Clone, Copy)]
 struct Client {
-    peer: SocketAddr,
+    peer: ClientAddr,
     /// Index into the configuration's listeners.
     listener: usize,
     tls: bool,
@@ -67,8 +81,7 @@ enum Next {
 pub fn serve(
     gateway: Arc<Gateway>,
     stream: Stream,
-    peer: SocketAddr,
-    listener: usize,
+    hop: Hop<'_>,
     deadline: Instant,
 ) -> impl Future<Output = ()> {
     async move {
@@ -79,22 +92,34 @@ pub fn serve(
         // phase: an idle WebSocket's task then holds only the relay's small state. The other
         // long phases are boxed for the same reason: this future is sized for its largest state.
         let client = Client {
-            peer,
-            listener,
+            peer: ClientAddr::direct(hop.addr),
+            listener: hop.listener,
             tls,
         };
-        let next = Box::pin(first_request(&gateway, &mut stream, client, deadline)).await;
+        let counted = hop.count_at_head;
+        let next = Box::pin(first_request(
+            &gateway,
+            &mut stream,
+            client,
+            counted,
+            deadline,
+        ))
+        .await;
         match next {
             Next::Done => {}
             Next::Relay(acceptance, early) => acceptance.relay(stream, &early, started).await,
             Next::Session(socket, early) => Box::pin(socket.serve(stream, &early)).await,
             Next::Tunnel(answer) => Box::pin(answer.carry(stream, false)).await,
             Next::Http(prefix) => {
-                Box::pin(http::serve(gateway, stream, peer, tls, listener, prefix)).await
+                let http = http::serve(gateway, stream, hop.addr, tls, hop.listener, prefix);
+                Box::pin(http).await
             }
         }
     }
 }
+
+/// The answer to a client over its address's connection limit.
+const PER_IP_LINE: &str = "too many connections from this address";
 
 /// Whether `buf` holds the blank line that ends a request head. Empty lines before the request
 /// line are skipped, as httparse skips them; a head ended by a bare `\n\n`, which httparse
@@ -107,13 +132,18 @@ fn head_ended(buf: &[u8]) -> bool {
     buf[start..].windows(4).any(|w| w == b"\r\n\r\n")
 }
 
+/// Reads and answers the first request. With `count_at_head`, the connection is counted
+/// against the client its head names.
 async fn first_request(
     gateway: &Arc<Gateway>,
     stream: &mut Stream,
     client: Client,
+    count_at_head: Option<&mut Option<AddressSlot>>,
     deadline: Instant,
 ) -> Next {
-    let Client { peer, tls, .. } = client;
+    let Client { tls, .. } = client;
+    // Until the head names the client, refusals name the connection.
+    let peer = client.peer;
     let refused = |status: u16, reason: &'static str, line: &str| {
         gateway.refused(client.listener, Some(status), reason, peer, line);
     };
@@ -171,6 +201,28 @@ async fn first_request(
             refuse_handshake(stream, &error).await;
             return Next::Done;
         }
+    };
+    let trusted = &gateway.config.listeners[client.listener].trusted_proxies;
+    let peer = ClientAddr::of_head(peer.addr(), head.headers, trusted);
+    if let (Some(counted), Some(max)) = (count_at_head, limits.max_connections_per_ip) {
+        match gateway.addresses.try_enter(peer.ip(), max) {
+            Some(slot) => *counted = Some(slot),
+            None => {
+                gateway.metrics.handshake_failed("per_ip_limit");
+                gateway.refused(
+                    client.listener,
+                    Some(503),
+                    "per_ip_limit",
+                    peer,
+                    PER_IP_LINE,
+                );
+                refuse(stream, 503, PER_IP_LINE, &[("Retry-After", "1")]).await;
+                return Next::Done;
+            }
+        }
+    }
+    let refused = |status: u16, reason: &'static str, line: &str| {
+        gateway.refused(client.listener, Some(status), reason, peer, line);
     };
     // Checked here for the first request because hyper, which reads the later ones, quietly
     // accepts Content-Length with Transfer-Encoding (dropping the length).

@@ -10,6 +10,7 @@ use crate::admit::{
     BackendOffer, OpenedBackend, open_backend, register_in_room, switching_protocols,
 };
 use crate::auth::SubjectSlot;
+use crate::client_addr::ClientAddr;
 use crate::config::Compression;
 use crate::drain::depart;
 use crate::gateway::{Gateway, RouteSlot};
@@ -64,6 +65,7 @@ struct AccessContext {
     route: usize,
     backend: String,
     target: String,
+    /// The client as believed (only its address: an idle connection keeps this).
     peer: SocketAddr,
     /// This connection's share of the active-connections gauge, given back when it ends.
     active: Gauge,
@@ -79,7 +81,7 @@ struct AccessContext {
 pub async fn decide(
     gateway: &Arc<Gateway>,
     head: &RequestHead<'_, '_>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Decision {
     // `reason` labels the handshake-failure metric; it is one of a fixed set of words.
@@ -201,7 +203,7 @@ pub async fn decide(
             route: route_index,
             backend: backend_url,
             target: head.path().to_owned(),
-            peer,
+            peer: peer.addr(),
             active,
             registration,
             _subject_slot: subject_slot,
@@ -316,7 +318,7 @@ impl AccessContext {
                 .inc();
         }
         if let Some((kind, why)) = failure(report) {
-            let detail = format!("{}: {why}", self.peer);
+            let detail = format!("{}: {why}", ClientAddr::direct(self.peer));
             self.gateway
                 .errors
                 .record(kind, Some(route), Some(&self.backend), detail);
@@ -324,7 +326,7 @@ impl AccessContext {
         let code = |c: Option<u16>| c.map_or_else(|| "-".to_owned(), |c| c.to_string());
         tracing::info!(
             target: "wsgate::access",
-            client = %self.peer,
+            client = %ClientAddr::direct(self.peer),
             route = %route,
             backend = %self.backend,
             target = %self.target,

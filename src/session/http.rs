@@ -11,6 +11,7 @@ use super::protocol::{
 };
 use super::state::{DeliverError, Session};
 use crate::admit::origin_allowed;
+use crate::client_addr::ClientAddr;
 use crate::gateway::{Gateway, ListenerIndex};
 use crate::metrics::{OpLabel, SessionRequest};
 use crate::proto::handshake::RequestHead;
@@ -21,7 +22,6 @@ use hyper::body::{Body as _, Bytes, Frame, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -47,7 +47,7 @@ pub async fn handle(
     query: SessionQuery<'_>,
     request: Request<Incoming>,
     headers: &[httparse::Header<'_>],
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Response<Body> {
     let started = tokio::time::Instant::now();
@@ -124,7 +124,7 @@ async fn open_session(
     query: &SessionQuery<'_>,
     request: Request<Incoming>,
     headers: &[httparse::Header<'_>],
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Response<Body> {
     let Some(host) = header(&request, "host").map(str::to_owned) else {

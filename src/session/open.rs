@@ -8,12 +8,12 @@ use super::registry::{AddressRefusal, AddressSession, Reservation};
 use super::socket;
 use super::state::{Limits, Session, Timing};
 use crate::admit::{BackendOffer, OpenedBackend, open_backend, origin_allowed, register_in_room};
+use crate::client_addr::ClientAddr;
 use crate::drain::Departure;
 use crate::gateway::{AddressSlot, Gateway};
 use crate::proto::handshake::RequestHead;
 use crate::proto::{DecoderConfig, Role};
 use crate::upstream::Refusal;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -57,7 +57,7 @@ pub fn admit(
     gateway: &Arc<Gateway>,
     route: usize,
     origin: Option<&str>,
-    peer: SocketAddr,
+    peer: ClientAddr,
 ) -> Result<Admission, Refusal> {
     let settings = &gateway.config.sessions;
     let route_config = gateway.route(route);
@@ -128,7 +128,7 @@ pub async fn open(
     gateway: &Arc<Gateway>,
     spec: &OpenSpec<'_>,
     admission: Admission,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Result<OpenedSession, Refusal> {
     let settings = &gateway.config.sessions;

@@ -22,12 +22,12 @@ use super::socket::{self, MessageWriter, ReadError, Received, encode_message};
 use super::state::{DeliverError, Session};
 use super::until;
 use crate::admit::switching_protocols;
+use crate::client_addr::ClientAddr;
 use crate::gateway::Gateway;
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{CloseCode, DecoderConfig, Keepalive, KeepaliveDue, Role};
 use crate::stream::Stream;
 use crate::upstream::Refusal;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -110,7 +110,7 @@ pub async fn decide(
     route: usize,
     head: &RequestHead<'_, '_>,
     query: &SessionQuery<'_>,
-    peer: SocketAddr,
+    peer: ClientAddr,
     tls: bool,
 ) -> Result<SessionSocket, Refusal> {
     let upgrade = handshake::validate_upgrade(head).map_err(|error| {

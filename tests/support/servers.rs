@@ -1,4 +1,4 @@
-//! Real Redis and PostgreSQL servers for tests, each on a free loopback port in a temporary
+//! Real Redis, PostgreSQL and DNS (dnsmasq) servers for tests, each on a free loopback port in a temporary
 //! directory of its own, stopped when dropped.
 //!
 //! A missing program makes [`Redis::start`] or [`Postgres::start`] return `None` after a
@@ -348,6 +348,89 @@ fn ready(pid_file: &Path) -> bool {
 }
 
 impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A dnsmasq answering from a hosts file of its own (no upstream servers, no /etc/hosts) on
+/// 127.0.0.1, UDP and TCP.
+pub struct Dnsmasq {
+    dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Dnsmasq {
+    /// Starts serving `hosts` (lines of `address name`).
+    pub fn start(hosts: &str) -> Option<Dnsmasq> {
+        Self::start_with(hosts, &[])
+    }
+
+    /// [`start`](Self::start) with more dnsmasq options (`--srv-host=...`, read at start only).
+    pub fn start_with(hosts: &str, options: &[String]) -> Option<Dnsmasq> {
+        let Some(program) = find("dnsmasq", "DNSMASQ", &[PathBuf::from("/usr/sbin")]) else {
+            missing("dnsmasq", "apt-get install dnsmasq-base, or set DNSMASQ");
+            return None;
+        };
+        let dir = temp_dir("dnsmasq");
+        let mut dns = Dnsmasq {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        dns.set_hosts(hosts);
+        let hosts_file = dns.dir.join("hosts");
+        let child = Command::new(&program)
+            .args(["--no-daemon", "--conf-file=/dev/null", "--pid-file"])
+            .arg(format!("--port={}", dns.port))
+            .args(["--listen-address=127.0.0.1", "--bind-interfaces"])
+            .args(["--no-resolv", "--no-hosts", "--user=root"])
+            .arg(format!("--addn-hosts={}", hosts_file.display()))
+            .args(options)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+        dns.child = Some(child);
+        let port = dns.port;
+        wait_until("dnsmasq accepts TCP", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(dns)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Writes the hosts file; dnsmasq reads it at start and on [`reload`](Self::reload).
+    pub fn set_hosts(&self, hosts: &str) {
+        let path = self.dir.join("hosts");
+        let staged = self.dir.join("hosts.new");
+        std::fs::write(&staged, hosts).expect("write the hosts file");
+        let _ = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644));
+        std::fs::rename(&staged, &path).expect("replace the hosts file");
+    }
+
+    /// SIGHUP: dnsmasq clears its cache and reads the hosts file again.
+    pub fn reload(&self) {
+        if let Some(child) = &self.child {
+            signal(child, "HUP");
+        }
+    }
+
+    /// Stops the server: every lookup fails from now on.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Dnsmasq {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
