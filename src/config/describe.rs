@@ -126,8 +126,25 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
             out,
             "      compression: {}, pings: {}",
             match route.compression {
-                Compression::Strip => "strip",
-                Compression::Passthrough => "passthrough",
+                Compression::Strip => "strip".to_owned(),
+                Compression::Passthrough => "passthrough".to_owned(),
+                Compression::Terminate(d) => format!(
+                    "terminate (windows {}/{} bits, context takeover {}/{}, level {}, from {} bytes)",
+                    d.server_max_window_bits,
+                    d.client_max_window_bits,
+                    if d.server_no_context_takeover {
+                        "off"
+                    } else {
+                        "on"
+                    },
+                    if d.client_no_context_takeover {
+                        "off"
+                    } else {
+                        "on"
+                    },
+                    d.level,
+                    d.min_size
+                ),
             },
             if route.ping_passthrough {
                 "passed through"

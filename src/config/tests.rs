@@ -671,7 +671,7 @@ admin:
         &errors,
         12,
         "routes[0].compression",
-        &["expected strip or passthrough", "\"gzip\""],
+        &["expected strip, passthrough or terminate", "\"gzip\""],
     );
     expect(
         &errors,
@@ -2603,4 +2603,90 @@ fn describe_shows_each_routes_auth() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+}
+
+#[test]
+fn terminate_compression_parses_with_defaults_and_options() {
+    let config = ok("\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends: [ws://127.0.0.1:9001]
+routes:
+  - upstream: u
+    match: {path_prefix: /a}
+    compression: terminate
+  - upstream: u
+    match: {path_prefix: /b}
+    compression:
+      mode: terminate
+      server_no_context_takeover: false
+      client_max_window_bits: 8
+      server_max_window_bits: 15
+      min_size: 1KiB
+      level: 1
+");
+    assert_eq!(
+        config.routes[0].compression,
+        Compression::Terminate(Deflate::default())
+    );
+    assert_eq!(
+        config.routes[1].compression,
+        Compression::Terminate(Deflate {
+            server_no_context_takeover: false,
+            client_no_context_takeover: true,
+            server_max_window_bits: 15,
+            client_max_window_bits: 8,
+            min_size: 1024,
+            level: 1,
+        })
+    );
+}
+
+#[test]
+fn terminate_compression_errors_name_their_line() {
+    let errors = errs(
+        "\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends: [ws://127.0.0.1:9001]
+routes:
+  - upstream: u
+    compression:
+      mode: terminate
+      server_max_window_bits: 8
+      level: 10
+      window: 12
+  - upstream: u
+    match: {path_prefix: /b}
+    compression: {mode: passthrough}
+",
+    );
+    expect(
+        &errors,
+        10,
+        "routes[0].compression.server_max_window_bits",
+        &["between 9 and 15", "8"],
+    );
+    expect(
+        &errors,
+        11,
+        "routes[0].compression.level",
+        &["between 1 and 9"],
+    );
+    expect(
+        &errors,
+        12,
+        "routes[0].compression.window",
+        &["unknown key"],
+    );
+    expect(
+        &errors,
+        15,
+        "routes[1].compression.mode",
+        &["expected terminate"],
+    );
 }

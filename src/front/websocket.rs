@@ -11,15 +11,21 @@ use crate::admit::{
 };
 use crate::auth::SubjectSlot;
 use crate::authorize::Expiry;
-use crate::config::Compression;
+use crate::config::{Compression, Deflate};
 use crate::drain::depart;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{CloseCodeLabel, Closed, RouteBackend};
+use crate::proto::deflate::negotiate::{
+    ClientWindow, PERMESSAGE_DEFLATE, Preferences, negotiate, parse_offer,
+};
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{DecoderConfig, FrameDecoder, Role};
 use crate::rebalance::Registration;
 use crate::recent_errors::ErrorKind;
-use crate::relay::{Cause, HopStart, Relay, RelayReport, RelaySettings, Side, Stop};
+use crate::relay::{
+    Cause, HopStart, Relay, RelayCompression, RelayReport, RelaySettings, Side, Stop, Terminated,
+    Window,
+};
 use crate::routing::ConnectionSlot;
 use crate::stream::Stream;
 use crate::upstream::Refusal;
@@ -106,7 +112,8 @@ pub async fn decide(
             handshake::headers::values(head.headers, "sec-websocket-extensions")
                 .filter_map(|v| std::str::from_utf8(v).ok()),
         ),
-        Compression::Strip => None,
+        // A terminating gateway answers the client itself; the backend sees no offer.
+        Compression::Strip | Compression::Terminate(_) => None,
     };
     let offer = BackendOffer {
         route: route_index,
@@ -154,16 +161,21 @@ pub async fn decide(
         .get_or_create(&labels)
         .clone();
     active.inc();
+    let (extensions, relay_compression) = match route.compression {
+        Compression::Terminate(deflate) => terminate(head, &deflate),
+        Compression::Strip | Compression::Passthrough => {
+            let counted = upgraded.extensions.as_deref().and_then(passthrough);
+            (upgraded.extensions, counted.unwrap_or_default())
+        }
+    };
     // RSV1 means "compressed" only under permessage-deflate (RFC 7692), whatever else the
-    // backend may have agreed to.
-    let compression = upgraded.extensions.as_deref().is_some_and(|value| {
-        handshake::headers::split_list(value).any(|element| {
-            handshake::headers::parse_extension(element)
-                .name
-                .eq_ignore_ascii_case("permessage-deflate")
-        })
-    });
-    let decoder = |role| {
+    // backend may have agreed to; a terminating gateway never agrees to it with the backend.
+    let (client_compressed, backend_compressed) = match relay_compression {
+        RelayCompression::Off => (false, false),
+        RelayCompression::Count { .. } => (true, true),
+        RelayCompression::Terminate(_) => (true, false),
+    };
+    let decoder = |role, compression| {
         FrameDecoder::new(DecoderConfig {
             role,
             max_frame: route.limits.max_frame,
@@ -175,12 +187,15 @@ pub async fn decide(
     Decision::Accept(Box::new(Acceptance {
         accept: handshake::accept_key(upgrade.key),
         protocol: upgraded.protocol,
-        extensions: upgraded.extensions,
+        extensions,
         set_cookie,
         backend_headers: upgraded.headers,
         backend: upgraded.stream,
         backend_early: upgraded.early,
-        decoders: (decoder(Role::Server), decoder(Role::Client)),
+        decoders: (
+            decoder(Role::Server, client_compressed),
+            decoder(Role::Client, backend_compressed),
+        ),
         settings: RelaySettings {
             ping_interval: route.timeouts.ping_interval,
             pong_timeout: route.timeouts.pong_timeout,
@@ -188,6 +203,7 @@ pub async fn decide(
             idle_timeout: route.timeouts.idle,
             ping_passthrough: route.ping_passthrough,
             message_rate: route.limits.message_rate,
+            compression: relay_compression,
         },
         expiry,
         log: AccessContext {
@@ -362,6 +378,68 @@ fn failure(report: &RelayReport) -> Option<(ErrorKind, String)> {
         | Cause::Expired => return None,
     };
     Some((kind, report.cause.to_string()))
+}
+
+/// A `terminate` route's answer to the client's permessage-deflate offers (the `Sec-WebSocket-
+/// Extensions` value of the 101) and what the relay does; no acceptable offer, no compression.
+fn terminate(head: &RequestHead<'_, '_>, deflate: &Deflate) -> (Option<String>, RelayCompression) {
+    let preferences = Preferences {
+        server_no_context_takeover: deflate.server_no_context_takeover,
+        client_no_context_takeover: deflate.client_no_context_takeover,
+        server_max_window_bits: deflate.server_max_window_bits,
+        client_max_window_bits: deflate.client_max_window_bits,
+    };
+    let offers = handshake::headers::list_elements(head.headers, "sec-websocket-extensions");
+    let Some(agreed) = negotiate(offers, &preferences) else {
+        return (None, RelayCompression::Off);
+    };
+    let terminated = Terminated {
+        client: Window {
+            bits: agreed.client_max_window_bits,
+            keep_context: !agreed.client_no_context_takeover,
+        },
+        server: Window {
+            bits: agreed.server_max_window_bits,
+            keep_context: !agreed.server_no_context_takeover,
+        },
+        level: deflate.level,
+        min_size: deflate.min_size,
+    };
+    (
+        Some(agreed.response()),
+        RelayCompression::Terminate(terminated),
+    )
+}
+
+/// A `passthrough` route whose backend agreed to permessage-deflate: the windows each side
+/// compresses with, so the relay can inflate what passes to count it. A response it cannot
+/// read is counted with the largest window, kept between messages (always correct, only
+/// larger).
+fn passthrough(response: &str) -> Option<RelayCompression> {
+    let element = handshake::headers::split_list(response)
+        .map(handshake::headers::parse_extension)
+        .find(|e| e.name.eq_ignore_ascii_case(PERMESSAGE_DEFLATE))?;
+    let full = Window {
+        bits: 15,
+        keep_context: true,
+    };
+    let (client, backend) = match parse_offer(element.params) {
+        Ok(agreed) => (
+            Window {
+                bits: match agreed.client_max_window_bits {
+                    ClientWindow::AtMost(bits) => bits,
+                    _ => 15,
+                },
+                keep_context: !agreed.client_no_context_takeover,
+            },
+            Window {
+                bits: agreed.server_max_window_bits.unwrap_or(15),
+                keep_context: !agreed.server_no_context_takeover,
+            },
+        ),
+        Err(_) => (full, full),
+    };
+    Some(RelayCompression::Count { client, backend })
 }
 
 fn join<'a>(items: impl Iterator<Item = &'a str>) -> Option<String> {

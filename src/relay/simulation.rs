@@ -13,6 +13,7 @@
 // Compiled for tests and fuzzing only, where a panic is the finding being reported.
 #![allow(clippy::panic)]
 
+use super::compress::RelayCompression;
 use super::connection::{Connection, RelaySettings, Stop};
 use super::hop::Side;
 use crate::metrics::RelayCounters;
@@ -80,6 +81,9 @@ impl World {
             }),
             FrameDecoder::new(DecoderConfig {
                 role: Role::Client,
+                // A terminating gateway never negotiates compression with the backend.
+                compression: decoder.compression
+                    && !matches!(settings.compression, RelayCompression::Terminate(_)),
                 ..decoder
             }),
         );
@@ -378,6 +382,7 @@ pub fn fuzz(data: &[u8]) {
         idle_timeout: (flags & 2 != 0).then(|| ms(3000)),
         ping_passthrough: flags & 4 != 0,
         message_rate: (flags & 8 != 0).then_some(5),
+        compression: RelayCompression::Off,
     };
     let decoder = DecoderConfig {
         max_frame: 1024,
@@ -464,6 +469,7 @@ mod tests {
             idle_timeout: None,
             ping_passthrough: false,
             message_rate: None,
+            compression: RelayCompression::Off,
         };
         settings(&mut relay);
         World::new(relay, DecoderConfig::new(Role::Server), Vec::new())
