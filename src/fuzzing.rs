@@ -935,3 +935,9 @@ pub fn session(data: &[u8]) {
 pub fn relay(data: &[u8]) {
     crate::relay::simulation::fuzz(data);
 }
+
+/// [`relay`] with permessage-deflate negotiated (terminated or counted): compressed messages,
+/// fragmented ones and bombs among the events. The checks are in [`crate::relay::simulation`].
+pub fn relay_deflate(data: &[u8]) {
+    crate::relay::simulation::fuzz_deflate(data);
+}

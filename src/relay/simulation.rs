@@ -439,6 +439,39 @@ pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
 /// Drives a world from fuzz bytes: settings first, then events until the input ends, then the
 /// quiet peers. See the module docs for what is checked.
 pub fn fuzz(data: &[u8]) {
+    fuzz_with(data, RelayCompression::Off);
+}
+
+/// [`fuzz`] on a connection with permessage-deflate: the first byte chooses `terminate` or
+/// `passthrough` counting and the context takeover of each side, the rest drives the world as
+/// in [`fuzz`], with compressed messages, fragmented ones and bombs among the events.
+pub fn fuzz_deflate(data: &[u8]) {
+    use super::compress::{Terminated, Window};
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let window = |keep: bool, bits: u8| Window {
+        bits,
+        keep_context: keep,
+    };
+    let compression = if mode & 1 == 0 {
+        RelayCompression::Terminate(Terminated {
+            client: window(mode & 2 != 0, 15),
+            server: window(mode & 4 != 0, 9 + (mode >> 4) % 7),
+            level: 1 + (mode >> 3) % 9,
+            min_size: 16,
+        })
+    } else {
+        RelayCompression::Count {
+            client: window(mode & 2 != 0, 15),
+            backend: window(mode & 4 != 0, 15),
+        }
+    };
+    fuzz_with(rest, compression);
+}
+
+fn fuzz_with(data: &[u8], compression: RelayCompression) {
+    let compressed = compression != RelayCompression::Off;
     let mut input = data.iter().copied();
     let mut next = move || input.next();
     let flags = next().unwrap_or(0);
@@ -450,12 +483,14 @@ pub fn fuzz(data: &[u8]) {
         idle_timeout: (flags & 2 != 0).then(|| ms(3000)),
         ping_passthrough: flags & 4 != 0,
         message_rate: (flags & 8 != 0).then_some(5),
-        compression: RelayCompression::Off,
+        compression,
     };
     let decoder = DecoderConfig {
         max_frame: 1024,
         max_message: 4096,
-        keep_opaque_masked: flags & 16 != 0,
+        compression: compressed,
+        // The gateway always keeps opaque payload masked on compressed connections.
+        keep_opaque_masked: compressed || flags & 16 != 0,
         ..DecoderConfig::new(Role::Server)
     };
     let read_sizes = (0..(flags >> 5))
@@ -510,6 +545,25 @@ pub fn fuzz(data: &[u8]) {
                 },
                 _ => Stop::Shutdown,
             }),
+            // Compressed: a message, one in two fragments, a bomb.
+            19 => {
+                let mut bytes = frame(true, 0x1, mask, &deflate(&payload.repeat(16)));
+                bytes[0] |= 0x40;
+                world.send(side, &bytes);
+            }
+            20 => {
+                let packed = deflate(&payload.repeat(64));
+                let half = packed.len() / 2;
+                let mut first = frame(false, 0x2, mask, &packed[..half]);
+                first[0] |= 0x40;
+                world.send(side, &first);
+                world.send(side, &frame(true, 0x0, mask, &packed[half..]));
+            }
+            21 => {
+                let mut bytes = frame(true, 0x2, mask, &deflate(&vec![0; 1 << 16]));
+                bytes[0] |= 0x40;
+                world.send(side, &bytes);
+            }
             _ => {}
         }
     }
@@ -559,16 +613,21 @@ mod tests {
     /// passes the checks.
     #[test]
     fn fuzz_seeds_pass() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/relay");
-        let mut seeds: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().path())
-            .collect();
-        seeds.sort();
-        assert!(!seeds.is_empty());
-        for seed in seeds {
-            eprintln!("seed {}", seed.display());
-            fuzz(&std::fs::read(&seed).unwrap());
+        for (target, run) in [
+            ("relay", fuzz as fn(&[u8])),
+            ("relay_deflate", fuzz_deflate),
+        ] {
+            let dir = format!("{}/fuzz/seeds/{target}", env!("CARGO_MANIFEST_DIR"));
+            let mut seeds: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|entry| entry.unwrap().path())
+                .collect();
+            seeds.sort();
+            assert!(!seeds.is_empty());
+            for seed in seeds {
+                eprintln!("seed {}", seed.display());
+                run(&std::fs::read(&seed).unwrap());
+            }
         }
     }
 
