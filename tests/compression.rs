@@ -450,10 +450,12 @@ async fn passthrough_upgrade_after_a_plain_request_on_keep_alive_negotiates_too(
 #[tokio::test]
 async fn passthrough_rsv1_frames_pass_client_to_backend_unchanged() {
     let (_gateway, mut client, mut backend) = negotiated().await;
-    let big = pattern(200_000, 7);
+    // Valid deflate: the gateway inflates what passes to hold the limits to it.
+    let big = deflated(&pattern(200_000, 7));
+    let not_utf8 = deflated(NOT_UTF8);
     for (opcode, payload) in [
         (op::TEXT, HELLO_DEFLATED),
-        (op::TEXT, NOT_UTF8),
+        (op::TEXT, &not_utf8[..]),
         (op::BINARY, HELLO_DEFLATED),
         // Larger than the relay's buffers: the opaque payload is re-masked piece by piece.
         (op::BINARY, &big[..]),
@@ -476,10 +478,12 @@ async fn passthrough_rsv1_frames_pass_client_to_backend_unchanged() {
 #[tokio::test]
 async fn passthrough_rsv1_frames_pass_backend_to_client_unchanged() {
     let (_gateway, mut client, mut backend) = negotiated().await;
-    let big = pattern(200_000, 9);
+    // Valid deflate: the gateway inflates what passes to hold the limits to it.
+    let big = deflated(&pattern(200_000, 9));
+    let not_utf8 = deflated(NOT_UTF8);
     for (opcode, payload) in [
         (op::TEXT, HELLO_DEFLATED),
-        (op::TEXT, NOT_UTF8),
+        (op::TEXT, &not_utf8[..]),
         (op::BINARY, HELLO_DEFLATED),
         (op::BINARY, &big[..]),
         (op::TEXT, &big[..]),
@@ -504,7 +508,9 @@ async fn passthrough_rsv1_frames_pass_backend_to_client_unchanged() {
 #[tokio::test]
 async fn passthrough_fragmented_compressed_messages_pass_both_ways() {
     let (_gateway, mut client, mut backend) = negotiated().await;
-    let parts: [&[u8]; 3] = [NOT_UTF8, &[0xc3], NOT_UTF8];
+    // Valid deflate (the gateway inflates it to count it), cut anywhere.
+    let packed = deflated(&[NOT_UTF8, "é".as_bytes(), NOT_UTF8].concat());
+    let parts: [&[u8]; 3] = [&packed[..5], &packed[5..6], &packed[6..]];
 
     let mut bytes = frame(false, RSV1, op::TEXT, Some(CLIENT_KEY), parts[0]);
     bytes.extend(frame(
@@ -927,4 +933,226 @@ async fn passthrough_real_peers_without_offer_stay_uncompressed() {
     let connection = backend.next_connection().await;
     assert_eq!(connection["offer"], serde_json::Value::Null, "{connection}");
     assert_eq!(report["extensions"], serde_json::Value::Null, "{report}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// `compression: terminate`: the gateway negotiates with the client and speaks plain frames to
+// the backend (here tokio-tungstenite's echo, which has no compression at all).
+
+const TERMINATE: &str = "compression: terminate";
+
+/// node `ws` as the client, compressing every message, through a `terminate` route in front of
+/// an echo backend without compression: the browser-style offer is answered by the gateway,
+/// every message (fragmented, multi-byte text, 1 MiB, incompressible) comes back intact, the
+/// backend never saw an offer, and the client's wire carried compressed bytes both ways.
+#[tokio::test]
+async fn terminate_real_deflate_client_through_a_plain_backend() {
+    if !node_peers_present() {
+        return;
+    }
+    let backend = support::echo_backend("plain").await;
+    let gateway = gateway_to(backend.addr, TERMINATE).await;
+    let report = node_client(format!("ws://{}/", gateway.addr), true).await;
+    let extensions = report["extensions"].as_str().unwrap_or_default();
+    assert!(
+        extensions.starts_with("permessage-deflate")
+            && extensions.contains("client_max_window_bits=11"),
+        "the gateway's answer: {report}"
+    );
+    let seen = backend.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("sec-websocket-extensions"), None, "{seen:?}");
+    let payload = report["payload_bytes"].as_u64().unwrap();
+    let wire = report["wire_bytes"].as_u64().unwrap();
+    assert!(
+        wire * 4 < payload,
+        "{wire} bytes on the client's wire for {payload} bytes of messages: not compressed?"
+    );
+}
+
+/// The same with context takeover kept both ways and full windows.
+#[tokio::test]
+async fn terminate_with_context_takeover_round_trips_with_a_real_client() {
+    if !node_peers_present() {
+        return;
+    }
+    let backend = support::echo_backend("plain").await;
+    let route = "compression:\n  mode: terminate\n  server_no_context_takeover: false\n  client_no_context_takeover: false\n  server_max_window_bits: 15\n  client_max_window_bits: 15";
+    let gateway = gateway_to(backend.addr, route).await;
+    let report = node_client(format!("ws://{}/", gateway.addr), true).await;
+    let extensions = report["extensions"].as_str().unwrap_or_default();
+    assert!(
+        !extensions.contains("no_context_takeover"),
+        "context takeover was configured: {extensions}"
+    );
+}
+
+/// A client that does not offer gets no compression on a `terminate` route.
+#[tokio::test]
+async fn terminate_without_an_offer_stays_uncompressed() {
+    let backend = support::echo_backend("plain").await;
+    let gateway = gateway_to(backend.addr, TERMINATE).await;
+    let mut client = raw_client(gateway.addr, upgrade_request("/", "").as_bytes()).await;
+    assert_eq!(header_of(&client.head, "sec-websocket-extensions"), None);
+    client.send(&client_frame(true, op::TEXT, b"plain")).await;
+    expect_frame(
+        client.read_frame().await,
+        true,
+        0,
+        op::TEXT,
+        false,
+        b"plain",
+    );
+}
+
+/// Raw deflate as a permessage-deflate sender writes it (sync flush, tail removed).
+fn deflated(data: &[u8]) -> Vec<u8> {
+    let mut compressor = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::new();
+    // Until the flush is complete: it is when the output was not filled.
+    loop {
+        out.reserve(data.len() + 1024);
+        let spare = out.capacity() - out.len();
+        let input = &data[compressor.total_in() as usize..];
+        let before = out.len();
+        compressor
+            .compress_vec(input, &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        if out.len() - before < spare {
+            break;
+        }
+    }
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// About 1 KiB of deflate that inflates to 1 GiB... would take a while to build: 1 MiB of zeros
+/// is 1 KiB compressed, and the limit below is 64 KiB, so it is a bomb all the same.
+fn bomb() -> Vec<u8> {
+    let packed = deflated(&vec![0; 1 << 20]);
+    assert!(packed.len() <= 1100, "{} bytes", packed.len());
+    packed
+}
+
+const LIMIT_64K: &str = "limits:\n  max_message: 64KiB\n  max_frame: 64KiB";
+
+/// The bomb as one frame, or spread over 16-byte fragments.
+fn bomb_frames(fragmented: bool) -> Vec<u8> {
+    let packed = bomb();
+    if !fragmented {
+        return frame(true, RSV1, op::BINARY, Some(CLIENT_KEY), &packed);
+    }
+    let pieces: Vec<_> = packed.chunks(16).collect();
+    let mut bytes = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        let fin = i + 1 == pieces.len();
+        let (rsv, opcode) = if i == 0 {
+            (RSV1, op::BINARY)
+        } else {
+            (0, op::CONTINUATION)
+        };
+        bytes.extend(frame(fin, rsv, opcode, Some(CLIENT_KEY), piece));
+    }
+    bytes
+}
+
+/// Whatever the backend gets, it answers a close (a raw backend) and the client gets 1009.
+async fn assert_bomb_refused(mut client: RawWs, backend: Option<RawWs>, fragmented: bool) {
+    client.send(&bomb_frames(fragmented)).await;
+    let backend_side = async move {
+        let Some(mut backend) = backend else { return 0 };
+        let mut data = 0;
+        while let Some(frame) = backend.read_frame().await {
+            if frame.opcode == op::CLOSE {
+                backend
+                    .try_send(&server_frame(true, op::CLOSE, &close_payload(1001, b"")))
+                    .await;
+                break;
+            }
+            data += frame.payload.len();
+        }
+        data
+    };
+    let client_side = async {
+        let started = std::time::Instant::now();
+        let close = client.close_frame().await.expect("the client gets a close");
+        (close.close_code(), started.elapsed())
+    };
+    let (forwarded, (code, _elapsed)) = tokio::join!(backend_side, client_side);
+    assert_eq!(code, Some(1009));
+    assert!(
+        forwarded <= 64 * 1024 + 1100,
+        "{forwarded} bytes reached the backend"
+    );
+}
+
+#[tokio::test]
+async fn terminate_bomb_in_one_frame_is_closed_with_1009() {
+    let backend = support::echo_backend("plain").await;
+    let gateway = gateway_to(backend.addr, &format!("{TERMINATE}\n{LIMIT_64K}")).await;
+    let client = raw_client(
+        gateway.addr,
+        upgrade_request("/", &extensions_header(Some(OFFER))).as_bytes(),
+    )
+    .await;
+    assert!(header_of(&client.head, "sec-websocket-extensions").is_some());
+    assert_bomb_refused(client, None, false).await;
+}
+
+#[tokio::test]
+async fn terminate_bomb_over_many_fragments_is_closed_with_1009() {
+    let backend = support::echo_backend("plain").await;
+    let gateway = gateway_to(backend.addr, &format!("{TERMINATE}\n{LIMIT_64K}")).await;
+    let client = raw_client(
+        gateway.addr,
+        upgrade_request("/", &extensions_header(Some(OFFER))).as_bytes(),
+    )
+    .await;
+    assert_bomb_refused(client, None, true).await;
+}
+
+#[tokio::test]
+async fn passthrough_bomb_in_one_frame_is_closed_with_1009() {
+    let (_gateway, client, backend) = connected(
+        &format!("{PASSTHROUGH}\n{LIMIT_64K}"),
+        Some(OFFER),
+        Some(ANSWER),
+    )
+    .await;
+    assert_bomb_refused(client, Some(backend), false).await;
+}
+
+#[tokio::test]
+async fn passthrough_bomb_over_many_fragments_is_closed_with_1009() {
+    let (_gateway, client, backend) = connected(
+        &format!("{PASSTHROUGH}\n{LIMIT_64K}"),
+        Some(OFFER),
+        Some(ANSWER),
+    )
+    .await;
+    assert_bomb_refused(client, Some(backend), true).await;
+}
+
+/// Under the limit, passthrough forwards the compressed bytes as they are.
+#[tokio::test]
+async fn passthrough_compressed_message_under_the_limit_passes_unchanged() {
+    let (_gateway, mut client, mut backend) = connected(
+        &format!("{PASSTHROUGH}\n{LIMIT_64K}"),
+        Some(OFFER),
+        Some(ANSWER),
+    )
+    .await;
+    let packed = deflated(&vec![7; 60 * 1024]);
+    client
+        .send(&frame(true, RSV1, op::BINARY, Some(CLIENT_KEY), &packed))
+        .await;
+    expect_frame(
+        backend.read_frame().await,
+        true,
+        RSV1,
+        op::BINARY,
+        true,
+        &packed,
+    );
 }

@@ -885,7 +885,8 @@ fn decode_rewriting(
             break;
         }
         let (parsed, filled) = (src.buf.parsed, src.buf.filled);
-        if parsed == filled {
+        // An empty frame's payload item comes with no bytes left.
+        if parsed == filled && src.decoder.is_between_frames() {
             break;
         }
         let bytes = src.buf.bytes_mut();

@@ -398,8 +398,18 @@ impl World {
 /// removed (RFC 7692 §7.2.1).
 pub fn deflate(data: &[u8]) -> Vec<u8> {
     let mut compressor = flate2::Compress::new(flate2::Compression::default(), false);
-    let mut out = Vec::with_capacity(data.len() + 64);
-    let _ = compressor.compress_vec(data, &mut out, flate2::FlushCompress::Sync);
+    let mut out = Vec::new();
+    // Until the flush is complete: it is when the output was not filled.
+    loop {
+        out.reserve(data.len() + 1024);
+        let spare = out.capacity() - out.len();
+        let input = &data[compressor.total_in() as usize..];
+        let before = out.len();
+        let _ = compressor.compress_vec(input, &mut out, flate2::FlushCompress::Sync);
+        if out.len() - before < spare {
+            break;
+        }
+    }
     out.truncate(out.len().saturating_sub(4));
     out
 }
@@ -913,8 +923,16 @@ mod deflate_tests {
             w.messages(Side::Backend),
             [(OpCode::Text, text.clone(), false)]
         );
-        // A plain message on a compressed connection passes as it is.
+        // A plain message on a compressed connection passes as it is; so does an empty one.
         w.send(Side::Client, &frame(true, 0x2, CLIENT_MASK, b"plain"));
+        w.send(
+            Side::Client,
+            &compressed(true, 0x1, CLIENT_MASK, &deflate(b"")),
+        );
+        assert_eq!(
+            w.messages(Side::Backend)[2],
+            (OpCode::Text, Vec::new(), false)
+        );
         assert_eq!(
             w.messages(Side::Backend)[1],
             (OpCode::Binary, b"plain".to_vec(), false)
@@ -927,7 +945,9 @@ mod deflate_tests {
         let text = chat(30);
         w.send(Side::Backend, &frame(true, 0x1, None, &text));
         w.send(Side::Backend, &frame(true, 0x1, None, b"short"));
+        w.send(Side::Backend, &frame(true, 0x2, None, b""));
         let got = w.messages(Side::Client);
+        assert_eq!(got[2], (OpCode::Binary, Vec::new(), false));
         assert_eq!(got[0], (OpCode::Text, text.clone(), true));
         assert_eq!(got[1], (OpCode::Text, b"short".to_vec(), false));
         let wire = w.client.received.len();
