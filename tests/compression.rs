@@ -1156,3 +1156,59 @@ async fn passthrough_compressed_message_under_the_limit_passes_unchanged() {
         &packed,
     );
 }
+
+/// The bytes before and after compression are counted per direction on `/metrics`: a 4000-byte
+/// message each way, compressed on the client's wire.
+#[tokio::test]
+async fn terminate_counts_bytes_before_and_after_compression() {
+    let backend = support::echo_backend("plain").await;
+    let yaml = format!(
+        "{}admin:\n  address: 127.0.0.2:0\n",
+        simple_config(&[backend.addr], TERMINATE)
+    );
+    let config = wsgate::config::from_yaml_str(&yaml, "test.yaml").unwrap();
+    let server = wsgate::server::Server::bind(config).await.unwrap();
+    let gateway = server.local_addrs()[0];
+    let admin = server.admin_addr().expect("admin bound");
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    let mut client = raw_client(
+        gateway,
+        upgrade_request("/", &extensions_header(Some(OFFER))).as_bytes(),
+    )
+    .await;
+    let text = "{\"user\":\"ada\",\"text\":\"hello again\"}".repeat(200);
+    let text = &text.as_bytes()[..4000];
+    let packed = deflated(text);
+    client
+        .send(&frame(true, RSV1, op::TEXT, Some(CLIENT_KEY), &packed))
+        .await;
+    let echo = client.read_frame().await.expect("the echo");
+    assert_eq!((echo.rsv, echo.opcode), (RSV1, op::TEXT));
+    let mut inflater = flate2::Decompress::new(false);
+    let mut plain = Vec::with_capacity(8192);
+    inflater
+        .decompress_vec(
+            &[&echo.payload[..], &[0, 0, 0xff, 0xff]].concat(),
+            &mut plain,
+            flate2::FlushDecompress::Sync,
+        )
+        .unwrap();
+    assert_eq!(plain, text);
+    let (_, body) = support::http_get(admin, "/metrics").await;
+    let series = |direction: &str, form: &str| {
+        let prefix = format!(
+            "wsgate_deflate_bytes_total{{route=\"app\",direction=\"{direction}\",form=\"{form}\"}} "
+        );
+        body.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{body}"))
+    };
+    assert_eq!(series("from_client", "uncompressed"), 4000);
+    assert_eq!(series("from_client", "compressed"), packed.len() as u64);
+    assert_eq!(series("to_client", "uncompressed"), 4000);
+    assert_eq!(series("to_client", "compressed"), echo.payload.len() as u64);
+}

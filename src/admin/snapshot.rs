@@ -13,8 +13,9 @@
 //!   route's message rates count every backend it used, listed or not (one removed by a
 //!   reload may still hold connections).
 
+use crate::config::Compression;
 use crate::gateway::Gateway;
-use crate::metrics::{FlowTotals, RouteBackend};
+use crate::metrics::{FlowTotals, Metrics, RouteBackend};
 use crate::recent_errors::ErrorEntry;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -51,6 +52,21 @@ pub struct RouteStats {
     pub messages_per_s: Directions,
     pub bytes_per_s: Directions,
     pub backends: Vec<RouteBackendStats>,
+    /// Bytes before and after permessage-deflate, since start (`terminate` routes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionStats>,
+}
+
+/// A compress-terminating route's data bytes: on the client's wire (`compressed`) and what
+/// they stand for (`uncompressed`), each way, and the ratio of the two overall.
+#[derive(Debug, Default, Serialize)]
+pub struct CompressionStats {
+    pub from_client_compressed: u64,
+    pub from_client_uncompressed: u64,
+    pub to_client_compressed: u64,
+    pub to_client_uncompressed: u64,
+    /// Uncompressed bytes per compressed byte, both ways (1 when nothing passed yet).
+    pub ratio: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -188,6 +204,8 @@ impl Sampler {
                 messages_per_s,
                 bytes_per_s,
                 backends,
+                compression: matches!(route.compression, Compression::Terminate(_))
+                    .then(|| compression_stats(metrics, &route.name)),
             });
         }
         let upstreams = gateway
@@ -290,6 +308,23 @@ impl From<ErrorEntry> for ErrorView {
             detail: entry.detail,
         }
     }
+}
+
+fn compression_stats(metrics: &Metrics, route: &str) -> CompressionStats {
+    let counters = metrics.deflate_counters(route);
+    let mut stats = CompressionStats {
+        from_client_compressed: counters.from_client_compressed.get(),
+        from_client_uncompressed: counters.from_client_uncompressed.get(),
+        to_client_compressed: counters.to_client_compressed.get(),
+        to_client_uncompressed: counters.to_client_uncompressed.get(),
+        ratio: 1.0,
+    };
+    let wire = stats.from_client_compressed + stats.to_client_compressed;
+    let plain = stats.from_client_uncompressed + stats.to_client_uncompressed;
+    if wire > 0 {
+        stats.ratio = ((plain as f64 / wire as f64) * 100.0).round() / 100.0;
+    }
+    stats
 }
 
 fn unix_ms(at: SystemTime) -> u64 {

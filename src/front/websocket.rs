@@ -260,7 +260,10 @@ impl Acceptance {
             ..
         } = self;
         let route = &log.gateway.route(log.route).name;
-        let counters = log.gateway.metrics.relay_counters(route, &log.backend);
+        let mut counters = log.gateway.metrics.relay_counters(route, &log.backend);
+        if matches!(settings.compression, RelayCompression::Terminate(_)) {
+            counters.deflate = Some(log.gateway.metrics.deflate_counters(route));
+        }
         let relay = Relay::new(
             HopStart {
                 stream: client,

@@ -27,6 +27,7 @@
 use super::buffer::{BUFFER_LEN, HopBuffer};
 use crate::proto::{CloseCode, FrameHeader, MaskKey, OpCode, Utf8Validator, apply_mask};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use prometheus_client::metrics::counter::Counter;
 use std::cell::RefCell;
 
 /// The four bytes a sync flush ends with, removed by the sender and put back by the receiver
@@ -150,6 +151,9 @@ pub struct Transform {
     message: Option<Message>,
     /// Frames to the backend are masked by the gateway.
     masked: bool,
+    /// The route's data bytes on the client's wire and on the backend's, for this direction
+    /// (`terminate` only): added to once per batch.
+    pub counters: Option<(Counter, Counter)>,
 }
 
 #[derive(Debug)]
@@ -216,6 +220,7 @@ impl Transform {
             stalled: 0,
             message: None,
             masked,
+            counters: None,
         }
     }
 
@@ -419,6 +424,16 @@ impl Transform {
                     message.held_len = keep;
                     len -= keep;
                 }
+            }
+            if let Some((compressed, uncompressed)) = &self.counters {
+                // `len` is what goes out in this frame, `consumed` what came in.
+                let (wire, plain) = match message.mode {
+                    Mode::Inflate => (consumed, len),
+                    Mode::Deflate => (len, consumed),
+                    Mode::Plain => (len, len),
+                };
+                compressed.inc_by(wire as u64);
+                uncompressed.inc_by(plain as u64);
             }
             if finished && let Some(utf8) = &mut message.utf8 {
                 utf8.finish().map_err(|_| Refusal::InvalidUtf8)?;

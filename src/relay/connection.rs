@@ -96,6 +96,7 @@ impl Connection {
             client_bytes,
             backend_messages,
             backend_bytes,
+            deflate,
         } = counters;
         let keepalive = Keepalive::new(settings.ping_interval, settings.pong_timeout, now);
         let mut client = Hop::new(
@@ -124,12 +125,21 @@ impl Connection {
                 backend.transform = Some(Box::new(Transform::count(from_backend)));
             }
             RelayCompression::Terminate(terminated) => {
-                client.transform = Some(Box::new(Transform::inflate(terminated.client)));
-                backend.transform = Some(Box::new(Transform::deflate(
-                    terminated.server,
-                    terminated.level,
-                    terminated.min_size,
-                )));
+                let mut inflate = Transform::inflate(terminated.client);
+                let mut deflate_out =
+                    Transform::deflate(terminated.server, terminated.level, terminated.min_size);
+                if let Some(counters) = deflate {
+                    inflate.counters = Some((
+                        counters.from_client_compressed,
+                        counters.from_client_uncompressed,
+                    ));
+                    deflate_out.counters = Some((
+                        counters.to_client_compressed,
+                        counters.to_client_uncompressed,
+                    ));
+                }
+                client.transform = Some(Box::new(inflate));
+                backend.transform = Some(Box::new(deflate_out));
             }
         }
         Self {
