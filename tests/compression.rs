@@ -1212,3 +1212,60 @@ async fn terminate_counts_bytes_before_and_after_compression() {
     assert_eq!(series("to_client", "uncompressed"), 4000);
     assert_eq!(series("to_client", "compressed"), echo.payload.len() as u64);
 }
+
+/// `limits.compression_memory` caps the state connections hold between messages: with room
+/// for one connection with context takeover, a second one is accepted without compression,
+/// and once the first has gone the next one gets compression again.
+#[tokio::test]
+async fn compression_memory_cap_answers_without_compression_never_refuses() {
+    let backend = support::echo_backend("plain").await;
+    let route = "compression:\n  mode: terminate\n  server_no_context_takeover: false\n  client_no_context_takeover: false";
+    let yaml = format!(
+        "{}limits:\n  compression_memory: 200KiB\n",
+        simple_config(&[backend.addr], route)
+    );
+    let gateway = start_gateway(&yaml).await;
+    let request = upgrade_request("/", &extensions_header(Some(OFFER)));
+    let mut first = raw_client(gateway.addr, request.as_bytes()).await;
+    assert!(
+        header_of(&first.head, "sec-websocket-extensions").is_some(),
+        "{}",
+        first.head
+    );
+    let mut second = raw_client(gateway.addr, request.as_bytes()).await;
+    assert_eq!(
+        header_of(&second.head, "sec-websocket-extensions"),
+        None,
+        "over the cap: {}",
+        second.head
+    );
+    second
+        .send(&client_frame(true, op::TEXT, b"still served"))
+        .await;
+    expect_frame(
+        second.read_frame().await,
+        true,
+        0,
+        op::TEXT,
+        false,
+        b"still served",
+    );
+    first
+        .send(&client_frame(true, op::CLOSE, &close_payload(1000, b"")))
+        .await;
+    assert!(first.close_frame().await.is_some());
+    assert!(first.eof_within(WAIT).await);
+    // The first connection's share comes back when its relay ends.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let third = raw_client(gateway.addr, request.as_bytes()).await;
+        if header_of(&third.head, "sec-websocket-extensions").is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the share never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

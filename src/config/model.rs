@@ -516,6 +516,10 @@ pub struct Limits {
     /// Messages per second a client may send on one connection, with a burst of two seconds'
     /// worth; excess closes the connection with 1008 (`None`: no limit).
     pub message_rate: Option<u32>,
+    /// Compression state the gateway's connections may hold between messages (context
+    /// takeover on `terminate` routes), bytes, gateway-wide (top level only). Beyond it new
+    /// connections are answered without compression.
+    pub compression_memory: u64,
 }
 
 /// How the gateway shuts down: every connection is asked to close (1001), then the gateway
@@ -738,6 +742,9 @@ impl Limits {
         max_connections_per_ip: None,
         handshake_rate: None,
         message_rate: None,
+        // About 1,600 connections with context takeover both ways at 11-bit windows; without
+        // context takeover (the default) connections hold nothing between messages.
+        compression_memory: 256 << 20,
     };
 }
 

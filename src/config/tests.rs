@@ -2690,3 +2690,38 @@ routes:
         &["expected terminate"],
     );
 }
+
+#[test]
+fn compression_memory_is_a_top_level_limit() {
+    let config = ok("\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends: [ws://127.0.0.1:9001]
+routes:
+  - upstream: u
+limits:
+  compression_memory: 64MiB
+");
+    assert_eq!(config.limits.compression_memory, 64 << 20);
+    let errors = errs(
+        "\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends: [ws://127.0.0.1:9001]
+routes:
+  - upstream: u
+    limits:
+      compression_memory: 1MiB
+",
+    );
+    expect(
+        &errors,
+        9,
+        "routes[0].limits.compression_memory",
+        &["applies to the whole gateway"],
+    );
+}

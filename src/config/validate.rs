@@ -114,9 +114,14 @@ const LIMIT_KEYS: &[&str] = &[
     "max_connections_per_ip",
     "handshake_rate",
     "message_rate",
+    "compression_memory",
 ];
 /// Limits that only make sense for the whole gateway.
-const TOP_LEVEL_ONLY_LIMITS: &[&str] = &["max_connections_per_ip", "handshake_rate"];
+const TOP_LEVEL_ONLY_LIMITS: &[&str] = &[
+    "max_connections_per_ip",
+    "handshake_rate",
+    "compression_memory",
+];
 const ADMIN_KEYS: &[&str] = &["address", "token", "token_env", "tls"];
 const SESSION_KEYS: &[&str] = &[
     "enabled",
@@ -230,6 +235,7 @@ struct PartialLimits {
     max_connections_per_ip: Option<Option<u32>>,
     handshake_rate: Option<Option<u32>>,
     message_rate: Option<Option<u32>>,
+    compression_memory: Option<u64>,
 }
 
 impl PartialLimits {
@@ -244,6 +250,7 @@ impl PartialLimits {
                 .unwrap_or(base.max_connections_per_ip),
             handshake_rate: self.handshake_rate.unwrap_or(base.handshake_rate),
             message_rate: self.message_rate.unwrap_or(base.message_rate),
+            compression_memory: self.compression_memory.unwrap_or(base.compression_memory),
         }
     }
 }
@@ -1115,6 +1122,7 @@ impl Cx<'_> {
         let max_message = size(self, "max_message", 1, i64::MAX as u64);
         let max_header_bytes =
             size(self, "max_header_bytes", 1 << 10, 1 << 20).and_then(|n| usize::try_from(n).ok());
+        let compression_memory = size(self, "compression_memory", 0, i64::MAX as u64);
         let max_connections = match f.get("max_connections") {
             None => None,
             Some((raw, path)) => {
@@ -1133,6 +1141,7 @@ impl Cx<'_> {
             max_connections_per_ip,
             handshake_rate,
             message_rate,
+            compression_memory,
         })
     }
 

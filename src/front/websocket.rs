@@ -22,6 +22,7 @@ use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{DecoderConfig, FrameDecoder, Role};
 use crate::rebalance::Registration;
 use crate::recent_errors::ErrorKind;
+use crate::relay::compress::DeflateReservation;
 use crate::relay::{
     Cause, HopStart, Relay, RelayCompression, RelayReport, RelaySettings, Side, Stop, Terminated,
     Window,
@@ -74,6 +75,8 @@ struct AccessContext {
     /// Present for connections routed by a sticky key: they move when its owner changes.
     registration: Option<Registration>,
     _subject_slot: Option<Box<SubjectSlot>>,
+    /// Compression state this connection holds between messages, against the gateway's cap.
+    _deflate_slot: Option<DeflateReservation>,
     _route_slot: RouteSlot,
     _backend_slot: ConnectionSlot,
 }
@@ -161,11 +164,11 @@ pub async fn decide(
         .get_or_create(&labels)
         .clone();
     active.inc();
-    let (extensions, relay_compression) = match route.compression {
-        Compression::Terminate(deflate) => terminate(head, &deflate),
+    let (extensions, relay_compression, deflate_slot) = match route.compression {
+        Compression::Terminate(deflate) => terminate(gateway, head, &deflate),
         Compression::Strip | Compression::Passthrough => {
             let counted = upgraded.extensions.as_deref().and_then(passthrough);
-            (upgraded.extensions, counted.unwrap_or_default())
+            (upgraded.extensions, counted.unwrap_or_default(), None)
         }
     };
     // RSV1 means "compressed" only under permessage-deflate (RFC 7692), whatever else the
@@ -215,6 +218,7 @@ pub async fn decide(
             active,
             registration,
             _subject_slot: subject_slot,
+            _deflate_slot: deflate_slot,
             _route_slot: route_slot,
             _backend_slot: backend_slot,
         },
@@ -384,8 +388,14 @@ fn failure(report: &RelayReport) -> Option<(ErrorKind, String)> {
 }
 
 /// A `terminate` route's answer to the client's permessage-deflate offers (the `Sec-WebSocket-
-/// Extensions` value of the 101) and what the relay does; no acceptable offer, no compression.
-fn terminate(head: &RequestHead<'_, '_>, deflate: &Deflate) -> (Option<String>, RelayCompression) {
+/// Extensions` value of the 101), what the relay does, and the connection's share of the
+/// gateway's compression memory. No acceptable offer, or no room left under
+/// `limits.compression_memory`: no compression (the connection is still accepted).
+fn terminate(
+    gateway: &Gateway,
+    head: &RequestHead<'_, '_>,
+    deflate: &Deflate,
+) -> (Option<String>, RelayCompression, Option<DeflateReservation>) {
     let preferences = Preferences {
         server_no_context_takeover: deflate.server_no_context_takeover,
         client_no_context_takeover: deflate.client_no_context_takeover,
@@ -394,7 +404,7 @@ fn terminate(head: &RequestHead<'_, '_>, deflate: &Deflate) -> (Option<String>, 
     };
     let offers = handshake::headers::list_elements(head.headers, "sec-websocket-extensions");
     let Some(agreed) = negotiate(offers, &preferences) else {
-        return (None, RelayCompression::Off);
+        return (None, RelayCompression::Off, None);
     };
     let terminated = Terminated {
         client: Window {
@@ -408,9 +418,15 @@ fn terminate(head: &RequestHead<'_, '_>, deflate: &Deflate) -> (Option<String>, 
         level: deflate.level,
         min_size: deflate.min_size,
     };
+    let cap = gateway.config.limits.compression_memory;
+    let held = terminated.held_between_messages();
+    let Some(reservation) = gateway.deflate_memory.reserve(held, cap) else {
+        return (None, RelayCompression::Off, None);
+    };
     (
         Some(agreed.response()),
         RelayCompression::Terminate(terminated),
+        Some(reservation),
     )
 }
 

@@ -29,6 +29,8 @@ use crate::proto::{CloseCode, FrameHeader, MaskKey, OpCode, Utf8Validator, apply
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use prometheus_client::metrics::counter::Counter;
 use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The four bytes a sync flush ends with, removed by the sender and put back by the receiver
 /// (RFC 7692 §7.2.1, §7.2.2).
@@ -771,5 +773,84 @@ fn release_deflater(state: &mut Option<Box<Compress>>, window: Window, level: u8
                 pool.deflaters.push((window.bits, level, deflater));
             }
         });
+    }
+}
+
+/// Compression state held between messages (context takeover) by every connection of the
+/// gateway, against `limits.compression_memory`: a connection that would go over it is
+/// answered without compression. State used for one message at a time comes from per-thread
+/// pools and is not counted here: it does not grow with connections.
+#[derive(Debug, Default)]
+pub struct DeflateBudget {
+    held: AtomicU64,
+}
+
+impl DeflateBudget {
+    /// Reserves `bytes` if that keeps the total within `cap`; released when the reservation
+    /// is dropped (the connection's end).
+    pub fn reserve(self: &Arc<Self>, bytes: u64, cap: u64) -> Option<DeflateReservation> {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(bytes).filter(|total| *total <= cap)
+            })
+            .ok()?;
+        Some(DeflateReservation {
+            budget: Arc::clone(self),
+            bytes,
+        })
+    }
+
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// One connection's share of the [`DeflateBudget`].
+#[derive(Debug)]
+pub struct DeflateReservation {
+    budget: Arc<DeflateBudget>,
+    bytes: u64,
+}
+
+impl Drop for DeflateReservation {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Terminated {
+    /// What the connection holds between messages: the state of each side that keeps its
+    /// context (an estimate from zlib's documented sizes).
+    pub fn held_between_messages(&self) -> u64 {
+        let inflate = if self.client.keep_context {
+            inflate_state_bytes(self.client.bits.max(9))
+        } else {
+            0
+        };
+        let deflate = if self.server.keep_context {
+            deflate_state_bytes(self.server.bits)
+        } else {
+            0
+        };
+        (inflate + deflate) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_refuses_past_its_cap_and_frees_on_drop() {
+        let budget = Arc::new(DeflateBudget::default());
+        let first = budget.reserve(600, 1000).unwrap();
+        assert!(budget.reserve(500, 1000).is_none());
+        let second = budget.reserve(400, 1000).unwrap();
+        assert_eq!(budget.held(), 1000);
+        drop(first);
+        drop(second);
+        assert_eq!(budget.held(), 0);
+        // Nothing held between messages costs nothing.
+        assert!(budget.reserve(0, 0).is_some());
     }
 }
