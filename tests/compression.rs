@@ -1221,7 +1221,7 @@ async fn compression_memory_cap_answers_without_compression_never_refuses() {
     let backend = support::echo_backend("plain").await;
     let route = "compression:\n  mode: terminate\n  server_no_context_takeover: false\n  client_no_context_takeover: false";
     let yaml = format!(
-        "{}limits:\n  compression_memory: 200KiB\n",
+        "{}limits:\n  compression_memory: 300KiB\n",
         simple_config(&[backend.addr], route)
     );
     let gateway = start_gateway(&yaml).await;
