@@ -1269,3 +1269,67 @@ async fn compression_memory_cap_answers_without_compression_never_refuses() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Whether python3 and its `websockets` package are there (skipped loudly, or failing under
+/// CI, where `.ci/run` installs it).
+fn python_websockets_present() -> bool {
+    let present = Command::new("python3")
+        .args(["-c", "import websockets.sync.client"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if present {
+        return true;
+    }
+    let missing = "python3 with the `websockets` package (pip install websockets)";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("the permessage-deflate test with Python websockets needs {missing}");
+    }
+    let banner = format!(
+        "\n==================================================================\n\
+         SKIPPED: permessage-deflate test with Python `websockets` (tests/compression.rs): \
+         needs {missing}.\n\
+         ==================================================================\n"
+    );
+    let _ = std::io::stderr().write_all(banner.as_bytes());
+    false
+}
+
+/// Python `websockets` (its own permessage-deflate over the standard library's zlib) as the
+/// client through a `terminate` route in front of the plain echo: it negotiates with the
+/// gateway, and every message, 1 MiB binary and multi-byte text included, comes back intact.
+#[tokio::test]
+async fn terminate_python_websockets_client_round_trips() {
+    if !python_websockets_present() {
+        return;
+    }
+    let backend = support::echo_backend("plain").await;
+    let gateway = gateway_to(backend.addr, TERMINATE).await;
+    let url = format!("ws://{}/", gateway.addr);
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/deflate_peers/websockets_client.py");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .arg(url)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run websockets_client.py")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "websockets_client.py: {}\nstdout: {stdout}\nstderr: {stderr}",
+        output.status
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["extensions"][0], "PerMessageDeflate", "{report}");
+    assert_eq!(report["close"], 1000, "{report}");
+    let seen = backend.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].header("sec-websocket-extensions"), None, "{seen:?}");
+}
