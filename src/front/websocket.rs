@@ -56,6 +56,13 @@ pub struct Acceptance {
     backend_early: Vec<u8>,
     decoders: (FrameDecoder, FrameDecoder),
     settings: RelaySettings,
+    /// permessage-deflate as negotiated (with the client on `terminate`, between client and
+    /// backend on `passthrough`).
+    compression: RelayCompression,
+    /// Compression state this connection holds between messages, against the gateway's cap;
+    /// handed to the relay, which keeps it in its compression state (no field of an idle
+    /// connection's future pays for it).
+    deflate_slot: Option<DeflateReservation>,
     /// When the client's token expires, on routes with `auth` (boxed, like the subject's
     /// slot: an idle connection's future holds them, and only routes with auth pay for them).
     expiry: Option<Box<Expiry>>,
@@ -75,8 +82,6 @@ struct AccessContext {
     /// Present for connections routed by a sticky key: they move when its owner changes.
     registration: Option<Registration>,
     _subject_slot: Option<Box<SubjectSlot>>,
-    /// Compression state this connection holds between messages, against the gateway's cap.
-    _deflate_slot: Option<DeflateReservation>,
     _route_slot: RouteSlot,
     _backend_slot: ConnectionSlot,
 }
@@ -206,9 +211,10 @@ pub async fn decide(
             idle_timeout: route.timeouts.idle,
             ping_passthrough: route.ping_passthrough,
             message_rate: route.limits.message_rate,
-            compression: relay_compression,
         },
+        compression: relay_compression,
         expiry,
+        deflate_slot,
         log: AccessContext {
             gateway: Arc::clone(gateway),
             route: route_index,
@@ -218,7 +224,6 @@ pub async fn decide(
             active,
             registration,
             _subject_slot: subject_slot,
-            _deflate_slot: deflate_slot,
             _route_slot: route_slot,
             _backend_slot: backend_slot,
         },
@@ -259,16 +264,18 @@ impl Acceptance {
             backend_early,
             decoders: (client_decoder, backend_decoder),
             settings,
+            compression,
             expiry,
+            deflate_slot,
             mut log,
             ..
         } = self;
         let route = &log.gateway.route(log.route).name;
         let mut counters = log.gateway.metrics.relay_counters(route, &log.backend);
-        if matches!(settings.compression, RelayCompression::Terminate(_)) {
+        if matches!(compression, RelayCompression::Terminate(_)) {
             counters.deflate = Some(log.gateway.metrics.deflate_counters(route));
         }
-        let relay = Relay::new(
+        let mut relay = Relay::new(
             HopStart {
                 stream: client,
                 decoder: client_decoder,
@@ -281,8 +288,12 @@ impl Acceptance {
             },
             settings,
             counters,
+            compression,
         );
         drop(backend_early);
+        if let Some(slot) = deflate_slot {
+            relay.hold_deflate_memory(slot);
+        }
         // The stop future owns the registration: the connection leaves the rebalancing
         // registry when the relay stops listening for moves (at its end, or once told to stop).
         let registration = log.registration.take();

@@ -156,6 +156,8 @@ pub struct Transform {
     /// The route's data bytes on the client's wire and on the backend's, for this direction
     /// (`terminate` only): added to once per batch.
     pub counters: Option<(Counter, Counter)>,
+    /// The connection's share of the gateway's compression memory, held until it ends.
+    pub reservation: Option<DeflateReservation>,
 }
 
 #[derive(Debug)]
@@ -223,6 +225,7 @@ impl Transform {
             message: None,
             masked,
             counters: None,
+            reservation: None,
         }
     }
 

@@ -25,7 +25,7 @@
 //!   backend is given the chance to close first, so TIME_WAIT stays off the gateway's ports.
 
 use super::buffer::BUFFER_LEN;
-use super::compress::{Progress, RelayCompression, Transform};
+use super::compress::{DeflateReservation, Progress, RelayCompression, Transform};
 use super::ending::{Cause, HopReport, Initiator, RelayReport};
 use super::hop::{CloseState, Hop, InFrame, Reading, Side, Writing};
 use super::mask_keys;
@@ -50,8 +50,6 @@ pub struct RelaySettings {
     pub ping_passthrough: bool,
     /// Messages per second the client may send (a burst of two seconds' worth); more is 1008.
     pub message_rate: Option<u32>,
-    /// permessage-deflate as negotiated for this connection.
-    pub compression: RelayCompression,
 }
 
 /// Why the gateway ends a connection that neither hop is closing.
@@ -88,6 +86,9 @@ impl Connection {
         (client_decoder, backend_decoder): (FrameDecoder, FrameDecoder),
         settings: RelaySettings,
         counters: RelayCounters,
+        // Not part of `settings`, which the connection keeps: the hops' transforms hold what
+        // compression needs, and uncompressed connections pay nothing for it.
+        compression: RelayCompression,
         client_is_plain_tcp: bool,
         now: Instant,
     ) -> Self {
@@ -115,7 +116,7 @@ impl Connection {
             .message_rate
             .map(|rate| TokenBucket::new(rate, 2.0, now));
         let mut backend = backend;
-        match settings.compression {
+        match compression {
             RelayCompression::Off => {}
             RelayCompression::Count {
                 client: from_client,
@@ -156,6 +157,15 @@ impl Connection {
         match side {
             Side::Client => &self.client,
             Side::Backend => &self.backend,
+        }
+    }
+
+    /// Keeps the connection's share of the gateway's compression memory (released when the
+    /// connection is dropped); kept in the compression state, which only compressed
+    /// connections have.
+    pub fn hold_deflate_memory(&mut self, reservation: DeflateReservation) {
+        if let Some(t) = &mut self.client.transform {
+            t.reservation = Some(reservation);
         }
     }
 

@@ -66,6 +66,7 @@ pub struct World {
     pub now: Instant,
     start: Instant,
     pub settings: RelaySettings,
+    pub compression: RelayCompression,
     /// Read sizes cycled through by the driver (models short reads).
     read_sizes: Vec<usize>,
     read_turn: usize,
@@ -73,6 +74,16 @@ pub struct World {
 
 impl World {
     pub fn new(settings: RelaySettings, decoder: DecoderConfig, read_sizes: Vec<usize>) -> Self {
+        Self::compressed(settings, RelayCompression::Off, decoder, read_sizes)
+    }
+
+    /// A world whose connection negotiated permessage-deflate as `compression` says.
+    pub fn compressed(
+        settings: RelaySettings,
+        compression: RelayCompression,
+        decoder: DecoderConfig,
+        read_sizes: Vec<usize>,
+    ) -> Self {
         let start = Instant::now();
         let decoders = (
             FrameDecoder::new(DecoderConfig {
@@ -83,17 +94,25 @@ impl World {
                 role: Role::Client,
                 // A terminating gateway never negotiates compression with the backend.
                 compression: decoder.compression
-                    && !matches!(settings.compression, RelayCompression::Terminate(_)),
+                    && !matches!(compression, RelayCompression::Terminate(_)),
                 ..decoder
             }),
         );
         Self {
-            connection: Connection::new(decoders, settings, RelayCounters::default(), true, start),
+            connection: Connection::new(
+                decoders,
+                settings,
+                RelayCounters::default(),
+                compression,
+                true,
+                start,
+            ),
             client: Peer::new(),
             backend: Peer::new(),
             now: start,
             start,
             settings,
+            compression,
             read_sizes: if read_sizes.is_empty() {
                 vec![usize::MAX]
             } else {
@@ -250,7 +269,7 @@ impl World {
             Side::Client => (&self.client.received, Role::Client),
             Side::Backend => (&self.backend.received, Role::Server),
         };
-        let compression = match self.settings.compression {
+        let compression = match self.compression {
             RelayCompression::Off => false,
             RelayCompression::Count { .. } => true,
             RelayCompression::Terminate(_) => side == Side::Client,
@@ -493,7 +512,6 @@ fn fuzz_with(data: &[u8], compression: RelayCompression) {
         idle_timeout: (flags & 2 != 0).then(|| ms(3000)),
         ping_passthrough: flags & 4 != 0,
         message_rate: (flags & 8 != 0).then_some(5),
-        compression,
     };
     let decoder = DecoderConfig {
         max_frame: 1024,
@@ -506,7 +524,7 @@ fn fuzz_with(data: &[u8], compression: RelayCompression) {
     let read_sizes = (0..(flags >> 5))
         .map(|_| usize::from(next().unwrap_or(0)) * 7 + 1)
         .collect();
-    let mut world = World::new(settings, decoder, read_sizes);
+    let mut world = World::compressed(settings, compression, decoder, read_sizes);
     while let Some(op) = next() {
         let side = if op & 1 == 0 {
             Side::Client
@@ -601,7 +619,6 @@ mod tests {
             idle_timeout: None,
             ping_passthrough: false,
             message_rate: None,
-            compression: RelayCompression::Off,
         };
         settings(&mut relay);
         World::new(relay, DecoderConfig::new(Role::Server), Vec::new())
@@ -835,7 +852,7 @@ mod deflate_tests {
 
     const CLIENT_MASK: Option<[u8; 4]> = Some([9, 8, 7, 6]);
 
-    fn settings(compression: RelayCompression) -> RelaySettings {
+    fn settings() -> RelaySettings {
         RelaySettings {
             ping_interval: None,
             pong_timeout: Duration::from_millis(500),
@@ -843,7 +860,6 @@ mod deflate_tests {
             idle_timeout: None,
             ping_passthrough: false,
             message_rate: None,
-            compression,
         }
     }
 
@@ -881,7 +897,7 @@ mod deflate_tests {
             keep_opaque_masked: true,
             ..DecoderConfig::new(Role::Server)
         };
-        World::new(settings(compression), decoder, Vec::new())
+        World::compressed(settings(), compression, decoder, Vec::new())
     }
 
     /// A compressed frame (RSV1 on the first frame of a message).
