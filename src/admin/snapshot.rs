@@ -402,4 +402,25 @@ mod tests {
         assert_eq!(late.routes[0].messages_per_s.client_to_backend, 0.0);
         assert_eq!(late.interval_s, 0.0);
     }
+
+    #[test]
+    fn terminate_routes_show_bytes_before_and_after_compression() {
+        let yaml = "listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  app:\n    backends:\n      - ws://127.0.0.1:9001\nroutes:\n  - name: plain\n    match: {path_prefix: /p}\n    upstream: app\n  - name: chat\n    upstream: app\n    compression: terminate\n";
+        let gateway = Gateway::new(crate::config::from_yaml_str(yaml, "t.yaml").unwrap()).unwrap();
+        let counters = gateway.metrics.deflate_counters("chat");
+        counters.from_client_compressed.inc_by(100);
+        counters.from_client_uncompressed.inc_by(300);
+        counters.to_client_uncompressed.inc_by(900);
+        counters.to_client_compressed.inc_by(200);
+        let snapshot = Sampler::default().sample(&gateway, Instant::now(), SystemTime::now());
+        let chat = snapshot.routes.iter().find(|r| r.name == "chat").unwrap();
+        let stats = chat.compression.as_ref().unwrap();
+        assert_eq!(
+            (stats.from_client_compressed, stats.to_client_compressed),
+            (100, 200)
+        );
+        assert_eq!(stats.ratio, 4.0);
+        let plain = snapshot.routes.iter().find(|r| r.name == "plain").unwrap();
+        assert!(plain.compression.is_none());
+    }
 }
