@@ -1333,3 +1333,28 @@ async fn terminate_python_websockets_client_round_trips() {
     let seen = backend.seen.lock().unwrap().clone();
     assert_eq!(seen[0].header("sec-websocket-extensions"), None, "{seen:?}");
 }
+
+/// Passthrough inflates a copy of what passes and may keep that state: with no room under
+/// `limits.compression_memory` the client's offer does not reach the backend (the connection
+/// is still served, uncompressed).
+#[tokio::test]
+async fn passthrough_without_compression_memory_left_strips_the_offer() {
+    let backend = RawBackend::bind().await;
+    let yaml = format!(
+        "{}limits:\n  compression_memory: 0\n",
+        simple_config(&[backend.addr], PASSTHROUGH)
+    );
+    let gateway = start_gateway(&yaml).await;
+    let request = upgrade_request("/", &extensions_header(Some(OFFER)));
+    let (client, raw) = tokio::join!(
+        raw_client(gateway.addr, request.as_bytes()),
+        backend.accept_ws_with("", &[])
+    );
+    assert_eq!(
+        header_of(&raw.head, "sec-websocket-extensions"),
+        None,
+        "{}",
+        raw.head
+    );
+    assert_eq!(header_of(&client.head, "sec-websocket-extensions"), None);
+}

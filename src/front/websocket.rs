@@ -22,7 +22,7 @@ use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{DecoderConfig, FrameDecoder, Role};
 use crate::rebalance::Registration;
 use crate::recent_errors::ErrorKind;
-use crate::relay::compress::DeflateReservation;
+use crate::relay::compress::{DeflateReservation, inflate_state_bytes};
 use crate::relay::{
     Cause, HopStart, Relay, RelayCompression, RelayReport, RelaySettings, Side, Stop, Terminated,
     Window,
@@ -115,13 +115,25 @@ pub async fn decide(
     };
     let route = gateway.route(route_index);
     let protocols = join(handshake::server::offered_protocols(head.headers));
+    // Passthrough inflates a copy of what passes to count it, and may have to keep that
+    // state between messages: the worst case is reserved before the offer goes out, and with
+    // no room under `limits.compression_memory` the offer is stripped instead.
+    let passthrough_slot = match route.compression {
+        Compression::Passthrough => {
+            let cap = gateway.config.limits.compression_memory;
+            gateway
+                .deflate_memory
+                .reserve(2 * inflate_state_bytes(15) as u64, cap)
+        }
+        Compression::Strip | Compression::Terminate(_) => None,
+    };
     let extensions = match route.compression {
-        Compression::Passthrough => join(
+        Compression::Passthrough if passthrough_slot.is_some() => join(
             handshake::headers::values(head.headers, "sec-websocket-extensions")
                 .filter_map(|v| std::str::from_utf8(v).ok()),
         ),
         // A terminating gateway answers the client itself; the backend sees no offer.
-        Compression::Strip | Compression::Terminate(_) => None,
+        Compression::Passthrough | Compression::Strip | Compression::Terminate(_) => None,
     };
     let offer = BackendOffer {
         route: route_index,
@@ -173,7 +185,11 @@ pub async fn decide(
         Compression::Terminate(deflate) => terminate(gateway, head, &deflate),
         Compression::Strip | Compression::Passthrough => {
             let counted = upgraded.extensions.as_deref().and_then(passthrough);
-            (upgraded.extensions, counted.unwrap_or_default(), None)
+            // Kept only while a side keeps its context (its inflater then lives as long).
+            let keeps = matches!(counted, Some(RelayCompression::Count { client, backend })
+                if client.keep_context || backend.keep_context);
+            let slot = passthrough_slot.filter(|_| keeps);
+            (upgraded.extensions, counted.unwrap_or_default(), slot)
         }
     };
     // RSV1 means "compressed" only under permessage-deflate (RFC 7692), whatever else the
