@@ -164,7 +164,12 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
 
     writeln!(out, "defaults:")?;
     writeln!(out, "  timeouts: {}", timeouts(&config.timeouts))?;
-    writeln!(out, "  limits: {}", limits(&config.limits))?;
+    writeln!(
+        out,
+        "  limits: {}, compression_memory {}",
+        limits(&config.limits),
+        format_size(config.limits.compression_memory)
+    )?;
     writeln!(
         out,
         "  drain: readiness_delay {}, spread {}, deadline {}",

@@ -1915,6 +1915,7 @@ admin: {address: 127.0.0.1:9090}
         "compression: strip, pings: answered per hop",
         "handshake 10s, idle off, ping_interval 30s, pong_timeout 10s, close 5s, body 1m, body_total off",
         "limits: max_frame 16MiB, max_message 64MiB, max_connections 9000, max_header_bytes 16KiB",
+        "compression_memory 256MiB",
         "admin: 127.0.0.1:9090",
         "drain: readiness_delay 5s, spread 15s, deadline 25s",
         "rebalance: moved sticky keys closed with 1012 over 10s after reloads and health changes",
