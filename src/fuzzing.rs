@@ -980,3 +980,9 @@ pub fn client_address(data: &[u8]) {
         let _ = client.to_string();
     }
 }
+
+/// [`relay`] with permessage-deflate negotiated (terminated or counted): compressed messages,
+/// fragmented ones and bombs among the events. The checks are in [`crate::relay::simulation`].
+pub fn relay_deflate(data: &[u8]) {
+    crate::relay::simulation::fuzz_deflate(data);
+}

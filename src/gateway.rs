@@ -15,6 +15,7 @@ use crate::metrics::{CloseCodeLabel, Metrics, Refused, RouteLabel, UpstreamLabel
 use crate::rebalance::ConnectionRegistry;
 use crate::recent_errors::ErrorKind;
 use crate::recent_errors::RecentErrors;
+use crate::relay::compress::DeflateBudget;
 use crate::routing::{
     HeaderField, RequestParts, RouteTable, UpstreamBalancer, cookie_value, extract_key,
 };
@@ -92,6 +93,9 @@ pub struct Gateway {
     /// Client connections and sessions open per client address, against
     /// `limits.max_connections_per_ip`; shared by every generation.
     pub addresses: Arc<AddressCounts>,
+    /// Compression state held between messages, against `limits.compression_memory`; shared
+    /// by every generation.
+    pub deflate_memory: Arc<DeflateBudget>,
     /// New WebSocket handshakes allowed now, when `limits.handshake_rate` is set.
     handshake_bucket: Option<Mutex<TokenBucket>>,
     /// Idle connections to the cluster's peers, for forwarded session requests.
@@ -160,6 +164,7 @@ pub struct Shared {
     pub connections: Arc<ConnectionRegistry>,
     pub addresses: Arc<AddressCounts>,
     pub subjects: Arc<SubjectCounts>,
+    pub deflate_memory: Arc<DeflateBudget>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +201,7 @@ impl Gateway {
             connections,
             addresses,
             subjects,
+            deflate_memory,
         } = shared;
         let handshake_bucket = config
             .limits
@@ -286,6 +292,7 @@ impl Gateway {
             errors,
             connections,
             addresses,
+            deflate_memory,
             handshake_bucket,
             peer_pool: Arc::default(),
             peer_tls,
@@ -303,6 +310,7 @@ impl Gateway {
             connections: Arc::clone(&self.connections),
             addresses: Arc::clone(&self.addresses),
             subjects: Arc::clone(&self.subjects),
+            deflate_memory: Arc::clone(&self.deflate_memory),
         }
     }
 

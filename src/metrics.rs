@@ -219,6 +219,8 @@ pub struct Metrics {
     pub rebalanced_connections: Family<RouteLabel, Counter>,
     pub dns_lookups: Family<DnsLookupLabel, Counter>,
     pub connect_retries: Family<Retry, Counter>,
+    /// Data bytes before and after permessage-deflate on `terminate` routes.
+    pub deflate_bytes: Family<DeflateLabel, Counter>,
     pub admin_actions: Family<AdminAction, Counter>,
     /// Session requests forwarded to the instance owning the session.
     pub peer_forwards: Family<PeerForward, Counter>,
@@ -266,6 +268,7 @@ impl Metrics {
             rebalanced_connections: Family::default(),
             dns_lookups: Family::default(),
             connect_retries: Family::default(),
+            deflate_bytes: Family::default(),
             admin_actions: Family::default(),
             peer_forwards: Family::default(),
             peer_forward_seconds: Family::new_with_constructor(latency_buckets),
@@ -356,6 +359,11 @@ impl Metrics {
             metrics.connect_retries.clone(),
         );
         registry.register(
+            "deflate_bytes",
+            "Data bytes on compress-terminating routes, per route, direction (from_client, to_client) and form (compressed on the client's wire, uncompressed on the backend's)",
+            metrics.deflate_bytes.clone(),
+        );
+        registry.register(
             "backend_connect_seconds",
             "Time to open a backend connection (TCP, TLS, the backend's handshake), per upstream",
             metrics.backend_connect_seconds.clone(),
@@ -427,6 +435,25 @@ impl Metrics {
     /// The per-message counters of one connection on `route` to `backend`.
     pub fn relay_counters(&self, route: &str, backend: &str) -> RelayCounters {
         self.flows.counters(route, backend)
+    }
+
+    /// The compression counters of one connection on `route` (looked up once per connection).
+    pub fn deflate_counters(&self, route: &str) -> DeflateCounters {
+        let counter = |direction, form| {
+            self.deflate_bytes
+                .get_or_create(&DeflateLabel {
+                    route: route.to_owned(),
+                    direction,
+                    form,
+                })
+                .clone()
+        };
+        DeflateCounters {
+            from_client_compressed: counter("from_client", "compressed"),
+            from_client_uncompressed: counter("from_client", "uncompressed"),
+            to_client_compressed: counter("to_client", "compressed"),
+            to_client_uncompressed: counter("to_client", "uncompressed"),
+        }
     }
 
     /// The configuration in force changed (start, or an applied reload).
@@ -598,6 +625,28 @@ pub struct RelayCounters {
     pub client_bytes: Counter,
     pub backend_messages: Counter,
     pub backend_bytes: Counter,
+    /// Set on connections whose route compresses (`terminate`), none otherwise.
+    pub deflate: Option<DeflateCounters>,
+}
+
+/// Data bytes of a `terminate` route before and after compression, per direction: what
+/// crossed the client's wire (`compressed`, frame payloads as sent) and what it stands for
+/// (`uncompressed`). Messages sent uncompressed count the same on both.
+#[derive(Debug, Clone, Default)]
+pub struct DeflateCounters {
+    pub from_client_compressed: Counter,
+    pub from_client_uncompressed: Counter,
+    pub to_client_compressed: Counter,
+    pub to_client_uncompressed: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeflateLabel {
+    pub route: String,
+    /// "from_client" (inflated by the gateway) or "to_client" (deflated by it).
+    pub direction: &'static str,
+    /// "compressed" (on the client's wire) or "uncompressed" (on the backend's).
+    pub form: &'static str,
 }
 
 #[cfg(test)]

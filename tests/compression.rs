@@ -450,10 +450,12 @@ async fn passthrough_upgrade_after_a_plain_request_on_keep_alive_negotiates_too(
 #[tokio::test]
 async fn passthrough_rsv1_frames_pass_client_to_backend_unchanged() {
     let (_gateway, mut client, mut backend) = negotiated().await;
-    let big = pattern(200_000, 7);
+    // Valid deflate: the gateway inflates what passes to hold the limits to it.
+    let big = deflated(&pattern(200_000, 7));
+    let not_utf8 = deflated(NOT_UTF8);
     for (opcode, payload) in [
         (op::TEXT, HELLO_DEFLATED),
-        (op::TEXT, NOT_UTF8),
+        (op::TEXT, &not_utf8[..]),
         (op::BINARY, HELLO_DEFLATED),
         // Larger than the relay's buffers: the opaque payload is re-masked piece by piece.
         (op::BINARY, &big[..]),
@@ -476,10 +478,12 @@ async fn passthrough_rsv1_frames_pass_client_to_backend_unchanged() {
 #[tokio::test]
 async fn passthrough_rsv1_frames_pass_backend_to_client_unchanged() {
     let (_gateway, mut client, mut backend) = negotiated().await;
-    let big = pattern(200_000, 9);
+    // Valid deflate: the gateway inflates what passes to hold the limits to it.
+    let big = deflated(&pattern(200_000, 9));
+    let not_utf8 = deflated(NOT_UTF8);
     for (opcode, payload) in [
         (op::TEXT, HELLO_DEFLATED),
-        (op::TEXT, NOT_UTF8),
+        (op::TEXT, &not_utf8[..]),
         (op::BINARY, HELLO_DEFLATED),
         (op::BINARY, &big[..]),
         (op::TEXT, &big[..]),
@@ -504,7 +508,9 @@ async fn passthrough_rsv1_frames_pass_backend_to_client_unchanged() {
 #[tokio::test]
 async fn passthrough_fragmented_compressed_messages_pass_both_ways() {
     let (_gateway, mut client, mut backend) = negotiated().await;
-    let parts: [&[u8]; 3] = [NOT_UTF8, &[0xc3], NOT_UTF8];
+    // Valid deflate (the gateway inflates it to count it), cut anywhere.
+    let packed = deflated(&[NOT_UTF8, "é".as_bytes(), NOT_UTF8].concat());
+    let parts: [&[u8]; 3] = [&packed[..5], &packed[5..6], &packed[6..]];
 
     let mut bytes = frame(false, RSV1, op::TEXT, Some(CLIENT_KEY), parts[0]);
     bytes.extend(frame(
@@ -927,4 +933,428 @@ async fn passthrough_real_peers_without_offer_stay_uncompressed() {
     let connection = backend.next_connection().await;
     assert_eq!(connection["offer"], serde_json::Value::Null, "{connection}");
     assert_eq!(report["extensions"], serde_json::Value::Null, "{report}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// `compression: terminate`: the gateway negotiates with the client and speaks plain frames to
+// the backend (here tokio-tungstenite's echo, which has no compression at all).
+
+const TERMINATE: &str = "compression: terminate";
+
+/// node `ws` as the client, compressing every message, through a `terminate` route in front of
+/// an echo backend without compression: the browser-style offer is answered by the gateway,
+/// every message (fragmented, multi-byte text, 1 MiB, incompressible) comes back intact, the
+/// backend never saw an offer, and the client's wire carried compressed bytes both ways.
+#[tokio::test]
+async fn terminate_real_deflate_client_through_a_plain_backend() {
+    if !node_peers_present() {
+        return;
+    }
+    let backend = support::echo_backend("plain").await;
+    let gateway = gateway_to(backend.addr, TERMINATE).await;
+    let report = node_client(format!("ws://{}/", gateway.addr), true).await;
+    let extensions = report["extensions"].as_str().unwrap_or_default();
+    assert!(
+        extensions.starts_with("permessage-deflate")
+            && extensions.contains("client_max_window_bits=11"),
+        "the gateway's answer: {report}"
+    );
+    let seen = backend.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("sec-websocket-extensions"), None, "{seen:?}");
+    let payload = report["payload_bytes"].as_u64().unwrap();
+    let wire = report["wire_bytes"].as_u64().unwrap();
+    assert!(
+        wire * 4 < payload,
+        "{wire} bytes on the client's wire for {payload} bytes of messages: not compressed?"
+    );
+}
+
+/// The same with context takeover kept both ways and full windows.
+#[tokio::test]
+async fn terminate_with_context_takeover_round_trips_with_a_real_client() {
+    if !node_peers_present() {
+        return;
+    }
+    let backend = support::echo_backend("plain").await;
+    let route = "compression:\n  mode: terminate\n  server_no_context_takeover: false\n  client_no_context_takeover: false\n  server_max_window_bits: 15\n  client_max_window_bits: 15";
+    let gateway = gateway_to(backend.addr, route).await;
+    let report = node_client(format!("ws://{}/", gateway.addr), true).await;
+    let extensions = report["extensions"].as_str().unwrap_or_default();
+    assert!(
+        !extensions.contains("no_context_takeover"),
+        "context takeover was configured: {extensions}"
+    );
+}
+
+/// A client that does not offer gets no compression on a `terminate` route.
+#[tokio::test]
+async fn terminate_without_an_offer_stays_uncompressed() {
+    let backend = support::echo_backend("plain").await;
+    let gateway = gateway_to(backend.addr, TERMINATE).await;
+    let mut client = raw_client(gateway.addr, upgrade_request("/", "").as_bytes()).await;
+    assert_eq!(header_of(&client.head, "sec-websocket-extensions"), None);
+    client.send(&client_frame(true, op::TEXT, b"plain")).await;
+    expect_frame(
+        client.read_frame().await,
+        true,
+        0,
+        op::TEXT,
+        false,
+        b"plain",
+    );
+}
+
+/// Raw deflate as a permessage-deflate sender writes it (sync flush, tail removed).
+fn deflated(data: &[u8]) -> Vec<u8> {
+    let mut compressor = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::new();
+    // Until the flush is complete: it is when the output was not filled.
+    loop {
+        out.reserve(data.len() + 1024);
+        let spare = out.capacity() - out.len();
+        let input = &data[compressor.total_in() as usize..];
+        let before = out.len();
+        compressor
+            .compress_vec(input, &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        if out.len() - before < spare {
+            break;
+        }
+    }
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// About 1 KiB of deflate that inflates to 1 GiB... would take a while to build: 1 MiB of zeros
+/// is 1 KiB compressed, and the limit below is 64 KiB, so it is a bomb all the same.
+fn bomb() -> Vec<u8> {
+    let packed = deflated(&vec![0; 1 << 20]);
+    assert!(packed.len() <= 1100, "{} bytes", packed.len());
+    packed
+}
+
+const LIMIT_64K: &str = "limits:\n  max_message: 64KiB\n  max_frame: 64KiB";
+
+/// The bomb as one frame, or spread over 16-byte fragments.
+fn bomb_frames(fragmented: bool) -> Vec<u8> {
+    let packed = bomb();
+    if !fragmented {
+        return frame(true, RSV1, op::BINARY, Some(CLIENT_KEY), &packed);
+    }
+    let pieces: Vec<_> = packed.chunks(16).collect();
+    let mut bytes = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        let fin = i + 1 == pieces.len();
+        let (rsv, opcode) = if i == 0 {
+            (RSV1, op::BINARY)
+        } else {
+            (0, op::CONTINUATION)
+        };
+        bytes.extend(frame(fin, rsv, opcode, Some(CLIENT_KEY), piece));
+    }
+    bytes
+}
+
+/// Whatever the backend gets, it answers a close (a raw backend) and the client gets 1009.
+async fn assert_bomb_refused(mut client: RawWs, backend: Option<RawWs>, fragmented: bool) {
+    client.send(&bomb_frames(fragmented)).await;
+    let backend_side = async move {
+        let Some(mut backend) = backend else { return 0 };
+        let mut data = 0;
+        while let Some(frame) = backend.read_frame().await {
+            if frame.opcode == op::CLOSE {
+                backend
+                    .try_send(&server_frame(true, op::CLOSE, &close_payload(1001, b"")))
+                    .await;
+                break;
+            }
+            data += frame.payload.len();
+        }
+        data
+    };
+    let client_side = async {
+        let started = std::time::Instant::now();
+        let close = client.close_frame().await.expect("the client gets a close");
+        (close.close_code(), started.elapsed())
+    };
+    let (forwarded, (code, _elapsed)) = tokio::join!(backend_side, client_side);
+    assert_eq!(code, Some(1009));
+    assert!(
+        forwarded <= 64 * 1024 + 1100,
+        "{forwarded} bytes reached the backend"
+    );
+}
+
+#[tokio::test]
+async fn terminate_bomb_in_one_frame_is_closed_with_1009() {
+    let backend = support::echo_backend("plain").await;
+    let gateway = gateway_to(backend.addr, &format!("{TERMINATE}\n{LIMIT_64K}")).await;
+    let client = raw_client(
+        gateway.addr,
+        upgrade_request("/", &extensions_header(Some(OFFER))).as_bytes(),
+    )
+    .await;
+    assert!(header_of(&client.head, "sec-websocket-extensions").is_some());
+    assert_bomb_refused(client, None, false).await;
+}
+
+#[tokio::test]
+async fn terminate_bomb_over_many_fragments_is_closed_with_1009() {
+    let backend = support::echo_backend("plain").await;
+    let gateway = gateway_to(backend.addr, &format!("{TERMINATE}\n{LIMIT_64K}")).await;
+    let client = raw_client(
+        gateway.addr,
+        upgrade_request("/", &extensions_header(Some(OFFER))).as_bytes(),
+    )
+    .await;
+    assert_bomb_refused(client, None, true).await;
+}
+
+#[tokio::test]
+async fn passthrough_bomb_in_one_frame_is_closed_with_1009() {
+    let (_gateway, client, backend) = connected(
+        &format!("{PASSTHROUGH}\n{LIMIT_64K}"),
+        Some(OFFER),
+        Some(ANSWER),
+    )
+    .await;
+    assert_bomb_refused(client, Some(backend), false).await;
+}
+
+#[tokio::test]
+async fn passthrough_bomb_over_many_fragments_is_closed_with_1009() {
+    let (_gateway, client, backend) = connected(
+        &format!("{PASSTHROUGH}\n{LIMIT_64K}"),
+        Some(OFFER),
+        Some(ANSWER),
+    )
+    .await;
+    assert_bomb_refused(client, Some(backend), true).await;
+}
+
+/// Under the limit, passthrough forwards the compressed bytes as they are.
+#[tokio::test]
+async fn passthrough_compressed_message_under_the_limit_passes_unchanged() {
+    let (_gateway, mut client, mut backend) = connected(
+        &format!("{PASSTHROUGH}\n{LIMIT_64K}"),
+        Some(OFFER),
+        Some(ANSWER),
+    )
+    .await;
+    let packed = deflated(&vec![7; 60 * 1024]);
+    client
+        .send(&frame(true, RSV1, op::BINARY, Some(CLIENT_KEY), &packed))
+        .await;
+    expect_frame(
+        backend.read_frame().await,
+        true,
+        RSV1,
+        op::BINARY,
+        true,
+        &packed,
+    );
+}
+
+/// The bytes before and after compression are counted per direction on `/metrics`: a 4000-byte
+/// message each way, compressed on the client's wire.
+#[tokio::test]
+async fn terminate_counts_bytes_before_and_after_compression() {
+    let backend = support::echo_backend("plain").await;
+    let yaml = format!(
+        "{}admin:\n  address: 127.0.0.2:0\n",
+        simple_config(&[backend.addr], TERMINATE)
+    );
+    let config = wsgate::config::from_yaml_str(&yaml, "test.yaml").unwrap();
+    let server = wsgate::server::Server::bind(config).await.unwrap();
+    let gateway = server.local_addrs()[0];
+    let admin = server.admin_addr().expect("admin bound");
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    let mut client = raw_client(
+        gateway,
+        upgrade_request("/", &extensions_header(Some(OFFER))).as_bytes(),
+    )
+    .await;
+    let text = "{\"user\":\"ada\",\"text\":\"hello again\"}".repeat(200);
+    let text = &text.as_bytes()[..4000];
+    let packed = deflated(text);
+    client
+        .send(&frame(true, RSV1, op::TEXT, Some(CLIENT_KEY), &packed))
+        .await;
+    let echo = client.read_frame().await.expect("the echo");
+    assert_eq!((echo.rsv, echo.opcode), (RSV1, op::TEXT));
+    let mut inflater = flate2::Decompress::new(false);
+    let mut plain = Vec::with_capacity(8192);
+    inflater
+        .decompress_vec(
+            &[&echo.payload[..], &[0, 0, 0xff, 0xff]].concat(),
+            &mut plain,
+            flate2::FlushDecompress::Sync,
+        )
+        .unwrap();
+    assert_eq!(plain, text);
+    let (_, body) = support::http_get(admin, "/metrics").await;
+    let series = |direction: &str, form: &str| {
+        let prefix = format!(
+            "wsgate_deflate_bytes_total{{route=\"app\",direction=\"{direction}\",form=\"{form}\"}} "
+        );
+        body.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{body}"))
+    };
+    assert_eq!(series("from_client", "uncompressed"), 4000);
+    assert_eq!(series("from_client", "compressed"), packed.len() as u64);
+    assert_eq!(series("to_client", "uncompressed"), 4000);
+    assert_eq!(series("to_client", "compressed"), echo.payload.len() as u64);
+}
+
+/// `limits.compression_memory` caps the state connections hold between messages: with room
+/// for one connection with context takeover, a second one is accepted without compression,
+/// and once the first has gone the next one gets compression again.
+#[tokio::test]
+async fn compression_memory_cap_answers_without_compression_never_refuses() {
+    let backend = support::echo_backend("plain").await;
+    let route = "compression:\n  mode: terminate\n  server_no_context_takeover: false\n  client_no_context_takeover: false";
+    let yaml = format!(
+        "{}limits:\n  compression_memory: 300KiB\n",
+        simple_config(&[backend.addr], route)
+    );
+    let gateway = start_gateway(&yaml).await;
+    let request = upgrade_request("/", &extensions_header(Some(OFFER)));
+    let mut first = raw_client(gateway.addr, request.as_bytes()).await;
+    assert!(
+        header_of(&first.head, "sec-websocket-extensions").is_some(),
+        "{}",
+        first.head
+    );
+    let mut second = raw_client(gateway.addr, request.as_bytes()).await;
+    assert_eq!(
+        header_of(&second.head, "sec-websocket-extensions"),
+        None,
+        "over the cap: {}",
+        second.head
+    );
+    second
+        .send(&client_frame(true, op::TEXT, b"still served"))
+        .await;
+    expect_frame(
+        second.read_frame().await,
+        true,
+        0,
+        op::TEXT,
+        false,
+        b"still served",
+    );
+    first
+        .send(&client_frame(true, op::CLOSE, &close_payload(1000, b"")))
+        .await;
+    assert!(first.close_frame().await.is_some());
+    assert!(first.eof_within(WAIT).await);
+    // The first connection's share comes back when its relay ends.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let third = raw_client(gateway.addr, request.as_bytes()).await;
+        if header_of(&third.head, "sec-websocket-extensions").is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the share never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether python3 and its `websockets` package are there (skipped loudly, or failing under
+/// CI, where `.ci/run` installs it).
+fn python_websockets_present() -> bool {
+    let present = Command::new("python3")
+        .args(["-c", "import websockets.sync.client"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if present {
+        return true;
+    }
+    let missing = "python3 with the `websockets` package (pip install websockets)";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("the permessage-deflate test with Python websockets needs {missing}");
+    }
+    let banner = format!(
+        "\n==================================================================\n\
+         SKIPPED: permessage-deflate test with Python `websockets` (tests/compression.rs): \
+         needs {missing}.\n\
+         ==================================================================\n"
+    );
+    let _ = std::io::stderr().write_all(banner.as_bytes());
+    false
+}
+
+/// Python `websockets` (its own permessage-deflate over the standard library's zlib) as the
+/// client through a `terminate` route in front of the plain echo: it negotiates with the
+/// gateway, and every message, 1 MiB binary and multi-byte text included, comes back intact.
+#[tokio::test]
+async fn terminate_python_websockets_client_round_trips() {
+    if !python_websockets_present() {
+        return;
+    }
+    let backend = support::echo_backend("plain").await;
+    let gateway = gateway_to(backend.addr, TERMINATE).await;
+    let url = format!("ws://{}/", gateway.addr);
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/deflate_peers/websockets_client.py");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .arg(url)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run websockets_client.py")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "websockets_client.py: {}\nstdout: {stdout}\nstderr: {stderr}",
+        output.status
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["extensions"][0], "PerMessageDeflate", "{report}");
+    assert_eq!(report["close"], 1000, "{report}");
+    let seen = backend.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].header("sec-websocket-extensions"), None, "{seen:?}");
+}
+
+/// Passthrough inflates a copy of what passes and may keep that state: with no room under
+/// `limits.compression_memory` the client's offer does not reach the backend (the connection
+/// is still served, uncompressed).
+#[tokio::test]
+async fn passthrough_without_compression_memory_left_strips_the_offer() {
+    let backend = RawBackend::bind().await;
+    let yaml = format!(
+        "{}limits:\n  compression_memory: 0\n",
+        simple_config(&[backend.addr], PASSTHROUGH)
+    );
+    let gateway = start_gateway(&yaml).await;
+    let request = upgrade_request("/", &extensions_header(Some(OFFER)));
+    let (client, raw) = tokio::join!(
+        raw_client(gateway.addr, request.as_bytes()),
+        backend.accept_ws_with("", &[])
+    );
+    assert_eq!(
+        header_of(&raw.head, "sec-websocket-extensions"),
+        None,
+        "{}",
+        raw.head
+    );
+    assert_eq!(header_of(&client.head, "sec-websocket-extensions"), None);
 }

@@ -13,8 +13,9 @@
 //!   route's message rates count every backend it used, listed or not (one removed by a
 //!   reload may still hold connections).
 
+use crate::config::Compression;
 use crate::gateway::Gateway;
-use crate::metrics::{FlowTotals, RouteBackend};
+use crate::metrics::{FlowTotals, Metrics, RouteBackend};
 use crate::recent_errors::ErrorEntry;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -51,6 +52,21 @@ pub struct RouteStats {
     pub messages_per_s: Directions,
     pub bytes_per_s: Directions,
     pub backends: Vec<RouteBackendStats>,
+    /// Bytes before and after permessage-deflate, since start (`terminate` routes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionStats>,
+}
+
+/// A compress-terminating route's data bytes: on the client's wire (`compressed`) and what
+/// they stand for (`uncompressed`), each way, and the ratio of the two overall.
+#[derive(Debug, Default, Serialize)]
+pub struct CompressionStats {
+    pub from_client_compressed: u64,
+    pub from_client_uncompressed: u64,
+    pub to_client_compressed: u64,
+    pub to_client_uncompressed: u64,
+    /// Uncompressed bytes per compressed byte, both ways (1 when nothing passed yet).
+    pub ratio: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -188,6 +204,8 @@ impl Sampler {
                 messages_per_s,
                 bytes_per_s,
                 backends,
+                compression: matches!(route.compression, Compression::Terminate(_))
+                    .then(|| compression_stats(metrics, &route.name)),
             });
         }
         let upstreams = gateway
@@ -292,6 +310,23 @@ impl From<ErrorEntry> for ErrorView {
     }
 }
 
+fn compression_stats(metrics: &Metrics, route: &str) -> CompressionStats {
+    let counters = metrics.deflate_counters(route);
+    let mut stats = CompressionStats {
+        from_client_compressed: counters.from_client_compressed.get(),
+        from_client_uncompressed: counters.from_client_uncompressed.get(),
+        to_client_compressed: counters.to_client_compressed.get(),
+        to_client_uncompressed: counters.to_client_uncompressed.get(),
+        ratio: 1.0,
+    };
+    let wire = stats.from_client_compressed + stats.to_client_compressed;
+    let plain = stats.from_client_uncompressed + stats.to_client_uncompressed;
+    if wire > 0 {
+        stats.ratio = ((plain as f64 / wire as f64) * 100.0).round() / 100.0;
+    }
+    stats
+}
+
 fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_millis() as u64)
@@ -366,5 +401,26 @@ mod tests {
         let late = sampler.sample(&gateway, start + Duration::from_secs(60), SystemTime::now());
         assert_eq!(late.routes[0].messages_per_s.client_to_backend, 0.0);
         assert_eq!(late.interval_s, 0.0);
+    }
+
+    #[test]
+    fn terminate_routes_show_bytes_before_and_after_compression() {
+        let yaml = "listeners:\n  - address: 127.0.0.1:0\nupstreams:\n  app:\n    backends:\n      - ws://127.0.0.1:9001\nroutes:\n  - name: plain\n    match: {path_prefix: /p}\n    upstream: app\n  - name: chat\n    upstream: app\n    compression: terminate\n";
+        let gateway = Gateway::new(crate::config::from_yaml_str(yaml, "t.yaml").unwrap()).unwrap();
+        let counters = gateway.metrics.deflate_counters("chat");
+        counters.from_client_compressed.inc_by(100);
+        counters.from_client_uncompressed.inc_by(300);
+        counters.to_client_uncompressed.inc_by(900);
+        counters.to_client_compressed.inc_by(200);
+        let snapshot = Sampler::default().sample(&gateway, Instant::now(), SystemTime::now());
+        let chat = snapshot.routes.iter().find(|r| r.name == "chat").unwrap();
+        let stats = chat.compression.as_ref().unwrap();
+        assert_eq!(
+            (stats.from_client_compressed, stats.to_client_compressed),
+            (100, 200)
+        );
+        assert_eq!(stats.ratio, 4.0);
+        let plain = snapshot.routes.iter().find(|r| r.name == "plain").unwrap();
+        assert!(plain.compression.is_none());
     }
 }

@@ -161,8 +161,25 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
             out,
             "      compression: {}, pings: {}",
             match route.compression {
-                Compression::Strip => "strip",
-                Compression::Passthrough => "passthrough",
+                Compression::Strip => "strip".to_owned(),
+                Compression::Passthrough => "passthrough".to_owned(),
+                Compression::Terminate(d) => format!(
+                    "terminate (windows {}/{} bits, context takeover {}/{}, level {}, from {} bytes)",
+                    d.server_max_window_bits,
+                    d.client_max_window_bits,
+                    if d.server_no_context_takeover {
+                        "off"
+                    } else {
+                        "on"
+                    },
+                    if d.client_no_context_takeover {
+                        "off"
+                    } else {
+                        "on"
+                    },
+                    d.level,
+                    d.min_size
+                ),
             },
             if route.ping_passthrough {
                 "passed through"
@@ -182,7 +199,12 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
 
     writeln!(out, "defaults:")?;
     writeln!(out, "  timeouts: {}", timeouts(&config.timeouts))?;
-    writeln!(out, "  limits: {}", limits(&config.limits))?;
+    writeln!(
+        out,
+        "  limits: {}, compression_memory {}",
+        limits(&config.limits),
+        format_size(config.limits.compression_memory)
+    )?;
     writeln!(
         out,
         "  drain: readiness_delay {}, spread {}, deadline {}",

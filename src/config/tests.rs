@@ -671,7 +671,7 @@ admin:
         &errors,
         12,
         "routes[0].compression",
-        &["expected strip or passthrough", "\"gzip\""],
+        &["expected strip, passthrough or terminate", "\"gzip\""],
     );
     expect(
         &errors,
@@ -1915,6 +1915,7 @@ admin: {address: 127.0.0.1:9090}
         "compression: strip, pings: answered per hop",
         "handshake 10s, idle off, ping_interval 30s, pong_timeout 10s, close 5s, body 1m, body_total off",
         "limits: max_frame 16MiB, max_message 64MiB, max_connections 9000, max_header_bytes 16KiB",
+        "compression_memory 256MiB",
         "admin: 127.0.0.1:9090",
         "drain: readiness_delay 5s, spread 15s, deadline 25s",
         "rebalance: moved sticky keys closed with 1012 over 10s after reloads and health changes",
@@ -2819,5 +2820,152 @@ fn dns_upstreams_take_a_name_and_bounded_intervals() {
         ),
     ] {
         assert_eq!(errors_of(&upstream(body)), error, "{body}");
+    }
+}
+
+#[test]
+fn terminate_compression_parses_with_defaults_and_options() {
+    let config = ok("\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends: [ws://127.0.0.1:9001]
+routes:
+  - upstream: u
+    match: {path_prefix: /a}
+    compression: terminate
+  - upstream: u
+    match: {path_prefix: /b}
+    compression:
+      mode: terminate
+      server_no_context_takeover: false
+      client_max_window_bits: 8
+      server_max_window_bits: 15
+      min_size: 1KiB
+      level: 1
+");
+    assert_eq!(
+        config.routes[0].compression,
+        Compression::Terminate(Deflate::default())
+    );
+    assert_eq!(
+        config.routes[1].compression,
+        Compression::Terminate(Deflate {
+            server_no_context_takeover: false,
+            client_no_context_takeover: true,
+            server_max_window_bits: 15,
+            client_max_window_bits: 8,
+            min_size: 1024,
+            level: 1,
+        })
+    );
+}
+
+#[test]
+fn terminate_compression_errors_name_their_line() {
+    let errors = errs(
+        "\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends: [ws://127.0.0.1:9001]
+routes:
+  - upstream: u
+    compression:
+      mode: terminate
+      server_max_window_bits: 8
+      level: 10
+      window: 12
+  - upstream: u
+    match: {path_prefix: /b}
+    compression: {mode: passthrough}
+",
+    );
+    expect(
+        &errors,
+        10,
+        "routes[0].compression.server_max_window_bits",
+        &["between 9 and 15", "8"],
+    );
+    expect(
+        &errors,
+        11,
+        "routes[0].compression.level",
+        &["between 1 and 9"],
+    );
+    expect(
+        &errors,
+        12,
+        "routes[0].compression.window",
+        &["unknown key"],
+    );
+    expect(
+        &errors,
+        15,
+        "routes[1].compression.mode",
+        &["expected terminate"],
+    );
+}
+
+#[test]
+fn compression_memory_is_a_top_level_limit() {
+    let config = ok("\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends: [ws://127.0.0.1:9001]
+routes:
+  - upstream: u
+limits:
+  compression_memory: 64MiB
+");
+    assert_eq!(config.limits.compression_memory, 64 << 20);
+    let errors = errs(
+        "\
+listeners:
+  - address: 127.0.0.1:8080
+upstreams:
+  u:
+    backends: [ws://127.0.0.1:9001]
+routes:
+  - upstream: u
+    limits:
+      compression_memory: 1MiB
+",
+    );
+    expect(
+        &errors,
+        9,
+        "routes[0].limits.compression_memory",
+        &["applies to the whole gateway"],
+    );
+}
+
+#[test]
+fn an_in_band_token_refresh_needs_an_uncompressed_route() {
+    let route = |compression: &str| {
+        format!(
+            "{MINIMAL}    compression: {compression}\n    auth:\n      jwt:\n        keys: [{{secret_file: k, algorithms: [HS256]}}]\n        refresh: true\n"
+        )
+    };
+    assert!(
+        ok(&route("strip")).routes[0]
+            .auth
+            .as_ref()
+            .unwrap()
+            .jwt()
+            .unwrap()
+            .refresh
+    );
+    for compression in ["passthrough", "terminate"] {
+        single(
+            &route(compression),
+            13,
+            "routes[0].auth.jwt.refresh",
+            &["compression: strip"],
+        );
     }
 }

@@ -102,6 +102,15 @@ const ROUTE_KEYS: &[&str] = &[
     "auth",
 ];
 const MATCH_KEYS: &[&str] = &["host", "path_prefix"];
+const DEFLATE_KEYS: &[&str] = &[
+    "mode",
+    "server_no_context_takeover",
+    "client_no_context_takeover",
+    "server_max_window_bits",
+    "client_max_window_bits",
+    "min_size",
+    "level",
+];
 const STICKY_KEYS: &[&str] = &["path", "query", "header", "cookie", "client_ip", "claim"];
 const STICKY_COOKIE_KEYS: &[&str] = &["name", "max_age", "same_site", "secure"];
 const TIMEOUT_KEYS: &[&str] = &[
@@ -121,9 +130,14 @@ const LIMIT_KEYS: &[&str] = &[
     "max_connections_per_ip",
     "handshake_rate",
     "message_rate",
+    "compression_memory",
 ];
 /// Limits that only make sense for the whole gateway.
-const TOP_LEVEL_ONLY_LIMITS: &[&str] = &["max_connections_per_ip", "handshake_rate"];
+const TOP_LEVEL_ONLY_LIMITS: &[&str] = &[
+    "max_connections_per_ip",
+    "handshake_rate",
+    "compression_memory",
+];
 const ADMIN_KEYS: &[&str] = &["address", "token", "token_env", "tls"];
 const SESSION_KEYS: &[&str] = &[
     "enabled",
@@ -237,6 +251,7 @@ struct PartialLimits {
     max_connections_per_ip: Option<Option<u32>>,
     handshake_rate: Option<Option<u32>>,
     message_rate: Option<Option<u32>>,
+    compression_memory: Option<u64>,
 }
 
 impl PartialLimits {
@@ -251,6 +266,7 @@ impl PartialLimits {
                 .unwrap_or(base.max_connections_per_ip),
             handshake_rate: self.handshake_rate.unwrap_or(base.handshake_rate),
             message_rate: self.message_rate.unwrap_or(base.message_rate),
+            compression_memory: self.compression_memory.unwrap_or(base.compression_memory),
         }
     }
 }
@@ -1336,6 +1352,7 @@ impl Cx<'_> {
         let max_message = size(self, "max_message", 1, i64::MAX as u64);
         let max_header_bytes =
             size(self, "max_header_bytes", 1 << 10, 1 << 20).and_then(|n| usize::try_from(n).ok());
+        let compression_memory = size(self, "compression_memory", 0, i64::MAX as u64);
         let max_connections = match f.get("max_connections") {
             None => None,
             Some((raw, path)) => {
@@ -1354,6 +1371,7 @@ impl Cx<'_> {
             max_connections_per_ip,
             handshake_rate,
             message_rate,
+            compression_memory,
         })
     }
 
@@ -1489,12 +1507,7 @@ impl Cx<'_> {
         };
         let compression = match f.get("compression") {
             None => Some(Compression::default()),
-            Some((Raw::Str(s), _)) if s == "strip" => Some(Compression::Strip),
-            Some((Raw::Str(s), _)) if s == "passthrough" => Some(Compression::Passthrough),
-            Some((raw, path)) => {
-                self.expected(&path, "strip or passthrough", raw);
-                None
-            }
+            Some((raw, path)) => self.compression(raw, &path),
         };
         let ping_passthrough = match f.get("ping_passthrough") {
             None => Some(false),
@@ -1530,6 +1543,18 @@ impl Cx<'_> {
         {
             return None;
         }
+        // A refresh message is recognised as the plain text it is sent as; compressed, it
+        // would pass to the backend as an ordinary message, token and all.
+        if let (Some(Some(auth)), Some(compression)) = (auth.as_ref(), compression.as_ref())
+            && auth.jwt().is_some_and(|jwt| jwt.refresh)
+            && *compression != Compression::Strip
+        {
+            self.err(
+                &path.key("auth").key("jwt").key("refresh"),
+                "the in-band token refresh needs the route's compression: strip (a compressed refresh message would not be recognised)",
+            );
+            return None;
+        }
         Some(Route {
             auth: auth?,
             name: name?,
@@ -1545,6 +1570,82 @@ impl Cx<'_> {
             timeouts: timeouts?,
             limits: limits?,
         })
+    }
+
+    /// `strip`, `passthrough`, `terminate`, or a mapping with `mode: terminate` and its options.
+    fn compression(&mut self, raw: &Raw, path: &YamlPath) -> Option<Compression> {
+        const MODES: &str = "strip, passthrough or terminate (or a mapping with mode: terminate)";
+        match raw {
+            Raw::Str(s) if s == "strip" => return Some(Compression::Strip),
+            Raw::Str(s) if s == "passthrough" => return Some(Compression::Passthrough),
+            Raw::Str(s) if s == "terminate" => {
+                return Some(Compression::Terminate(Deflate::default()));
+            }
+            Raw::Map(_) => {}
+            other => {
+                self.expected(path, MODES, other);
+                return None;
+            }
+        }
+        let f = self.fields(raw, path, "a compression mapping", DEFLATE_KEYS)?;
+        match f.get("mode") {
+            Some((Raw::Str(s), _)) if s == "terminate" => {}
+            Some((other, mode_path)) => {
+                self.expected(&mode_path, "terminate (the only mode with options)", other);
+                return None;
+            }
+            None => {
+                self.err(path, "missing key \"mode\" (terminate)");
+                return None;
+            }
+        }
+        let defaults = Deflate::default();
+        let flag = |cx: &mut Self, key: &str, default: bool| match f.get(key) {
+            None => Some(default),
+            Some((raw, path)) => cx.boolean(raw, &path),
+        };
+        let number =
+            |cx: &mut Self, key: &str, (min, max): (i128, i128), default: i128| match f.get(key) {
+                None => Some(default),
+                Some((raw, path)) => cx.integer(raw, &path, min, max),
+            };
+        let server_no_context_takeover = flag(
+            self,
+            "server_no_context_takeover",
+            defaults.server_no_context_takeover,
+        );
+        let client_no_context_takeover = flag(
+            self,
+            "client_no_context_takeover",
+            defaults.client_no_context_takeover,
+        );
+        // zlib cannot keep an 8-bit window when compressing (it uses 9), so 9 is the least the
+        // gateway promises for its own messages.
+        let server_bits = number(
+            self,
+            "server_max_window_bits",
+            (9, 15),
+            i128::from(defaults.server_max_window_bits),
+        );
+        let client_bits = number(
+            self,
+            "client_max_window_bits",
+            (8, 15),
+            i128::from(defaults.client_max_window_bits),
+        );
+        let level = number(self, "level", (1, 9), i128::from(defaults.level));
+        let min_size = match f.get("min_size") {
+            None => Some(u64::from(defaults.min_size)),
+            Some((raw, path)) => self.size(raw, &path, 0, u64::from(u32::MAX)),
+        };
+        Some(Compression::Terminate(Deflate {
+            server_no_context_takeover: server_no_context_takeover?,
+            client_no_context_takeover: client_no_context_takeover?,
+            server_max_window_bits: u8::try_from(server_bits?).ok()?,
+            client_max_window_bits: u8::try_from(client_bits?).ok()?,
+            min_size: u32::try_from(min_size?).ok()?,
+            level: u8::try_from(level?).ok()?,
+        }))
     }
 
     fn route_match(&mut self, raw: &Raw, path: &YamlPath) -> Option<(Option<String>, String)> {

@@ -11,16 +11,21 @@ use crate::admit::{
 };
 use crate::auth::SubjectSlot;
 use crate::client_addr::ClientAddr;
-use crate::config::Compression;
+use crate::config::{Compression, Deflate};
 use crate::drain::depart;
 use crate::gateway::{Gateway, RouteSlot};
 use crate::metrics::{CloseCodeLabel, Closed, RouteBackend};
+use crate::proto::deflate::negotiate::{
+    ClientWindow, PERMESSAGE_DEFLATE, Preferences, negotiate, parse_offer,
+};
 use crate::proto::handshake::{self, RequestHead};
 use crate::proto::{DecoderConfig, FrameDecoder, Role};
 use crate::rebalance::Registration;
 use crate::recent_errors::ErrorKind;
+use crate::relay::compress::{DeflateReservation, inflate_state_bytes};
 use crate::relay::{
-    Cause, Credentials, HopStart, Relay, RelayReport, RelaySettings, Side, Stop, VerifyRefresh,
+    Cause, Credentials, HopStart, Relay, RelayCompression, RelayReport, RelaySettings, Side, Stop,
+    Terminated, VerifyRefresh, Window,
 };
 use crate::routing::ConnectionSlot;
 use crate::stream::Stream;
@@ -51,6 +56,13 @@ pub struct Acceptance {
     backend_early: Vec<u8>,
     decoders: (FrameDecoder, FrameDecoder),
     settings: RelaySettings,
+    /// permessage-deflate as negotiated (with the client on `terminate`, between client and
+    /// backend on `passthrough`).
+    compression: RelayCompression,
+    /// Compression state this connection holds between messages, against the gateway's cap;
+    /// handed to the relay, which keeps it in its compression state (no field of an idle
+    /// connection's future pays for it).
+    deflate_slot: Option<DeflateReservation>,
     /// The client's token's expiry and in-band refresh, on routes with `auth.jwt` (boxed,
     /// like the subject's slot: an idle connection's future holds them, and only routes with
     /// auth pay for them).
@@ -105,12 +117,25 @@ pub async fn decide(
     };
     let route = gateway.route(route_index);
     let protocols = join(handshake::server::offered_protocols(head.headers));
+    // Passthrough inflates a copy of what passes to count it, and may have to keep that
+    // state between messages: the worst case is reserved before the offer goes out, and with
+    // no room under `limits.compression_memory` the offer is stripped instead.
+    let passthrough_slot = match route.compression {
+        Compression::Passthrough => {
+            let cap = gateway.config.limits.compression_memory;
+            gateway
+                .deflate_memory
+                .reserve(2 * inflate_state_bytes(15) as u64, cap)
+        }
+        Compression::Strip | Compression::Terminate(_) => None,
+    };
     let extensions = match route.compression {
-        Compression::Passthrough => join(
+        Compression::Passthrough if passthrough_slot.is_some() => join(
             handshake::headers::values(head.headers, "sec-websocket-extensions")
                 .filter_map(|v| std::str::from_utf8(v).ok()),
         ),
-        Compression::Strip => None,
+        // A terminating gateway answers the client itself; the backend sees no offer.
+        Compression::Passthrough | Compression::Strip | Compression::Terminate(_) => None,
     };
     let offer = BackendOffer {
         route: route_index,
@@ -162,16 +187,25 @@ pub async fn decide(
         .get_or_create(&labels)
         .clone();
     active.inc();
+    let (extensions, relay_compression, deflate_slot) = match route.compression {
+        Compression::Terminate(deflate) => terminate(gateway, head, &deflate),
+        Compression::Strip | Compression::Passthrough => {
+            let counted = upgraded.extensions.as_deref().and_then(passthrough);
+            // Kept only while a side keeps its context (its inflater then lives as long).
+            let keeps = matches!(counted, Some(RelayCompression::Count { client, backend })
+                if client.keep_context || backend.keep_context);
+            let slot = passthrough_slot.filter(|_| keeps);
+            (upgraded.extensions, counted.unwrap_or_default(), slot)
+        }
+    };
     // RSV1 means "compressed" only under permessage-deflate (RFC 7692), whatever else the
-    // backend may have agreed to.
-    let compression = upgraded.extensions.as_deref().is_some_and(|value| {
-        handshake::headers::split_list(value).any(|element| {
-            handshake::headers::parse_extension(element)
-                .name
-                .eq_ignore_ascii_case("permessage-deflate")
-        })
-    });
-    let decoder = |role| {
+    // backend may have agreed to; a terminating gateway never agrees to it with the backend.
+    let (client_compressed, backend_compressed) = match relay_compression {
+        RelayCompression::Off => (false, false),
+        RelayCompression::Count { .. } => (true, true),
+        RelayCompression::Terminate(_) => (true, false),
+    };
+    let decoder = |role, compression| {
         FrameDecoder::new(DecoderConfig {
             role,
             max_frame: route.limits.max_frame,
@@ -183,12 +217,15 @@ pub async fn decide(
     Decision::Accept(Box::new(Acceptance {
         accept: handshake::accept_key(upgrade.key),
         protocol: upgraded.protocol,
-        extensions: upgraded.extensions,
+        extensions,
         set_cookie,
         backend_headers: upgraded.headers,
         backend: upgraded.stream,
         backend_early: upgraded.early,
-        decoders: (decoder(Role::Server), decoder(Role::Client)),
+        decoders: (
+            decoder(Role::Server, client_compressed),
+            decoder(Role::Client, backend_compressed),
+        ),
         settings: RelaySettings {
             ping_interval: route.timeouts.ping_interval,
             pong_timeout: route.timeouts.pong_timeout,
@@ -197,7 +234,9 @@ pub async fn decide(
             ping_passthrough: route.ping_passthrough,
             message_rate: route.limits.message_rate,
         },
+        compression: relay_compression,
         credentials,
+        deflate_slot,
         log: AccessContext {
             gateway: Arc::clone(gateway),
             route: route_index,
@@ -247,12 +286,17 @@ impl Acceptance {
             backend_early,
             decoders: (client_decoder, backend_decoder),
             settings,
+            compression,
             credentials,
+            deflate_slot,
             mut log,
             ..
         } = self;
         let route = &log.gateway.route(log.route).name;
-        let counters = log.gateway.metrics.relay_counters(route, &log.backend);
+        let mut counters = log.gateway.metrics.relay_counters(route, &log.backend);
+        if matches!(compression, RelayCompression::Terminate(_)) {
+            counters.deflate = Some(log.gateway.metrics.deflate_counters(route));
+        }
         let relay = Relay::new(
             HopStart {
                 stream: client,
@@ -266,8 +310,9 @@ impl Acceptance {
             },
             settings,
             counters,
+            compression,
         );
-        let relay = match credentials {
+        let mut relay = match credentials {
             Some(credentials) => {
                 let (credentials, verify) = *credentials;
                 relay.with_credentials(credentials, verify)
@@ -275,6 +320,9 @@ impl Acceptance {
             None => relay,
         };
         drop(backend_early);
+        if let Some(slot) = deflate_slot {
+            relay.hold_deflate_memory(slot);
+        }
         // The stop future owns the registration: the connection leaves the rebalancing
         // registry when the relay stops listening for moves (at its end, or once told to stop).
         let registration = log.registration.take();
@@ -365,6 +413,80 @@ fn failure(report: &RelayReport) -> Option<(ErrorKind, String)> {
         | Cause::Expired => return None,
     };
     Some((kind, report.cause.to_string()))
+}
+
+/// A `terminate` route's answer to the client's permessage-deflate offers (the `Sec-WebSocket-
+/// Extensions` value of the 101), what the relay does, and the connection's share of the
+/// gateway's compression memory. No acceptable offer, or no room left under
+/// `limits.compression_memory`: no compression (the connection is still accepted).
+fn terminate(
+    gateway: &Gateway,
+    head: &RequestHead<'_, '_>,
+    deflate: &Deflate,
+) -> (Option<String>, RelayCompression, Option<DeflateReservation>) {
+    let preferences = Preferences {
+        server_no_context_takeover: deflate.server_no_context_takeover,
+        client_no_context_takeover: deflate.client_no_context_takeover,
+        server_max_window_bits: deflate.server_max_window_bits,
+        client_max_window_bits: deflate.client_max_window_bits,
+    };
+    let offers = handshake::headers::list_elements(head.headers, "sec-websocket-extensions");
+    let Some(agreed) = negotiate(offers, &preferences) else {
+        return (None, RelayCompression::Off, None);
+    };
+    let terminated = Terminated {
+        client: Window {
+            bits: agreed.client_max_window_bits,
+            keep_context: !agreed.client_no_context_takeover,
+        },
+        server: Window {
+            bits: agreed.server_max_window_bits,
+            keep_context: !agreed.server_no_context_takeover,
+        },
+        level: deflate.level,
+        min_size: deflate.min_size,
+    };
+    let cap = gateway.config.limits.compression_memory;
+    let held = terminated.held_between_messages();
+    let Some(reservation) = gateway.deflate_memory.reserve(held, cap) else {
+        return (None, RelayCompression::Off, None);
+    };
+    (
+        Some(agreed.response()),
+        RelayCompression::Terminate(terminated),
+        Some(reservation),
+    )
+}
+
+/// A `passthrough` route whose backend agreed to permessage-deflate: the windows each side
+/// compresses with, so the relay can inflate what passes to count it. A response it cannot
+/// read is counted with the largest window, kept between messages (always correct, only
+/// larger).
+fn passthrough(response: &str) -> Option<RelayCompression> {
+    let element = handshake::headers::split_list(response)
+        .map(handshake::headers::parse_extension)
+        .find(|e| e.name.eq_ignore_ascii_case(PERMESSAGE_DEFLATE))?;
+    let full = Window {
+        bits: 15,
+        keep_context: true,
+    };
+    let (client, backend) = match parse_offer(element.params) {
+        Ok(agreed) => (
+            Window {
+                bits: match agreed.client_max_window_bits {
+                    ClientWindow::AtMost(bits) => bits,
+                    _ => 15,
+                },
+                keep_context: !agreed.client_no_context_takeover,
+            },
+            Window {
+                bits: agreed.server_max_window_bits.unwrap_or(15),
+                keep_context: !agreed.server_no_context_takeover,
+            },
+        ),
+        Err(_) => (full, full),
+    };
+    Some(RelayCompression::Count { client, backend })
 }
 
 fn join<'a>(items: impl Iterator<Item = &'a str>) -> Option<String> {

@@ -3,11 +3,12 @@
 //! Nothing in this module touches a socket, a clock or the gateway's configuration: it turns
 //! bytes into values and values into bytes (time, where a rule needs it, is passed in), so the
 //! relay, the sessions, the fuzz targets and the benchmarks all drive the same code. Sections covered: §4 (handshakes), §5.1-5.5 (framing, masking,
-//! fragmentation, control frames), §7.4 (close codes), §8.1 (UTF-8), and the RSV1 rule of
-//! RFC 7692 when permessage-deflate is passed through.
+//! fragmentation, control frames), §7.4 (close codes), §8.1 (UTF-8), the RSV1 rule of
+//! RFC 7692, and its negotiation (`deflate`).
 
 pub mod close;
 pub mod decoder;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod handshake;

@@ -28,7 +28,11 @@ const POOL_LIMIT: usize = 16;
 /// pool or in a [`HopBuffer`], and [`RELAY_BUFFER_BYTES`] counts both: it goes up when
 /// [`take_buffer`] allocates and down when a buffer is freed (pool full, or thread gone).
 #[derive(Default)]
-struct Pool(Vec<Box<[u8]>>);
+struct Pool(Vec<Block>);
+
+/// One buffer. A fixed-size array behind a thin pointer: the hop holds 8 bytes for it, not a
+/// slice's 16 (an idle connection's size is mostly fields like this one).
+type Block = Box<[u8; BUFFER_LEN]>;
 
 impl Drop for Pool {
     fn drop(&mut self) {
@@ -40,18 +44,22 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::default();
 }
 
-fn take_buffer() -> Box<[u8]> {
+fn take_buffer() -> Block {
     let pooled = POOL
         .try_with(|pool| pool.borrow_mut().0.pop())
         .ok()
         .flatten();
     pooled.unwrap_or_else(|| {
         RELAY_BUFFER_BYTES.inc_by(BUFFER_LEN as i64);
-        vec![0u8; BUFFER_LEN].into_boxed_slice()
+        // Zeroed on the heap directly (an array literal would be built on the stack first).
+        let block: Box<[u8]> = vec![0u8; BUFFER_LEN].into_boxed_slice();
+        block
+            .try_into()
+            .unwrap_or_else(|_| Box::new([0; BUFFER_LEN]))
     })
 }
 
-fn give_back(buffer: Box<[u8]>) {
+fn give_back(buffer: Block) {
     let mut spare = Some(buffer);
     // A thread being torn down has no pool left: its buffer is simply freed.
     let _ = POOL.try_with(|pool| {
@@ -69,7 +77,7 @@ fn give_back(buffer: Box<[u8]>) {
 
 #[derive(Debug, Default)]
 pub struct HopBuffer {
-    bytes: Option<Box<[u8]>>,
+    bytes: Option<Block>,
     pub start: usize,
     pub parsed: usize,
     pub filled: usize,
@@ -96,7 +104,7 @@ impl HopBuffer {
     /// The whole buffer, taken from the pool if this hop holds none.
     #[inline]
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        self.bytes.get_or_insert_with(take_buffer)
+        &mut self.bytes.get_or_insert_with(take_buffer)[..]
     }
 
     /// Room to read into, after moving the live bytes to the front if that makes room.

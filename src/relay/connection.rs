@@ -24,7 +24,8 @@
 //! - the client hop is shut down first (RFC 6455 §7.1.1: the server closes TCP first); the
 //!   backend is given the chance to close first, so TIME_WAIT stays off the gateway's ports.
 
-use super::buffer::{BUFFER_LEN, HopBuffer};
+use super::buffer::BUFFER_LEN;
+use super::compress::{DeflateReservation, Progress, RelayCompression, Transform};
 use super::credentials::{Credentials, Refresh, refresh_candidate_len, refresh_token};
 use super::ending::{Cause, HopReport, Initiator, RelayReport};
 use super::hop::{CloseState, Hop, InFrame, Reading, Side, Writing};
@@ -32,6 +33,7 @@ use super::mask_keys;
 use super::outbox::Outbox;
 use crate::limits::TokenBucket;
 use crate::metrics::RelayCounters;
+use crate::proto::frame::RSV1;
 use crate::proto::{
     CloseCode, ControlFrame, Decoded, FrameDecoder, FrameHeader, Item, Keepalive, KeepaliveDue,
     OpCode, PING_PAYLOAD, ProtocolError, apply_mask, parse_close_payload, remask,
@@ -85,6 +87,9 @@ impl Connection {
         (client_decoder, backend_decoder): (FrameDecoder, FrameDecoder),
         settings: RelaySettings,
         counters: RelayCounters,
+        // Not part of `settings`, which the connection keeps: the hops' transforms hold what
+        // compression needs, and uncompressed connections pay nothing for it.
+        compression: RelayCompression,
         client_is_plain_tcp: bool,
         now: Instant,
     ) -> Self {
@@ -93,6 +98,7 @@ impl Connection {
             client_bytes,
             backend_messages,
             backend_bytes,
+            deflate,
         } = counters;
         let keepalive = Keepalive::new(settings.ping_interval, settings.pong_timeout, now);
         let mut client = Hop::new(
@@ -110,6 +116,34 @@ impl Connection {
         client.message_rate = settings
             .message_rate
             .map(|rate| TokenBucket::new(rate, 2.0, now));
+        let mut backend = backend;
+        match compression {
+            RelayCompression::Off => {}
+            RelayCompression::Count {
+                client: from_client,
+                backend: from_backend,
+            } => {
+                client.transform = Some(Box::new(Transform::count(from_client)));
+                backend.transform = Some(Box::new(Transform::count(from_backend)));
+            }
+            RelayCompression::Terminate(terminated) => {
+                let mut inflate = Transform::inflate(terminated.client);
+                let mut deflate_out =
+                    Transform::deflate(terminated.server, terminated.level, terminated.min_size);
+                if let Some(counters) = deflate {
+                    inflate.counters = Some((
+                        counters.from_client_compressed,
+                        counters.from_client_uncompressed,
+                    ));
+                    deflate_out.counters = Some((
+                        counters.to_client_compressed,
+                        counters.to_client_uncompressed,
+                    ));
+                }
+                client.transform = Some(Box::new(inflate));
+                backend.transform = Some(Box::new(deflate_out));
+            }
+        }
         Self {
             client,
             backend,
@@ -127,6 +161,15 @@ impl Connection {
         }
     }
 
+    /// Keeps the connection's share of the gateway's compression memory (released when the
+    /// connection is dropped); kept in the compression state, which only compressed
+    /// connections have.
+    pub fn hold_deflate_memory(&mut self, reservation: DeflateReservation) {
+        if let Some(t) = &mut self.client.transform {
+            t.reservation = Some(reservation);
+        }
+    }
+
     // ---------------------------------------------------------------------------------------
     // Outputs.
 
@@ -134,7 +177,7 @@ impl Connection {
     /// (it is done, or what was read from it is still waiting to be written).
     pub fn read_space(&mut self, side: Side) -> Option<&mut [u8]> {
         let (src, dst) = pair(&mut self.client, &mut self.backend, side);
-        if src.reading == Reading::Done || src.buf.has_pending() {
+        if src.reading == Reading::Done || src.has_pending() {
             return None;
         }
         // Control frames owed to the other hop go out before more is read from this one,
@@ -153,8 +196,8 @@ impl Connection {
         if !dst.can_write() {
             return None;
         }
-        if src.buf.has_pending() {
-            return Some(src.buf.pending());
+        if src.has_pending() {
+            return Some(src.pending());
         }
         if src.mid_frame() {
             return None;
@@ -219,12 +262,17 @@ impl Connection {
                 } else {
                     0
                 };
-                buffer + hop.outbox.held_bytes()
+                let out = match &hop.transform {
+                    Some(t) if t.out.holds_buffer() => BUFFER_LEN,
+                    _ => 0,
+                };
+                buffer + out + hop.outbox.held_bytes()
             })
             .sum()
     }
 
-    pub const MAX_BUFFERED_BYTES: usize = 2 * (BUFFER_LEN + Outbox::MAX_HELD_BYTES);
+    /// Per hop: its read buffer, a rewriting transform's output buffer, its outbox.
+    pub const MAX_BUFFERED_BYTES: usize = 2 * (2 * BUFFER_LEN + Outbox::MAX_HELD_BYTES);
 
     /// Something has started the connection's end; from here on it always has a deadline.
     pub fn is_ending(&self) -> bool {
@@ -321,7 +369,7 @@ impl Connection {
                         &mut self.ending,
                     );
                 }
-                Reading::Discard | Reading::Done => src.buf.discard_unparsed(),
+                Reading::Discard | Reading::Done => src.discard_unparsed(),
             }
         }
         self.after_event(now);
@@ -337,9 +385,25 @@ impl Connection {
 
     /// `n` bytes of [`Connection::transmit`] were written to `side`.
     pub fn on_written(&mut self, side: Side, n: usize, now: Instant) {
+        let settings = self.settings;
         let (dst, src) = pair(&mut self.client, &mut self.backend, side);
-        if src.buf.has_pending() {
-            src.buf.advance_written(n);
+        if src.has_pending() {
+            src.advance_written(n);
+            // A rewriting hop whose output was full resumes once it is written.
+            if !src.has_pending()
+                && src.reading == Reading::Frames
+                && src.rewriting().is_some()
+                && (src.buf.has_unparsed() || src.rewriting().is_some_and(|t| t.busy()))
+            {
+                decode(
+                    src,
+                    dst,
+                    &settings,
+                    now,
+                    &mut self.last_data,
+                    &mut self.ending,
+                );
+            }
         } else {
             dst.outbox.advance(n);
         }
@@ -476,13 +540,13 @@ impl Connection {
                 // hop's close ourselves if it is waiting for the reply we were relaying.
                 hop.give_up();
                 hop.outbox.clear();
-                other.buf.discard_all();
+                other.discard_all();
                 answer_waiting_close(other, close_deadline);
             }
             if hop.drain_deadline.is_some_and(|d| now >= d) {
                 hop.drain_deadline = None;
                 hop.reading = Reading::Done;
-                hop.buf.discard_unparsed();
+                hop.discard_unparsed();
                 if hop.writing == Writing::Open {
                     hop.writing = Writing::Finished;
                 }
@@ -497,7 +561,7 @@ impl Connection {
                 hop.reading = Reading::Done;
                 hop.writing = Writing::Finished;
                 hop.outbox.clear();
-                other.buf.discard_all();
+                other.discard_all();
             }
         }
         self.after_event(now);
@@ -519,11 +583,11 @@ impl Connection {
         }
         for side in [Side::Client, Side::Backend] {
             let (src, dst) = pair(&mut self.client, &mut self.backend, side);
-            if !dst.can_write() && src.buf.has_pending() {
-                src.buf.discard_all();
+            if !dst.can_write() && src.has_pending() {
+                src.discard_all();
             }
             if src.reading == Reading::Done {
-                src.buf.discard_unparsed();
+                src.discard_unparsed();
             }
         }
         self.close_behind_settled_hop(now);
@@ -531,14 +595,14 @@ impl Connection {
         let (close_timeout, at_once) = (self.settings.close_timeout, self.close_client_at_once);
         settle(
             &mut self.client,
-            &self.backend.buf,
+            self.backend.has_pending(),
             at_once,
             close_timeout,
             now,
         );
         settle(
             &mut self.backend,
-            &self.client.buf,
+            self.client.has_pending(),
             at_once,
             close_timeout,
             now,
@@ -567,7 +631,7 @@ impl Connection {
             backend.close_received().is_some() || backend.given_up() || backend.finished();
         if !matches!(self.client.close, CloseState::Owed(..))
             || !backend_done
-            || backend.buf.has_pending()
+            || backend.has_pending()
             || backend.mid_frame()
         {
             return;
@@ -657,7 +721,7 @@ fn close_other(
 /// TCP.
 fn settle(
     hop: &mut Hop,
-    other_buf: &HopBuffer,
+    other_pending: bool,
     at_once: bool,
     close_timeout: Duration,
     now: Instant,
@@ -665,7 +729,7 @@ fn settle(
     if hop.writing != Writing::Open || !hop.handshake_settled() {
         return;
     }
-    if !hop.outbox.is_empty() || other_buf.has_pending() {
+    if !hop.outbox.is_empty() || other_pending {
         return;
     }
     // The server closes TCP first (RFC 6455 §7.1.1); as the backend's client the gateway lets
@@ -689,7 +753,7 @@ fn finish_writing(hop: &mut Hop, close_at_once: bool, close_timeout: Duration, n
         // and the server closes TCP at once (RFC 6455 §7.1.1) rather than waiting for the
         // client's FIN, which cost a read and a wake-up per connection.
         hop.reading = Reading::Done;
-        hop.buf.discard_unparsed();
+        hop.discard_unparsed();
     } else {
         // After a protocol error or an unanswered close the client may still be sending,
         // and a TLS client may answer our close_notify with its own: read and drop until it
@@ -708,6 +772,10 @@ fn decode(
     last_data: &mut Instant,
     ending: &mut Option<(Initiator, Cause)>,
 ) {
+    if src.rewriting().is_some() {
+        decode_rewriting(src, dst, settings, now, last_data, ending);
+        return;
+    }
     let remask_towards_backend = src.side == Side::Client;
     // The shared route counters are atomics: added to once per batch, not once per frame.
     let (mut bytes_seen, mut messages_seen) = (0u64, 0u64);
@@ -733,6 +801,18 @@ fn decode(
                     credentials.presented = Some(token.into());
                     src.buf.remove_at_parsed(message.frame_len());
                     continue;
+                }
+                if message.header.rsv & RSV1 != 0
+                    && let Some(t) = &mut src.transform
+                {
+                    let payload = parsed + message.header_len..parsed + message.frame_len();
+                    let limits = limits_of(&src.decoder);
+                    t.start_count(&message.header);
+                    if let Err(refusal) = t.count_piece(&bytes[payload], message.mask, true, limits)
+                    {
+                        on_violation(src, dst, refusal.violation(), now, settings, ending);
+                        break;
+                    }
                 }
                 bytes_seen += message.payload_len as u64;
                 messages_seen += 1;
@@ -785,6 +865,9 @@ fn decode(
                     refuse_over_rate(src, dst, now, settings, ending);
                     break;
                 }
+                if let Some(t) = &mut src.transform {
+                    t.start_count(&header);
+                }
                 if !dst.may_send_close() || !dst.can_write() {
                     src.in_frame = InFrame::Dropping;
                     src.buf.remove_at_parsed(consumed);
@@ -799,6 +882,17 @@ fn decode(
                 src.buf.parsed += consumed;
             }
             Item::Payload(piece) => {
+                if let Some(t) = &mut src.transform
+                    && t.counting()
+                {
+                    let limits = limits_of(&src.decoder);
+                    let data = &bytes[parsed..parsed + piece.len];
+                    if let Err(refusal) = t.count_piece(data, piece.mask, piece.message_end, limits)
+                    {
+                        on_violation(src, dst, refusal.violation(), now, settings, ending);
+                        break;
+                    }
+                }
                 bytes_seen += piece.len as u64;
                 *last_data = now;
                 messages_seen += u64::from(piece.message_end);
@@ -822,6 +916,112 @@ fn decode(
                 if piece.frame_end {
                     src.in_frame = InFrame::Boundary;
                 }
+            }
+            Item::Control { header, payload } => {
+                let frame = parsed..parsed + consumed;
+                let payload = parsed + payload.start..parsed + payload.end;
+                on_control(src, dst, header, frame, payload, settings, now, ending);
+            }
+        }
+    }
+    if bytes_seen > 0 || messages_seen > 0 {
+        src.bytes_in += bytes_seen;
+        src.messages_in += messages_seen;
+        src.bytes_counter.inc_by(bytes_seen);
+        src.messages_counter.inc_by(messages_seen);
+    }
+    src.buf.release_if_empty();
+}
+
+/// A hop's decompressed-size limits: `max_frame` and `max_message` of its decoder.
+fn limits_of(decoder: &FrameDecoder) -> (u64, u64) {
+    let config = decoder.config();
+    (config.max_frame, config.max_message)
+}
+
+/// [`decode`] for a hop whose transform rewrites its data frames (`terminate`): data frames go
+/// through the codec into the transform's buffer instead of being forwarded in place, and the
+/// control frames relayed to the other hop are copied there after them. Stops when that
+/// buffer is full; [`Connection::on_written`] resumes it.
+fn decode_rewriting(
+    src: &mut Hop,
+    dst: &mut Hop,
+    settings: &RelaySettings,
+    now: Instant,
+    last_data: &mut Instant,
+    ending: &mut Option<(Initiator, Cause)>,
+) {
+    let limits = limits_of(&src.decoder);
+    let (mut bytes_seen, mut messages_seen) = (0u64, 0u64);
+    while src.reading == Reading::Frames {
+        let Some(t) = src.transform.as_deref_mut() else {
+            break;
+        };
+        let (parsed, filled) = (src.buf.parsed, src.buf.filled);
+        t.stalled = t.stalled.min(filled - parsed);
+        let stalled = t.stalled;
+        let bytes = src.buf.bytes_mut();
+        match t.resume(&bytes[parsed..parsed + stalled], limits) {
+            Ok((taken, progress)) => {
+                src.buf.remove_at_parsed(taken);
+                if progress == Progress::Stalled {
+                    break;
+                }
+            }
+            Err(refusal) => {
+                on_violation(src, dst, refusal.violation(), now, settings, ending);
+                break;
+            }
+        }
+        if !t.has_room() {
+            break;
+        }
+        let (parsed, filled) = (src.buf.parsed, src.buf.filled);
+        // An empty frame's payload item comes with no bytes left.
+        if parsed == filled && src.decoder.is_between_frames() {
+            break;
+        }
+        let bytes = src.buf.bytes_mut();
+        let Decoded { item, consumed } = match src.decoder.decode(&mut bytes[parsed..filled]) {
+            Ok(Some(decoded)) => decoded,
+            Ok(None) => break,
+            Err(error) => {
+                on_protocol_error(src, dst, error, now, settings, ending);
+                break;
+            }
+        };
+        match item {
+            Item::DataFrame(header) => {
+                if header.opcode != OpCode::Continuation
+                    && !within_message_rate(&mut src.message_rate, now)
+                {
+                    refuse_over_rate(src, dst, now, settings, ending);
+                    break;
+                }
+                src.buf.remove_at_parsed(consumed);
+                if !dst.may_send_close() || !dst.can_write() {
+                    src.in_frame = InFrame::Dropping;
+                    t.drop_message();
+                    continue;
+                }
+                src.in_frame = InFrame::Boundary;
+                t.start_frame(&header);
+            }
+            Item::Payload(piece) => {
+                bytes_seen += piece.len as u64;
+                *last_data = now;
+                messages_seen += u64::from(piece.message_end);
+                if src.in_frame == InFrame::Dropping {
+                    src.buf.remove_at_parsed(piece.len);
+                    if piece.frame_end {
+                        src.in_frame = InFrame::Boundary;
+                    }
+                    continue;
+                }
+                if let Some(key) = piece.mask {
+                    apply_mask(&mut bytes[parsed..parsed + piece.len], key);
+                }
+                t.accept_piece(piece.len, piece.message_end);
             }
             Item::Control { header, payload } => {
                 let frame = parsed..parsed + consumed;
@@ -927,13 +1127,19 @@ fn on_control(
             bytes[payload.start - 4..payload.start].copy_from_slice(&key.0);
             apply_mask(&mut bytes[payload], key);
         }
-        src.buf.parsed += frame.len();
+        if let Some(t) = src.transform.as_deref_mut().filter(|t| t.rewrites()) {
+            // Behind the rewritten frames before it, in the same buffer.
+            t.push_frame(&src.buf.bytes_mut()[frame.clone()]);
+            src.buf.remove_at_parsed(frame.len());
+        } else {
+            src.buf.parsed += frame.len();
+        }
     } else {
         src.buf.remove_at_parsed(frame.len());
     }
     if src.reading == Reading::Discard {
         // Nothing may follow a close frame (RFC 6455 §5.5.1); whatever did is dropped.
-        src.buf.discard_unparsed();
+        src.discard_unparsed();
     }
 }
 
@@ -967,7 +1173,7 @@ fn on_violation(
     };
     note_ending(ending, Initiator::Gateway, cause);
     src.reading = Reading::Discard;
-    src.buf.discard_unparsed();
+    src.discard_unparsed();
     let backend_can_finish = src.side == Side::Client
         && !src.mid_frame()
         && dst.may_send_close()
@@ -1001,7 +1207,7 @@ fn on_eof(
     ending: &mut Option<(Initiator, Cause)>,
 ) {
     src.reading = Reading::Done;
-    src.buf.discard_unparsed();
+    src.discard_unparsed();
     match src.close {
         CloseState::Open => abandoned(
             src,

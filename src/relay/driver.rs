@@ -4,6 +4,7 @@
 //! A hop whose read or write returned `Pending` is not polled again until the task is woken:
 //! the waker is registered, so asking again would only repeat the readiness check.
 
+use super::compress::{DeflateReservation, RelayCompression};
 use super::connection::{Connection, RelaySettings, Stop};
 use super::credentials::{Credentials, VerifyRefresh};
 use super::ending::RelayReport;
@@ -50,12 +51,14 @@ impl Relay {
         backend: HopStart<'_>,
         settings: RelaySettings,
         counters: RelayCounters,
+        compression: RelayCompression,
     ) -> Self {
         let now = Instant::now().into_std();
         let mut connection = Connection::new(
             (client.decoder, backend.decoder),
             settings,
             counters,
+            compression,
             client.stream.is_plain(),
             now,
         );
@@ -75,6 +78,11 @@ impl Relay {
         self.verify_refresh = credentials.refresh.then(|| Box::new(verify));
         self.connection.set_credentials(credentials);
         self
+    }
+
+    /// Keeps the connection's share of the gateway's compression memory until it ends.
+    pub fn hold_deflate_memory(&mut self, reservation: DeflateReservation) {
+        self.connection.hold_deflate_memory(reservation);
     }
 
     /// Relays until both hops are closed, then hands the report to `finish`. When the future

@@ -3,6 +3,7 @@
 //! its closing handshake as one state.
 
 use super::buffer::HopBuffer;
+use super::compress::Transform;
 use super::credentials::Credentials;
 use super::mask_keys::next_mask_key;
 use super::outbox::Outbox;
@@ -120,6 +121,8 @@ pub struct Hop {
     pub message_rate: Option<TokenBucket>,
     /// The client's credentials, on routes with `auth.jwt` (boxed: other routes pay a pointer).
     pub credentials: Option<Box<Credentials>>,
+    /// permessage-deflate work on what this hop sends (compressed connections only).
+    pub transform: Option<Box<Transform>>,
 }
 
 impl Hop {
@@ -147,6 +150,52 @@ impl Hop {
             messages_counter,
             bytes_counter,
             message_rate: None,
+            transform: None,
+        }
+    }
+
+    /// The transform, when it rewrites this hop's frames into its own buffer.
+    pub fn rewriting(&mut self) -> Option<&mut Transform> {
+        self.transform.as_deref_mut().filter(|t| t.rewrites())
+    }
+
+    /// Processed bytes from this hop waiting to be written to the other hop.
+    #[inline]
+    pub fn has_pending(&self) -> bool {
+        match &self.transform {
+            Some(t) if t.rewrites() => t.out.has_pending(),
+            _ => self.buf.has_pending(),
+        }
+    }
+
+    #[inline]
+    pub fn pending(&self) -> &[u8] {
+        match &self.transform {
+            Some(t) if t.rewrites() => t.out.pending(),
+            _ => self.buf.pending(),
+        }
+    }
+
+    pub fn advance_written(&mut self, n: usize) {
+        match &mut self.transform {
+            Some(t) if t.rewrites() => t.out.advance_written(n),
+            _ => self.buf.advance_written(n),
+        }
+    }
+
+    /// Forgets everything read from this hop and not yet written (the destination is gone).
+    pub fn discard_all(&mut self) {
+        self.buf.discard_all();
+        if let Some(t) = &mut self.transform {
+            t.discard_all();
+        }
+    }
+
+    /// Forgets what is read and not yet decoded, and any message half-way through the codec.
+    pub fn discard_unparsed(&mut self) {
+        self.buf.discard_unparsed();
+        if let Some(t) = &mut self.transform {
+            t.drop_message();
         }
     }
 
@@ -280,7 +329,7 @@ impl Hop {
         self.reading = Reading::Done;
         self.writing = Writing::Dead;
         self.outbox.clear();
-        self.buf.discard_all();
+        self.discard_all();
     }
 
     /// The closing handshake with this hop is over, or will not happen.

@@ -13,6 +13,7 @@
 // Compiled for tests and fuzzing only, where a panic is the finding being reported.
 #![allow(clippy::panic)]
 
+use super::compress::RelayCompression;
 use super::connection::{Connection, RelaySettings, Stop};
 use super::credentials::{Credentials, Refresh};
 use super::hop::Side;
@@ -66,6 +67,7 @@ pub struct World {
     pub now: Instant,
     start: Instant,
     pub settings: RelaySettings,
+    pub compression: RelayCompression,
     /// Read sizes cycled through by the driver (models short reads).
     read_sizes: Vec<usize>,
     read_turn: usize,
@@ -73,6 +75,16 @@ pub struct World {
 
 impl World {
     pub fn new(settings: RelaySettings, decoder: DecoderConfig, read_sizes: Vec<usize>) -> Self {
+        Self::compressed(settings, RelayCompression::Off, decoder, read_sizes)
+    }
+
+    /// A world whose connection negotiated permessage-deflate as `compression` says.
+    pub fn compressed(
+        settings: RelaySettings,
+        compression: RelayCompression,
+        decoder: DecoderConfig,
+        read_sizes: Vec<usize>,
+    ) -> Self {
         let start = Instant::now();
         let decoders = (
             FrameDecoder::new(DecoderConfig {
@@ -81,16 +93,27 @@ impl World {
             }),
             FrameDecoder::new(DecoderConfig {
                 role: Role::Client,
+                // A terminating gateway never negotiates compression with the backend.
+                compression: decoder.compression
+                    && !matches!(compression, RelayCompression::Terminate(_)),
                 ..decoder
             }),
         );
         Self {
-            connection: Connection::new(decoders, settings, RelayCounters::default(), true, start),
+            connection: Connection::new(
+                decoders,
+                settings,
+                RelayCounters::default(),
+                compression,
+                true,
+                start,
+            ),
             client: Peer::new(),
             backend: Peer::new(),
             now: start,
             start,
             settings,
+            compression,
             read_sizes: if read_sizes.is_empty() {
                 vec![usize::MAX]
             } else {
@@ -261,7 +284,15 @@ impl World {
             Side::Client => (&self.client.received, Role::Client),
             Side::Backend => (&self.backend.received, Role::Server),
         };
-        let mut decoder = FrameDecoder::new(DecoderConfig::new(role));
+        let compression = match self.compression {
+            RelayCompression::Off => false,
+            RelayCompression::Count { .. } => true,
+            RelayCompression::Terminate(_) => side == Side::Client,
+        };
+        let mut decoder = FrameDecoder::new(DecoderConfig {
+            compression,
+            ..DecoderConfig::new(role)
+        });
         let mut bytes = received.clone();
         let mut at = 0;
         let mut frames = Vec::new();
@@ -347,6 +378,76 @@ impl World {
     }
 }
 
+impl World {
+    /// The data messages `side` received, reassembled, compressed ones inflated (each with
+    /// the window the peer allows, 15 bits): (opcode, payload, whether it came compressed).
+    pub fn messages(&self, side: Side) -> Vec<(OpCode, Vec<u8>, bool)> {
+        let received = match side {
+            Side::Client => &self.client.received,
+            Side::Backend => &self.backend.received,
+        };
+        // Validated by `check_peer`; this only reads headers and unmasks.
+        let _ = self.check_peer(side);
+        let mut inflater = flate2::Decompress::new(false);
+        let mut messages = Vec::new();
+        let mut current: Option<(OpCode, Vec<u8>, bool)> = None;
+        let mut at = 0;
+        while at + 2 <= received.len() {
+            let Ok(Some((header, len))) = crate::proto::FrameHeader::parse(&received[at..]) else {
+                break;
+            };
+            let end = at + len + header.payload_len as usize;
+            if end > received.len() {
+                break;
+            }
+            let mut payload = received[at + len..end].to_vec();
+            if let Some(key) = header.mask {
+                crate::proto::apply_mask(&mut payload, key);
+            }
+            at = end;
+            if header.opcode.is_control() {
+                continue;
+            }
+            let message = current.get_or_insert((header.opcode, Vec::new(), header.rsv != 0));
+            message.1.extend_from_slice(&payload);
+            if header.fin
+                && let Some((opcode, mut data, compressed)) = current.take()
+            {
+                if compressed {
+                    data.extend_from_slice(&[0, 0, 0xff, 0xff]);
+                    let mut out = Vec::with_capacity(1 << 20);
+                    inflater
+                        .decompress_vec(&data, &mut out, flate2::FlushDecompress::Sync)
+                        .unwrap_or_else(|e| panic!("{side} received bad deflate data: {e}"));
+                    data = out;
+                }
+                messages.push((opcode, data, compressed));
+            }
+        }
+        messages
+    }
+}
+
+/// Raw deflate of `data` as a permessage-deflate sender writes it: a sync flush, its tail
+/// removed (RFC 7692 §7.2.1).
+pub fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut compressor = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::new();
+    // Until the flush is complete: it is when the output was not filled.
+    loop {
+        out.reserve(data.len() + 1024);
+        let spare = out.capacity() - out.len();
+        let input = &data[compressor.total_in() as usize..];
+        let before = out.len();
+        let _ = compressor.compress_vec(input, &mut out, flate2::FlushCompress::Sync);
+        if out.len() - before < spare {
+            break;
+        }
+    }
+    out.truncate(out.len().saturating_sub(4));
+    out
+}
+
 /// A frame as a peer would write it (masked when `mask` is given).
 pub fn frame(fin: bool, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
     let mut out = vec![u8::from(fin) << 7 | opcode];
@@ -387,6 +488,39 @@ pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
 /// Drives a world from fuzz bytes: settings first, then events until the input ends, then the
 /// quiet peers. See the module docs for what is checked.
 pub fn fuzz(data: &[u8]) {
+    fuzz_with(data, RelayCompression::Off);
+}
+
+/// [`fuzz`] on a connection with permessage-deflate: the first byte chooses `terminate` or
+/// `passthrough` counting and the context takeover of each side, the rest drives the world as
+/// in [`fuzz`], with compressed messages, fragmented ones and bombs among the events.
+pub fn fuzz_deflate(data: &[u8]) {
+    use super::compress::{Terminated, Window};
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let window = |keep: bool, bits: u8| Window {
+        bits,
+        keep_context: keep,
+    };
+    let compression = if mode & 1 == 0 {
+        RelayCompression::Terminate(Terminated {
+            client: window(mode & 2 != 0, 15),
+            server: window(mode & 4 != 0, 9 + (mode >> 4) % 7),
+            level: 1 + (mode >> 3) % 9,
+            min_size: 16,
+        })
+    } else {
+        RelayCompression::Count {
+            client: window(mode & 2 != 0, 15),
+            backend: window(mode & 4 != 0, 15),
+        }
+    };
+    fuzz_with(rest, compression);
+}
+
+fn fuzz_with(data: &[u8], compression: RelayCompression) {
+    let compressed = compression != RelayCompression::Off;
     let mut input = data.iter().copied();
     let mut next = move || input.next();
     let flags = next().unwrap_or(0);
@@ -402,13 +536,15 @@ pub fn fuzz(data: &[u8]) {
     let decoder = DecoderConfig {
         max_frame: 1024,
         max_message: 4096,
-        keep_opaque_masked: flags & 16 != 0,
+        compression: compressed,
+        // The gateway always keeps opaque payload masked on compressed connections.
+        keep_opaque_masked: compressed || flags & 16 != 0,
         ..DecoderConfig::new(Role::Server)
     };
     let read_sizes = (0..(flags >> 5))
         .map(|_| usize::from(next().unwrap_or(0)) * 7 + 1)
         .collect();
-    let mut world = World::new(settings, decoder, read_sizes);
+    let mut world = World::compressed(settings, compression, decoder, read_sizes);
     while let Some(op) = next() {
         let side = if op & 1 == 0 {
             Side::Client
@@ -457,13 +593,32 @@ pub fn fuzz(data: &[u8]) {
                 },
                 _ => Stop::Shutdown,
             }),
-            19 => world.connection.set_credentials(Credentials {
+            // Compressed: a message, one in two fragments, a bomb.
+            19 => {
+                let mut bytes = frame(true, 0x1, mask, &deflate(&payload.repeat(16)));
+                bytes[0] |= 0x40;
+                world.send(side, &bytes);
+            }
+            20 => {
+                let packed = deflate(&payload.repeat(64));
+                let half = packed.len() / 2;
+                let mut first = frame(false, 0x2, mask, &packed[..half]);
+                first[0] |= 0x40;
+                world.send(side, &first);
+                world.send(side, &frame(true, 0x0, mask, &packed[half..]));
+            }
+            21 => {
+                let mut bytes = frame(true, 0x2, mask, &deflate(&vec![0; 1 << 16]));
+                bytes[0] |= 0x40;
+                world.send(side, &bytes);
+            }
+            22 => world.connection.set_credentials(Credentials {
                 expires_at: Some(world.now + ms(u64::from(arg) * 20)),
                 expired_code: CloseCode(4001),
                 refresh: arg & 1 != 0,
                 presented: None,
             }),
-            20 => {
+            23 => {
                 let verdict = if arg & 1 == 0 { "ok" } else { "no" };
                 let token = format!("{verdict}.{}", String::from_utf8_lossy(&payload));
                 world.send(side, &frame(true, 0x1, mask, &refresh_message(&token)));
@@ -516,16 +671,21 @@ mod tests {
     /// passes the checks.
     #[test]
     fn fuzz_seeds_pass() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/relay");
-        let mut seeds: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().path())
-            .collect();
-        seeds.sort();
-        assert!(!seeds.is_empty());
-        for seed in seeds {
-            eprintln!("seed {}", seed.display());
-            fuzz(&std::fs::read(&seed).unwrap());
+        for (target, run) in [
+            ("relay", fuzz as fn(&[u8])),
+            ("relay_deflate", fuzz_deflate),
+        ] {
+            let dir = format!("{}/fuzz/seeds/{target}", env!("CARGO_MANIFEST_DIR"));
+            let mut seeds: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|entry| entry.unwrap().path())
+                .collect();
+            seeds.sort();
+            assert!(!seeds.is_empty());
+            for seed in seeds {
+                eprintln!("seed {}", seed.display());
+                run(&std::fs::read(&seed).unwrap());
+            }
         }
     }
 
@@ -815,5 +975,269 @@ mod tests {
         );
         assert_eq!(w.check_peer(Side::Backend)[0].1, refresh_message("ok.new"));
         assert!(w.connection.take_presented_token().is_none());
+    }
+}
+
+#[cfg(test)]
+mod deflate_tests {
+    //! permessage-deflate in the relay: `terminate` inflates client messages into plain frames
+    //! and deflates backend messages; both modes hold limits to inflated sizes.
+    use super::*;
+    use crate::relay::compress::{Terminated, Window};
+
+    const CLIENT_MASK: Option<[u8; 4]> = Some([9, 8, 7, 6]);
+
+    fn settings() -> RelaySettings {
+        RelaySettings {
+            ping_interval: None,
+            pong_timeout: Duration::from_millis(500),
+            close_timeout: Duration::from_millis(1000),
+            idle_timeout: None,
+            ping_passthrough: false,
+            message_rate: None,
+        }
+    }
+
+    fn terminated(client_keeps: bool) -> RelayCompression {
+        RelayCompression::Terminate(Terminated {
+            client: Window {
+                bits: 15,
+                keep_context: client_keeps,
+            },
+            server: Window {
+                bits: 11,
+                keep_context: false,
+            },
+            level: 6,
+            min_size: 64,
+        })
+    }
+
+    fn counted() -> RelayCompression {
+        let full = Window {
+            bits: 15,
+            keep_context: true,
+        };
+        RelayCompression::Count {
+            client: full,
+            backend: full,
+        }
+    }
+
+    fn world(compression: RelayCompression, max_message: u64) -> World {
+        let decoder = DecoderConfig {
+            max_frame: max_message,
+            max_message,
+            compression: true,
+            keep_opaque_masked: true,
+            ..DecoderConfig::new(Role::Server)
+        };
+        World::compressed(settings(), compression, decoder, Vec::new())
+    }
+
+    /// A compressed frame (RSV1 on the first frame of a message).
+    fn compressed(fin: bool, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = frame(fin, opcode, mask, payload);
+        if opcode != 0 {
+            bytes[0] |= 0x40;
+        }
+        bytes
+    }
+
+    /// The code the client is refused with: the backend is told first (1001), and the client
+    /// learns of its error once the backend has answered.
+    fn refusal(w: &mut World) -> Option<u16> {
+        assert_eq!(w.close_received_by(Side::Backend), Some(1001));
+        w.send(
+            Side::Backend,
+            &frame(true, 0x8, None, &close_payload(1001, b"")),
+        );
+        w.close_received_by(Side::Client)
+    }
+
+    fn chat(n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| format!("{{\"user\":\"u{}\",\"text\":\"hello number {i}\"}},", i % 7))
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    #[test]
+    fn terminate_inflates_client_messages_into_plain_frames() {
+        let mut w = world(terminated(false), 1 << 20);
+        let text = chat(20);
+        w.send(
+            Side::Client,
+            &compressed(true, 0x1, CLIENT_MASK, &deflate(&text)),
+        );
+        assert_eq!(
+            w.messages(Side::Backend),
+            [(OpCode::Text, text.clone(), false)]
+        );
+        // A plain message on a compressed connection passes as it is; so does an empty one.
+        w.send(Side::Client, &frame(true, 0x2, CLIENT_MASK, b"plain"));
+        w.send(
+            Side::Client,
+            &compressed(true, 0x1, CLIENT_MASK, &deflate(b"")),
+        );
+        assert_eq!(
+            w.messages(Side::Backend)[2],
+            (OpCode::Text, Vec::new(), false)
+        );
+        assert_eq!(
+            w.messages(Side::Backend)[1],
+            (OpCode::Binary, b"plain".to_vec(), false)
+        );
+    }
+
+    #[test]
+    fn terminate_deflates_backend_messages_from_the_minimum_size() {
+        let mut w = world(terminated(false), 1 << 20);
+        let text = chat(30);
+        w.send(Side::Backend, &frame(true, 0x1, None, &text));
+        w.send(Side::Backend, &frame(true, 0x1, None, b"short"));
+        w.send(Side::Backend, &frame(true, 0x2, None, b""));
+        let got = w.messages(Side::Client);
+        assert_eq!(got[2], (OpCode::Binary, Vec::new(), false));
+        assert_eq!(got[0], (OpCode::Text, text.clone(), true));
+        assert_eq!(got[1], (OpCode::Text, b"short".to_vec(), false));
+        let wire = w.client.received.len();
+        assert!(wire < text.len() / 2, "{wire} bytes for {}", text.len());
+    }
+
+    #[test]
+    fn terminate_moves_messages_larger_than_its_buffers_both_ways() {
+        let mut w = world(terminated(true), 4 << 20);
+        let big = chat(12_000); // ~400 KiB: several output buffers each way
+        // Fragmented on input: three frames, the first compressed.
+        let packed = deflate(&big);
+        let third = packed.len() / 3;
+        w.send(
+            Side::Client,
+            &compressed(false, 0x1, CLIENT_MASK, &packed[..third]),
+        );
+        w.send(
+            Side::Client,
+            &frame(false, 0x0, CLIENT_MASK, &packed[third..2 * third]),
+        );
+        w.send(
+            Side::Client,
+            &frame(true, 0x0, CLIENT_MASK, &packed[2 * third..]),
+        );
+        assert_eq!(
+            w.messages(Side::Backend),
+            [(OpCode::Text, big.clone(), false)]
+        );
+        w.send(Side::Backend, &frame(true, 0x2, None, &big));
+        assert_eq!(w.messages(Side::Client), [(OpCode::Binary, big, true)]);
+        assert!(w.connection.buffered_bytes() <= Connection::MAX_BUFFERED_BYTES);
+    }
+
+    #[test]
+    fn client_context_takeover_is_kept_when_agreed() {
+        let mut w = world(terminated(true), 1 << 20);
+        let mut compressor = flate2::Compress::new(flate2::Compression::default(), false);
+        let text = chat(10);
+        for _ in 0..3 {
+            let mut out = Vec::with_capacity(text.len() + 64);
+            compressor
+                .compress_vec(&text, &mut out, flate2::FlushCompress::Sync)
+                .unwrap();
+            out.truncate(out.len() - 4);
+            w.send(Side::Client, &compressed(true, 0x1, CLIENT_MASK, &out));
+        }
+        let got = w.messages(Side::Backend);
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|(_, data, _)| *data == text));
+    }
+
+    /// 1 KiB of deflate that inflates to 1 MiB, against a 64 KiB limit.
+    fn bomb() -> Vec<u8> {
+        let packed = deflate(&vec![b'a'; 1 << 20]);
+        assert!(packed.len() < 2048, "{}", packed.len());
+        packed
+    }
+
+    #[test]
+    fn terminate_closes_a_bomb_with_1009_once_it_inflates_past_max_message() {
+        let mut w = world(terminated(false), 64 * 1024);
+        w.send(Side::Client, &compressed(true, 0x2, CLIENT_MASK, &bomb()));
+        assert_eq!(refusal(&mut w), Some(1009));
+        // What reached the backend stopped at the limit.
+        let forwarded: usize = w
+            .check_peer(Side::Backend)
+            .iter()
+            .filter(|(op, _, _)| !op.is_control())
+            .map(|(_, data, _)| data.len())
+            .sum();
+        assert!(forwarded <= 64 * 1024, "{forwarded}");
+    }
+
+    #[test]
+    fn terminate_closes_a_fragmented_bomb_with_1009() {
+        let mut w = world(terminated(false), 64 * 1024);
+        let packed = bomb();
+        let pieces: Vec<_> = packed.chunks(16).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let fin = i + 1 == pieces.len();
+            let bytes = if i == 0 {
+                compressed(fin, 0x2, CLIENT_MASK, piece)
+            } else {
+                frame(fin, 0x0, CLIENT_MASK, piece)
+            };
+            w.send(Side::Client, &bytes);
+        }
+        assert_eq!(refusal(&mut w), Some(1009));
+    }
+
+    #[test]
+    fn passthrough_forwards_compressed_bytes_unchanged_and_counts_them_inflated() {
+        let mut w = world(counted(), 64 * 1024);
+        let text = chat(20);
+        let packed = deflate(&text);
+        w.send(Side::Client, &compressed(true, 0x1, CLIENT_MASK, &packed));
+        let frames = w.check_peer(Side::Backend);
+        assert_eq!(
+            frames[0].1, packed,
+            "the compressed payload passes unchanged"
+        );
+        w.send(Side::Client, &compressed(true, 0x2, CLIENT_MASK, &bomb()));
+        assert_eq!(refusal(&mut w), Some(1009));
+    }
+
+    #[test]
+    fn passthrough_closes_a_fragmented_bomb_with_1009() {
+        let mut w = world(counted(), 64 * 1024);
+        let packed = bomb();
+        let pieces: Vec<_> = packed.chunks(16).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let fin = i + 1 == pieces.len();
+            let bytes = if i == 0 {
+                compressed(fin, 0x2, CLIENT_MASK, piece)
+            } else {
+                frame(fin, 0x0, CLIENT_MASK, piece)
+            };
+            w.send(Side::Client, &bytes);
+        }
+        // The frame that crossed the limit was half-way to the backend: its TCP is cut, and the
+        // client is told at once.
+        assert_eq!(w.close_received_by(Side::Client), Some(1009));
+        assert!(w.backend.shut_down);
+    }
+
+    #[test]
+    fn invalid_deflate_and_invalid_inflated_utf8_are_1007() {
+        let mut w = world(terminated(false), 1 << 20);
+        w.send(
+            Side::Client,
+            &compressed(true, 0x1, CLIENT_MASK, &[0xff; 40]),
+        );
+        assert_eq!(refusal(&mut w), Some(1007));
+        let mut w = world(terminated(false), 1 << 20);
+        w.send(
+            Side::Client,
+            &compressed(true, 0x1, CLIENT_MASK, &deflate(b"ok \xce\xff")),
+        );
+        assert_eq!(refusal(&mut w), Some(1007));
     }
 }
