@@ -801,14 +801,20 @@ async fn an_instance_killed_costs_its_sessions_and_nothing_else() {
     whole("at start").await;
 
     // The node client's session, or one of ours when node is missing, picks the victim.
-    let node = node_client("owner-killed", spreader);
-    let victim_sid = match &node {
-        Some((_, lines)) => {
-            let line = lines
-                .recv_timeout(Duration::from_secs(15))
-                .expect("the node client opened its session");
-            line.strip_prefix("session ").unwrap().to_owned()
-        }
+    let mut node = node_client("owner-killed", spreader);
+    let victim_sid = match &mut node {
+        Some((child, lines)) => match lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line.strip_prefix("session ").unwrap().to_owned(),
+            Err(error) => {
+                use std::io::Read;
+                let _ = child.kill();
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                panic!("the node client did not open its sessions ({error}): {stderr}");
+            }
+        },
         None => open_session(spreader, "k").await,
     };
     let victim = victim_sid.split('~').next().unwrap().to_owned();

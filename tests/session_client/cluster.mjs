@@ -46,7 +46,7 @@ const instanceOf = (state) => state.socket._sid.split("~")[0];
 
 if (scenario === "owner-killed") {
   const first = openSocket("k");
-  await until("the session to open", () => first.socket.readyState === 1, 5000);
+  await until("the session to open", () => first.socket.readyState === 1, 10000);
   first.socket.send("a");
   await until("the echo of a", () => first.received.includes("a"), 5000);
   // A second socket, closing on a lost session, on the same instance (the spreader picks one
@@ -55,7 +55,7 @@ if (scenario === "owner-killed") {
   for (let attempt = 0; ; attempt++) {
     if (attempt === 30) fail("no session landed on the first one's instance");
     const candidate = openSocket("k", { reopen: false });
-    await until("the second session to open", () => candidate.socket.readyState === 1, 5000);
+    await until("the second session to open", () => candidate.socket.readyState === 1, 10000);
     if (instanceOf(candidate) === instanceOf(first)) {
       closing = candidate;
       break;
