@@ -4,8 +4,9 @@
 //! WebSocket). The balancer in front needs no stickiness and the instances share no store.
 //!
 //! Invariants:
-//! - an address to connect to comes only from `cluster.peers`: a session id names an
-//!   instance, and an instance missing from the list is "session gone", never a lookup;
+//! - an address to connect to comes only from `cluster.peers` (the configured list, or the
+//!   latest `peers_dns` answer): a session id names an instance, and an instance missing
+//!   from the list is "session gone", never a lookup nor a connection attempt;
 //! - a request carrying any `wsgate-peer-*` header is a peer's or is refused: the secret must
 //!   match (constant time), the sender must be a configured peer, and on a cluster with a
 //!   peer listener it must arrive there; a client's request never reaches the session layer
@@ -97,7 +98,15 @@ pub fn ingress(
         return Ingress::Refused("peer requests are accepted on the peer listener only");
     }
     let from = one(HEADER_FROM).and_then(|v| std::str::from_utf8(v).ok());
-    if from.is_none_or(|from| cluster.peer(from).is_none()) {
+    // With peers from DNS, a peer that answers before this instance's next lookup has seen
+    // it is still a peer (the secret proves it); it only cannot be forwarded to yet.
+    let known = |from: &str| {
+        cluster.peer(from).is_some()
+            || (cluster.peers_dns.is_some()
+                && from != cluster.name
+                && from.parse::<std::net::IpAddr>().is_ok())
+    };
+    if !from.is_some_and(known) {
         return Ingress::Refused("the forwarding instance is not a configured peer");
     }
     let client = one(HEADER_CLIENT)

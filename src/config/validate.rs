@@ -1083,6 +1083,22 @@ impl Cx<'_> {
                 None
             }
         };
+        let schedule = self.dns_schedule(&f);
+        let (lookup, secure, base_path) = lookup?;
+        let (resolver, min_interval, max_interval) = schedule?;
+        Some(DnsBackends {
+            lookup,
+            secure,
+            base_path,
+            resolver,
+            min_interval,
+            max_interval,
+        })
+    }
+
+    /// A DNS lookup's `resolver`, `min_interval` and `max_interval` (upstreams' `dns`,
+    /// `cluster.peers_dns`).
+    fn dns_schedule(&mut self, f: &Fields<'_>) -> Option<(Option<SocketAddr>, Duration, Duration)> {
         let resolver = match f.get("resolver") {
             None => Some(None),
             Some((raw, path)) => self.socket_addr(raw, &path).map(Some),
@@ -1117,15 +1133,7 @@ impl Cx<'_> {
             );
             return None;
         }
-        let (lookup, secure, base_path) = lookup?;
-        Some(DnsBackends {
-            lookup,
-            secure,
-            base_path,
-            resolver: resolver?,
-            min_interval: min_interval?,
-            max_interval: max_interval?,
-        })
+        Some((resolver?, min_interval?, max_interval?))
     }
 
     fn upstream_tls(&mut self, raw: &Raw, path: &YamlPath) -> Option<UpstreamTls> {
