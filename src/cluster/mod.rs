@@ -336,4 +336,48 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn with_peers_from_dns_a_session_id_names_an_address_of_the_latest_answer() {
+        let mut gateway = gateway(&format!(
+            "cluster:\n  name: 10.0.0.1\n  secret: {SECRET}\n  peers_dns: {{name: peers.internal, port: 9100}}\n"
+        ));
+        let mut config = gateway.config.clone();
+        let cluster = config.cluster.as_mut().unwrap();
+        cluster.peers =
+            cluster.peers_at(["10.0.0.1:9100", "10.0.0.2:9100"].map(|a| a.parse().unwrap()));
+        gateway = Gateway::new(config).unwrap();
+        assert!(
+            matches!(owner(&gateway, "10.0.0.2~AAAA", Ingress::Client, "poll"), Owner::Peer(p) if p.address == "10.0.0.2:9100")
+        );
+        // Not in the answer (any more): served here, where the session is gone; no address
+        // is made from the id.
+        for sid in ["10.0.0.3~AAAA", "10.0.0.1~AAAA"] {
+            assert!(
+                matches!(owner(&gateway, sid, Ingress::Client, "poll"), Owner::Local),
+                "{sid}"
+            );
+        }
+        // A peer this instance has not seen in DNS yet is still a peer if it has the secret.
+        let from = |name: &'static str| {
+            [
+                (HEADER_SECRET, SECRET),
+                (HEADER_FROM, name),
+                (HEADER_CLIENT, "10.9.9.9:1"),
+            ]
+        };
+        assert!(matches!(
+            ingress(&gateway, Some(0), &headers(&from("10.0.0.3"))),
+            Ingress::Peer { .. }
+        ));
+        for name in ["10.0.0.1", "gw-2"] {
+            assert!(
+                matches!(
+                    ingress(&gateway, Some(0), &headers(&from(name))),
+                    Ingress::Refused(_)
+                ),
+                "{name}"
+            );
+        }
+    }
 }
