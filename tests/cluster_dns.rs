@@ -2,7 +2,8 @@
 //! headless Service: three gateways on 127.0.0.11-13 with one port, each named by its
 //! address, find each other in a real dnsmasq's answer. A session opened on one is served
 //! through the others; an instance taken out of the answer is no longer forwarded to (its
-//! sessions are gone, 410, without a request reaching it); a dead resolver keeps the set.
+//! sessions are gone, 410, without a request reaching it); a reload and a dead resolver
+//! keep the set.
 //!
 //! Skips loudly without dnsmasq (fails under `CI=true`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -275,6 +276,14 @@ async fn peers_from_dns_forward_sessions_and_follow_the_answer() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
+
+    // A reload of the same file keeps the peers DNS gave (it lists none itself).
+    let port = instances[1].addr.port();
+    instances[1]
+        .reloader
+        .reload(config(instances[1].addr.ip(), port, &dns, backend.addr))
+        .unwrap();
+    assert_eq!(instances[1].peers(), ["127.0.0.11"]);
 
     // A dead resolver changes nothing: the lookups fail, are counted, and .11 still forwards.
     dns.stop();
