@@ -8,8 +8,9 @@
 //!   latest `peers_dns` answer): a session id names an instance, and an instance missing
 //!   from the list is "session gone", never a lookup nor a connection attempt;
 //! - a request carrying any `wsgate-peer-*` header is a peer's or is refused: the secret must
-//!   match (constant time), the sender must be a configured peer, and on a cluster with a
-//!   peer listener it must arrive there; a client's request never reaches the session layer
+//!   match (constant time), the sender must be a configured peer (with `peers_dns`, any
+//!   other address: the answer may not list a new pod yet), and on a cluster with a peer
+//!   listener it must arrive there; a client's request never reaches the session layer
 //!   with a peer's identity;
 //! - a forwarded request is served where it lands: it is never forwarded again, so a
 //!   disagreement between instances ends in a 410, never a loop;
