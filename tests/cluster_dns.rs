@@ -2,8 +2,8 @@
 //! headless Service: three gateways on 127.0.0.11-13 with one port, each named by its
 //! address, find each other in a real dnsmasq's answer. A session opened on one is served
 //! through the others; an instance taken out of the answer is no longer forwarded to (its
-//! sessions are gone, 410, without a request reaching it); a reload and a dead resolver
-//! keep the set.
+//! sessions are gone, 410, without a request reaching it); a reload, an answer without the
+//! name and a dead resolver keep the set.
 //!
 //! Skips loudly without dnsmasq (fails under `CI=true`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -285,13 +285,26 @@ async fn peers_from_dns_forward_sessions_and_follow_the_answer() {
         .unwrap();
     assert_eq!(instances[1].peers(), ["127.0.0.11"]);
 
-    // A dead resolver changes nothing: the lookups fail, are counted, and .11 still forwards.
-    dns.stop();
-    until("a failed peer lookup is counted", || {
+    // The name gone from DNS changes nothing: the lookups are counted, the set stays.
+    let lookups = |result: &str| {
         metric_sum(
             &instances[1].metrics(),
-            "wsgate_peer_dns_lookups_total{result=\"failed\"}",
-        ) > 0.0
+            &format!("wsgate_peer_dns_lookups_total{{result=\"{result}\"}}"),
+        )
+    };
+    dns.set_hosts("127.0.0.13 other.test\n");
+    dns.reload();
+    until("an empty or failed peer lookup is counted", || {
+        lookups("empty") + lookups("failed") > 0.0
+    })
+    .await;
+    assert_eq!(instances[1].peers(), ["127.0.0.11"]);
+
+    // A dead resolver changes nothing: the lookups fail, are counted, and .12 still forwards.
+    dns.stop();
+    let failed = lookups("failed");
+    until("a failed peer lookup is counted", || {
+        lookups("failed") > failed
     })
     .await;
     assert_eq!(instances[1].peers(), ["127.0.0.11"]);
