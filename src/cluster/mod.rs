@@ -338,18 +338,31 @@ mod tests {
         }
     }
 
-    #[test]
-    fn with_peers_from_dns_a_session_id_names_an_address_of_the_latest_answer() {
-        let mut gateway = gateway(&format!(
-            "cluster:\n  name: 10.0.0.1\n  secret: {SECRET}\n  peers_dns: {{name: peers.internal, port: 9100}}\n"
+    /// A gateway named `name` with peers from DNS, which answered `.1` and `.2` of its network.
+    fn gateway_named(name: &str) -> Gateway {
+        let gateway = gateway(&format!(
+            "cluster:\n  name: \"{name}\"\n  secret: {SECRET}\n  peers_dns: {{name: peers.internal, port: 9100}}\n"
         ));
+        let answer = if name.contains(':') {
+            ["[fd00::1]:9100", "[fd00::2]:9100"]
+        } else {
+            ["10.0.0.1:9100", "10.0.0.2:9100"]
+        };
         let mut config = gateway.config.clone();
         let cluster = config.cluster.as_mut().unwrap();
-        cluster.peers =
-            cluster.peers_at(["10.0.0.1:9100", "10.0.0.2:9100"].map(|a| a.parse().unwrap()));
-        gateway = Gateway::new(config).unwrap();
+        cluster.peers = cluster.peers_at(answer.map(|a| a.parse().unwrap()));
+        Gateway::new(config).unwrap()
+    }
+
+    #[test]
+    fn with_peers_from_dns_a_session_id_names_an_address_of_the_latest_answer() {
+        let gateway = gateway_named("10.0.0.1");
         assert!(
             matches!(owner(&gateway, "10.0.0.2~AAAA", Ingress::Client, "poll"), Owner::Peer(p) if p.address == "10.0.0.2:9100")
+        );
+        let v6 = gateway_named("fd00::1");
+        assert!(
+            matches!(owner(&v6, "fd00::2~AAAA", Ingress::Client, "poll"), Owner::Peer(p) if p.address == "[fd00::2]:9100")
         );
         // Not in the answer (any more): served here, where the session is gone; no address
         // is made from the id.

@@ -2678,6 +2678,20 @@ fn peers_from_dns_name_every_instance_by_its_address() {
             ("10.1.0.10", "10.1.0.10:9100")
         ]
     );
+    // On an IPv6 network the names are IPv6 addresses.
+    let v6 = ok(&format!(
+        "{MINIMAL}cluster:\n  name: \"fd00::7\"\n  secret: {SECRET}\n  peers_dns: {{name: peers.internal, port: 9100}}\n"
+    ));
+    let v6 = v6.cluster.as_ref().unwrap();
+    let peers = v6.peers_at(["[fd00::9]:9100", "[fd00::7]:9100"].map(|a| a.parse().unwrap()));
+    assert_eq!(
+        (
+            peers.len(),
+            peers[0].name.as_str(),
+            peers[0].address.as_str()
+        ),
+        (1, "fd00::9", "[fd00::9]:9100")
+    );
     let described = crate::config::describe(&config);
     assert!(
         described.contains("peers from DNS: A/AAAA wsgate-peers.default.svc, port 9100 via 127.0.0.1:5353, looked up after the TTL held within 2s to 20s"),
@@ -2692,6 +2706,7 @@ fn peers_from_dns_need_an_address_as_the_name_and_no_static_list() {
     for (name, needle) in [
         ("gw-1", "must be the IP address"),
         ("010.1.0.7", "must be the IP address"),
+        ("\"FD00::7\"", "must be written as fd00::7"),
     ] {
         single(
             &format!("{MINIMAL}cluster:\n  name: {name}\n  secret: {SECRET}\n{dns}"),

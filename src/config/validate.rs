@@ -1948,18 +1948,21 @@ impl Cx<'_> {
     }
 }
 
-/// Instance names travel in session ids and URLs: keep them to a URL- and log-safe alphabet.
+/// Instance names travel in session ids and URLs: keep them to a URL- and log-safe alphabet,
+/// or an IPv6 address (its colons are legal in a query, and clients percent-encode them), the
+/// name of an instance on an IPv6 network when its peers come from DNS.
 fn check_instance(name: &str) -> Result<String, String> {
     let valid = !name.is_empty()
         && name.len() <= 64
-        && name
+        && (name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            || name.parse::<Ipv6Addr>().is_ok());
     if valid {
         Ok(name.to_owned())
     } else {
         Err(format!(
-            "expected an instance name of 1 to 64 letters, digits, '-' or '.', found {name:?}"
+            "expected an instance name of 1 to 64 letters, digits, '-' or '.' (or an IPv6 address), found {name:?}"
         ))
     }
 }
