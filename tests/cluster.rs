@@ -924,7 +924,7 @@ fn the_kubernetes_example_passes_wsgate_check() {
         String::from_utf8_lossy(&output.stderr)
     );
     for needle in [
-        "cluster: instance 10.244.1.7, peers on listener peers: none",
+        "cluster: instance 10.244.1.7, peers on listener peers: those DNS answers",
         "peers from DNS: A/AAAA wsgate-peers.default.svc.cluster.local, port 9100 via the system's resolver",
         "backends from DNS: A/AAAA rooms.default.svc.cluster.local, port 9001",
     ] {

@@ -242,10 +242,10 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
             } else {
                 ""
             },
-            if peers.is_empty() {
-                "none".to_owned()
-            } else {
-                peers.join(", ")
+            match (peers.is_empty(), &cluster.peers_dns) {
+                (true, Some(_)) => "those DNS answers".to_owned(),
+                (true, None) => "none".to_owned(),
+                (false, _) => peers.join(", "),
             }
         )?;
         if let Some(dns) = &cluster.peers_dns {
