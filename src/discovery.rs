@@ -1,6 +1,7 @@
 //! Upstreams whose backends come from DNS (`upstreams.NAME.dns`): `A`/`AAAA` records with the
 //! configured port, or `SRV` records, asked of the system's resolver or a configured one
-//! (hickory-resolver), again and again.
+//! (hickory-resolver), again and again. The cluster's peers (`cluster.peers_dns`) are looked
+//! up the same way, with the same rules, and applied through [`Reloader::discovered_peers`].
 //!
 //! Invariants:
 //! - a lookup that fails, times out or names no address changes nothing: the last good set
@@ -14,8 +15,8 @@
 //! - backends are ordered by address and port, so the same answer is the same set whatever
 //!   order the server gives it in.
 
-use crate::config::{Backend, Config, DnsBackends, DnsLookup};
-use crate::metrics::DnsLookupLabel;
+use crate::config::{Backend, Config, DnsBackends, DnsLookup, Peer};
+use crate::metrics::{DnsLookupLabel, PeerDnsLookup};
 use crate::server::Reloader;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
@@ -132,8 +133,22 @@ fn build(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
     builder.build().map_err(|e| e.to_string())
 }
 
+/// Resolved `(address, port, weight)` targets and how long they may be kept.
+type Targets = (Vec<(IpAddr, u16, u32)>, Duration);
+
 /// Resolves `spec` once.
 pub async fn lookup(resolver: &TokioResolver, spec: &DnsBackends) -> Result<Answer, LookupError> {
+    let (targets, ttl) = lookup_targets(resolver, spec).await?;
+    Ok(Answer {
+        backends: backends_of(spec, &targets),
+        ttl,
+    })
+}
+
+async fn lookup_targets(
+    resolver: &TokioResolver,
+    spec: &DnsBackends,
+) -> Result<Targets, LookupError> {
     let name = spec.lookup.name().to_owned();
     match tokio::time::timeout(LOOKUP_TIMEOUT, resolve(resolver, spec)).await {
         Ok(result) => result,
@@ -141,7 +156,21 @@ pub async fn lookup(resolver: &TokioResolver, spec: &DnsBackends) -> Result<Answ
     }
 }
 
-async fn resolve(resolver: &TokioResolver, spec: &DnsBackends) -> Result<Answer, LookupError> {
+/// Resolves `cluster.peers_dns` once: the peers in the answer (this instance's own address
+/// left out, so a set of only this instance is a good, empty answer), and its TTL.
+pub async fn lookup_peers(
+    resolver: &TokioResolver,
+    cluster: &crate::config::Cluster,
+    spec: &DnsBackends,
+) -> Result<(Vec<Peer>, Duration), LookupError> {
+    let (targets, ttl) = lookup_targets(resolver, spec).await?;
+    let addresses = targets
+        .into_iter()
+        .map(|(ip, port, _)| SocketAddr::new(ip, port));
+    Ok((cluster.peers_at(addresses), ttl))
+}
+
+async fn resolve(resolver: &TokioResolver, spec: &DnsBackends) -> Result<Targets, LookupError> {
     let name = spec.lookup.name();
     let failed = |error: hickory_resolver::net::NetError| {
         if error.is_no_records_found() {
@@ -210,10 +239,32 @@ async fn resolve(resolver: &TokioResolver, spec: &DnsBackends) -> Result<Answer,
             name: name.to_owned(),
         });
     }
-    Ok(Answer {
-        backends: backends_of(spec, &targets),
-        ttl: valid_until.saturating_duration_since(Instant::now()),
-    })
+    Ok((
+        targets,
+        valid_until.saturating_duration_since(Instant::now()),
+    ))
+}
+
+/// Resolves `cluster.peers_dns` once before the gateway starts; on failure the instance
+/// starts with no peers (sessions of others are gone until DNS answers).
+pub async fn resolve_initial_peers(config: &mut Config) -> Option<(DnsBackends, Vec<Peer>)> {
+    let cluster = config.cluster.as_mut()?;
+    let spec = cluster.peers_dns.clone()?;
+    let answer = match Resolvers::default().get(spec.resolver) {
+        Ok(resolver) => lookup_peers(resolver, cluster, &spec).await,
+        Err(error) => Err(error),
+    };
+    match answer {
+        Ok((peers, _)) => {
+            tracing::info!("DNS: {} peers from {}", peers.len(), spec.lookup.name());
+            cluster.peers = peers.clone();
+            Some((spec, peers))
+        }
+        Err(error) => {
+            tracing::warn!("DNS: {error}; no peers until it answers");
+            None
+        }
+    }
 }
 
 /// Resolves every DNS upstream of `config` once, before the gateway starts, so that it starts
@@ -247,29 +298,46 @@ pub async fn resolve_initial(config: &mut Config) -> Vec<(String, DnsBackends, V
 /// applies changed answers, until the task is dropped.
 pub async fn run(reloader: Reloader) {
     let mut resolvers = Resolvers::default();
-    // Each upstream's lookup and when it is due.
-    let mut due: HashMap<String, (DnsBackends, tokio::time::Instant)> = HashMap::new();
+    // Each lookup and when it is due.
+    let mut due: HashMap<Target, (DnsBackends, tokio::time::Instant)> = HashMap::new();
     loop {
         let gateway = reloader.current();
-        let specs: Vec<(String, DnsBackends)> = gateway
+        let mut specs: Vec<(Target, DnsBackends)> = gateway
             .config
             .upstreams
             .iter()
-            .filter_map(|u| u.dns.clone().map(|dns| (u.name.clone(), dns)))
+            .filter_map(|u| {
+                u.dns
+                    .clone()
+                    .map(|dns| (Target::Upstream(u.name.clone()), dns))
+            })
             .collect();
+        if let Some(spec) = gateway
+            .config
+            .cluster
+            .as_ref()
+            .and_then(|c| c.peers_dns.clone())
+        {
+            specs.push((Target::Peers, spec));
+        }
         drop(gateway);
         due.retain(|name, (spec, _)| specs.iter().any(|(n, s)| n == name && s == spec));
         let now = tokio::time::Instant::now();
         for (name, spec) in specs {
             due.entry(name).or_insert((spec, now));
         }
-        let ready: Vec<(String, DnsBackends)> = due
+        let ready: Vec<(Target, DnsBackends)> = due
             .iter()
             .filter(|(_, (_, at))| *at <= now)
             .map(|(name, (spec, _))| (name.clone(), spec.clone()))
             .collect();
         for (name, spec) in ready {
-            let wait = refresh(&reloader, &mut resolvers, &name, &spec).await;
+            let wait = match &name {
+                Target::Upstream(upstream) => {
+                    refresh(&reloader, &mut resolvers, upstream, &spec).await
+                }
+                Target::Peers => refresh_peers(&reloader, &mut resolvers, &spec).await,
+            };
             if let Some(entry) = due.get_mut(&name) {
                 entry.1 = tokio::time::Instant::now() + wait;
             }
@@ -284,6 +352,59 @@ pub async fn run(reloader: Reloader) {
                     None => std::future::pending().await,
                 }
             } => {}
+        }
+    }
+}
+
+/// What a lookup is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Target {
+    Upstream(String),
+    Peers,
+}
+
+/// One lookup of `cluster.peers_dns` and what it leads to; returns the wait until the next.
+async fn refresh_peers(
+    reloader: &Reloader,
+    resolvers: &mut Resolvers,
+    spec: &DnsBackends,
+) -> Duration {
+    let gateway = reloader.current();
+    let count = |result: &'static str| {
+        gateway
+            .metrics
+            .peer_dns_lookups
+            .get_or_create(&PeerDnsLookup { result })
+            .inc();
+    };
+    let Some(cluster) = &gateway.config.cluster else {
+        return spec.min_interval;
+    };
+    let name = spec.lookup.name();
+    let answer = match resolvers.get(spec.resolver) {
+        Ok(resolver) => lookup_peers(resolver, cluster, spec).await,
+        Err(error) => Err(error),
+    };
+    match answer {
+        Ok((peers, ttl)) => {
+            let found = peers.len();
+            match reloader.discovered_peers(spec, peers) {
+                Ok(true) => {
+                    tracing::info!("DNS: {name} answered {found} peers; applied");
+                    count("changed");
+                }
+                Ok(false) => count("unchanged"),
+                Err(error) => {
+                    tracing::warn!("DNS: the new peers could not be applied: {error}");
+                    count("failed");
+                }
+            }
+            next_lookup(ttl, spec)
+        }
+        Err(error) => {
+            tracing::warn!("DNS: {error}; keeping the last good peers");
+            count(error.label());
+            spec.min_interval
         }
     }
 }

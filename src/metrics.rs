@@ -100,6 +100,12 @@ pub struct DnsLookupLabel {
     pub result: &'static str,
 }
 
+/// A lookup of `cluster.peers_dns`, by result (as [`DnsLookupLabel`]).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerDnsLookup {
+    pub result: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpRequest {
     pub route: String,
@@ -218,6 +224,7 @@ pub struct Metrics {
     pub session_requests: Family<SessionRequest, Counter>,
     pub rebalanced_connections: Family<RouteLabel, Counter>,
     pub dns_lookups: Family<DnsLookupLabel, Counter>,
+    pub peer_dns_lookups: Family<PeerDnsLookup, Counter>,
     pub connect_retries: Family<Retry, Counter>,
     /// Data bytes before and after permessage-deflate on `terminate` routes.
     pub deflate_bytes: Family<DeflateLabel, Counter>,
@@ -267,6 +274,7 @@ impl Metrics {
             session_requests: Family::default(),
             rebalanced_connections: Family::default(),
             dns_lookups: Family::default(),
+            peer_dns_lookups: Family::default(),
             connect_retries: Family::default(),
             deflate_bytes: Family::default(),
             admin_actions: Family::default(),
@@ -352,6 +360,11 @@ impl Metrics {
             "dns_lookups",
             "DNS lookups of upstreams' backends, per upstream and result (changed, unchanged, failed, empty)",
             metrics.dns_lookups.clone(),
+        );
+        registry.register(
+            "peer_dns_lookups",
+            "DNS lookups of the cluster's peers (cluster.peers_dns), per result (changed, unchanged, failed, empty)",
+            metrics.peer_dns_lookups.clone(),
         );
         registry.register(
             "connect_retries",

@@ -2,7 +2,7 @@
 //! stop. `main` and the integration tests start the gateway the same way.
 
 use crate::admin::AdminListener;
-use crate::config::{Backend, Config, DnsBackends};
+use crate::config::{Backend, Config, DnsBackends, Peer};
 use crate::drain::Phase;
 use crate::gateway::{CurrentGateway, Gateway, GatewayError};
 use crate::handover::{self, Inherited};
@@ -46,9 +46,17 @@ pub struct Server {
 /// so two changes never start from the same old configuration and undo each other.
 #[derive(Debug, Default)]
 struct Discovered {
-    found: Mutex<HashMap<String, (DnsBackends, Vec<Backend>)>>,
+    found: Mutex<Found>,
     /// Notified after every configuration change, for the lookups to follow it.
     changed: Arc<Notify>,
+}
+
+#[derive(Debug, Default)]
+struct Found {
+    /// Each DNS upstream's question and its last good answer.
+    upstreams: HashMap<String, (DnsBackends, Vec<Backend>)>,
+    /// `cluster.peers_dns` and its last good answer.
+    peers: Option<(DnsBackends, Vec<Peer>)>,
 }
 
 /// Applies new configurations to a running server (SIGHUP, a changed file, a new DNS answer,
@@ -88,11 +96,20 @@ impl Reloader {
         // An upstream that asks DNS the same question keeps what it last answered; a new or
         // changed one is empty until its first answer, which is asked for at once.
         for upstream in &mut config.upstreams {
-            if let (Some(spec), Some((was, backends))) = (&upstream.dns, found.get(&upstream.name))
+            if let (Some(spec), Some((was, backends))) =
+                (&upstream.dns, found.upstreams.get(&upstream.name))
                 && spec.same_question(was)
             {
                 upstream.backends = backends.clone();
             }
+        }
+        // The same for the cluster's peers; a changed name has none until it answers.
+        if let Some(cluster) = &mut config.cluster
+            && let (Some(spec), Some((was, peers))) = (&cluster.peers_dns, &found.peers)
+            && spec.same_question(was)
+        {
+            cluster.peers = peers.clone();
+            cluster.peers.retain(|peer| peer.name != cluster.name);
         }
         let old = self.current.get();
         let result = self.apply(&old, config);
@@ -128,7 +145,9 @@ impl Reloader {
         else {
             return Ok(false);
         };
-        found.insert(upstream.to_owned(), (spec.clone(), backends.clone()));
+        found
+            .upstreams
+            .insert(upstream.to_owned(), (spec.clone(), backends.clone()));
         if old.config.upstreams[index].backends == backends {
             return Ok(false);
         }
@@ -137,6 +156,43 @@ impl Reloader {
         self.apply(&old, config)?;
         drop(found);
         // A new generation like a reload's, though not counted among the file's reloads.
+        old.metrics.config_applied();
+        self.discovered.changed.notify_one();
+        Ok(true)
+    }
+
+    /// Applies a DNS answer for `cluster.peers_dns` (`spec`): `Ok(true)` when it changed the
+    /// peers, `Ok(false)` when it did not, or when the configuration no longer asks that.
+    /// Sessions and connections are untouched: only where later forwards may go changes.
+    pub fn discovered_peers(
+        &self,
+        spec: &DnsBackends,
+        peers: Vec<Peer>,
+    ) -> Result<bool, ReloadError> {
+        let mut found = self
+            .discovered
+            .found
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let old = self.current.get();
+        let Some(cluster) = old
+            .config
+            .cluster
+            .as_ref()
+            .filter(|c| c.peers_dns.as_ref() == Some(spec))
+        else {
+            return Ok(false);
+        };
+        found.peers = Some((spec.clone(), peers.clone()));
+        if cluster.peers == peers {
+            return Ok(false);
+        }
+        let mut config = old.config.clone();
+        if let Some(cluster) = &mut config.cluster {
+            cluster.peers = peers;
+        }
+        self.apply(&old, config)?;
+        drop(found);
         old.metrics.config_applied();
         self.discovered.changed.notify_one();
         Ok(true)
@@ -218,14 +274,16 @@ impl Server {
         // limit is held to what it can carry.
         let open_files = crate::resources::raise_open_file_limit();
         let counter = ConnectionCounter::new(config.limits.max_connections, open_files);
-        let found = crate::discovery::resolve_initial(&mut config).await;
+        let upstreams = crate::discovery::resolve_initial(&mut config).await;
+        let peers = crate::discovery::resolve_initial_peers(&mut config).await;
         let discovered = Discovered {
-            found: Mutex::new(
-                found
+            found: Mutex::new(Found {
+                upstreams: upstreams
                     .into_iter()
                     .map(|(name, spec, backends)| (name, (spec, backends)))
                     .collect(),
-            ),
+                peers,
+            }),
             changed: Arc::default(),
         };
         let gateway = Arc::new(Gateway::new(config)?);

@@ -4,11 +4,13 @@
 //! WebSocket). The balancer in front needs no stickiness and the instances share no store.
 //!
 //! Invariants:
-//! - an address to connect to comes only from `cluster.peers`: a session id names an
-//!   instance, and an instance missing from the list is "session gone", never a lookup;
+//! - an address to connect to comes only from `cluster.peers` (the configured list, or the
+//!   latest `peers_dns` answer): a session id names an instance, and an instance missing
+//!   from the list is "session gone", never a lookup nor a connection attempt;
 //! - a request carrying any `wsgate-peer-*` header is a peer's or is refused: the secret must
-//!   match (constant time), the sender must be a configured peer, and on a cluster with a
-//!   peer listener it must arrive there; a client's request never reaches the session layer
+//!   match (constant time), the sender must be a configured peer (with `peers_dns`, any
+//!   other address: the answer may not list a new pod yet), and on a cluster with a peer
+//!   listener it must arrive there; a client's request never reaches the session layer
 //!   with a peer's identity;
 //! - a forwarded request is served where it lands: it is never forwarded again, so a
 //!   disagreement between instances ends in a 410, never a loop;
@@ -97,7 +99,15 @@ pub fn ingress(
         return Ingress::Refused("peer requests are accepted on the peer listener only");
     }
     let from = one(HEADER_FROM).and_then(|v| std::str::from_utf8(v).ok());
-    if from.is_none_or(|from| cluster.peer(from).is_none()) {
+    // With peers from DNS, a peer that answers before this instance's next lookup has seen
+    // it is still a peer (the secret proves it); it only cannot be forwarded to yet.
+    let known = |from: &str| {
+        cluster.peer(from).is_some()
+            || (cluster.peers_dns.is_some()
+                && from != cluster.name
+                && from.parse::<std::net::IpAddr>().is_ok())
+    };
+    if !from.is_some_and(known) {
         return Ingress::Refused("the forwarding instance is not a configured peer");
     }
     let client = one(HEADER_CLIENT)
@@ -324,6 +334,63 @@ mod tests {
             assert!(
                 matches!(owner(&gateway, sid, Ingress::Client, "poll"), Owner::Local),
                 "{sid}"
+            );
+        }
+    }
+
+    /// A gateway named `name` with peers from DNS, which answered `.1` and `.2` of its network.
+    fn gateway_named(name: &str) -> Gateway {
+        let gateway = gateway(&format!(
+            "cluster:\n  name: \"{name}\"\n  secret: {SECRET}\n  peers_dns: {{name: peers.internal, port: 9100}}\n"
+        ));
+        let answer = if name.contains(':') {
+            ["[fd00::1]:9100", "[fd00::2]:9100"]
+        } else {
+            ["10.0.0.1:9100", "10.0.0.2:9100"]
+        };
+        let mut config = gateway.config.clone();
+        let cluster = config.cluster.as_mut().unwrap();
+        cluster.peers = cluster.peers_at(answer.map(|a| a.parse().unwrap()));
+        Gateway::new(config).unwrap()
+    }
+
+    #[test]
+    fn with_peers_from_dns_a_session_id_names_an_address_of_the_latest_answer() {
+        let gateway = gateway_named("10.0.0.1");
+        assert!(
+            matches!(owner(&gateway, "10.0.0.2~AAAA", Ingress::Client, "poll"), Owner::Peer(p) if p.address == "10.0.0.2:9100")
+        );
+        let v6 = gateway_named("fd00::1");
+        assert!(
+            matches!(owner(&v6, "fd00::2~AAAA", Ingress::Client, "poll"), Owner::Peer(p) if p.address == "[fd00::2]:9100")
+        );
+        // Not in the answer (any more): served here, where the session is gone; no address
+        // is made from the id.
+        for sid in ["10.0.0.3~AAAA", "10.0.0.1~AAAA"] {
+            assert!(
+                matches!(owner(&gateway, sid, Ingress::Client, "poll"), Owner::Local),
+                "{sid}"
+            );
+        }
+        // A peer this instance has not seen in DNS yet is still a peer if it has the secret.
+        let from = |name: &'static str| {
+            [
+                (HEADER_SECRET, SECRET),
+                (HEADER_FROM, name),
+                (HEADER_CLIENT, "10.9.9.9:1"),
+            ]
+        };
+        assert!(matches!(
+            ingress(&gateway, Some(0), &headers(&from("10.0.0.3"))),
+            Ingress::Peer { .. }
+        ));
+        for name in ["10.0.0.1", "gw-2"] {
+            assert!(
+                matches!(
+                    ingress(&gateway, Some(0), &headers(&from(name))),
+                    Ingress::Refused(_)
+                ),
+                "{name}"
             );
         }
     }

@@ -264,12 +264,28 @@ fn write_config(out: &mut String, config: &Config) -> std::fmt::Result {
             } else {
                 ""
             },
-            if peers.is_empty() {
-                "none".to_owned()
-            } else {
-                peers.join(", ")
+            match (peers.is_empty(), &cluster.peers_dns) {
+                (true, Some(_)) => "those DNS answers".to_owned(),
+                (true, None) => "none".to_owned(),
+                (false, _) => peers.join(", "),
             }
         )?;
+        if let Some(dns) = &cluster.peers_dns {
+            let resolver = dns
+                .resolver
+                .map_or_else(|| "the system's resolver".to_owned(), |r| r.to_string());
+            let port = match &dns.lookup {
+                DnsLookup::Address { port, .. } => format!(", port {port}"),
+                DnsLookup::Srv { .. } => String::new(),
+            };
+            writeln!(
+                out,
+                "  peers from DNS: A/AAAA {}{port} via {resolver}, looked up after the TTL held within {} to {}",
+                dns.lookup.name(),
+                format_duration(dns.min_interval),
+                format_duration(dns.max_interval)
+            )?;
+        }
     }
     match &config.admin {
         Some(admin) => writeln!(out, "admin: {}", admin.address),

@@ -864,8 +864,13 @@ pub struct Cluster {
     /// entry in `peers`.
     pub address: Option<String>,
     /// The other instances. The list may name this instance too (one list shared by every
-    /// instance); that entry is skipped.
+    /// instance); that entry is skipped. With `peers_dns`, the latest answer's addresses
+    /// (each named by its IP), this instance's own left out.
     pub peers: Vec<Peer>,
+    /// The peers are the `A`/`AAAA` answer for this name (on `DnsLookup::Address`'s port),
+    /// looked up again like an upstream's `dns` (`secure` and `base_path` unused); every
+    /// instance is then named by the IP its peers reach it on.
+    pub peers_dns: Option<DnsBackends>,
     pub secret: PeerSecret,
     /// The listener reserved for peer traffic (index into `listeners`): peer requests are
     /// accepted there only, and client requests are refused there. `None`: peer requests
@@ -877,6 +882,22 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The peers for resolved `addresses` (`peers_dns`): each named by its IP, ordered,
+    /// without repeats and without this instance.
+    pub fn peers_at(&self, addresses: impl IntoIterator<Item = SocketAddr>) -> Vec<Peer> {
+        let mut addresses: Vec<SocketAddr> = addresses.into_iter().collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        addresses
+            .into_iter()
+            .map(|address| Peer {
+                name: address.ip().to_string(),
+                address: address.to_string(),
+            })
+            .filter(|peer| peer.name != self.name)
+            .collect()
+    }
+
     /// The address of the peer named `name`, only from the configured list: a session id
     /// can name an instance, never an address.
     pub fn peer(&self, name: &str) -> Option<&Peer> {

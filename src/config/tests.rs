@@ -2639,6 +2639,126 @@ fn a_cluster_names_the_session_instance_and_skips_itself_among_its_peers() {
 }
 
 #[test]
+fn peers_from_dns_name_every_instance_by_its_address() {
+    let config = ok(&format!(
+        "{MINIMAL}cluster:\n  name: 10.1.0.7\n  secret: {SECRET}\n  peers_dns:\n    name: wsgate-peers.default.svc\n    port: 9100\n    resolver: 127.0.0.1:5353\n    min_interval: 2s\n    max_interval: 20s\n"
+    ));
+    let cluster = config.cluster.as_ref().unwrap();
+    assert_eq!(config.sessions.instance, "10.1.0.7");
+    assert!(cluster.peers.is_empty(), "no peers before DNS answers");
+    let dns = cluster.peers_dns.as_ref().unwrap();
+    assert_eq!(
+        dns.lookup,
+        DnsLookup::Address {
+            name: "wsgate-peers.default.svc".into(),
+            port: 9100
+        }
+    );
+    assert_eq!(dns.resolver, Some("127.0.0.1:5353".parse().unwrap()));
+    assert_eq!(
+        (dns.min_interval, dns.max_interval),
+        (Duration::from_secs(2), Duration::from_secs(20))
+    );
+    // An answer becomes peers named by their IPs, ordered, once each, this instance left out.
+    let answer = [
+        "10.1.0.9:9100",
+        "10.1.0.7:9100",
+        "10.1.0.10:9100",
+        "10.1.0.9:9100",
+    ]
+    .map(|a| a.parse().unwrap());
+    let peers = cluster.peers_at(answer);
+    let named: Vec<(&str, &str)> = peers
+        .iter()
+        .map(|p| (p.name.as_str(), p.address.as_str()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("10.1.0.9", "10.1.0.9:9100"),
+            ("10.1.0.10", "10.1.0.10:9100")
+        ]
+    );
+    // On an IPv6 network the names are IPv6 addresses.
+    let v6 = ok(&format!(
+        "{MINIMAL}cluster:\n  name: \"fd00::7\"\n  secret: {SECRET}\n  peers_dns: {{name: peers.internal, port: 9100}}\n"
+    ));
+    let v6 = v6.cluster.as_ref().unwrap();
+    let peers = v6.peers_at(["[fd00::9]:9100", "[fd00::7]:9100"].map(|a| a.parse().unwrap()));
+    assert_eq!(
+        (
+            peers.len(),
+            peers[0].name.as_str(),
+            peers[0].address.as_str()
+        ),
+        (1, "fd00::9", "[fd00::9]:9100")
+    );
+    let described = crate::config::describe(&config);
+    assert!(
+        described.contains("peers from DNS: A/AAAA wsgate-peers.default.svc, port 9100 via 127.0.0.1:5353, looked up after the TTL held within 2s to 20s"),
+        "{described}"
+    );
+}
+
+#[test]
+fn peers_from_dns_need_an_address_as_the_name_and_no_static_list() {
+    let base_lines = MINIMAL.lines().count();
+    let dns = "  peers_dns: {name: peers.internal, port: 9100}\n";
+    for (name, needle) in [
+        ("gw-1", "must be the IP address"),
+        ("010.1.0.7", "must be the IP address"),
+        ("\"FD00::7\"", "must be written as fd00::7"),
+    ] {
+        single(
+            &format!("{MINIMAL}cluster:\n  name: {name}\n  secret: {SECRET}\n{dns}"),
+            base_lines + 2,
+            "cluster.name",
+            &[needle],
+        );
+    }
+    single(
+        &format!(
+            "{MINIMAL}cluster:\n  name: 10.0.0.1\n  secret: {SECRET}\n{dns}  peers:\n    - {{name: gw-2, address: 10.0.0.2:9100}}\n"
+        ),
+        base_lines + 4,
+        "cluster.peers_dns",
+        &["not both"],
+    );
+    single(
+        &format!(
+            "{MINIMAL}cluster:\n  name: 10.0.0.1\n  address: 10.0.0.1:9100\n  secret: {SECRET}\n{dns}"
+        ),
+        base_lines + 3,
+        "cluster.address",
+        &["remove address"],
+    );
+    single(
+        &format!(
+            "{MINIMAL}cluster:\n  name: 10.0.0.1\n  secret: {SECRET}\n  peers_dns: {{name: 10.0.0.2, port: 9100}}\n"
+        ),
+        base_lines + 4,
+        "cluster.peers_dns.name",
+        &["not a DNS name"],
+    );
+    single(
+        &format!(
+            "{MINIMAL}cluster:\n  name: 10.0.0.1\n  secret: {SECRET}\n  peers_dns: {{name: peers.internal, port: 0}}\n"
+        ),
+        base_lines + 4,
+        "cluster.peers_dns.port",
+        &[],
+    );
+    single(
+        &format!(
+            "{MINIMAL}cluster:\n  name: 10.0.0.1\n  secret: {SECRET}\n  peers_dns: {{name: peers.internal, port: 9100, min_interval: 10s, max_interval: 1s}}\n"
+        ),
+        base_lines + 4,
+        "cluster.peers_dns.max_interval",
+        &["at least min_interval"],
+    );
+}
+
+#[test]
 fn bad_cluster_settings_are_reported_on_their_lines() {
     let base_lines = MINIMAL.lines().count();
     let source = format!(

@@ -1099,6 +1099,22 @@ impl Cx<'_> {
                 None
             }
         };
+        let schedule = self.dns_schedule(&f);
+        let (lookup, secure, base_path) = lookup?;
+        let (resolver, min_interval, max_interval) = schedule?;
+        Some(DnsBackends {
+            lookup,
+            secure,
+            base_path,
+            resolver,
+            min_interval,
+            max_interval,
+        })
+    }
+
+    /// A DNS lookup's `resolver`, `min_interval` and `max_interval` (upstreams' `dns`,
+    /// `cluster.peers_dns`).
+    fn dns_schedule(&mut self, f: &Fields<'_>) -> Option<(Option<SocketAddr>, Duration, Duration)> {
         let resolver = match f.get("resolver") {
             None => Some(None),
             Some((raw, path)) => self.socket_addr(raw, &path).map(Some),
@@ -1133,15 +1149,7 @@ impl Cx<'_> {
             );
             return None;
         }
-        let (lookup, secure, base_path) = lookup?;
-        Some(DnsBackends {
-            lookup,
-            secure,
-            base_path,
-            resolver: resolver?,
-            min_interval: min_interval?,
-            max_interval: max_interval?,
-        })
+        Some((resolver?, min_interval?, max_interval?))
     }
 
     fn upstream_tls(&mut self, raw: &Raw, path: &YamlPath) -> Option<UpstreamTls> {
@@ -2041,18 +2049,21 @@ impl Cx<'_> {
     }
 }
 
-/// Instance names travel in session ids and URLs: keep them to a URL- and log-safe alphabet.
+/// Instance names travel in session ids and URLs: keep them to a URL- and log-safe alphabet,
+/// or an IPv6 address (its colons are legal in a query, and clients percent-encode them), the
+/// name of an instance on an IPv6 network when its peers come from DNS.
 fn check_instance(name: &str) -> Result<String, String> {
     let valid = !name.is_empty()
         && name.len() <= 64
-        && name
+        && (name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            || name.parse::<Ipv6Addr>().is_ok());
     if valid {
         Ok(name.to_owned())
     } else {
         Err(format!(
-            "expected an instance name of 1 to 64 letters, digits, '-' or '.', found {name:?}"
+            "expected an instance name of 1 to 64 letters, digits, '-' or '.' (or an IPv6 address), found {name:?}"
         ))
     }
 }
