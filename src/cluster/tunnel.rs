@@ -97,7 +97,7 @@ pub async fn open(
         tracing::info!(peer = %peer.name, "the session owner did not answer the upgrade");
         return None;
     };
-    let mut fields = [httparse::EMPTY_HEADER; crate::front::MAX_HEADERS];
+    let mut fields = [httparse::EMPTY_HEADER; crate::proto::handshake::MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut fields);
     let status = match parsed.parse(&buf[..head_len]) {
         Ok(httparse::Status::Complete(_)) => parsed.code.unwrap_or(502),
@@ -120,7 +120,7 @@ pub async fn open(
 impl Answer {
     /// The header fields of the answer head.
     pub fn headers(&self) -> Vec<(String, Vec<u8>)> {
-        let mut fields = [httparse::EMPTY_HEADER; crate::front::MAX_HEADERS];
+        let mut fields = [httparse::EMPTY_HEADER; crate::proto::handshake::MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut fields);
         if parsed.parse(&self.head).is_err() {
             return Vec::new();

@@ -32,8 +32,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use websocket::{Acceptance, Decision};
 
-/// Header fields a request head may carry. More is refused with 431.
-pub const MAX_HEADERS: usize = 96;
+use crate::proto::handshake::MAX_HEADERS;
 
 /// Where a connection came from, as the listener knows it.
 #[derive(Debug)]

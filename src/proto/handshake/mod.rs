@@ -10,6 +10,9 @@ pub use client::{
     key_from_random, parse_response, validate_response, write_request,
 };
 pub use headers::Extension;
+
+/// Header fields a request head may carry. More is refused with 431.
+pub const MAX_HEADERS: usize = 96;
 pub use server::{
     HandshakeError, RequestHead, Upgrade, accept_key, parse_request, validate_upgrade,
     write_accept_response, write_error_response, write_plain_response,
