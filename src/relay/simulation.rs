@@ -71,6 +71,9 @@ pub struct World {
     /// Read sizes cycled through by the driver (models short reads).
     read_sizes: Vec<usize>,
     read_turn: usize,
+    /// When the client's credentials expire, as set and extended by the world: a connection
+    /// may live until then, and must end within its timeouts after.
+    credentials_until: Option<Instant>,
 }
 
 impl World {
@@ -120,6 +123,7 @@ impl World {
                 read_sizes
             },
             read_turn: 0,
+            credentials_until: None,
         }
     }
 
@@ -217,7 +221,9 @@ impl World {
         let mut progress = false;
         if let Some(token) = self.connection.take_presented_token() {
             let verdict = if token.starts_with("ok") {
-                Refresh::Extended(Some(self.now + Self::REFRESH_EXTENSION))
+                let until = self.now + Self::REFRESH_EXTENSION;
+                self.credentials_until = Some(until);
+                Refresh::Extended(Some(until))
             } else {
                 Refresh::Refused
             };
@@ -342,6 +348,12 @@ impl World {
             })
     }
 
+    /// Gives the client credentials expiring at `expires_at`.
+    pub fn set_credentials(&mut self, credentials: Credentials) {
+        self.credentials_until = credentials.expires_at;
+        self.connection.set_credentials(credentials);
+    }
+
     /// Both peers go quiet (their sends end): the connection must finish within its timeouts.
     pub fn assert_finishes(&mut self) {
         let settings = self.settings;
@@ -349,7 +361,7 @@ impl World {
             + settings.pong_timeout
             + settings.idle_timeout.unwrap_or_default()
             + 4 * settings.close_timeout;
-        let deadline = self.now + bound;
+        let deadline = self.credentials_until.map_or(self.now, |u| u.max(self.now)) + bound;
         while !self.connection.is_finished() {
             let Some(next) = self.connection.poll_timeout() else {
                 // Without keepalive or an idle timeout a quiet open connection rightly lasts
@@ -612,7 +624,7 @@ fn fuzz_with(data: &[u8], compression: RelayCompression) {
                 bytes[0] |= 0x40;
                 world.send(side, &bytes);
             }
-            22 => world.connection.set_credentials(Credentials {
+            22 => world.set_credentials(Credentials {
                 expires_at: Some(world.now + ms(u64::from(arg) * 20)),
                 expired_code: CloseCode(4001),
                 refresh: arg & 1 != 0,
@@ -876,7 +888,7 @@ mod tests {
     fn with_credentials(refresh: bool) -> World {
         let mut w = world(|_| {});
         let expires_at = Some(w.now + 5000 * MS);
-        w.connection.set_credentials(Credentials {
+        w.set_credentials(Credentials {
             expires_at,
             expired_code: CloseCode(4001),
             refresh,
@@ -946,7 +958,7 @@ mod tests {
             DecoderConfig::new(Role::Server),
             vec![1, 3, 2],
         );
-        w.connection.set_credentials(Credentials {
+        w.set_credentials(Credentials {
             expires_at: None,
             expired_code: CloseCode(4001),
             refresh: true,
