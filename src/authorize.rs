@@ -86,6 +86,7 @@ impl Authorized {
             expired_code: CloseCode(self.expired_close_code),
             refresh,
             presented: None,
+            last_presented: None,
         };
         let (gateway, subject) = (Arc::clone(gateway), self.subject.clone());
         let verify = VerifyRefresh::new(move |token| {

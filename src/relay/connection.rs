@@ -26,7 +26,9 @@
 
 use super::buffer::BUFFER_LEN;
 use super::compress::{DeflateReservation, Progress, RelayCompression, Transform};
-use super::credentials::{Credentials, Refresh, refresh_candidate_len, refresh_token};
+use super::credentials::{
+    Credentials, MIN_REFRESH_INTERVAL, Refresh, refresh_candidate_len, refresh_token,
+};
 use super::ending::{Cause, HopReport, Initiator, RelayReport};
 use super::hop::{CloseState, Hop, InFrame, Reading, Side, Writing};
 use super::mask_keys;
@@ -798,6 +800,17 @@ fn decode(
                         &bytes[parsed + message.header_len..parsed + message.frame_len()],
                     )
                 {
+                    // Each check costs a signature verification: a client presenting tokens
+                    // faster than it could need to is cut off rather than served.
+                    if credentials
+                        .last_presented
+                        .is_some_and(|at| now < at + MIN_REFRESH_INTERVAL)
+                    {
+                        let violation = (CloseCode::POLICY_VIOLATION, "token refresh too frequent");
+                        on_violation(src, dst, violation, now, settings, ending);
+                        break;
+                    }
+                    credentials.last_presented = Some(now);
                     credentials.presented = Some(token.into());
                     src.buf.remove_at_parsed(message.frame_len());
                     continue;

@@ -11,12 +11,14 @@
 //! - a refresh message is recognised whatever the reads it arrives in: while refreshing is on,
 //!   a text frame that could be one waits in the hop buffer until it is whole (it is small, so
 //!   it always fits), and its header is never forwarded first;
-//! - at most one token waits for its check; a newer one replaces it;
+//! - at most one token waits for its check, and a client presents at most one per
+//!   [`MIN_REFRESH_INTERVAL`] (sooner is 1008): a flood of refreshes cannot buy signature
+//!   checks at line rate;
 //! - nothing else changes: other messages, and every message on routes without `refresh`, are
 //!   relayed as before.
 
 use crate::proto::CloseCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The refresh message before the token.
 const PREFIX: &[u8] = br#"{"wsgate":"refresh","token":""#;
@@ -24,6 +26,10 @@ const PREFIX: &[u8] = br#"{"wsgate":"refresh","token":""#;
 const SUFFIX: &[u8] = br#""}"#;
 /// The largest refresh message: a token of a few KiB is already a very large JWT.
 pub const MAX_REFRESH_MESSAGE: usize = 8 * 1024;
+
+/// A client presents at most one token per this long; a second one sooner is closed with 1008
+/// (each costs a signature check: up to a few tens of microseconds for RSA).
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The client hop's credentials (boxed on the hop: only routes with auth pay for them).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +42,8 @@ pub struct Credentials {
     pub refresh: bool,
     /// A token presented and not yet checked.
     pub presented: Option<Box<str>>,
+    /// When the last token was presented.
+    pub last_presented: Option<Instant>,
 }
 
 /// The driver's verdict on a presented token.

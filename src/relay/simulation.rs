@@ -629,6 +629,7 @@ fn fuzz_with(data: &[u8], compression: RelayCompression) {
                 expired_code: CloseCode(4001),
                 refresh: arg & 1 != 0,
                 presented: None,
+                last_presented: None,
             }),
             23 => {
                 let verdict = if arg & 1 == 0 { "ok" } else { "no" };
@@ -893,6 +894,7 @@ mod tests {
             expired_code: CloseCode(4001),
             refresh,
             presented: None,
+            last_presented: None,
         });
         w
     }
@@ -963,6 +965,7 @@ mod tests {
             expired_code: CloseCode(4001),
             refresh: true,
             presented: None,
+            last_presented: None,
         });
         let refresh = frame(true, 0x1, CLIENT_MASK, &refresh_message("ok.split"));
         let text = frame(
@@ -987,6 +990,30 @@ mod tests {
         );
         assert_eq!(w.check_peer(Side::Backend)[0].1, refresh_message("ok.new"));
         assert!(w.connection.take_presented_token().is_none());
+    }
+
+    #[test]
+    fn tokens_presented_faster_than_once_a_second_are_refused() {
+        let mut w = with_credentials(true);
+        let refresh = frame(true, 0x1, CLIENT_MASK, &refresh_message("ok.first"));
+        w.send(Side::Client, &refresh);
+        w.advance(999 * MS);
+        assert_eq!(closes(&w), (None, None));
+        w.send(Side::Client, &refresh);
+        assert_eq!(closes(&w), (None, Some(1001)));
+        w.send(Side::Backend, &close(Side::Backend, 1001));
+        assert_eq!(closes(&w), (Some(1008), Some(1001)));
+    }
+
+    #[test]
+    fn a_token_a_second_is_served() {
+        let mut w = with_credentials(true);
+        let refresh = frame(true, 0x1, CLIENT_MASK, &refresh_message("ok.again"));
+        for _ in 0..5 {
+            w.send(Side::Client, &refresh);
+            w.advance(1000 * MS);
+        }
+        assert_eq!(closes(&w), (None, None));
     }
 }
 
