@@ -178,8 +178,11 @@
       this._polls = new Set();
     }
 
+    // An opened session resets no backoff: one lost again at once (its owner unreachable, say)
+    // would otherwise be reopened every few hundred milliseconds, by every client at once.
+    // What resets it is the session working: a WebSocket attached to it, a poll, send or event
+    // stream answered.
     _established(opened, transport) {
-      this._backoff.attempt = 0;
       this._sid = opened.session;
       this.transport = transport;
       this._dropAcked(opened.received);
@@ -275,6 +278,7 @@
               opened = true;
               this._wsWorked = true;
               this._wsNext = this._received + 1;
+              this._backoff.attempt = 0;
               this._established(control, "websocket");
               for (const message of this._outbox) this._wsSend(message);
               this._ackTimer = setInterval(() => {

@@ -470,6 +470,18 @@ async fn the_client_delivers_messages_sent_during_a_resume() {
     }
 }
 
+/// A browser client whose every new session is lost at once (a 410 on its first poll) opens
+/// the next ones with a growing backoff, not a few times a second: a fleet of such clients
+/// would otherwise storm the gateways it is meant to spare. A working session resets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_backs_off_while_every_new_session_is_lost() {
+    let backend = echo_backend("a").await;
+    let gateway = start_gateway(&config(&backend, "", "")).await;
+    if let Some(outcome) = client_scenario("lost-sessions-backoff", gateway.addr).await {
+        outcome.unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 /// A browser client whose network is down retries with capped exponential backoff and jitter
 /// (a fleet of offline clients does not hammer the gateway every 125-250 ms), resumes when the
 /// network is back, and starts the backoff over after a success.

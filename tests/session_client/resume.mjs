@@ -26,10 +26,18 @@ async function until(what, predicate, ms) {
 // The network, as the client sees it: every fetch is counted, and while offline each one
 // fails at once the way a browser's does with no connection.
 const realFetch = globalThis.fetch;
-const network = { offline: false, attempts: [] };
+// With `losesSessions`, every poll and send is answered 410 as by a gateway that lost the
+// session (its owner instance unreachable, say), while opens still reach the real gateway.
+const network = { offline: false, attempts: [], losesSessions: false, opens: [] };
 globalThis.fetch = (url, init) => {
   network.attempts.push(Date.now());
   if (network.offline) return Promise.reject(new TypeError("Failed to fetch"));
+  const op = new URL(url).searchParams.get("wsgate");
+  if (op === "open") network.opens.push(Date.now());
+  if (network.losesSessions && (op === "poll" || op === "send")) {
+    const gone = JSON.stringify({ error: "session gone" });
+    return Promise.resolve(new Response(gone, { status: 410, headers: { "content-type": "application/json" } }));
+  }
   return realFetch(url, init);
 };
 
@@ -81,6 +89,32 @@ if (scenario === "send-after-reconnect") {
   await sleep(400);
   if (network.attempts.length < 2) fail(`after a success, ${network.attempts.length} tries in the first 400 ms offline`);
   network.offline = false;
+  socket.onclose = null;
+} else if (scenario === "lost-sessions-backoff") {
+  // Every new session is lost at once: the client opens the next one with the same growing
+  // backoff as when offline, not after its first delay each time; once a session works, the
+  // backoff starts over.
+  const { socket, received } = await openSocket({ backoffBase: 250, backoffMax: 1000 });
+  let lost = 0;
+  socket.addEventListener("sessionlost", () => lost++);
+  network.losesSessions = true;
+  network.opens = [];
+  socket.reconnect();
+  await sleep(2800);
+  const opens = network.opens.length;
+  // 125-250, 250-500, then 500-1000 ms apart: at most 7 in 2.8 s (more when an open
+  // reset the backoff: 14 were seen).
+  if (opens < 3 || opens > 7) fail(`${opens} sessions opened in 2.8 s of lost sessions`);
+  if (lost < opens) fail(`${lost} "sessionlost" events for ${opens} sessions opened`);
+  network.losesSessions = false;
+  socket.send("back");
+  await until("the echo in a session that works", () => received.includes("back"), 3000);
+  network.losesSessions = true;
+  network.opens = [];
+  socket.reconnect();
+  await sleep(400);
+  if (network.opens.length < 1) fail("after a working session, no new session within 400 ms");
+  network.losesSessions = false;
   socket.onclose = null;
 } else {
   fail("unknown scenario");
