@@ -561,6 +561,117 @@ async fn spawn_gateway(yaml: &str, listen: SocketAddr) -> Result<Process, String
     Ok(process)
 }
 
+/// `wsgate run` in front of `backends`, on a listener and an admin port found free, with the
+/// listener's and the admin's addresses.
+async fn spawn_on_free_ports(
+    backends: &[support::EchoBackend],
+) -> (Process, SocketAddr, SocketAddr) {
+    // A port found free may be taken by a parallel test before the gateway binds it: then
+    // try other ports.
+    let mut attempts = 0;
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    loop {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
+        let yaml = config(&addrs, "", "").replace("127.0.0.1:0", &listen.to_string())
+            + &format!("admin:\n  address: {admin}\n");
+        match spawn_gateway(&yaml, listen).await {
+            Ok(gateway) => return (gateway, listen, admin),
+            Err(log) if log.contains("Address already in use") && attempts < 5 => attempts += 1,
+            Err(log) => panic!("{log}"),
+        }
+    }
+}
+
+impl Process {
+    /// The lowest free descriptor once the readiness probes of [`spawn_gateway`] have ended
+    /// (the numbers stop changing).
+    async fn settled_lowest_free_descriptor(&self) -> u64 {
+        let mut lowest = self.lowest_free_descriptor();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = self.lowest_free_descriptor();
+            if now == lowest {
+                return lowest;
+            }
+            lowest = now;
+        }
+    }
+
+    /// The process's open-file limit (soft, hard).
+    fn open_file_limit(&self) -> (u64, u64) {
+        let (mut soft, mut hard) = (0, 0);
+        rlimit::prlimit(
+            self.pid(),
+            rlimit::Resource::NOFILE,
+            None,
+            Some((&mut soft, &mut hard)),
+        )
+        .unwrap();
+        (soft, hard)
+    }
+
+    fn set_open_file_limit(&self, soft: u64, hard: u64) {
+        rlimit::prlimit(
+            self.pid(),
+            rlimit::Resource::NOFILE,
+            Some((soft, hard)),
+            None,
+        )
+        .unwrap();
+    }
+
+    /// CPU time the process has used, in clock ticks (`utime + stime` of `/proc/PID/stat`).
+    fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+}
+
+/// Overload: the gateway has no descriptor left to accept with, and clients keep arriving
+/// (they wait in the kernel's backlog, so the listener stays readable).
+/// Victims see: the gateway does not spin retrying `accept` (which fails at once, again and
+/// again) and eat a core its established connections need; it retries a few times a second,
+/// and serves the waiting client once descriptors are free again.
+#[tokio::test]
+async fn out_of_descriptors_to_accept_with_the_gateway_pauses_instead_of_spinning() {
+    let backends = [echo_backend("b1").await];
+    let (gateway, listen, _admin) = spawn_on_free_ports(&backends).await;
+    let lowest = gateway.settled_lowest_free_descriptor().await;
+    let (soft, hard) = gateway.open_file_limit();
+    // No descriptor left at all: `accept` fails with EMFILE.
+    gateway.set_open_file_limit(lowest, hard);
+
+    let mut waiting = TcpStream::connect(listen).await.unwrap();
+    waiting
+        .write_all(upgrade_request("/?room=waiting", "").as_bytes())
+        .await
+        .unwrap();
+    let until_log = Instant::now() + Duration::from_secs(5);
+    while !gateway.log().contains("pausing accepts") {
+        assert!(
+            Instant::now() < until_log,
+            "no accept failed:\n{}",
+            gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = gateway.cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = gateway.cpu_ticks() - before;
+    gateway.set_open_file_limit(soft, hard);
+    // Spinning on the failing accept takes a whole core: about 100 ticks a second.
+    assert!(used < 30, "{used} ticks of CPU in 1 s without a descriptor");
+
+    let head = response_head(&mut waiting, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("no answer once descriptors were free:\n{}", gateway.log()));
+    assert_eq!(status(&head), 101, "{head}");
+}
+
 /// Attack (or plain overload): the gateway runs out of descriptors while connecting to a
 /// backend (its open-file limit is lowered from outside so that a client's socket is the
 /// last descriptor it can open).
@@ -570,47 +681,11 @@ async fn spawn_gateway(yaml: &str, listen: SocketAddr) -> Result<Process, String
 #[tokio::test]
 async fn running_out_of_descriptors_is_503_and_never_counts_against_backends() {
     let backends = [echo_backend("b1").await, echo_backend("b2").await];
-    // A port found free may be taken by a parallel test before the gateway binds it: then
-    // try other ports.
-    let mut attempts = 0;
-    let (gateway, listen, admin) = loop {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port().await).parse().unwrap();
-        let yaml = config(&[backends[0].addr, backends[1].addr], "", "")
-            .replace("127.0.0.1:0", &listen.to_string())
-            + &format!("admin:\n  address: {admin}\n");
-        match spawn_gateway(&yaml, listen).await {
-            Ok(gateway) => break (gateway, listen, admin),
-            Err(log) if log.contains("Address already in use") && attempts < 5 => attempts += 1,
-            Err(log) => panic!("{log}"),
-        }
-    };
-    // The readiness probes above have ended once the descriptor numbers stop changing.
-    let mut lowest = gateway.lowest_free_descriptor();
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = gateway.lowest_free_descriptor();
-        if now == lowest {
-            break;
-        }
-        lowest = now;
-    }
-    let (mut soft, mut hard) = (0, 0);
-    rlimit::prlimit(
-        gateway.pid(),
-        rlimit::Resource::NOFILE,
-        None,
-        Some((&mut soft, &mut hard)),
-    )
-    .unwrap();
+    let (gateway, listen, admin) = spawn_on_free_ports(&backends).await;
+    let lowest = gateway.settled_lowest_free_descriptor().await;
+    let (soft, hard) = gateway.open_file_limit();
     // One descriptor left: the client's accepted socket takes it.
-    rlimit::prlimit(
-        gateway.pid(),
-        rlimit::Resource::NOFILE,
-        Some((lowest + 1, hard)),
-        None,
-    )
-    .unwrap();
+    gateway.set_open_file_limit(lowest + 1, hard);
 
     let mut stream = TcpStream::connect(listen).await.unwrap();
     stream
@@ -623,13 +698,7 @@ async fn running_out_of_descriptors_is_503_and_never_counts_against_backends() {
         .expect("an answer within 5 s")
         .unwrap();
     drop(stream);
-    rlimit::prlimit(
-        gateway.pid(),
-        rlimit::Resource::NOFILE,
-        Some((soft, hard)),
-        None,
-    )
-    .unwrap();
+    gateway.set_open_file_limit(soft, hard);
     let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 503"),
