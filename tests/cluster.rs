@@ -1,8 +1,9 @@
 //! Several instances as one gateway (issue 14): three wsgate processes that know each other,
 //! a test L4 spreader in front sending every new connection to a random instance, and real
 //! backends. Placement agrees on every instance, rooms meet on one backend whatever instance
-//! their members reach, session requests find the instance owning the session, and a killed
-//! instance costs its sessions (410) and nothing else.
+//! their members reach, session requests find the instance owning the session, a killed
+//! instance costs its sessions (410) and nothing else, and behind a balancer speaking the
+//! PROXY protocol every instance sees each client's own address.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "support/cluster.rs"]
@@ -385,7 +386,25 @@ async fn request(
     headers: &str,
     body: &str,
 ) -> (u16, String) {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    exchange(tcp, method, target, headers, body).await
+}
+
+/// A TCP connection to `addr` from the local address `from` (127.0.0.x).
+async fn tcp_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Writes one HTTP/1.1 request on `tcp` and reads the answer to its end.
+async fn exchange(
+    mut tcp: TcpStream,
+    method: &str,
+    target: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
     let request = format!(
         "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
         body.len()
@@ -1163,6 +1182,97 @@ async fn a_forwarded_request_carries_the_clients_headers_to_the_owner() {
     .await;
     assert_eq!(status, 403, "another origin, refused by the owner: {body}");
     assert!(forwards(&cluster, "poll").await >= 2.0);
+}
+
+/// A WebSocket to `addr` from the local address `from`; refused: `Err` with the status, or
+/// 0 when the connection ended without one.
+async fn ws_from(
+    from: &str,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, u16> {
+    let tcp = tcp_from(from, addr).await;
+    let handshake = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), tcp);
+    match tokio::time::timeout(Duration::from_secs(10), handshake)
+        .await
+        .expect("an answer within 10 s")
+    {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(answer)) => Err(answer.status().as_u16()),
+        Err(_) => Err(0),
+    }
+}
+
+/// Behind a balancer that speaks the PROXY protocol (the spreader, with v2 headers), every
+/// instance takes each client's address from the header: backends get it in
+/// `X-Forwarded-For`, and `max_connections_per_ip` counts it rather than the balancer's one
+/// address, which every client shares. A client reaching an instance around the balancer is
+/// not believed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_protocol_balancer_every_instance_sees_each_clients_own_address() {
+    let backend = support::echo_backend("b0").await;
+    let mut spec = Spec::new(&[backend.addr]);
+    spec.client_listener_extra = "proxy_protocol: true\ntrusted_proxies: [127.0.0.1/32]".into();
+    // Two: a session's opening request and the session itself.
+    spec.top_extra = "limits:\n  max_connections_per_ip: 2\n".into();
+    spec.spreader_proxy_v2 = true;
+    let cluster = Cluster::start(spec).await;
+    let spreader = cluster.spreader.addr;
+
+    // Seven clients of seven addresses held open on three instances: at least one instance
+    // holds three connections from the balancer, each counted by its own client.
+    let mut held = Vec::new();
+    for n in 2..=8 {
+        let ws = ws_from(&format!("127.0.0.{n}"), spreader, "/?room=r").await;
+        held.push(ws.unwrap_or_else(|status| panic!("127.0.0.{n} refused with {status}")));
+    }
+    let forwarded_for = |seen: &[support::SeenRequest]| -> Vec<String> {
+        let mut addresses: Vec<String> = seen
+            .iter()
+            .map(|r| r.header("x-forwarded-for").unwrap_or("none").to_owned())
+            .collect();
+        addresses.sort();
+        addresses
+    };
+    let clients: Vec<String> = (2..=8).map(|n| format!("127.0.0.{n}")).collect();
+    assert_eq!(forwarded_for(&backend.seen.lock().unwrap()), clients);
+
+    // Seven from one address: two per instance at most, so one at least is refused.
+    let mut admitted = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..7 {
+        match ws_from("127.0.0.9", spreader, "/?room=r").await {
+            Ok(ws) => admitted.push(ws),
+            Err(status) => refused.push(status),
+        }
+    }
+    assert!(
+        !refused.is_empty() && admitted.len() <= 2 * cluster.instances.len(),
+        "{} admitted, refused: {refused:?}",
+        admitted.len()
+    );
+    // Refused before any request is read: a 503 when the socket takes it at once.
+    assert!(refused.iter().all(|&s| s == 503 || s == 0), "{refused:?}");
+
+    // A session's backend connection carries its client's address too.
+    let (status, body) = exchange(
+        tcp_from("127.0.0.10", spreader).await,
+        "POST",
+        "/chat?room=s&wsgate=open",
+        "",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen = backend.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.last().and_then(|r| r.header("x-forwarded-for")),
+        Some("127.0.0.10")
+    );
+
+    // Around the balancer: closed unread, whatever the client claims.
+    let direct = ws_from("127.0.0.11", cluster.instances[0].client, "/?room=r").await;
+    assert_eq!(direct.err(), Some(0));
 }
 
 fn cert(name: &str) -> String {

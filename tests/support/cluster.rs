@@ -1,7 +1,8 @@
 //! A cluster of wsgate processes on 127.0.0.1 for tests: three instances (the real binary,
 //! so one can be killed), each with a client listener, a peer listener and an admin listener
 //! on free ports, every instance knowing the others; a test L4 spreader in front that sends
-//! each new TCP connection to a random live instance; and room backends (tokio-tungstenite)
+//! each new TCP connection to a random live instance, optionally announcing the client with a
+//! PROXY protocol v2 header as a cloud balancer does; and room backends (tokio-tungstenite)
 //! that can be stopped and started again on the same port.
 //!
 //! Instances are killed when dropped.
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
@@ -37,6 +39,10 @@ pub struct Spec {
     pub route_extra: String,
     /// Top-level sections added as they are.
     pub top_extra: String,
+    /// Keys added to the listener `clients`.
+    pub client_listener_extra: String,
+    /// Whether the spreader starts each connection with a PROXY v2 header naming the client.
+    pub spreader_proxy_v2: bool,
 }
 
 impl Spec {
@@ -46,6 +52,8 @@ impl Spec {
             upstream_extra: String::new(),
             route_extra: "sticky: {query: room}".to_owned(),
             top_extra: String::new(),
+            client_listener_extra: String::new(),
+            spreader_proxy_v2: false,
         }
     }
 }
@@ -141,9 +149,17 @@ pub fn config_for(
     all: &[(String, SocketAddr, SocketAddr, SocketAddr)],
 ) -> String {
     let (name, client, peer, admin) = &all[me];
-    let mut yaml = format!(
-        "listeners:\n  - name: clients\n    address: {client}\n  - name: peers\n    address: {peer}\nupstreams:\n  chat:\n    backends:\n"
-    );
+    let mut yaml = format!("listeners:\n  - name: clients\n    address: {client}\n");
+    for line in spec
+        .client_listener_extra
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
+        yaml.push_str(&format!("    {line}\n"));
+    }
+    yaml.push_str(&format!(
+        "  - name: peers\n    address: {peer}\nupstreams:\n  chat:\n    backends:\n"
+    ));
     for backend in &spec.backends {
         yaml.push_str(&format!("      - ws://{backend}\n"));
     }
@@ -172,7 +188,12 @@ impl Cluster {
     pub async fn start(spec: Spec) -> Cluster {
         for _ in 0..3 {
             if let Some(instances) = Self::try_start(&spec).await {
-                let spreader = Spreader::start(instances.iter().map(|i| i.client).collect()).await;
+                let targets = instances.iter().map(|i| i.client).collect();
+                let spreader = if spec.spreader_proxy_v2 {
+                    Spreader::start_proxy_v2(targets).await
+                } else {
+                    Spreader::start(targets).await
+                };
                 return Cluster {
                     instances,
                     spreader,
@@ -283,13 +304,23 @@ pub struct Spreader {
 
 impl Spreader {
     pub async fn start(targets: Vec<SocketAddr>) -> Spreader {
+        Self::start_with(targets, false).await
+    }
+
+    /// A spreader that starts every connection it carries with a PROXY protocol v2 header
+    /// naming the client's address and the address it reached.
+    pub async fn start_proxy_v2(targets: Vec<SocketAddr>) -> Spreader {
+        Self::start_with(targets, true).await
+    }
+
+    async fn start_with(targets: Vec<SocketAddr>, proxy_v2: bool) -> Spreader {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let carried = Arc::new(Mutex::new(vec![0; targets.len()]));
         let counts = Arc::clone(&carried);
         tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else {
+                let Ok((mut client, from)) = listener.accept().await else {
                     return;
                 };
                 let targets = targets.clone();
@@ -303,6 +334,12 @@ impl Spreader {
                     for index in order {
                         if let Ok(mut upstream) = TcpStream::connect(targets[index]).await {
                             counts.lock().unwrap()[index] += 1;
+                            if proxy_v2 {
+                                let header = proxy_v2_header(from, addr);
+                                if upstream.write_all(&header).await.is_err() {
+                                    return;
+                                }
+                            }
                             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                             return;
                         }
@@ -312,6 +349,23 @@ impl Spreader {
         });
         Spreader { addr, carried }
     }
+}
+
+/// A PROXY protocol v2 header (haproxy's proxy-protocol.txt §2.2) for a TCP connection over
+/// IPv4 from `source` to `destination`, written out here rather than by the crate the gateway
+/// parses it with.
+fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let (SocketAddr::V4(source), SocketAddr::V4(destination)) = (source, destination) else {
+        panic!("the spreader listens on IPv4 loopback");
+    };
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    // Version 2, PROXY; TCP over IPv4; 12 bytes of addresses.
+    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    header.extend_from_slice(&source.ip().octets());
+    header.extend_from_slice(&destination.ip().octets());
+    header.extend_from_slice(&source.port().to_be_bytes());
+    header.extend_from_slice(&destination.port().to_be_bytes());
+    header
 }
 
 /// A room backend: a tokio-tungstenite echo server that answers `whoami` with its name, on a
