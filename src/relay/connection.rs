@@ -779,7 +779,6 @@ fn decode(
         return;
     }
     let remask_towards_backend = src.side == Side::Client;
-    // The shared route counters are atomics: added to once per batch, not once per frame.
     let (mut bytes_seen, mut messages_seen) = (0u64, 0u64);
     while src.reading == Reading::Frames {
         let (parsed, filled) = (src.buf.parsed, src.buf.filled);
@@ -937,12 +936,7 @@ fn decode(
             }
         }
     }
-    if bytes_seen > 0 || messages_seen > 0 {
-        src.bytes_in += bytes_seen;
-        src.messages_in += messages_seen;
-        src.bytes_counter.inc_by(bytes_seen);
-        src.messages_counter.inc_by(messages_seen);
-    }
+    src.count_received(bytes_seen, messages_seen);
     src.buf.release_if_empty();
 }
 
@@ -1043,12 +1037,7 @@ fn decode_rewriting(
             }
         }
     }
-    if bytes_seen > 0 || messages_seen > 0 {
-        src.bytes_in += bytes_seen;
-        src.messages_in += messages_seen;
-        src.bytes_counter.inc_by(bytes_seen);
-        src.messages_counter.inc_by(messages_seen);
-    }
+    src.count_received(bytes_seen, messages_seen);
     src.buf.release_if_empty();
 }
 

@@ -154,6 +154,17 @@ impl Hop {
         }
     }
 
+    /// Counts what one batch of decoding took from this hop: the connection's totals and the
+    /// route's shared counters, added to once per batch rather than once per frame.
+    pub fn count_received(&mut self, bytes: u64, messages: u64) {
+        if bytes > 0 || messages > 0 {
+            self.bytes_in += bytes;
+            self.messages_in += messages;
+            self.bytes_counter.inc_by(bytes);
+            self.messages_counter.inc_by(messages);
+        }
+    }
+
     /// The transform, when it rewrites this hop's frames into its own buffer.
     pub fn rewriting(&mut self) -> Option<&mut Transform> {
         self.transform.as_deref_mut().filter(|t| t.rewrites())
