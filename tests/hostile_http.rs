@@ -587,6 +587,36 @@ async fn smuggling_with_content_length_and_transfer_encoding_is_refused() {
     refused_without_reaching_the_backend(request.as_bytes(), 400).await;
 }
 
+/// CL.TE on a later request of a keep-alive connection, which hyper reads: the chunked framing
+/// wins (RFC 9112 §6.3), the body is empty, and the connection is closed after the answer, so
+/// the request hidden behind it is never read, let alone forwarded.
+#[tokio::test]
+async fn smuggling_with_content_length_and_transfer_encoding_later_on_a_connection_goes_nowhere() {
+    let backend = backend(ok_answer).await;
+    let gateway = gateway(&backend, "/", "").await;
+    let request = format!(
+        "GET /first HTTP/1.1\r\nHost: a\r\n\r\n\
+         POST /second HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+         0\r\n\r\n{SMUGGLED}"
+    );
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Read until the gateway closes: it must, and before answering a third request.
+    let mut answers = Vec::new();
+    within("the gateway to close", stream.read_to_end(&mut answers))
+        .await
+        .unwrap();
+    let answers = String::from_utf8_lossy(&answers);
+    assert_eq!(answers.matches("HTTP/1.1 ").count(), 2, "{answers}");
+    let paths: Vec<String> = backend
+        .seen()
+        .iter()
+        .map(|seen| seen.head.split(' ').nth(1).unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(paths, ["/first", "/second"], "{:?}", backend.seen());
+    still_served(&gateway, "/").await;
+}
+
 /// An upgrade that announces a body: the body would be taken for the client's first frames
 /// (and a request hidden in it would reach the backend inside a WebSocket), so it is refused.
 #[tokio::test]
