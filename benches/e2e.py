@@ -4,6 +4,8 @@
     python3 benches/e2e.py            # full run: 4 repetitions, about 10 minutes
     python3 benches/e2e.py --quick    # 1 repetition, short windows, 2,000 idle connections
     python3 benches/e2e.py --forward  # a cluster's long-polling round trip, owner vs. forwarded
+    python3 benches/e2e.py --targets wsgate,wsgate-terminate,nginx-node,wsgate-passthrough \
+        --scenarios compressed,compressed-idle   # permessage-deflate at the edge
 
 Every target runs pinned to core 0 (`taskset -c 0`); the echo backend and the load generator
 share core 1, so every proxy figure is per proxy core. Targets:
@@ -20,6 +22,19 @@ Bearer token (HS256 with a 48-byte secret, RS256 with a 2048-bit key, both made 
 for the run), so the handshake scenario shows what verifying a token costs:
 
     python3 benches/e2e.py --targets wsgate,wsgate-hs256,wsgate-rs256 --scenarios handshakes
+
+The compressed scenarios (`compressed`: 1 KiB chat-like JSON text, 50 connections with 4 in
+flight each; `compressed-idle`: RSS per idle connection after one compressed message) have the
+load generator offer permessage-deflate as a browser does, against
+
+  wsgate-terminate    `compression: terminate` in front of the echo backend, which has no
+                      compression: the gateway inflates and deflates every message
+  nginx-node          nginx in front of node `ws` compressing every message (threshold 0,
+                      tests/autobahn/compression-backend, `npm ci` there first): the backend
+                      pays for compression, nginx relays bytes
+  wsgate-passthrough  `compression: passthrough` in front of the same node backend: the
+                      gateway inflates a copy of each client message to count it
+  wsgate              the default (`strip`): no compression, for the bytes on the wire
 
 Scenarios are run for every target in turn, and the target order rotates between repetitions
 (interleaved), each measurement on freshly started processes; the tables show medians. The
@@ -45,7 +60,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 TARGETS = ["direct", "tcp", "nginx", "wsgate"]
+DEFAULT_SCENARIOS = "small,large,latency,idle,handshakes"
 URING_RELAY = os.path.join(RELEASE, "uring_relay")
+# Targets whose backend is node `ws` with permessage-deflate instead of the echo backend.
+NODE_BACKEND = {"nginx-node", "wsgate-passthrough"}
+NODE_PEERS = os.path.join(ROOT, "tests", "autobahn", "compression-backend")
+# wsgate targets with a route's `compression` mode.
+COMPRESSION_TARGETS = {"wsgate-terminate": "terminate", "wsgate-passthrough": "passthrough"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROXY_CORE, CLIENT_CORE = "0", "1"
 # Other work on a shared machine preempts the pinned processes and turns into latency
@@ -147,6 +168,10 @@ def scenarios(quick):
         "latency": dict(kind="latency", connections=50, size=64, rate=2500, **short),
         "idle": dict(kind="idle", connections=2000 if quick else 9000, size=64, sources=60),
         "handshakes": dict(kind="handshakes", connections=128, size=64, **short),
+        "compressed": dict(kind="throughput", connections=50, size=1024, window=4, deflate=True,
+                           **short),
+        "compressed-idle": dict(kind="idle", connections=2000 if quick else 9000, size=1024,
+                                sources=60, deflate=True),
     }
 
 
@@ -221,7 +246,7 @@ def start_target(procs, target, backend_port, tmp):
         proxy = procs.start("tcp", PROXY_CORE, [f"{RELEASE}/examples/bench_tcp_relay",
                                                 f"127.0.0.1:{proxy_port}",
                                                 f"127.0.0.1:{backend_port}"])
-    elif target == "nginx":
+    elif target in ("nginx", "nginx-node"):
         conf = os.path.join(tmp, "nginx.conf")
         with open(conf, "w") as f:
             f.write(NGINX_CONF.format(tmp=tmp, backend=backend_port, port=proxy_port))
@@ -235,6 +260,9 @@ def start_target(procs, target, backend_port, tmp):
             key = AUTH_TARGETS[target][1].format(tmp=tmp)
             text = text.replace("    upstream: backend\n",
                                 f"    upstream: backend\n    auth: {{jwt: {{keys: [{key}]}}}}\n")
+        if target in COMPRESSION_TARGETS:
+            text = text.replace("    upstream: backend\n", "    upstream: backend\n"
+                                f"    compression: {COMPRESSION_TARGETS[target]}\n")
         with open(conf, "w") as f:
             f.write(text)
         env = dict(os.environ, RUST_LOG="warn")
@@ -242,7 +270,7 @@ def start_target(procs, target, backend_port, tmp):
     else:
         raise RuntimeError(f"unknown target {target}")
     wait_listening(proxy_port, proxy)
-    return proxy_port, nginx_worker(proxy.pid) if target == "nginx" else proxy.pid
+    return proxy_port, nginx_worker(proxy.pid) if target.startswith("nginx") else proxy.pid
 
 
 def measure(targets, name, sc, tmp):
@@ -251,9 +279,17 @@ def measure(targets, name, sc, tmp):
     result per target."""
     procs = Procs(tmp)
     backend_port = free_port()
+    node = {t in NODE_BACKEND for t in targets}
+    if len(node) > 1:
+        raise RuntimeError(f"{targets} need different backends: measure them one by one")
     try:
-        backend = procs.start("backend", CLIENT_CORE,
-                              [f"{RELEASE}/examples/bench_echo", f"127.0.0.1:{backend_port}"])
+        if node == {True}:
+            backend = procs.start("backend", CLIENT_CORE,
+                                  ["node", os.path.join(NODE_PEERS, "server.js"), str(backend_port),
+                                   "--threshold", "0"])
+        else:
+            backend = procs.start("backend", CLIENT_CORE,
+                                  [f"{RELEASE}/examples/bench_echo", f"127.0.0.1:{backend_port}"])
         wait_listening(backend_port, backend)
         started = [start_target(procs, target, backend_port, tmp) for target in targets]
         # The readiness probes connected without a handshake; let the proxies forget them.
@@ -265,6 +301,8 @@ def measure(targets, name, sc, tmp):
         for key in ("connections", "size", "window", "rate", "warmup", "duration", "sources"):
             if key in sc:
                 argv += [f"--{key}", str(sc[key])]
+        if sc.get("deflate"):
+            argv.append("--deflate")
         auth = {AUTH_TARGETS[t][0] for t in targets if t in AUTH_TARGETS}
         if len(auth) > 1 or (auth and len(targets) > 1):
             raise RuntimeError("an auth target is measured on its own")
@@ -300,6 +338,10 @@ def derived(result):
     if d["proxy_cpu"] is not None and window.get("seconds") and d.get("messages"):
         proxy_seconds = window["proxy_ticks"] / CLK_TCK
         d["per_proxy_cpu_s"] = d["messages"] / proxy_seconds if proxy_seconds else None
+    for who in ("proxy", "backend"):
+        ticks = window.get(f"{who}_ticks")
+        if ticks is not None and d.get("messages"):
+            d[f"{who}_us_per_msg"] = ticks / CLK_TCK / d["messages"] * 1e6
     return d
 
 
@@ -346,9 +388,14 @@ def report(results, args, elapsed):
     reps = args.reps
     lines.append(f"Machine: {machine}")
     lines.append(f"Command: `python3 benches/e2e.py{' --quick' if args.quick else ''}"
-                 f"{f' --reps {reps}' if reps != default_reps(args.quick, args.target_list) else ''}`, "
+                 f"{f' --reps {reps}' if reps != default_reps(args.quick, args.target_list) else ''}"
+                 f"{f' --targets {args.targets}' if args.target_list != TARGETS else ''}"
+                 f"{f' --scenarios {args.scenarios}' if args.scenarios != DEFAULT_SCENARIOS else ''}`, "
                  f"{reps} repetition(s), medians, {elapsed / 60:.1f} min")
     lines.append("")
+    compressed_report(by, args, lines)
+    if not any(name in by_name(by) for name in DEFAULT_SCENARIOS.split(",")):
+        return "\n".join(lines + verified_line(results))
     lines.append("| check | wsgate | vs nginx | vs TCP relay | target | met |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
 
@@ -454,10 +501,50 @@ def report(results, args, elapsed):
             lines.append(f"| {label} | {fmt(med('handshakes', target, 'msgs_per_s'))} | "
                          f"{fmt(per_cpu)} | {fmt(cost, 1)} µs | "
                          f"{'' if target == 'wsgate' else fmt(added, 1) + ' µs'} |")
+    return "\n".join(lines + verified_line(results))
+
+
+def by_name(by):
+    return {name for name, _ in by}
+
+
+def verified_line(results):
     verified = sum(r.get("verified", 0) or 0 for r in results)
-    lines.append("")
-    lines.append(f"Echoes verified byte for byte: {verified:,}; failures: 0 (any failure aborts the run).")
-    return "\n".join(lines)
+    return ["", f"Echoes verified byte for byte: {verified:,}; failures: 0 (any failure aborts the "
+                "run)."]
+
+
+def compressed_report(by, args, lines):
+    """The permessage-deflate tables: per round trip of a 1 KiB chat message, and idle RSS."""
+    def m(name, target, key):
+        return median([r.get(key) for r in by.get((name, target), [])])
+    rows = [t for t in args.target_list if ("compressed", t) in by]
+    if rows:
+        lines.append("| compressed 1 KiB chat JSON (50 conns, 4 in flight) | msgs/s | "
+                     "msgs per proxy CPU-s | proxy CPU per msg | backend CPU per msg | "
+                     "proxy + backend per msg | client wire bytes per round trip | compressed |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for t in rows:
+            proxy, backend = m("compressed", t, "proxy_us_per_msg"), m("compressed", t, "backend_us_per_msg")
+            both = None if proxy is None or backend is None else proxy + backend
+            conns = m("compressed", t, "compressed_connections")
+            lines.append(f"| {t} | {fmt(m('compressed', t, 'msgs_per_s'))} | "
+                         f"{fmt(m('compressed', t, 'per_proxy_cpu_s'))} | {fmt(proxy, 1)} µs | "
+                         f"{fmt(backend, 1)} µs | {fmt(both, 1)} µs | "
+                         f"{fmt(m('compressed', t, 'wire_bytes_per_round_trip'))} | "
+                         f"{'yes' if conns else 'no'} |")
+        lines.append("")
+    rows = [t for t in args.target_list if ("compressed-idle", t) in by]
+    if rows:
+        count = scenarios(args.quick)["compressed-idle"]["connections"]
+        lines.append(f"| idle after one compressed message ({count:,} conns) | proxy RSS per "
+                     "connection | backend RSS per connection |")
+        lines.append("| --- | --- | --- |")
+        for t in rows:
+            kib = lambda v: None if v is None else v / 1024
+            lines.append(f"| {t} | {fmt(kib(m('compressed-idle', t, 'proxy_bytes_per_conn')), 2)} KiB | "
+                         f"{fmt(kib(m('compressed-idle', t, 'backend_bytes_per_conn')), 2)} KiB |")
+        lines.append("")
 
 
 def default_reps(quick, targets):
@@ -591,7 +678,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int)
     parser.add_argument("--targets", default=",".join(TARGETS))
-    parser.add_argument("--scenarios", default="small,large,latency,idle,handshakes")
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS)
     parser.add_argument("--no-build", action="store_true")
     parser.add_argument("--forward", action="store_true",
                         help="only the cluster scenario: a long-polling round trip on the owner "
@@ -607,7 +694,10 @@ def main():
     args.reps = args.reps or default_reps(args.quick, targets)
     if os.cpu_count() < 2:
         sys.exit("needs two cores: the proxy on core 0, load generator and backend on core 1")
-    if "nginx" in targets and not shutil.which("nginx"):
+    if any(t in NODE_BACKEND for t in targets) and not os.path.isdir(
+            os.path.join(NODE_PEERS, "node_modules")):
+        sys.exit("node `ws` not installed: npm ci --prefix tests/autobahn/compression-backend")
+    if any(t.startswith("nginx") for t in targets) and not shutil.which("nginx"):
         sys.exit("nginx not found: apt-get install nginx-light (or leave it out with --targets)")
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "wsgate",
@@ -629,10 +719,10 @@ def main():
             order = targets[rep % len(targets):] + targets[:rep % len(targets)]
             for name in chosen:
                 sc = all_scenarios[name]
-                side_by_side = [t for t in order if t not in AUTH_TARGETS]
+                side_by_side = [t for t in order if t not in AUTH_TARGETS and t not in NODE_BACKEND]
                 groups = [side_by_side] if name == "latency" else [[t] for t in order]
                 for group in groups:
-                    if name == "idle" and group == ["direct"]:
+                    if name in ("idle", "compressed-idle") and group == ["direct"]:
                         continue
                     for result in measure(group, name, sc, tmp):
                         result["scenario_name"], result["rep"] = name, rep
@@ -640,7 +730,7 @@ def main():
                         d = derived(result)
                         summary = (f"p99 {d.get('p99_us')} µs" if name == "latency" else
                                    f"{(d.get('proxy_bytes_per_conn') or 0) / 1024:.2f} KiB/conn"
-                                   if name == "idle" else
+                                   if name.endswith("idle") else
                                    f"{fmt(d.get('msgs_per_s'))}/s, proxy CPU {pct(d.get('proxy_cpu'))}")
                         print(f"[rep {rep + 1}/{args.reps}] {name:<10} {result['target']:<6} {summary}",
                               file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@
 //! loadgen latency    --target 127.0.0.1:9002,127.0.0.1:9003 --connections 50 --rate 2500
 //! loadgen idle       --target 127.0.0.1:9002 --connections 9000 --proxy-pid 1234
 //! loadgen handshakes --target 127.0.0.1:9002 --connections 32
+//! loadgen throughput --target 127.0.0.1:9002 --connections 50 --size 1024 --window 4 --deflate
 //! ```
 //!
 //! Prints one JSON object. CPU time (user + system, in clock ticks from `/proc/PID/stat`) is
@@ -16,6 +17,13 @@
 //! Every payload carries its sequence number (and, for latency, its intended send time) in its
 //! first bytes and a per-connection random filler after them; an echo is accepted only if all
 //! of it comes back unchanged and in order. The client shares no code with wsgate's codec.
+//!
+//! With `--deflate` it offers permessage-deflate (RFC 7692) as browsers do. Where the server
+//! agrees, every message is chat-like JSON text sent compressed: a stored deflate block
+//! carrying the sequence number, then the rest of the message compressed once per connection
+//! (each message is then a complete, independent deflate stream without compressing anything
+//! per message, so the load generator's core is not what limits the run); compressed echoes
+//! are inflated, with one inflater per connection, before they are checked.
 
 // A test and benchmark tool, never deployed: failing loudly on a setup error is its report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -24,6 +32,7 @@
 mod wire;
 
 use clap::{Parser, ValueEnum};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use serde_json::json;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -32,7 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use wire::{OP_BINARY, OP_CLOSE};
+use wire::{OP_BINARY, OP_CLOSE, OP_TEXT};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "WebSocket load generator for the end-to-end benchmark")]
@@ -79,6 +88,9 @@ struct Args {
     /// Seconds to wait after the last idle connection opened before reading memory.
     #[arg(long, default_value_t = 2.0)]
     settle: f64,
+    /// Offer permessage-deflate and send chat-like JSON text (`throughput` and `idle`).
+    #[arg(long)]
+    deflate: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +107,10 @@ fn main() {
     let args = Args::parse();
     if args.size < 16 {
         eprintln!("loadgen: --size must be at least 16");
+        std::process::exit(2);
+    }
+    if args.deflate && !matches!(args.scenario, Scenario::Throughput | Scenario::Idle) {
+        eprintln!("loadgen: --deflate is for `throughput` and `idle`");
         std::process::exit(2);
     }
     if args.targets.len() > 1 && args.scenario != Scenario::Latency {
@@ -214,15 +230,59 @@ fn source(args: &Args, index: usize) -> Ipv4Addr {
     )
 }
 
+/// What the server agreed to of our permessage-deflate offer.
+#[derive(Clone, Copy, Debug)]
+struct Deflate {
+    /// The largest LZ77 window our compressor may use (the server's `client_max_window_bits`).
+    client_window_bits: u8,
+}
+
+impl Deflate {
+    /// The agreement in a 101's head, if the server accepted the offer; an error for an answer
+    /// a client must refuse.
+    fn agreed(head: &str) -> Result<Option<Self>, Error> {
+        let Some(value) = wire::header_value(head, "sec-websocket-extensions") else {
+            return Ok(None);
+        };
+        let mut params = value.split(';').map(str::trim);
+        if params.next() != Some("permessage-deflate") {
+            return Err(format!("unexpected extension answer: {value}").into());
+        }
+        let mut client_window_bits = 15;
+        for param in params {
+            if let Some(bits) = param.strip_prefix("client_max_window_bits=") {
+                client_window_bits = bits.trim_matches('"').parse()?;
+            }
+        }
+        // zlib cannot compress with an 8-bit window; no server we measure asks for one.
+        if !(9..=15).contains(&client_window_bits) {
+            return Err(format!("client_max_window_bits={client_window_bits}").into());
+        }
+        Ok(Some(Self { client_window_bits }))
+    }
+}
+
 /// Connects from `src`, performs the opening handshake and checks the server's accept key.
 /// Returns the stream and any bytes that arrived after the 101's head.
 async fn open(args: &Args, src: Ipv4Addr) -> Result<(TcpStream, Vec<u8>), Error> {
+    let (stream, early, _) = open_offering(args, src).await?;
+    Ok((stream, early))
+}
+
+/// [`open`], offering permessage-deflate with `--deflate`; also returns what was agreed.
+async fn open_offering(
+    args: &Args,
+    src: Ipv4Addr,
+) -> Result<(TcpStream, Vec<u8>, Option<Deflate>), Error> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(src.into(), 0))?;
     let mut stream = socket.connect(args.target()).await?;
     stream.set_nodelay(true)?;
     let key = wire::random_key();
-    let extra: String = args.headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let mut extra: String = args.headers.iter().map(|h| format!("{h}\r\n")).collect();
+    if args.deflate {
+        extra.push_str("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n");
+    }
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n",
         args.path,
@@ -252,7 +312,12 @@ async fn open(args: &Args, src: Ipv4Addr) -> Result<(TcpStream, Vec<u8>), Error>
     if wire::header_value(head, "sec-websocket-accept") != Some(&wire::accept_key(&key)) {
         return Err("wrong Sec-WebSocket-Accept".into());
     }
-    Ok((stream, buf[end..filled].to_vec()))
+    let deflate = if args.deflate {
+        Deflate::agreed(head)?
+    } else {
+        None
+    };
+    Ok((stream, buf[end..filled].to_vec(), deflate))
 }
 
 /// One connection's messages: a random mask key and a random filler, fixed for the
@@ -262,36 +327,77 @@ struct Messages {
     /// The whole masked frame with a zero prefix.
     template: Vec<u8>,
     header_len: usize,
-    /// The payload as it must come back, prefix zeroed.
+    /// Where the prefix sits in the frame's payload.
+    prefix_at: usize,
+    /// `OP_BINARY`, or `OP_TEXT` for chat messages (whose prefixes are hexadecimal digits).
+    opcode: u8,
+    /// The payload as it must come back (inflated), prefix zeroed.
     expected: Vec<u8>,
 }
 
+/// The stored deflate block (RFC 1951 §3.2.4: not final, type 00, LEN and its complement)
+/// that carries a chat message's 16-digit prefix uncompressed.
+const STORED_PREFIX: [u8; 5] = [0x00, 16, 0x00, !16u8, 0xFF];
+
 impl Messages {
     fn new(size: usize) -> Self {
+        Self::framed(OP_BINARY, wire::random_bytes(size), None)
+    }
+
+    /// Chat-like JSON text of `size` bytes, compressed with a window of `window_bits` when
+    /// permessage-deflate was agreed.
+    fn chat(size: usize, window_bits: Option<u8>) -> Self {
+        Self::framed(OP_TEXT, chat_text(size), window_bits)
+    }
+
+    fn framed(opcode: u8, expected: Vec<u8>, window_bits: Option<u8>) -> Self {
         let mut key = [0u8; 4];
         getrandom::fill(&mut key).expect("getrandom");
-        let expected = wire::random_bytes(size);
-        let mut template = Vec::with_capacity(size + 14);
-        wire::write_header(&mut template, true, OP_BINARY, Some(key), size);
+        let (payload, prefix_at) = match window_bits {
+            None => (expected.clone(), 0),
+            Some(bits) => {
+                let mut payload = STORED_PREFIX.to_vec();
+                payload.extend_from_slice(&expected[..16]);
+                payload.extend_from_slice(&compressed(&expected[16..], bits));
+                (payload, STORED_PREFIX.len())
+            }
+        };
+        let mut template = Vec::with_capacity(payload.len() + 14);
+        wire::write_header(&mut template, true, opcode, Some(key), payload.len());
+        if window_bits.is_some() {
+            template[0] |= 0x40; // RSV1: compressed
+        }
         let header_len = template.len();
-        template.extend_from_slice(&expected);
+        template.extend_from_slice(&payload);
         wire::apply_mask(&mut template[header_len..], key, 0);
         Self {
             key,
             template,
             header_len,
+            prefix_at,
+            opcode,
             expected,
+        }
+    }
+
+    /// The prefix of message number `seq`: its big-endian bytes, or for text 16 hexadecimal
+    /// digits (a binary number would not be UTF-8).
+    fn prefix(&self, seq: u64) -> Vec<u8> {
+        if self.opcode == OP_TEXT {
+            format!("{seq:016x}").into_bytes()
+        } else {
+            seq.to_be_bytes().to_vec()
         }
     }
 
     /// Appends a frame whose payload starts with `prefix`.
     fn push(&self, out: &mut Vec<u8>, prefix: &[u8]) {
-        let at = out.len() + self.header_len;
+        let at = out.len() + self.header_len + self.prefix_at;
         out.extend_from_slice(&self.template);
         let mut masked = [0u8; 16];
         let masked = &mut masked[..prefix.len()];
         masked.copy_from_slice(prefix);
-        wire::apply_mask(masked, self.key, 0);
+        wire::apply_mask(masked, self.key, self.prefix_at);
         out[at..at + prefix.len()].copy_from_slice(masked);
     }
 
@@ -318,9 +424,108 @@ impl Messages {
     }
 }
 
+/// Chat-like JSON of exactly `size` bytes (at least 16), starting with 16 zero digits where
+/// each message's sequence number goes: a room's recent messages, as a dashboard or chat
+/// client receives them.
+fn chat_text(size: usize) -> Vec<u8> {
+    let words = [
+        "hello", "there,", "the", "build", "is", "green", "again;", "shall", "we", "ship", "it",
+        "before", "lunch", "or", "wait", "for", "review?", "latency", "flat", "memory", "fine",
+    ];
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).expect("getrandom");
+    let mut state = u64::from_le_bytes(seed) | 1;
+    let mut next = |n: u64| {
+        // xorshift64: varied words, no dependency
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mut text = String::from("0000000000000000[");
+    let mut id = 10_000;
+    while text.len() < size {
+        let said: Vec<&str> = (0..8)
+            .map(|_| words[next(words.len() as u64) as usize])
+            .collect();
+        text.push_str(&format!(
+            r#"{{"id":{id},"user":"user{}","room":"lobby","ts":{},"text":"{}"}},"#,
+            next(40),
+            1_733_450_000_000 + next(1_000_000),
+            said.join(" ")
+        ));
+        id += 1;
+    }
+    let mut text = text.into_bytes();
+    text.truncate(size.max(16));
+    text
+}
+
+/// `data` as one raw deflate stream ending in a sync flush, its final 4 bytes (the empty
+/// stored block's `00 00 FF FF`) removed, as RFC 7692 §7.2.1 sends a message.
+fn compressed(data: &[u8], window_bits: u8) -> Vec<u8> {
+    let mut compress = Compress::new_with_window_bits(Compression::default(), false, window_bits);
+    let mut out = Vec::with_capacity(data.len() + 64);
+    compress
+        .compress_vec(data, &mut out, FlushCompress::Sync)
+        .expect("deflate");
+    assert_eq!(compress.total_in(), data.len() as u64, "room for all of it");
+    assert!(
+        out.ends_with(&[0x00, 0x00, 0xFF, 0xFF]),
+        "a sync flush ends so"
+    );
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// Inflates one compressed message into `out` with the connection's `inflater` (RFC 7692
+/// §7.2.2: the 4 bytes the sender removed are appended first).
+fn inflate(inflater: &mut Decompress, data: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+    out.clear();
+    for mut input in [data, &[0x00, 0x00, 0xFF, 0xFF][..]] {
+        loop {
+            if out.capacity() - out.len() < 4096 {
+                out.reserve(16 * 1024);
+            }
+            let before = inflater.total_in();
+            inflater.decompress_vec(input, out, FlushDecompress::Sync)?;
+            let used = (inflater.total_in() - before) as usize;
+            input = &input[used..];
+            let room_left = out.len() < out.capacity();
+            if input.is_empty() && room_left {
+                break;
+            }
+            if used == 0 && room_left {
+                return Err("the compressed echo ends in the middle".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks one echo frame's payload against message `seq` of `messages`, inflating it first if
+/// it is compressed (`inflater` is the connection's, present when deflate was agreed).
+fn verify_echo(
+    messages: &Messages,
+    header: &wire::Header,
+    payload: &[u8],
+    seq: u64,
+    inflater: &mut Option<(Decompress, Vec<u8>)>,
+) -> Result<(), Error> {
+    let prefix = messages.prefix(seq);
+    match inflater {
+        Some((inflater, plain)) if header.rsv1 => {
+            inflate(inflater, payload, plain)?;
+            messages.verify(plain, &prefix)
+        }
+        _ if header.rsv1 => Err("a compressed echo without permessage-deflate agreed".into()),
+        _ => messages.verify(payload, &prefix),
+    }
+}
+
 /// A complete frame at the start of `buf`: (header, total length). Echoes must be final,
-/// unmasked binary frames (or a close, which is an error here).
-fn next_echo(buf: &[u8]) -> Result<Option<(wire::Header, usize)>, Error> {
+/// unmasked frames of the opcode sent (or a close, which is an error here).
+fn next_echo(buf: &[u8], opcode: u8) -> Result<Option<(wire::Header, usize)>, Error> {
     let Some(header) = wire::parse_header(buf) else {
         return Ok(None);
     };
@@ -334,7 +539,7 @@ fn next_echo(buf: &[u8]) -> Result<Option<(wire::Header, usize)>, Error> {
             .map(|c| u16::from_be_bytes([c[0], c[1]]));
         return Err(format!("server closed the connection (close code {code:?})").into());
     }
-    if header.opcode != OP_BINARY || !header.fin || header.mask.is_some() {
+    if header.opcode != opcode || !header.fin || header.mask.is_some() {
         return Err(format!(
             "unexpected frame: opcode {:#x}, fin {}, masked {}",
             header.opcode,
@@ -387,29 +592,56 @@ impl ReadBuffer {
 
 async fn throughput(args: &Args) -> Result<serde_json::Value, Error> {
     let received = Arc::new(AtomicU64::new(0));
+    let wire_bytes = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut compressed_connections = 0;
     for index in 0..args.connections {
-        let (stream, early) = open(args, source(args, index)).await?;
-        let (received, stop) = (Arc::clone(&received), Arc::clone(&stop));
-        let (size, window) = (args.size, args.window);
-        tasks.spawn(pump(stream, early, size, window, received, stop));
+        let (stream, early, deflate) = open_offering(args, source(args, index)).await?;
+        compressed_connections += usize::from(deflate.is_some());
+        let counters = Counters {
+            received: Arc::clone(&received),
+            wire_bytes: Arc::clone(&wire_bytes),
+            stop: Arc::clone(&stop),
+        };
+        let messages = if args.deflate {
+            Messages::chat(args.size, deflate.map(|d| d.client_window_bits))
+        } else {
+            Messages::new(args.size)
+        };
+        tasks.spawn(pump(
+            stream,
+            early,
+            messages,
+            deflate.is_some(),
+            args.window,
+            counters,
+        ));
     }
+    let count = || {
+        (
+            received.load(Ordering::Relaxed),
+            wire_bytes.load(Ordering::Relaxed),
+        )
+    };
     let measured = async {
         tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
-        let (before, count_before) = (CpuSample::take(args), received.load(Ordering::Relaxed));
+        let (before, count_before) = (CpuSample::take(args), count());
         tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
-        let (after, count_after) = (CpuSample::take(args), received.load(Ordering::Relaxed));
+        let (after, count_after) = (CpuSample::take(args), count());
         (
             before.until(&after),
-            count_after - count_before,
+            (
+                count_after.0 - count_before.0,
+                count_after.1 - count_before.1,
+            ),
             after.at - before.at,
         )
     };
     // A connection that fails ends the run at once instead of after the window.
-    let ((window, messages, elapsed), early_failure) = tokio::select! {
+    let ((window, (messages, wire), elapsed), early_failure) = tokio::select! {
         m = measured => (m, None),
-        Some(failed) = tasks.join_next() => ((json!(null), 0, Duration::ZERO), Some(failed)),
+        Some(failed) = tasks.join_next() => ((json!(null), (0, 0), Duration::ZERO), Some(failed)),
     };
     if let Some(failed) = early_failure {
         failed??;
@@ -432,53 +664,78 @@ async fn throughput(args: &Args) -> Result<serde_json::Value, Error> {
         "messages": messages,
         "msgs_per_s": messages as f64 / elapsed.as_secs_f64(),
         "verified": received.load(Ordering::Relaxed),
+        "deflate_offered": args.deflate,
+        "compressed_connections": compressed_connections,
+        "wire_bytes_per_round_trip": if messages > 0 { wire as f64 / messages as f64 } else { 0.0 },
         "cpu": window,
     }))
+}
+
+/// What every connection of a throughput run adds to, and the signal to stop.
+struct Counters {
+    received: Arc<AtomicU64>,
+    /// Bytes written and read on the client's sockets, WebSocket frames both ways.
+    wire_bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
 }
 
 async fn pump(
     mut stream: TcpStream,
     early: Vec<u8>,
-    size: usize,
+    messages: Messages,
+    deflate: bool,
     window: usize,
-    received: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    counters: Counters,
 ) -> Result<(), Error> {
-    let messages = Messages::new(size);
+    let size = messages.expected.len();
+    let mut inflater = deflate.then(|| (Decompress::new(false), Vec::with_capacity(size)));
     let mut input = ReadBuffer::new(&early, (size + 14) * window.min(8) + 64 * 1024);
     let mut out = Vec::with_capacity((size + 14) * window);
     let (mut sent, mut echoed) = (0u64, 0u64);
     for _ in 0..window {
-        messages.push(&mut out, &sent.to_be_bytes());
+        messages.push(&mut out, &messages.prefix(sent));
         sent += 1;
     }
     stream.write_all(&out).await?;
+    counters
+        .wire_bytes
+        .fetch_add(out.len() as u64, Ordering::Relaxed);
     loop {
         let mut got = 0;
-        while let Some((header, total)) = next_echo(input.unread())? {
+        while let Some((header, total)) = next_echo(input.unread(), messages.opcode)? {
             let frame = &input.unread()[..total];
-            messages.verify(&frame[header.header_len..], &echoed.to_be_bytes())?;
+            verify_echo(
+                &messages,
+                &header,
+                &frame[header.header_len..],
+                echoed,
+                &mut inflater,
+            )?;
             input.start += total;
             echoed += 1;
             got += 1;
         }
         if got > 0 {
-            received.fetch_add(got, Ordering::Relaxed);
+            counters.received.fetch_add(got, Ordering::Relaxed);
         }
-        let stopping = stop.load(Ordering::Relaxed);
+        let stopping = counters.stop.load(Ordering::Relaxed);
         if stopping && echoed == sent {
             return Ok(());
         }
         if !stopping && got > 0 {
             out.clear();
             while sent - echoed < window as u64 {
-                messages.push(&mut out, &sent.to_be_bytes());
+                messages.push(&mut out, &messages.prefix(sent));
                 sent += 1;
             }
             stream.write_all(&out).await?;
+            counters
+                .wire_bytes
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
         }
         let space = input.space(size + 14);
         let n = stream.read(space).await?;
+        counters.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
         if n == 0 {
             return Err(format!(
                 "connection closed with {} messages in flight",
@@ -626,7 +883,7 @@ async fn read_echoes(
             return Err("connection closed during the latency run".into());
         }
         input.filled += got;
-        while let Some((header, frame_len)) = next_echo(input.unread())? {
+        while let Some((header, frame_len)) = next_echo(input.unread(), OP_BINARY)? {
             let now = start.elapsed().as_nanos() as u64;
             let payload = &input.unread()[header.header_len..frame_len];
             let intended = u64::from_be_bytes(payload[8..16].try_into().unwrap());
@@ -678,7 +935,7 @@ async fn idle(args: &Args) -> Result<serde_json::Value, Error> {
         while next < args.connections && tasks.len() < RAMP_CONCURRENCY {
             let src = source(args, next);
             let args_target = (args.target(), args.path.clone(), args.sources);
-            tasks.spawn(open_and_echo(args_target, src, args.size));
+            tasks.spawn(open_and_echo(args_target, src, args.size, args.deflate));
             next += 1;
         }
         let Some(done) = tasks.join_next().await else {
@@ -710,6 +967,7 @@ async fn open_and_echo(
     (target, path, sources): (SocketAddr, String, u8),
     src: Ipv4Addr,
     size: usize,
+    deflate: bool,
 ) -> Result<TcpStream, Error> {
     let args = Args {
         scenario: Scenario::Idle,
@@ -726,19 +984,23 @@ async fn open_and_echo(
         proxy_pid: Vec::new(),
         backend_pid: None,
         settle: 0.0,
+        deflate,
     };
-    let (mut stream, early) = open(&args, src).await?;
-    let messages = Messages::new(size);
+    let (mut stream, early, agreed) = open_offering(&args, src).await?;
+    let messages = if deflate {
+        Messages::chat(size, agreed.map(|d| d.client_window_bits))
+    } else {
+        Messages::new(size)
+    };
+    let mut inflater = agreed.map(|_| (Decompress::new(false), Vec::new()));
     let mut out = Vec::new();
-    messages.push(&mut out, &0u64.to_be_bytes());
+    messages.push(&mut out, &messages.prefix(0));
     stream.write_all(&out).await?;
     let mut input = ReadBuffer::new(&early, size + 64);
     loop {
-        if let Some((header, total)) = next_echo(input.unread())? {
-            messages.verify(
-                &input.unread()[header.header_len..total],
-                &0u64.to_be_bytes(),
-            )?;
+        if let Some((header, total)) = next_echo(input.unread(), messages.opcode)? {
+            let payload = &input.unread()[header.header_len..total];
+            verify_echo(&messages, &header, payload, 0, &mut inflater)?;
             return Ok(stream);
         }
         let space = input.space(size + 14);

@@ -40,6 +40,8 @@ pub fn random_bytes(len: usize) -> Vec<u8> {
 #[derive(Debug, Clone, Copy)]
 pub struct Header {
     pub fin: bool,
+    /// RFC 7692: the message is compressed (on its first frame).
+    pub rsv1: bool,
     pub opcode: u8,
     pub mask: Option<[u8; 4]>,
     pub len: usize,
@@ -53,6 +55,7 @@ pub fn parse_header(buf: &[u8]) -> Option<Header> {
         return None;
     }
     let fin = buf[0] & 0x80 != 0;
+    let rsv1 = buf[0] & 0x40 != 0;
     let opcode = buf[0] & 0x0F;
     let masked = buf[1] & 0x80 != 0;
     let (len, mut at) = match buf[1] & 0x7F {
@@ -75,6 +78,7 @@ pub fn parse_header(buf: &[u8]) -> Option<Header> {
     };
     Some(Header {
         fin,
+        rsv1,
         opcode,
         mask,
         len,
