@@ -40,7 +40,9 @@ if [ ! -f "$peers/node_modules/ws/package.json" ]; then
 fi
 
 "$autobahn/setup.sh" >/dev/null
-$direct || cargo build --release --locked --bin wsgate
+# The same selection as the other Autobahn scripts: with the example, dev-dependencies join the
+# feature resolution, and the release build they made is reused instead of made again.
+$direct || cargo build --release --locked --bin wsgate --example echo_backend
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() {
