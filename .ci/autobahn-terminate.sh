@@ -36,7 +36,8 @@ wait_port() {
 
 pids=()
 config=$(mktemp --suffix .yaml)
-trap 'kill "${pids[@]}" 2>/dev/null || true; rm -f "$config"' EXIT
+# The configuration goes once the gateway is gone: it watches the file and would report it missing.
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; rm -f "$config"' EXIT
 
 backend_port=$(free_port)
 gateway_port=$(free_port)
