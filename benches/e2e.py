@@ -538,12 +538,13 @@ def compressed_report(by, args, lines):
     if rows:
         count = scenarios(args.quick)["compressed-idle"]["connections"]
         lines.append(f"| idle after one compressed message ({count:,} conns) | proxy RSS per "
-                     "connection | backend RSS per connection |")
-        lines.append("| --- | --- | --- |")
+                     "connection | backend RSS per connection | connections compressed |")
+        lines.append("| --- | --- | --- | --- |")
         for t in rows:
             kib = lambda v: None if v is None else v / 1024
             lines.append(f"| {t} | {fmt(kib(m('compressed-idle', t, 'proxy_bytes_per_conn')), 2)} KiB | "
-                         f"{fmt(kib(m('compressed-idle', t, 'backend_bytes_per_conn')), 2)} KiB |")
+                         f"{fmt(kib(m('compressed-idle', t, 'backend_bytes_per_conn')), 2)} KiB | "
+                         f"{int(m('compressed-idle', t, 'compressed_connections') or 0):,} |")
         lines.append("")
 
 

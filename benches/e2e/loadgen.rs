@@ -929,6 +929,7 @@ async fn idle(args: &Args) -> Result<serde_json::Value, Error> {
     let (proxy_before, backend_before) = (rss(args.proxy()), rss(args.backend_pid));
     let started = Instant::now();
     let mut open_streams = Vec::with_capacity(args.connections);
+    let mut compressed_connections = 0;
     let mut tasks = tokio::task::JoinSet::new();
     let mut next = 0;
     while open_streams.len() < args.connections {
@@ -941,7 +942,9 @@ async fn idle(args: &Args) -> Result<serde_json::Value, Error> {
         let Some(done) = tasks.join_next().await else {
             break;
         };
-        open_streams.push(done??);
+        let (stream, compressed) = done??;
+        open_streams.push(stream);
+        compressed_connections += usize::from(compressed);
     }
     let ramp = started.elapsed();
     tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
@@ -955,6 +958,7 @@ async fn idle(args: &Args) -> Result<serde_json::Value, Error> {
         "scenario": "idle",
         "connections": open_streams.len(),
         "verified": open_streams.len(),
+        "compressed_connections": compressed_connections,
         "ramp_seconds": ramp.as_secs_f64(),
         "proxy_rss_kib_before": proxy_before,
         "proxy_rss_kib_after": proxy_after,
@@ -968,7 +972,7 @@ async fn open_and_echo(
     src: Ipv4Addr,
     size: usize,
     deflate: bool,
-) -> Result<TcpStream, Error> {
+) -> Result<(TcpStream, bool), Error> {
     let args = Args {
         scenario: Scenario::Idle,
         targets: vec![target],
@@ -1001,7 +1005,7 @@ async fn open_and_echo(
         if let Some((header, total)) = next_echo(input.unread(), messages.opcode)? {
             let payload = &input.unread()[header.header_len..total];
             verify_echo(&messages, &header, payload, 0, &mut inflater)?;
-            return Ok(stream);
+            return Ok((stream, agreed.is_some()));
         }
         let space = input.space(size + 14);
         let n = stream.read(space).await?;
