@@ -23,7 +23,10 @@
 //! carrying the sequence number, then the rest of the message compressed once per connection
 //! (each message is then a complete, independent deflate stream without compressing anything
 //! per message, so the load generator's core is not what limits the run); compressed echoes
-//! are inflated, with one inflater per connection, before they are checked.
+//! are inflated, with one inflater per connection, before they are checked. Its deflate is
+//! flate2 on zlib-rs, as wsgate's is: a bug both shared would not show here, which is why the
+//! interoperability tests (tests/compression.rs) use node `ws`, Python `websockets` and
+//! Chromium instead.
 
 // A test and benchmark tool, never deployed: failing loudly on a setup error is its report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -436,7 +439,7 @@ fn chat_text(size: usize) -> Vec<u8> {
     getrandom::fill(&mut seed).expect("getrandom");
     let mut state = u64::from_le_bytes(seed) | 1;
     let mut next = |n: u64| {
-        // xorshift64: varied words, no dependency
+        // xorshift64: the words need only vary between connections, not be unpredictable
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
