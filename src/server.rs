@@ -13,7 +13,7 @@ use crate::rebalance::Rebalancer;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -153,12 +153,7 @@ impl Reloader {
         }
         let mut config = old.config.clone();
         config.upstreams[index].backends = backends;
-        self.apply(&old, config)?;
-        drop(found);
-        // A new generation like a reload's, though not counted among the file's reloads.
-        old.metrics.config_applied();
-        self.discovered.changed.notify_one();
-        Ok(true)
+        self.apply_discovered(&old, config, found)
     }
 
     /// Applies a DNS answer for `cluster.peers_dns` (`spec`): `Ok(true)` when it changed the
@@ -191,8 +186,21 @@ impl Reloader {
         if let Some(cluster) = &mut config.cluster {
             cluster.peers = peers;
         }
-        self.apply(&old, config)?;
+        self.apply_discovered(&old, config, found)
+    }
+
+    /// Puts `config`, `old`'s with a DNS answer folded in, in place: `Ok(true)`. The answers'
+    /// lock (`found`) is held until then, so a reload that starts meanwhile folds this answer
+    /// into its own configuration.
+    fn apply_discovered(
+        &self,
+        old: &Arc<Gateway>,
+        config: Config,
+        found: MutexGuard<'_, Found>,
+    ) -> Result<bool, ReloadError> {
+        self.apply(old, config)?;
         drop(found);
+        // A new generation like a reload's, though not counted among the file's reloads.
         old.metrics.config_applied();
         self.discovered.changed.notify_one();
         Ok(true)
