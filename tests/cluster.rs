@@ -10,7 +10,9 @@
 mod cluster;
 mod support;
 
-use cluster::{Cluster, RoomBackend, Spec, placement};
+use cluster::{
+    Cluster, RoomBackend, Spec, exchange, metric_sum, open_session, placement, request, tcp_from,
+};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -378,52 +380,6 @@ async fn rooms_meet_on_one_backend_and_are_whole_again_within_the_bound_after_a_
     backends.clear();
 }
 
-/// Writes one HTTP/1.1 request on a new connection and reads the answer to its end.
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &str,
-    body: &str,
-) -> (u16, String) {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    exchange(tcp, method, target, headers, body).await
-}
-
-/// A TCP connection to `addr` from the local address `from` (127.0.0.x).
-async fn tcp_from(from: &str, addr: SocketAddr) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    socket.connect(addr).await.unwrap()
-}
-
-/// Writes one HTTP/1.1 request on `tcp` and reads the answer to its end.
-async fn exchange(
-    mut tcp: TcpStream,
-    method: &str,
-    target: &str,
-    headers: &str,
-    body: &str,
-) -> (u16, String) {
-    let request = format!(
-        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
-        body.len()
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(40), tcp.read_to_end(&mut answer))
-        .await
-        .expect("an answer within 40 s")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_cannot_pose_as_peers_and_unknown_owners_are_gone() {
     let backend = RoomBackend::start("b0").await;
@@ -523,15 +479,6 @@ async fn clients_cannot_pose_as_peers_and_unknown_owners_are_gone() {
     );
 }
 
-/// The number in a metrics exposition for the series starting with `prefix`, summed.
-fn metric_sum(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(prefix))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Forwards answered by every live instance for `op`.
 async fn forwards(cluster: &Cluster, op: &str) -> f64 {
     let mut total = 0.0;
@@ -557,20 +504,6 @@ fn not_owner(cluster: &Cluster, sid: &str) -> SocketAddr {
         .find(|i| i.alive() && i.name != owner)
         .unwrap()
         .client
-}
-
-async fn open_session(spreader: SocketAddr, room: &str) -> String {
-    let (status, body) = request(
-        spreader,
-        "POST",
-        &format!("/chat?room={room}&wsgate=open"),
-        "",
-        "",
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let opened: serde_json::Value = serde_json::from_str(&body).unwrap();
-    opened["session"].as_str().unwrap().to_owned()
 }
 
 async fn send(spreader: SocketAddr, room: &str, sid: &str, seq: u64, text: &str) {

@@ -12,12 +12,11 @@
 mod cluster;
 mod support;
 
-use cluster::RoomBackend;
+use cluster::{RoomBackend, metric_sum, open_session, request};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use support::servers::Dnsmasq;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use wsgate::server::{Reloader, Server};
 
@@ -54,15 +53,6 @@ impl Instance {
     fn metrics(&self) -> String {
         self.reloader.current().metrics.encode()
     }
-}
-
-/// The sum of the series of `metrics` whose line starts with `prefix`.
-fn metric_sum(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(prefix))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// A port free on all of 127.0.0.11-13 (checked by binding it; a parallel test may still
@@ -129,35 +119,6 @@ async fn until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
-/// One HTTP/1.1 request on a new connection, read to its end.
-async fn request(addr: SocketAddr, method: &str, target: &str, body: &str) -> (u16, String) {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(40), tcp.read_to_end(&mut answer))
-        .await
-        .expect("an answer within 40 s")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-async fn open_session(addr: SocketAddr, room: &str) -> String {
-    let (status, body) = request(addr, "POST", &format!("/chat?room={room}&wsgate=open"), "").await;
-    assert_eq!(status, 200, "{body}");
-    let opened: serde_json::Value = serde_json::from_str(&body).unwrap();
-    opened["session"].as_str().unwrap().to_owned()
-}
-
 fn poll_target(room: &str, sid: &str, ack: u64) -> String {
     format!("/chat?room={room}&wsgate=poll&wsgate_sid={sid}&wsgate_ack={ack}")
 }
@@ -194,13 +155,14 @@ async fn peers_from_dns_forward_sessions_and_follow_the_answer() {
             via,
             "POST",
             &format!("/chat?room=lp&wsgate=send&wsgate_sid={sid}"),
+            "",
             &body.to_string(),
         )
         .await;
         assert_eq!(status, 200, "send {seq}: {answer}");
         while received.len() < seq as usize {
             let via = instances[2 - (seq as usize % 2)].addr;
-            let (status, body) = request(via, "GET", &poll_target("lp", &sid, ack), "").await;
+            let (status, body) = request(via, "GET", &poll_target("lp", &sid, ack), "", "").await;
             assert_eq!(status, 200, "poll: {body}");
             let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
             for event in answer["events"].as_array().unwrap() {
@@ -233,6 +195,7 @@ async fn peers_from_dns_forward_sessions_and_follow_the_answer() {
         "GET",
         &poll_target("gone", &gone_sid, 0),
         "",
+        "",
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -258,6 +221,7 @@ async fn peers_from_dns_forward_sessions_and_follow_the_answer() {
         "GET",
         &poll_target("gone", &gone_sid, 0),
         "",
+        "",
     )
     .await;
     assert_eq!(status, 410, "{body}");
@@ -272,6 +236,7 @@ async fn peers_from_dns_forward_sessions_and_follow_the_answer() {
         instances[2].addr,
         "GET",
         &poll_target("gone", &gone_sid, 0),
+        "",
         "",
     )
     .await;
@@ -308,7 +273,14 @@ async fn peers_from_dns_forward_sessions_and_follow_the_answer() {
     })
     .await;
     assert_eq!(instances[1].peers(), ["127.0.0.11"]);
-    let (status, body) = request(instances[1].addr, "GET", &poll_target("lp", &sid, ack), "").await;
+    let (status, body) = request(
+        instances[1].addr,
+        "GET",
+        &poll_target("lp", &sid, ack),
+        "",
+        "",
+    )
+    .await;
     // Nothing new to deliver: the owner holds the poll and answers it empty, through the peer.
     assert_eq!(status, 200, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();

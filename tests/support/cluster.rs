@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
@@ -490,4 +490,74 @@ pub async fn placement(admin: SocketAddr, keys: &[String]) -> Vec<Option<String>
     }
     assert_eq!(placed.len(), keys.len());
     placed
+}
+
+/// Writes one HTTP/1.1 request on a new connection and reads the answer to its end.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    exchange(tcp, method, target, headers, body).await
+}
+
+/// A TCP connection to `addr` from the local address `from` (127.0.0.x).
+pub async fn tcp_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Writes one HTTP/1.1 request on `tcp` and reads the answer to its end.
+pub async fn exchange(
+    mut tcp: TcpStream,
+    method: &str,
+    target: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(40), tcp.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 40 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The number in a metrics exposition for the series starting with `prefix`, summed.
+pub fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Opens a long-polling session for `room` through `addr`; its id.
+pub async fn open_session(addr: SocketAddr, room: &str) -> String {
+    let (status, body) = request(
+        addr,
+        "POST",
+        &format!("/chat?room={room}&wsgate=open"),
+        "",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let opened: serde_json::Value = serde_json::from_str(&body).unwrap();
+    opened["session"].as_str().unwrap().to_owned()
 }
