@@ -684,32 +684,13 @@ fn node_client(
     scenario: &str,
     spreader: SocketAddr,
 ) -> Option<(std::process::Child, std::sync::mpsc::Receiver<String>)> {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/session_client/cluster.mjs"
-    );
-    let spawned = Command::new("node")
-        .args([script, scenario, &spreader.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) => {
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "the cluster client test needs node (>= 18) on PATH: {e}"
-            );
-            let _ = std::io::stderr().write_all(
-                format!("\n*** SKIPPED: {scenario}: `node` is not on PATH ({e}) ***\n").as_bytes(),
-            );
-            return None;
-        }
-    };
+    use std::io::{BufRead, BufReader};
+    let spreader = spreader.to_string();
+    let mut child = support::session_client(
+        "cluster.mjs",
+        &[scenario, &spreader],
+        std::process::Stdio::piped(),
+    )?;
     let stdout = child.stdout.take().unwrap();
     let (lines, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -408,32 +408,12 @@ async fn malformed_session_parameters_are_answered_with_cors() {
 /// serves it, under node) against `gateway`; its stderr on failure. Skips loudly without
 /// node, and fails under `CI=true`, where node must be installed.
 async fn client_scenario(scenario: &str, gateway: SocketAddr) -> Option<Result<(), String>> {
-    use std::process::{Command, Stdio};
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/session_client/resume.mjs"
-    );
-    let spawned = Command::new("node")
-        .args([script, scenario, &gateway.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) => {
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "the client tests need node (>= 18) on PATH: {e}"
-            );
-            use std::io::Write;
-            let _ = std::io::stderr().write_all(
-                format!("\n*** SKIPPED: {scenario}: `node` is not on PATH ({e}) ***\n").as_bytes(),
-            );
-            return None;
-        }
-    };
+    let gateway = gateway.to_string();
+    let mut child = support::session_client(
+        "resume.mjs",
+        &[scenario, &gateway],
+        std::process::Stdio::null(),
+    )?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

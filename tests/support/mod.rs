@@ -257,3 +257,31 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// `node tests/session_client/SCRIPT ARGS...` (the browser client library under node), its
+/// stdout as asked and its stderr piped; `None` after a loud skip when node is not on PATH (a
+/// panic under `CI=true`).
+pub fn session_client(
+    script: &str,
+    args: &[&str],
+    stdout: std::process::Stdio,
+) -> Option<std::process::Child> {
+    let path = format!(
+        "{}/tests/session_client/{script}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let spawned = std::process::Command::new("node")
+        .arg(path)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    match spawned {
+        Ok(child) => Some(child),
+        Err(e) => {
+            servers::missing("node (>= 18)", &format!("{script}: {e}"));
+            None
+        }
+    }
+}

@@ -46,7 +46,7 @@ fn postgres_dirs() -> Vec<PathBuf> {
 }
 
 /// A loud skip, or a panic under `CI=true`.
-fn missing(what: &str, hint: &str) {
+pub fn missing(what: &str, hint: &str) {
     let message = format!("{what} not found ({hint})");
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{message}: tests with real servers must not be skipped in CI");
